@@ -1,0 +1,259 @@
+"""Build the VLM from `ModelConfig`: Path B (separate ViT + LLM) or Path A (InternVL dir).
+
+    Path B: vision_path (InternViT dir) + llm_path (HF causal LM dir) [+ mlp_path]
+            -> tokens added, embeddings resized (mean rows), LLM untied, fresh projector
+    Path A: model_name_or_path (InternVL chat dir written by us or the reference)
+            -> everything restored; settings the user does not set explicitly come from the
+               checkpoint (the reference overwrote them with its CLI defaults, spec 11.20)
+
+Also saves a model in the InternVL chat layout (`save_internvl`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vlpretrain.model import hub
+from vlpretrain.model.llm import (
+    llm_from_config,
+    load_llm,
+    load_tokenizer,
+    resize_for_tokens,
+    untie_embeddings,
+)
+from vlpretrain.model.vision import InternViT, VisionConfig, init_vision_weights
+from vlpretrain.model.vlm import InternVLModel, VLMConfig
+from vlpretrain.tokens import IMG_CONTEXT, token_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Where the model comes from and the settings that shape it."""
+
+    model_name_or_path: str = ""
+    """Path A: an InternVL chat directory (the previous stage's export)."""
+    vision_path: str = ""
+    """Path B: a standalone InternViT directory."""
+    llm_path: str = ""
+    """Path B: a HF causal-LM directory (also the tokenizer source)."""
+    mlp_path: str = ""
+    """Optional projector state dict (`0.weight`, `1.weight`, `3.weight`, ...) loaded strictly."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the ViT at its last layer (linear over layers)."""
+    force_image_size: int | None = None
+    """Tile side; position embeddings are resized when it differs (None: checkpoint / 448)."""
+    down_sample_ratio: float | None = None
+    """Pixel-shuffle ratio (None: checkpoint's, or 0.5 on Path B)."""
+    ps_version: Literal["v1", "v2"] | None = None
+    """Pixel-shuffle order (None: checkpoint's, or v2 on Path B)."""
+    vision_select_layer: int | None = None
+    """ViT layer feeding the projector (None: checkpoint's, or -1)."""
+    conv_style: str | None = None
+    """Chat template (None: checkpoint's, or internvl2_5)."""
+    attn_implementation: str = "sdpa"
+    """LLM attention: sdpa or eager on CPU; flash_attention_2 on GPU when installed."""
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path and (self.vision_path or self.llm_path):
+            raise ValueError(
+                "model: set either model_name_or_path (Path A) or vision_path + llm_path "
+                "(Path B), not both"
+            )
+        if not self.model_name_or_path and not (self.vision_path and self.llm_path):
+            raise ValueError(
+                "model: set model_name_or_path (Path A), or both vision_path and llm_path (Path B)"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass
+class BuiltModel:
+    model: InternVLModel
+    tokenizer: Any
+    path: Literal["A", "B"]
+
+
+PATH_B_DEFAULTS = VLMConfig()
+
+
+def _vlm_config(base: VLMConfig, config: ModelConfig, image_fields: dict[str, Any]) -> VLMConfig:
+    explicit = {
+        "force_image_size": config.force_image_size,
+        "downsample_ratio": config.down_sample_ratio,
+        "ps_version": config.ps_version,
+        "select_layer": config.vision_select_layer,
+        "template": config.conv_style,
+    }
+    changes = {k: v for k, v in explicit.items() if v is not None}
+    return replace(base, **changes, **image_fields)
+
+
+def build_model(config: ModelConfig, image_fields: dict[str, Any] | None = None) -> BuiltModel:
+    """Build the VLM (fp32, CPU) from `config`; `image_fields` are the tiling settings recorded
+    in the saved config (dynamic_image_size, use_thumbnail, min/max_dynamic_patch, pad2square).
+    """
+    image_fields = image_fields or {}
+    if config.model_name_or_path:
+        return _build_path_a(config, image_fields)
+    return _build_path_b(config, image_fields)
+
+
+def load_vision(directory: str | Path, drop_path_rate: float) -> InternViT:
+    """A standalone InternViT; also accepts a full InternVL dir (strips `vision_model.`)."""
+    vision_config = VisionConfig.from_pretrained(directory)
+    vision = InternViT(replace(vision_config, drop_path_rate=drop_path_rate))
+    state = hub.strip_prefix(hub.load_weights(directory), "vision_model.")
+    vision.load_state_dict(state, strict=True)
+    return vision
+
+
+def _build_path_b(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltModel:
+    vision = load_vision(config.vision_path, config.drop_path_rate)
+    tokenizer, num_added = load_tokenizer(config.llm_path)
+    llm = load_llm(config.llm_path, config.attn_implementation)
+    untie_embeddings(llm)
+    resize_for_tokens(llm, len(tokenizer), num_added)
+    vlm_config = _vlm_config(PATH_B_DEFAULTS, config, image_fields)
+    model = InternVLModel(vlm_config, vision, llm, token_id(tokenizer, IMG_CONTEXT))
+    _fit_image_size(model)
+    if config.mlp_path:
+        _load_projector(model, config.mlp_path)
+    logger.info("built Path B model from %s + %s", config.vision_path, config.llm_path)
+    return BuiltModel(model=model, tokenizer=tokenizer, path="B")
+
+
+def _build_path_a(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltModel:
+    directory = Path(config.model_name_or_path)
+    raw = hub.read_config(directory)
+    if raw.get("model_type") != "internvl_chat":
+        raise ValueError(
+            f"{directory}/config.json: model_type is {raw.get('model_type')!r}, expected "
+            "'internvl_chat' (use vision_path + llm_path for separate components)"
+        )
+    model, tokenizer = _instantiate(
+        raw, config.drop_path_rate, config.attn_implementation, directory
+    )
+    checkpoint_config = model.config
+    model.config = _vlm_config(checkpoint_config, config, image_fields)
+    if model.config.downsample_ratio != checkpoint_config.downsample_ratio:
+        raise ValueError(
+            f"model.down_sample_ratio {model.config.downsample_ratio} differs from the "
+            f"checkpoint's {checkpoint_config.downsample_ratio} in {directory}"
+        )
+    _fit_image_size(model)
+    if config.mlp_path:
+        _load_projector(model, config.mlp_path)
+    logger.info("loaded Path A model from %s", directory)
+    return BuiltModel(model=model, tokenizer=tokenizer, path="A")
+
+
+def _instantiate(
+    raw: dict[str, Any], drop_path_rate: float, attn_implementation: str, directory: Path
+) -> tuple[InternVLModel, Any]:
+    vision = InternViT(
+        replace(VisionConfig.from_dict(raw["vision_config"]), drop_path_rate=drop_path_rate)
+    )
+    llm = llm_from_config(raw["llm_config"], attn_implementation)
+    tokenizer, num_added = load_tokenizer(directory)
+    if num_added:
+        raise ValueError(
+            f"{directory}: tokenizer lacks the InternVL tokens; not an InternVL export"
+        )
+    model = InternVLModel(VLMConfig.from_dict(raw), vision, llm, token_id(tokenizer, IMG_CONTEXT))
+    state = hub.from_reference_keys(hub.load_weights(directory))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied-embedding export written by the reference has no lm_head: untie from the input.
+    head_key = "language_model.lm_head.weight"
+    if missing == [head_key] and "language_model.model.embed_tokens.weight" in state:
+        logger.warning("%s: no %s in checkpoint; copying the input embeddings", directory, head_key)
+        with torch.no_grad():
+            llm.get_output_embeddings().weight.copy_(
+                state["language_model.model.embed_tokens.weight"]
+            )
+        missing = []
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory}: weights do not match: missing {missing}, unexpected {unexpected}"
+        )
+    return model, tokenizer
+
+
+def _fit_image_size(model: InternVLModel) -> None:
+    if model.vision_model.config.image_size != model.config.force_image_size:
+        logger.info(
+            "resizing ViT position embeddings %d -> %d px",
+            model.vision_model.config.image_size,
+            model.config.force_image_size,
+        )
+        model.vision_model.resize_position_embeddings(model.config.force_image_size)
+    patch = model.vision_model.config.patch_size
+    ratio = model.config.downsample_ratio
+    model.num_image_token = int((model.config.force_image_size // patch) ** 2 * ratio**2)
+
+
+def _load_projector(model: InternVLModel, mlp_path: str) -> None:
+    raw = torch.load(mlp_path, map_location="cpu", weights_only=True)
+    state = hub.from_reference_keys({f"mlp1.{k}": v for k, v in raw.items()})
+    projector_state = {k[len("projector.") :]: v for k, v in state.items()}
+    model.projector.load_state_dict(projector_state, strict=True)
+
+
+def internvl_config_dict(model: InternVLModel) -> dict[str, Any]:
+    """config.json content of the InternVL chat layout."""
+    llm_config = model.language_model.config.to_dict()
+    llm_config["tie_word_embeddings"] = False
+    llm_config["vocab_size"] = model.language_model.get_input_embeddings().weight.shape[0]
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        **model.config.to_dict(),
+        "hidden_size": model.llm_hidden_size,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "vision_config": model.vision_model.config.to_dict(),
+        "llm_config": llm_config,
+    }
+
+
+def save_internvl(
+    model: InternVLModel,
+    tokenizer: Any,
+    directory: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `model` in the InternVL chat layout; `state` overrides the weights (e.g. gathered
+    from FSDP shards on rank 0)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = hub.to_reference_keys(state if state is not None else model.state_dict())
+    hub.save_weights(weights, directory)
+    hub.write_config(directory, internvl_config_dict(model))
+    tokenizer.save_pretrained(str(directory))
+    generation = {"eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return directory
+
+
+def new_vision(config: VisionConfig, seed: int) -> InternViT:
+    """A freshly initialised tower (for tiny test and demo components)."""
+    vision = InternViT(config)
+    init_vision_weights(vision, torch.Generator().manual_seed(seed))
+    return vision
+
+
+def save_vision(vision: InternViT, directory: str | Path) -> Path:
+    """Write a standalone InternViT directory (config.json + model.safetensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hub.save_weights(vision.state_dict(), directory)
+    hub.write_config(directory, vision.config.to_dict())
+    return directory

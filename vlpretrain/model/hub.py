@@ -1,0 +1,97 @@
+"""Read and write model directories: standalone InternViT, and the InternVL chat layout.
+
+The InternVL chat layout is what the reference and its ecosystem load: config.json with
+`architectures: [InternVLChatModel]`, `model_type: internvl_chat`, `vision_config`,
+`llm_config` and the top-level image fields; sharded safetensors with an index; tokenizer
+files. Our `projector.{norm,fc1,fc2}` is renamed to the reference's `mlp1.{0,1,3}` here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+
+from vlpretrain.model.projector import PROJECTOR_KEY_TO_REFERENCE
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"
+
+
+def to_reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state-dict keys -> InternVL checkpoint keys (projector.X -> mlp1.N)."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("projector."):
+            module, rest = key[len("projector.") :].split(".", 1)
+            key = f"mlp1.{PROJECTOR_KEY_TO_REFERENCE[module]}.{rest}"
+        renamed[key] = value
+    return renamed
+
+
+def from_reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """InternVL checkpoint keys -> ours (inverse of to_reference_keys)."""
+    index_to_module = {v: k for k, v in PROJECTOR_KEY_TO_REFERENCE.items()}
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("mlp1."):
+            index, rest = key[len("mlp1.") :].split(".", 1)
+            key = f"projector.{index_to_module[index]}.{rest}"
+        renamed[key] = value
+    return renamed
+
+
+def save_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Write safetensors shards (+ index when more than one) of contiguous, unaliased tensors."""
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_SIZE)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, str(directory / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: sharded or single safetensors, or pytorch_model.bin."""
+    directory = Path(directory)
+    index_path = directory / SAFETENSORS_INDEX
+    if index_path.exists():
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(str(directory / name)))
+        return state
+    if (directory / "model.safetensors").exists():
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").exists():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found"
+    )
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a model directory")
+    return json.loads(path.read_text())
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under `prefix` with it removed; the state unchanged when no key has it."""
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
