@@ -64,7 +64,7 @@ def load_llm(path: str | Path, attn_implementation: str = "sdpa") -> PreTrainedM
 def llm_from_config(
     config_dict: dict[str, Any], attn_implementation: str = "sdpa"
 ) -> PreTrainedModel:
-    """An LLM with the architecture of `config_dict` (a saved `llm_config`), weights uninitialised."""
+    """An LLM shaped like `config_dict` (a saved `llm_config`); weights uninitialised."""
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)

@@ -1,0 +1,102 @@
+"""Command-line shell: parse arguments, set up logging, call the library. Nothing else.
+
+vlpretrain train [STAGE.toml] [--set a.b=c ...] [--reference_flag value ...]
+vlpretrain show-config [STAGE.toml] [--set ...] [--reference_flag value ...]
+vlpretrain data check|show META.json --tokenizer DIR ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from vlpretrain.config import (
+    ConfigError,
+    RunConfig,
+    apply_override,
+    build_run_config,
+    describe,
+    load_toml,
+    validate,
+)
+from vlpretrain.log import setup_logging
+
+logger = logging.getLogger("vlpretrain")
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
+    """TOML file, then reference flags, then --set overrides (last wins)."""
+    from vlpretrain.flags import apply_reference_flags
+
+    raw: dict[str, Any] = load_toml(args.config) if args.config else {}
+    for note in apply_reference_flags(raw, extra):
+        logger.info(note)
+    for assignment in args.set or []:
+        apply_override(raw, assignment)
+    return build_run_config(raw)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="stage TOML file")
+    parser.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from vlpretrain.dist.env import init_distributed, shutdown
+    from vlpretrain.train.loop import train
+
+    config = resolve_config(args, extra)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate(config, world_size)
+    env = init_distributed()
+    setup_logging(env.rank, args.log_all_ranks)
+    try:
+        train(config, env)
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
+    print(describe(resolve_config(args, extra)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlpretrain.data.check import add_data_commands
+
+    parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-all-ranks", action="store_true", help="log INFO on every rank")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train", help="run one stage (also accepts the reference trainer's flags)"
+    )
+    _add_config_arguments(train)
+    train.set_defaults(func=cmd_train, takes_extra=True)
+    show = commands.add_parser("show-config", help="print the resolved configuration")
+    _add_config_arguments(show)
+    show.set_defaults(func=cmd_show_config, takes_extra=True)
+    add_data_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    setup_logging(int(os.environ.get("RANK", 0)), args.log_all_ranks)
+    takes_extra = getattr(args, "takes_extra", False)
+    if extra and not takes_extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if takes_extra:
+            return int(args.func(args, extra))
+        return int(args.func(args))
+    except ConfigError as error:
+        print(f"vlpretrain: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,312 @@
+"""RunConfig: compose the component configs; load TOML, apply --set and reference flags, validate.
+
+    stage.toml --tomllib--> nested dict --(--set a.b=c)--> --(reference flags)--> RunConfig
+    RunConfig --validate(world_size)--> one ValueError listing every problem
+
+Each section is the frozen dataclass that lives next to the code it configures. Unknown keys
+and type mismatches are errors naming the key and the nearest valid ones; all problems of a
+file are reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from vlpretrain.data.build import SampleConfig
+from vlpretrain.data.loader import StreamConfig
+from vlpretrain.data.packing import PackingConfig
+from vlpretrain.dist.parallel import DistConfig
+from vlpretrain.model.build import ModelConfig
+from vlpretrain.train.freeze import FreezeConfig
+from vlpretrain.train.optim import OptimConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The run: data, length, cadences, precision, outputs."""
+
+    meta_path: str = ""
+    """Meta JSON of the training datasets (the reference's format)."""
+    output_dir: str = "runs/stage"
+    """Checkpoints, metrics and the exported model (the next stage's model_name_or_path)."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    gradient_accumulation_steps: int = 1
+    save_steps: int = 100
+    """Resumable checkpoint cadence (the last step always saves)."""
+    save_total_limit: int = 3
+    """Checkpoints kept (older ones deleted)."""
+    logging_steps: int = 1
+    seed: int = 42
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for forward/backward; weights and optimizer stay fp32."""
+    grad_checkpoint: bool = True
+    """Activation checkpointing of the LLM blocks (the ViT is always checkpointed in training)."""
+    loss_reduction_all_gather: bool = True
+    """Normalise the loss by the weight sum over all ranks and micro-batches of the step; False
+    normalises each micro-batch by its local weight sum (the reference's per-rank mode)."""
+    report_to: Literal["none", "tensorboard"] = "tensorboard"
+    resume: str = "auto"
+    """'auto': latest checkpoint in output_dir if any; 'never'; or a checkpoint directory."""
+    peak_tflops: float = 0.0
+    """Per-device peak for MFU (0: known GPU table, or a measured CPU matmul peak)."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise ValueError(f"train.resume: {self.resume!r} is not 'auto', 'never' or a directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    data: SampleConfig = field(default_factory=SampleConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "freeze": FreezeConfig,
+    "data": SampleConfig,
+    "packing": PackingConfig,
+    "stream": StreamConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "dist": DistConfig,
+}
+
+DERIVED: dict[str, dict[str, str]] = {
+    "data": {
+        "tile_size": "model.force_image_size",
+        "num_image_token": "the ViT patch size, tile size and model.down_sample_ratio",
+        "conv_style": "model.conv_style",
+    },
+    "packing": {
+        "tile_size": "model.force_image_size",
+        "pad_token_id": "the tokenizer",
+        "img_start_token_id": "the tokenizer",
+        "img_end_token_id": "the tokenizer",
+    },
+}
+"""Fields filled in at run time from the model and tokenizer, never set by users."""
+
+
+class ConfigError(ValueError):
+    """Every problem of a configuration, reported at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """`value` checked (and int->float widened) against `annotation`; raises TypeError."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise TypeError(f"must be one of {list(typing.get_args(annotation))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option)
+            except TypeError as error:
+                errors.append(str(error))
+        raise TypeError(" or ".join(errors))
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"must be a list, got {value!r}")
+        return tuple(value) if origin is tuple else list(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise TypeError(f"must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"must be an integer, got {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise TypeError(f"must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(options)})"
+
+
+def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"[{name}] must be a table, got {raw!r}")
+        return None
+    types_by_field = _field_types(cls)
+    values = {}
+    for key, value in raw.items():
+        if key in DERIVED.get(name, {}):
+            problems.append(f"{name}.{key} is derived from {DERIVED[name][key]}; do not set it")
+        elif key not in types_by_field:
+            problems.append(f"unknown key {name}.{key}{_nearest(key, list(types_by_field))}")
+        else:
+            try:
+                values[key] = _coerce(value, types_by_field[key])
+            except TypeError as error:
+                problems.append(f"{name}.{key} {error}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
+        return None
+
+
+def build_run_config(raw: dict[str, Any]) -> RunConfig:
+    """RunConfig from a nested dict; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    sections = {}
+    for name in raw:
+        if name not in SECTIONS:
+            problems.append(f"unknown section [{name}]{_nearest(name, list(SECTIONS))}")
+    for name, cls in SECTIONS.items():
+        sections[name] = _build_section(name, cls, raw.get(name, {}), problems)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**sections)
+
+
+def parse_override_value(text: str) -> Any:
+    """A --set value: TOML syntax when it parses (1e-5, true, [1, 2], "s"), else a string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` to the nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError([f"--set {assignment!r}: expected section.key=value"])
+    path, text = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(
+            [f"--set {assignment!r}: the key must be section.key, e.g. optim.learning_rate"]
+        )
+    raw.setdefault(parts[0], {})[parts[1]] = parse_override_value(text.strip())
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} not found"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{path}: {error}"]) from None
+
+
+def validate(config: RunConfig, world_size: int) -> None:
+    """Cross-field and world-size rules; raises one ConfigError listing all problems."""
+    problems = []
+    if not config.train.meta_path:
+        problems.append("train.meta_path is required (the meta JSON of the training data)")
+    elif not Path(config.train.meta_path).is_file():
+        problems.append(f"train.meta_path {config.train.meta_path} does not exist")
+    for name in ("model_name_or_path", "vision_path", "llm_path", "mlp_path"):
+        value = getattr(config.model, name)
+        if value and not Path(value).exists():
+            problems.append(f"model.{name} {value} does not exist")
+    freeze = config.freeze
+    everything_frozen = (
+        freeze.freeze_backbone
+        and freeze.freeze_llm
+        and freeze.freeze_mlp
+        and not (freeze.unfreeze_vit_layers or freeze.unfreeze_lm_head)
+        and not (freeze.use_backbone_lora or freeze.use_llm_lora)
+    )
+    if everything_frozen:
+        problems.append("freeze: every component is frozen; nothing would train")
+    if config.data.max_seq_length > config.packing.max_packed_tokens:
+        problems.append(
+            f"data.max_seq_length {config.data.max_seq_length} exceeds packing.max_packed_tokens "
+            f"{config.packing.max_packed_tokens}: such samples could never be packed"
+        )
+    if world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """TOML file (optional) + --set overrides -> RunConfig."""
+    raw = load_toml(path) if path else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return build_run_config(raw)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal under each field)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for previous, node in zip(body, body[1:], strict=False):
+        if (
+            isinstance(previous, ast.AnnAssign)
+            and isinstance(previous.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[previous.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def describe(config: RunConfig) -> str:
+    """The resolved config as TOML-like text with each field's docstring."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        section = getattr(config, name)
+        docs = field_docs(cls)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            doc = f"  # {docs[f.name]}" if f.name in docs else ""
+            lines.append(f"{f.name} = {value!r}{doc}")
+        lines.append("")
+    return "\n".join(lines)

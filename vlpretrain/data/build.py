@@ -1,0 +1,328 @@
+"""Build one training sample from one annotation record of one dataset.
+
+    DatasetSource.load(record_index, epoch, seed)
+      record_index --repeat_time--> line --index--> bytes --records--> Record
+      Record --media + tiling--> tiles --templates--> input_ids, labels
+      -> TokenizedSample | SkippedSample                   (data/samples.py)
+
+A sample is a pure function of (seed, epoch, dataset_index, record_index): all randomness
+comes from np.random.default_rng((seed, epoch, dataset_index, record_index)).
+
+repeat_time r > 0: effective length int(N * r). Record indices [0, int(r) * N) are int(r)
+full copies of the file; the remaining int(N * r) - int(r) * N indices are a random subset of
+lines without replacement, drawn afresh per (seed, epoch) (the reference keeps the head of the
+file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlpretrain.data import media, tiling
+from vlpretrain.data.index import AnnotationIndex
+from vlpretrain.data.meta import DatasetSpec, load_meta
+from vlpretrain.data.records import Record, RecordError, parse_record
+from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
+from vlpretrain.data.templates import (
+    TemplateRenderer,
+    Turns,
+    check_reserved_strings,
+    expand_image_placeholders,
+    expand_video_tag,
+    get_template,
+    insert_image_tag,
+)
+from vlpretrain.data.tiling import NormalizeType
+
+logger = logging.getLogger(__name__)
+
+_REPEAT_SALT = 0x5EED
+"""Extra seed word that separates the repeat_time subset from the per-sample streams."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """How records become samples (reference flags in brackets)."""
+
+    conv_style: str = "internvl2_5"
+    """Chat template name [--conv_style]."""
+    max_seq_length: int = 8192
+    """Max tokens of one sample; longer ones are truncated or skipped [--max_seq_length]."""
+    tile_size: int = 448
+    """Tile side in pixels [--force_image_size]."""
+    num_image_token: int = 256
+    """<IMG_CONTEXT> tokens per tile (from the model: (tile/patch * downsample)^2)."""
+    dynamic_image_size: bool = True
+    """Dynamic tiling of images [--dynamic_image_size]."""
+    use_thumbnail: bool = True
+    """Append a thumbnail tile when an image has more than one tile [--use_thumbnail]."""
+    min_dynamic_patch: int = 1
+    """Minimum tiles per image [--min_dynamic_patch]."""
+    max_dynamic_patch: int = 12
+    """Maximum tiles per sample; the meta file may override it per dataset."""
+    min_num_frame: int = 8
+    """Minimum frames sampled from a video [--min_num_frame]."""
+    max_num_frame: int = 32
+    """Maximum frames sampled from a video [--max_num_frame]."""
+    normalize_type: NormalizeType = "imagenet"
+    """Pixel mean/std: imagenet, clip or siglip [--normalize_type]."""
+    pad2square: bool = False
+    """Pad non-tiled images to a square with the mean colour (no augmentation only)."""
+    max_skip_fraction: float = 0.01
+    """Fail when more than this fraction of the records seen were skipped."""
+    max_image_pixels: int = media.DEFAULT_MAX_IMAGE_PIXELS
+    """Images with more pixels are skipped as corrupt (decompression-bomb guard)."""
+    cache_dir: str | None = None
+    """Annotation index cache; None -> $VLPRETRAIN_CACHE/index or ~/.cache/vlpretrain/index."""
+
+    def __post_init__(self) -> None:
+        get_template(self.conv_style)
+        if self.normalize_type not in tiling.NORMALIZE_STATS:
+            raise ValueError(f"normalize_type {self.normalize_type!r} not in imagenet/clip/siglip")
+        for name in ("max_seq_length", "tile_size", "num_image_token", "min_dynamic_patch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_dynamic_patch < self.min_dynamic_patch:
+            raise ValueError("max_dynamic_patch must be >= min_dynamic_patch")
+        if not 1 <= self.min_num_frame <= self.max_num_frame:
+            raise ValueError("need 1 <= min_num_frame <= max_num_frame")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+
+def repeat_length(num_lines: int, repeat_time: float) -> int:
+    """Effective number of records of a dataset: int(N * r)."""
+    return int(num_lines * repeat_time)
+
+
+def repeat_line_index(
+    record_index: int, num_lines: int, repeat_time: float, subset: np.ndarray
+) -> int:
+    """Line of `record_index`: full copies first, then `subset` (the fractional part)."""
+    full = int(repeat_time) * num_lines
+    if record_index < full:
+        return record_index % num_lines
+    return int(subset[record_index - full])
+
+
+class DatasetSource:
+    """The samples of one meta dataset; picklable, opens its files lazily per process."""
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        config: SampleConfig,
+        tokenizer: Any,
+        index: AnnotationIndex | None = None,
+    ) -> None:
+        self.spec = spec
+        self.config = config
+        self.renderer = TemplateRenderer(get_template(config.conv_style), tokenizer)
+        self.index = index or AnnotationIndex(spec.annotation, config.cache_dir)
+        self._subset_key: tuple[int, int] | None = None
+        self._subset = np.zeros(0, dtype=np.int64)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dataset_index(self) -> int:
+        return self.spec.dataset_index
+
+    @property
+    def num_lines(self) -> int:
+        """Non-blank lines in the annotation file."""
+        return len(self.index)
+
+    def __len__(self) -> int:
+        return repeat_length(self.num_lines, self.spec.repeat_time)
+
+    def _fraction_subset(self, epoch: int, seed: int) -> np.ndarray:
+        if self._subset_key != (seed, epoch):
+            n = self.num_lines
+            size = len(self) - int(self.spec.repeat_time) * n
+            rng = np.random.default_rng((seed, epoch, self.dataset_index, _REPEAT_SALT))
+            picked = rng.choice(n, size=size, replace=False) if size else np.zeros(0, np.int64)
+            self._subset = np.sort(picked)
+            self._subset_key = (seed, epoch)
+        return self._subset
+
+    def line_of(self, record_index: int, epoch: int, seed: int) -> int:
+        """Index (into the annotation index) of the line behind `record_index`."""
+        if not 0 <= record_index < len(self):
+            raise IndexError(f"record {record_index} out of range for {self.name} ({len(self)})")
+        subset = self._fraction_subset(epoch, seed)
+        return repeat_line_index(record_index, self.num_lines, self.spec.repeat_time, subset)
+
+    def source_of(self, line_index: int) -> SampleSource:
+        """File and 1-based line number of an index entry."""
+        return SampleSource(
+            self.name, str(self.spec.annotation), self.index.line_number(line_index)
+        )
+
+    def load(self, record_index: int, epoch: int, seed: int) -> TokenizedSample | SkippedSample:
+        """Sample for `record_index` (0 <= record_index < len(self))."""
+        line_index = self.line_of(record_index, epoch, seed)
+        rng = np.random.default_rng((seed, epoch, self.dataset_index, record_index))
+        return self.load_line(line_index, rng)
+
+    def load_line(
+        self, line_index: int, rng: np.random.Generator
+    ) -> TokenizedSample | SkippedSample:
+        """Sample of one annotation line, randomness drawn from `rng`."""
+        source = self.source_of(line_index)
+        try:
+            record = parse_record(self.index.read(line_index), self.spec.root)
+            return self.build(record, rng, source)
+        except RecordError as err:
+            return SkippedSample(self.dataset_index, source, err.reason, err.detail)
+
+    def build(
+        self, record: Record, rng: np.random.Generator, source: SampleSource
+    ) -> TokenizedSample:
+        """Tile the media of `record`, render its template, truncate; raises RecordError."""
+        turns = record.conversations
+        check_reserved_strings(turns)
+        tiles_per_image, tiles, turns = self._media(record, turns, rng)
+        turns = expand_image_placeholders(
+            turns, [self.config.num_image_token * n for n in tiles_per_image]
+        )
+        input_ids, labels = self.renderer.join(self.renderer.render_segments(turns))
+        input_ids, labels = self.renderer.truncate(input_ids, labels, self.config.max_seq_length)
+        size = self.config.tile_size
+        pixels = (
+            tiling.normalize(tiles, self.config.normalize_type, size)
+            if tiles
+            else np.zeros((0, 3, size, size), dtype=np.float32)
+        )
+        return TokenizedSample(
+            input_ids=input_ids,
+            labels=labels,
+            pixel_values=pixels,
+            num_tiles_per_image=tuple(tiles_per_image),
+            dataset_index=self.dataset_index,
+            source=source,
+        )
+
+    def _media(
+        self, record: Record, turns: Turns, rng: np.random.Generator
+    ) -> tuple[list[int], list[Image.Image], Turns]:
+        """Tiles per image, all tiles in order, and turns with <video> expanded."""
+        cfg = self.config
+        if record.kind == "text":
+            return [], [], turns
+        if record.kind == "video":
+            assert record.video is not None
+            frames = media.load_video_frames(
+                record.video, cfg.min_num_frame, cfg.max_num_frame, rng, record.clip
+            )
+            tiles = [t for frame in frames for t in self._tiles(frame, 1, False, rng)]
+            return [1] * len(frames), tiles, expand_video_tag(turns, len(frames))
+        max_patch = self.spec.max_dynamic_patch or cfg.max_dynamic_patch
+        if record.kind == "image":
+            turns = insert_image_tag(turns)
+        else:
+            max_patch = tiling.image_tile_budget(max_patch, len(record.images))
+        images = [media.load_image(path, cfg.max_image_pixels) for path in record.images]
+        per_image = [self._tiles(img, max_patch, cfg.dynamic_image_size, rng) for img in images]
+        return [len(t) for t in per_image], [t for ts in per_image for t in ts], turns
+
+    def _tiles(
+        self, image: Image.Image, max_num: int, dynamic: bool, rng: np.random.Generator
+    ) -> list[Image.Image]:
+        cfg = self.config
+        return tiling.make_tiles(
+            image,
+            dynamic=dynamic,
+            min_num=min(cfg.min_dynamic_patch, max_num),
+            max_num=max_num,
+            tile_size=cfg.tile_size,
+            use_thumbnail=cfg.use_thumbnail,
+            pad2square=cfg.pad2square,
+            normalize_type=cfg.normalize_type,
+            augment_rng=rng if self.spec.data_augment else None,
+        )
+
+
+def build_sources(
+    meta_path: str | Path, config: SampleConfig, tokenizer: Any
+) -> list[DatasetSource]:
+    """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here)."""
+    return [DatasetSource(spec, config, tokenizer) for spec in load_meta(meta_path)]
+
+
+class TooManySkipsError(RuntimeError):
+    """More records were skipped than SampleConfig.max_skip_fraction allows."""
+
+
+class SkipCounter:
+    """Counts samples seen and skipped, per dataset and reason; logs skips once per N."""
+
+    def __init__(self, dataset_names: list[str] | None = None, log_every: int = 100) -> None:
+        self.dataset_names = list(dataset_names or [])
+        self.log_every = log_every
+        self.seen: Counter[int] = Counter()
+        self.skipped: Counter[tuple[int, str]] = Counter()
+        self.examples: dict[tuple[int, str], list[str]] = {}
+
+    def _name(self, dataset_index: int) -> str:
+        if dataset_index < len(self.dataset_names):
+            return self.dataset_names[dataset_index]
+        return f"dataset {dataset_index}"
+
+    def record(self, sample: TokenizedSample | SkippedSample) -> None:
+        """Count one result (a TokenizedSample counts as seen, a SkippedSample also as skip)."""
+        self.seen[sample.dataset_index] += 1
+        if not isinstance(sample, SkippedSample):
+            return
+        key = (sample.dataset_index, sample.reason)
+        self.skipped[key] += 1
+        examples = self.examples.setdefault(key, [])
+        if len(examples) < 3:
+            examples.append(f"{sample.source.path}:{sample.source.line} {sample.detail}")
+        count = self.skipped[key]
+        if count == 1 or count % self.log_every == 0:
+            logger.warning("%s [%s #%d]", sample, self._name(sample.dataset_index), count)
+
+    def merge(self, other: SkipCounter) -> None:
+        """Add the counts of `other` (e.g. from another worker)."""
+        self.seen.update(other.seen)
+        self.skipped.update(other.skipped)
+        for key, examples in other.examples.items():
+            mine = self.examples.setdefault(key, [])
+            mine.extend(examples[: max(0, 3 - len(mine))])
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def fraction(self) -> float:
+        """Skipped / seen over all datasets (0 when nothing was seen)."""
+        total = sum(self.seen.values())
+        return self.num_skipped / total if total else 0.0
+
+    def check(self, max_fraction: float) -> None:
+        """Raise TooManySkipsError naming the top reasons if fraction > max_fraction."""
+        if self.fraction > max_fraction:
+            raise TooManySkipsError(
+                f"{self.num_skipped} of {sum(self.seen.values())} records skipped "
+                f"({self.fraction:.2%} > max_skip_fraction {max_fraction:.2%}).\n" + self.summary()
+            )
+
+    def summary(self) -> str:
+        """One line per (dataset, reason), most frequent first, with file:line examples."""
+        lines = [f"skipped {self.num_skipped} of {sum(self.seen.values())} records"]
+        for (index, reason), count in self.skipped.most_common():
+            seen = self.seen[index]
+            lines.append(f"  {self._name(index)}: {reason}: {count} of {seen}")
+            lines.extend(f"      e.g. {ex}" for ex in self.examples.get((index, reason), []))
+        return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""`vlpretrain data check` and `vlpretrain data show`: validate and inspect training data.
+
+    meta.json --build_sources--> [DatasetSource] --pool of workers--> per-line stats
+    stats --> counts, token/tile histograms, skip reasons with file:line --> exit code
+
+`check` reads every distinct annotation line once (repeat_time is not applied) and exits
+non-zero when the skipped fraction exceeds max_skip_fraction. `show` renders one sample:
+supervised spans in <<...>> quotes, image spans collapsed to <img><IMG_CONTEXT>x256*5</img>.
+This is the only data module that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vlpretrain.data import tiling
+from vlpretrain.data.build import DatasetSource, SampleConfig, SkipCounter, build_sources
+from vlpretrain.data.records import RecordError, parse_record
+from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample, TokenizedSample
+from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, add_internvl_tokens
+
+CHUNK_LINES = 256
+LineStat = tuple[int, int, int] | SkippedSample
+"""(dataset_index, num_tokens, num_tiles) of a good line, or the skip."""
+
+_WORKER_SOURCES: list[DatasetSource] = []
+
+
+def load_tokenizer(path: str) -> Any:
+    """HF tokenizer from a local directory, with the InternVL tokens added."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    add_internvl_tokens(tokenizer)
+    return tokenizer
+
+
+def _init_worker(sources: list[DatasetSource]) -> None:
+    global _WORKER_SOURCES
+    _WORKER_SOURCES = sources
+
+
+def _check_chunk(task: tuple[int, int, int]) -> list[LineStat]:
+    dataset_index, start, stop = task
+    source = _WORKER_SOURCES[dataset_index]
+    out: list[LineStat] = []
+    for line in range(start, stop):
+        sample = source.load_line(line, np.random.default_rng((0, 0, dataset_index, line)))
+        if isinstance(sample, SkippedSample):
+            out.append(sample)
+        else:
+            out.append((dataset_index, sample.num_tokens, sample.num_tiles))
+    return out
+
+
+def _tasks(sources: list[DatasetSource]) -> list[tuple[int, int, int]]:
+    return [
+        (i, start, min(start + CHUNK_LINES, src.num_lines))
+        for i, src in enumerate(sources)
+        for start in range(0, src.num_lines, CHUNK_LINES)
+    ]
+
+
+def _run_chunks(sources: list[DatasetSource], workers: int) -> Iterator[list[LineStat]]:
+    tasks = _tasks(sources)
+    if workers <= 1:
+        _init_worker(sources)
+        yield from map(_check_chunk, tasks)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(sources,)) as pool:
+        yield from pool.imap_unordered(_check_chunk, tasks)
+
+
+def text_histogram(values: list[int], title: str, width: int = 40) -> str:
+    """Power-of-two buckets with a bar per bucket."""
+    if not values:
+        return f"{title}: (none)"
+    buckets = Counter(0 if v <= 0 else int(v).bit_length() for v in values)
+    peak = max(buckets.values())
+    lines = [f"{title}: min {min(values)}, mean {np.mean(values):.1f}, max {max(values)}"]
+    for b in sorted(buckets):
+        low, high = (0, 0) if b == 0 else (1 << (b - 1), (1 << b) - 1)
+        bar = "#" * max(1, round(width * buckets[b] / peak))
+        lines.append(f"  {low:>7}-{high:<7} {buckets[b]:>8} {bar}")
+    return "\n".join(lines)
+
+
+def run_check(meta: str, tokenizer_dir: str, config: SampleConfig, workers: int = 1) -> int:
+    """Validate every record; print the report; return the process exit code."""
+    try:
+        sources = build_sources(meta, config, load_tokenizer(tokenizer_dir))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counter = SkipCounter([s.name for s in sources], log_every=1 << 30)
+    tokens: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
+    tiles: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
+    total = sum(s.num_lines for s in sources)
+    with tqdm(total=total, desc="checking", unit="rec", file=sys.stderr) as bar:
+        for chunk in _run_chunks(sources, workers):
+            for stat in chunk:
+                if isinstance(stat, SkippedSample):
+                    counter.record(stat)
+                else:
+                    counter.seen[stat[0]] += 1
+                    tokens[stat[0]].append(stat[1])
+                    tiles[stat[0]].append(stat[2])
+            bar.update(len(chunk))
+    for s in sources:
+        i = s.dataset_index
+        print(f"\n== {s.name}: {s.num_lines} lines, effective length {len(s)}, "
+              f"{len(tokens[i])} ok, {counter.seen[i] - len(tokens[i])} skipped")  # fmt: skip
+        print(text_histogram(tokens[i], "tokens per sample"))
+        print(text_histogram(tiles[i], "tiles per sample"))
+    print("\n" + counter.summary())
+    ok = counter.fraction <= config.max_skip_fraction
+    verdict = "OK" if ok else "FAIL"
+    print(f"{verdict}: skip fraction {counter.fraction:.2%} (max {config.max_skip_fraction:.2%})")
+    return 0 if ok else 1
+
+
+def render_sample(sample: TokenizedSample, tokenizer: Any, num_image_token: int) -> str:
+    """Decoded text; supervised spans in <<...>> (as guillemets), image spans collapsed."""
+    ids, trained = sample.input_ids.tolist(), (sample.labels != IGNORE_INDEX).tolist()
+    start, ctx, end = tokenizer.convert_tokens_to_ids([IMG_START, IMG_CONTEXT, IMG_END])
+    out, k = [], 0
+    while k < len(ids):
+        if ids[k] == start:
+            stop = ids.index(end, k) if end in ids[k:] else len(ids) - 1
+            n = sum(1 for t in ids[k:stop] if t == ctx)
+            per_tile = n % num_image_token == 0
+            count = f"{num_image_token}\u00b7{n // num_image_token}" if per_tile else str(n)
+            out.append(f"{IMG_START}{IMG_CONTEXT}\u00d7{count}{IMG_END}")
+            k = stop + 1
+            continue
+        j = k
+        while j < len(ids) and trained[j] == trained[k] and ids[j] != start:
+            j += 1
+        text = tokenizer.decode(ids[k:j])
+        out.append(f"\u00ab{text}\u00bb" if trained[k] else text)
+        k = j
+    return "".join(out)
+
+
+def describe_media(source: DatasetSource, line_index: int) -> list[str]:
+    """One line per image: path, size and the tile grid the builder chooses."""
+    try:
+        record = parse_record(source.index.read(line_index), source.spec.root)
+    except RecordError:
+        return []
+    cfg = source.config
+    max_num = source.spec.max_dynamic_patch or cfg.max_dynamic_patch
+    if record.kind == "multi_image":
+        max_num = tiling.image_tile_budget(max_num, len(record.images))
+    lines = []
+    for k, path in enumerate(record.images):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except OSError:
+            lines.append(f"image {k + 1}: {path} (unreadable)")
+            continue
+        grids = tiling.candidate_grids(min(cfg.min_dynamic_patch, max_num), max_num)
+        cols, rows = tiling.closest_grid(width, height, grids, cfg.tile_size)
+        thumb = " + thumbnail" if cfg.use_thumbnail and cols * rows > 1 else ""
+        grid = f"grid {cols}x{rows}{thumb}" if cfg.dynamic_image_size else "1 tile"
+        lines.append(f"image {k + 1}: {path} {width}x{height} -> {grid}")
+    if record.video is not None:
+        lines.append(f"video: {record.video} clip={record.clip}")
+    return lines
+
+
+def run_show(
+    meta: str, tokenizer_dir: str, config: SampleConfig, index: int, dataset: str | None,
+    seed: int = 0,
+) -> int:  # fmt: skip
+    """Print one rendered sample; returns the exit code."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    sources = build_sources(meta, config, tokenizer)
+    names = [s.name for s in sources]
+    if dataset is not None and dataset not in names:
+        print(f"error: no dataset {dataset!r}; known: {', '.join(names)}", file=sys.stderr)
+        return 2
+    source = sources[names.index(dataset)] if dataset else sources[0]
+    if not 0 <= index < len(source):
+        print(f"error: --index {index} out of range [0, {len(source)})", file=sys.stderr)
+        return 2
+    line = source.line_of(index, epoch=0, seed=seed)
+    sample = source.load(index, epoch=0, seed=seed)
+    print(f"{source.source_of(line)}")
+    for text in describe_media(source, line):
+        print("  " + text)
+    if isinstance(sample, SkippedSample):
+        print(f"SKIPPED ({sample.reason}): {sample.detail}")
+        return 1
+    print(f"tokens {sample.num_tokens}, supervised {sample.num_supervised}, "
+          f"tiles {sample.num_tiles} {list(sample.num_tiles_per_image)}")  # fmt: skip
+    print(render_sample(sample, tokenizer, config.num_image_token))
+    return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per SampleConfig field (same name, '-' for '_')."""
+    for f in dataclasses.fields(SampleConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"),
+                                default=f.default, metavar="BOOL")  # fmt: skip
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default)
+
+
+def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    """SampleConfig from the flags added by _add_config_flags."""
+    return SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+
+
+def add_data_commands(subparsers: Any) -> None:
+    """Register `data check` and `data show` on an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="validate and inspect training data")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    check = commands.add_parser("check", help="validate a meta file and every record")
+    show = commands.add_parser("show", help="render one sample")
+    for parser in (check, show):
+        parser.add_argument("meta", help="meta JSON file")
+        parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
+        _add_config_flags(parser)
+    check.add_argument("--workers", type=int, default=1)
+    check.set_defaults(
+        func=lambda a: run_check(a.meta, a.tokenizer, config_from_args(a), a.workers)
+    )
+    show.add_argument("--index", type=int, required=True, help="record index in the dataset")
+    show.add_argument("--dataset", default=None, help="dataset name (default: the first)")
+    show.add_argument("--seed", type=int, default=0)
+    show.set_defaults(
+        func=lambda a: run_show(
+            a.meta, a.tokenizer, config_from_args(a), a.index, a.dataset, a.seed
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: `python -m vlpretrain.data.check data check ...`."""
+    parser = argparse.ArgumentParser(prog="vlpretrain")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Turn emitted pack rows into one `PackedBatch` of torch tensors (one micro-batch).
+
+    [PackRow] * rows_per_batch --collate_rows--> PackedBatch (+ BatchStats)
+
+Per row: samples back to back, then padding as its own segment. position_ids restart at 0
+for every sample and for the padding; the first label of every sample is -100 so nothing
+is learned across a sample boundary; loss weights follow `loss_reduction` and are 0 wherever
+the label is -100. A micro-batch without any real tile gets exactly one zero dummy tile with
+image flag 0 so that every rank runs the vision tower.
+
+Legend for local names: B rows, L tokens per row, T tiles, S tile side in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from vlpretrain.data.packing import LossReduction, PackingConfig, PackRow, PieceRef
+from vlpretrain.data.samples import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counts describing one micro-batch and what the stream did since the previous one."""
+
+    num_rows: int
+    num_samples: int
+    """Packed samples (pieces of a split sample count once each)."""
+    num_real_tokens: int
+    num_padding_tokens: int
+    num_tiles: int
+    """Real tiles (image flag 1)."""
+    num_dummy_tiles: int
+    """Zero tiles with image flag 0 (strict-mode padding or the one dummy tile)."""
+    samples_per_dataset: tuple[int, ...]
+    """Packed samples per dataset index."""
+    token_capacity: int
+    """rows * max_packed_tokens: the budget the fill ratio is measured against."""
+    num_loaded: int = 0
+    """Records loaded since the previous batch, skipped ones included."""
+    num_skipped: int = 0
+    """Records skipped since the previous batch (sum of skipped_by_reason)."""
+    skipped_by_reason: tuple[tuple[str, int], ...] = ()
+    """(reason, count) of the records skipped since the previous batch, sorted by reason."""
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.num_real_tokens / self.token_capacity if self.token_capacity else 0.0
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """One micro-batch ready for the model; tensors are on CPU until `to()`."""
+
+    input_ids: torch.Tensor
+    """(B, L) int64."""
+    labels: torch.Tensor
+    """(B, L) int64, aligned with input_ids (the model shifts); -100 not trained."""
+    position_ids: torch.Tensor
+    """(B, L) int64, restarting at 0 for every sample and for the padding segment."""
+    cu_seqlens: torch.Tensor
+    """(segments + 1,) int32 boundaries over the flattened B*L tokens, padding included."""
+    max_seqlen: int
+    """Longest segment in cu_seqlens (for varlen attention kernels)."""
+    loss_weight: torch.Tensor
+    """(B, L) float32, 0 where labels == -100."""
+    pixel_values: torch.Tensor
+    """(T, 3, S, S) float32 tiles in reading order of the image placeholders."""
+    image_flags: torch.Tensor
+    """(T,) int64: 1 real tile, 0 dummy or padding tile."""
+    num_tiles_per_image: tuple[int, ...]
+    """Tiles of every real image in order."""
+    sample_ids: tuple[PieceRef, ...]
+    """Which record (and slice) every packed sample is, in order."""
+    stats: BatchStats
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """Copy of the batch with every tensor moved to `device`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PackedBatch:
+        """Copy with pinned tensors (called by the DataLoader when pin_memory=True)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBatch:
+        moved = {
+            f.name: fn(getattr(self, f.name))
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+def len2weight(num_supervised: int, reduction: LossReduction) -> float:
+    """Loss weight of each supervised token of a sample with `num_supervised` such tokens."""
+    if num_supervised == 0:
+        return 0.0
+    if reduction == "token":
+        return 1.0
+    if reduction == "sample":
+        return 1.0 / num_supervised
+    if reduction == "square":
+        return 1.0 / math.sqrt(num_supervised)
+    raise ValueError(f"unknown loss_reduction {reduction!r}; use token, sample or square")
+
+
+def collate_rows(
+    rows: list[PackRow],
+    config: PackingConfig,
+    *,
+    num_datasets: int,
+    num_loaded: int = 0,
+    skipped_by_reason: dict[str, int] | None = None,
+) -> PackedBatch:
+    """Build the tensors of one micro-batch from emitted rows."""
+    if not rows:
+        raise ValueError("collate_rows needs at least one row")
+    longest = max(row.num_tokens for row in rows)
+    seq_len = config.max_packed_tokens if config.strict_mode else longest
+    num_rows = len(rows)
+    ids_BL = np.full((num_rows, seq_len), config.pad_token_id, dtype=np.int64)
+    labels_BL = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int64)
+    positions_BL = np.zeros((num_rows, seq_len), dtype=np.int64)
+    weight_BL = np.zeros((num_rows, seq_len), dtype=np.float32)
+    boundaries = [0]
+    for b, row in enumerate(rows):
+        offset = 0
+        for item in row.items:
+            n = item.sample.num_tokens
+            labels_L = item.sample.labels.astype(np.int64, copy=True)
+            labels_L[0] = IGNORE_INDEX
+            supervised_L = labels_L != IGNORE_INDEX
+            weight = len2weight(int(supervised_L.sum()), config.loss_reduction)
+            ids_BL[b, offset : offset + n] = item.sample.input_ids
+            labels_BL[b, offset : offset + n] = labels_L
+            positions_BL[b, offset : offset + n] = np.arange(n)
+            weight_BL[b, offset : offset + n] = np.where(supervised_L, weight, 0.0)
+            offset += n
+            boundaries.append(b * seq_len + offset)
+        if offset < seq_len:
+            positions_BL[b, offset:] = np.arange(seq_len - offset)
+            boundaries.append((b + 1) * seq_len)
+    pixels_TCHW, flags_T = _tiles(rows, config)
+    segment_lengths = np.diff(np.asarray(boundaries))
+    stats = _stats(rows, config, num_datasets, int(seq_len * num_rows), flags_T)
+    stats = replace(
+        stats,
+        num_loaded=num_loaded,
+        num_skipped=sum((skipped_by_reason or {}).values()),
+        skipped_by_reason=tuple(sorted((skipped_by_reason or {}).items())),
+    )
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids_BL),
+        labels=torch.from_numpy(labels_BL),
+        position_ids=torch.from_numpy(positions_BL),
+        cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
+        max_seqlen=int(segment_lengths.max()),
+        loss_weight=torch.from_numpy(weight_BL),
+        pixel_values=torch.from_numpy(pixels_TCHW),
+        image_flags=torch.from_numpy(flags_T),
+        num_tiles_per_image=tuple(
+            t for row in rows for item in row.items for t in item.sample.num_tiles_per_image
+        ),
+        sample_ids=tuple(item.ref for row in rows for item in row.items),
+        stats=stats,
+    )
+
+
+def _tiles(rows: list[PackRow], config: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Real tiles in reading order, strict-mode padding per row, or one dummy tile."""
+    side = config.tile_size
+    chunks: list[np.ndarray] = []
+    flags: list[np.ndarray] = []
+    for row in rows:
+        for item in row.items:
+            if item.sample.num_tiles:
+                chunks.append(item.sample.pixel_values.astype(np.float32, copy=False))
+                flags.append(np.ones(item.sample.num_tiles, dtype=np.int64))
+        missing = config.num_images_expected - row.num_tiles if config.strict_mode else 0
+        if missing > 0:
+            chunks.append(np.zeros((missing, 3, side, side), dtype=np.float32))
+            flags.append(np.zeros(missing, dtype=np.int64))
+    if not chunks:
+        # Every rank must run the vision tower each step (FSDP2 / ZeRO-3 would hang).
+        chunks.append(np.zeros((1, 3, side, side), dtype=np.float32))
+        flags.append(np.zeros(1, dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(chunks)), np.concatenate(flags)
+
+
+def _stats(
+    rows: list[PackRow],
+    config: PackingConfig,
+    num_datasets: int,
+    num_slots: int,
+    flags_T: np.ndarray,
+) -> BatchStats:
+    per_dataset = [0] * num_datasets
+    for row in rows:
+        for item in row.items:
+            per_dataset[item.ref.dataset_index] += 1
+    num_real = sum(row.num_tokens for row in rows)
+    num_tiles = int(flags_T.sum())
+    return BatchStats(
+        num_rows=len(rows),
+        num_samples=sum(len(row.items) for row in rows),
+        num_real_tokens=num_real,
+        num_padding_tokens=num_slots - num_real,
+        num_tiles=num_tiles,
+        num_dummy_tiles=int(flags_T.shape[0]) - num_tiles,
+        samples_per_dataset=tuple(per_dataset),
+        token_capacity=len(rows) * config.max_packed_tokens,
+    )

@@ -1,0 +1,160 @@
+"""Byte-offset index of a .jsonl annotation file, cached on disk.
+
+    annotation.jsonl --build_line_index--> (offsets, line_numbers) int64 --cache--> .npy
+    AnnotationIndex.read(i) = seek(offsets[i]) + readline()
+
+Blank lines are skipped but the real 1-based line numbers are kept for error messages. The
+cache lives in a cache directory (never next to the user's data) and is keyed by absolute
+path + size + mtime_ns, so editing the file invalidates it; it is written atomically
+(temp file + os.replace), so a killed job never leaves a truncated cache behind.
+
+Cache directory: the `cache_dir` argument if given, else `$VLPRETRAIN_CACHE/index`, else
+`~/.cache/vlpretrain/index`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 22
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
+
+
+def default_cache_dir() -> Path:
+    """Directory for index files when none is configured (see module docstring)."""
+    env = os.environ.get("VLPRETRAIN_CACHE")
+    if env:
+        return Path(env).expanduser() / "index"
+    return Path.home() / ".cache" / "vlpretrain" / "index"
+
+
+def _chunk_lines(buf: np.ndarray, base: int, first_line: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and line numbers of the non-blank, complete lines held in `buf`."""
+    ends = np.flatnonzero(buf == 10) + 1
+    if ends.size == 0 or ends[-1] != buf.size:
+        ends = np.append(ends, buf.size)  # last line without trailing newline
+    starts = np.concatenate(([0], ends[:-1]))
+    # every line holds >= 1 byte, so reduceat gives "any non-whitespace byte" per line
+    has_content = np.logical_or.reduceat(~_WHITESPACE[buf], starts)
+    numbers = np.arange(first_line, first_line + starts.size, dtype=np.int64)
+    return starts[has_content].astype(np.int64) + base, numbers[has_content]
+
+
+def build_line_index(path: str | Path) -> np.ndarray:
+    """Scan `path` once; returns a (2, N) int64 array: line start offsets and 1-based numbers."""
+    offsets: list[np.ndarray] = []
+    numbers: list[np.ndarray] = []
+    base, line, carry = 0, 1, b""
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(CHUNK_BYTES)
+            data = carry + block
+            if not data:
+                break
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            if cut == 0:  # no newline yet: keep reading
+                carry = data
+                continue
+            buf = np.frombuffer(data, dtype=np.uint8, count=cut)
+            starts, nums = _chunk_lines(buf, base, line)
+            offsets.append(starts)
+            numbers.append(nums)
+            line += int(np.count_nonzero(buf == 10)) + (0 if buf[-1] == 10 else 1)
+            base += cut
+            carry = data[cut:]
+    if not offsets:
+        return np.zeros((2, 0), dtype=np.int64)
+    return np.stack([np.concatenate(offsets), np.concatenate(numbers)])
+
+
+def cache_file(path: Path, cache_dir: Path) -> Path:
+    """Cache file name for `path` in its current state (absolute path, size, mtime_ns)."""
+    stat = path.stat()
+    path_key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    state_key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / f"{path.name}.{path_key}.{state_key}.npy"
+
+
+def _write_atomic(target: Path, array: np.ndarray) -> None:
+    """Write `array` to `target` through a temp file in the same directory + os.replace."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale(target: Path) -> None:
+    """Delete cache files of earlier versions of the same annotation file."""
+    prefix = target.name.rsplit(".", 2)[0]
+    for old in target.parent.glob(f"{prefix}.*.npy"):
+        if old != target:
+            old.unlink(missing_ok=True)
+
+
+def load_or_build_index(path: Path, cache_dir: Path | None) -> tuple[np.ndarray, Path | None]:
+    """Return the (2, N) index of `path` (memory-mapped from the cache when possible)."""
+    target = cache_file(path, cache_dir or default_cache_dir())
+    if target.is_file():
+        return np.load(target, mmap_mode="r"), target
+    index = build_line_index(path)
+    try:
+        _write_atomic(target, index)
+        _remove_stale(target)
+    except OSError as err:
+        logger.warning("cannot write index cache %s (%s); keeping it in memory", target, err)
+        return index, None
+    logger.info("indexed %s: %d records -> %s", path, index.shape[1], target)
+    return np.load(target, mmap_mode="r"), target
+
+
+class AnnotationIndex:
+    """Random access to the records of one .jsonl file; picklable, opens files lazily."""
+
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None) -> None:
+        self.path = Path(path).resolve()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._index, self._cache = load_or_build_index(self.path, self.cache_dir)
+        self._handle: IO[bytes] | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return int(self._index.shape[1])
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        if self._cache is not None:  # workers re-map the cache file instead of copying it
+            state["_index"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if self._index is None:
+            self._index = np.load(self._cache, mmap_mode="r")
+
+    def line_number(self, i: int) -> int:
+        """1-based line number in the file of record `i`."""
+        return int(self._index[1, i])
+
+    def read(self, i: int) -> bytes:
+        """Raw bytes of record `i` (without the line terminator); decoding is the caller's."""
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
+            self._pid = os.getpid()
+        self._handle.seek(int(self._index[0, i]))
+        return self._handle.readline().rstrip(b"\r\n")

@@ -1,0 +1,404 @@
+"""Wire sharding, mixing, sample loading, skip counting and packing into a resumable stream.
+
+One `WorkerStream` per (rank, dataloader worker); `PackedStream` is the IterableDataset that
+picks the right one inside each worker; `build_dataloader` wraps it in a StatefulDataLoader
+whose state (workers included) resumes the stream exactly, without replaying data.
+
+    sources ----------------------------------------------------------+
+      |  len()                                                         |
+      v                                                                |
+    DatasetMixer (data.mixing; shares from data.sharding)              |
+      |  RecordRef(source, record, epoch)                              |
+      v                                                                |
+    source.load(record, epoch, seed) --SkippedSample--> SkipCounter   |
+      |  TokenizedSample                  (+ per-reason counts)        |
+      v                                                                |
+    fit_to_budget --too big--> SkippedSample('exceeds_pack_budget')    |
+      |  PackItem*                                                     |
+      v                                                                |
+    BestFitPacker --rows--> rows_per_batch rows --collate--> PackedBatch
+      (open rows saved as PieceRefs, re-loaded on restore) <-----------+
+
+The stream is endless (next epoch after the last one; training is bounded by max_steps)
+unless `StreamConfig.num_epochs` is set, in which case the open rows are flushed at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch.utils.data
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from vlpretrain.data import sharding
+from vlpretrain.data.collate import PackedBatch, collate_rows
+from vlpretrain.data.mixing import DatasetMixer, RecordRef
+from vlpretrain.data.packing import (
+    BestFitPacker,
+    PackingConfig,
+    PackItem,
+    PackRow,
+    PieceRef,
+    fit_to_budget,
+    rows_from_refs,
+    slice_sample,
+)
+from vlpretrain.data.samples import SkippedSample, TokenizedSample
+
+logger = logging.getLogger(__name__)
+
+STREAM_STATE_VERSION = 1
+LOADER_STATE_KEY = "vlpretrain_stream"
+EXCEEDS_BUDGET = "exceeds_pack_budget"
+
+
+class SampleSourceLike(Protocol):
+    """What the stream needs from a dataset (data.build.DatasetSource satisfies it)."""
+
+    name: str
+    dataset_index: int
+
+    def __len__(self) -> int: ...
+
+    def load(self, record_index: int, epoch: int, seed: int) -> TokenizedSample | SkippedSample:
+        """A pure, deterministic function of its arguments."""
+        ...
+
+
+class SkipCounterLike(Protocol):
+    """Receives every loaded result exactly once (data.build.SkipCounter satisfies it).
+
+    A TokenizedSample counts as seen; a SkippedSample (from the source, or
+    'exceeds_pack_budget' from the packer) as seen and skipped.
+    """
+
+    def record(self, sample: TokenizedSample | SkippedSample) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """How records are ordered, mixed and loaded."""
+
+    seed: int = 42
+    """Seeds permutations, dataset choice and every sample's augmentation."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the main process)."""
+    use_data_resampling: bool = False
+    """Weight datasets by sqrt(length) instead of length."""
+    replacement: bool = False
+    """An exhausted dataset restarts with its next epoch (True) or waits for the others."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker (only with num_workers > 0)."""
+    pin_memory: bool = False
+    """Pin batch tensors (useful with a CUDA device)."""
+    num_epochs: int | None = None
+    """Stop after this many stream epochs (needs replacement=False); None: endless."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"StreamConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(
+                f"StreamConfig.prefetch_factor must be >= 1, got {self.prefetch_factor}"
+            )
+        if self.num_epochs is not None and (self.num_epochs < 1 or self.replacement):
+            raise ValueError(
+                f"StreamConfig.num_epochs={self.num_epochs} needs a value >= 1 and "
+                "replacement=False (with replacement the stream never ends an epoch)"
+            )
+
+
+class WorkerStream:
+    """The whole pipeline of one (rank, worker) stream; yields PackedBatch."""
+
+    def __init__(
+        self,
+        sources: Sequence[SampleSourceLike],
+        packing_config: PackingConfig,
+        stream_config: StreamConfig,
+        *,
+        rank: int,
+        world_size: int,
+        worker: int,
+        skip_counter: SkipCounterLike | None = None,
+    ) -> None:
+        _check_sources(sources)
+        self.sources = list(sources)
+        self.packing_config = packing_config
+        self.stream_config = stream_config
+        self.rank, self.world_size, self.worker = rank, world_size, worker
+        self.skip_counter = skip_counter
+        num_workers = stream_config.num_workers
+        self.stream_id = sharding.stream_index(rank, world_size, worker, num_workers)
+        self.mixer = DatasetMixer(
+            [len(s) for s in self.sources],
+            [s.dataset_index for s in self.sources],
+            seed=stream_config.seed,
+            stream_id=self.stream_id,
+            num_streams=sharding.stream_count(world_size, num_workers),
+            use_data_resampling=stream_config.use_data_resampling,
+            replacement=stream_config.replacement,
+            num_epochs=stream_config.num_epochs,
+        )
+        self.packer = BestFitPacker(packing_config)
+        self._position_of = {s.dataset_index: k for k, s in enumerate(self.sources)}
+        self._num_datasets = max(self._position_of) + 1
+        self._ready: list[PackRow] = []
+        self._num_loaded = 0
+        self._skipped: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        while (batch := self.next_batch()) is not None:
+            yield batch
+
+    def next_batch(self) -> PackedBatch | None:
+        """The next micro-batch, or None when a finite stream is exhausted."""
+        rows_per_batch = self.packing_config.rows_per_batch
+        while len(self._ready) < rows_per_batch:
+            ref = self.mixer.next()
+            if ref is None:
+                self._ready.extend(self.packer.flush())
+                break
+            self._ready.extend(self._pack(ref))
+        if not self._ready:
+            return None
+        rows, self._ready = self._ready[:rows_per_batch], self._ready[rows_per_batch:]
+        batch = collate_rows(
+            rows,
+            self.packing_config,
+            num_datasets=self._num_datasets,
+            num_loaded=self._num_loaded,
+            skipped_by_reason=dict(self._skipped),
+        )
+        self._num_loaded = 0
+        self._skipped.clear()
+        return batch
+
+    def _pack(self, ref: RecordRef) -> list[PackRow]:
+        """Load one record, drop or split it to the budget, hand it to the packer."""
+        source = self.sources[ref.source_position]
+        loaded = source.load(ref.record_index, ref.epoch, self.stream_config.seed)
+        self._num_loaded += 1
+        if isinstance(loaded, SkippedSample):
+            self._skip(loaded)
+            return []
+        item = PackItem(PieceRef.whole(loaded, ref.record_index, ref.epoch), loaded)
+        pieces = fit_to_budget(item, self.packing_config)
+        if pieces is None:
+            self._skip(_exceeds_budget(loaded, self.packing_config))
+            return []
+        if self.skip_counter is not None:
+            self.skip_counter.record(loaded)
+        rows: list[PackRow] = []
+        for piece in pieces:
+            rows.extend(self.packer.add(piece))
+        return rows
+
+    def _skip(self, skipped: SkippedSample) -> None:
+        self._skipped[skipped.reason] += 1
+        if self.skip_counter is not None:
+            self.skip_counter.record(skipped)
+        else:
+            logger.warning("%s", skipped)
+
+    def load_piece(self, ref: PieceRef) -> TokenizedSample:
+        """Re-create a packed piece from its reference (used on restore)."""
+        source = self.sources[self._position_of[ref.dataset_index]]
+        loaded = source.load(ref.record_index, ref.epoch, self.stream_config.seed)
+        if isinstance(loaded, SkippedSample):
+            raise RuntimeError(
+                f"record {ref.record_index} (epoch {ref.epoch}) of dataset {source.name!r} was a"
+                f" sample before the checkpoint and is now skipped: {loaded}. The source is not"
+                " deterministic or its files changed."
+            )
+        return slice_sample(loaded, ref)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Versioned plain-Python state: mixer, open rows (by reference), pending rows."""
+        return {
+            "version": STREAM_STATE_VERSION,
+            "world_size": self.world_size,
+            "num_workers": self.stream_config.num_workers,
+            "rank": self.rank,
+            "worker": self.worker,
+            "seed": self.stream_config.seed,
+            "mixer": self.mixer.state_dict(),
+            "packer": self.packer.state_dict(),
+            "ready_rows": [[item.ref.as_tuple() for item in row.items] for row in self._ready],
+            "num_loaded": self._num_loaded,
+            "skipped": dict(self._skipped),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by the same (rank, worker) of a job of the same shape."""
+        _check_state(state, self)
+        self.mixer.load_state_dict(state["mixer"])
+        self.packer.load_state_dict(state["packer"], self.load_piece)
+        self._ready = [rows_from_refs(refs, self.load_piece) for refs in state["ready_rows"]]
+        self._num_loaded = int(state["num_loaded"])
+        self._skipped = Counter({str(k): int(v) for k, v in state["skipped"].items()})
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """IterableDataset over packed micro-batches; each DataLoader worker runs its own stream."""
+
+    def __init__(
+        self,
+        sources: Sequence[SampleSourceLike],
+        packing_config: PackingConfig,
+        stream_config: StreamConfig,
+        *,
+        rank: int,
+        world_size: int,
+        skip_counter: SkipCounterLike | None = None,
+    ) -> None:
+        super().__init__()
+        _check_sources(sources)
+        self.sources = list(sources)
+        self.packing_config = packing_config
+        self.stream_config = stream_config
+        self.rank, self.world_size = rank, world_size
+        self.skip_counter = skip_counter
+        self._stream: WorkerStream | None = None
+
+    def _worker_stream(self) -> WorkerStream:
+        if self._stream is None:
+            info = torch.utils.data.get_worker_info()
+            expected = self.stream_config.num_workers
+            worker, actual = (0, 0) if info is None else (info.id, info.num_workers)
+            if actual != expected:
+                raise ValueError(
+                    f"PackedStream built for num_workers={expected} runs with {actual} "
+                    "DataLoader workers; use build_dataloader() or the same StreamConfig"
+                )
+            self._stream = WorkerStream(
+                self.sources,
+                self.packing_config,
+                self.stream_config,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=worker,
+                skip_counter=self.skip_counter,
+            )
+        return self._stream
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        return iter(self._worker_stream())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._worker_stream().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._worker_stream().load_state_dict(state)
+
+
+class PackedDataLoader(StatefulDataLoader):
+    """StatefulDataLoader whose state also records the job shape, checked on load."""
+
+    def __init__(self, dataset: PackedStream, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._shape = _shape(dataset.world_size, dataset.stream_config.num_workers, dataset.rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(super().state_dict())
+        state[LOADER_STATE_KEY] = dict(self._shape, version=STREAM_STATE_VERSION)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        saved = state.pop(LOADER_STATE_KEY, None)
+        if saved is None:
+            raise ValueError("not a vlpretrain data-loader state (no stream metadata)")
+        if saved.get("version") != STREAM_STATE_VERSION:
+            raise ValueError(
+                f"data-loader state version {saved.get('version')!r}, expected "
+                f"{STREAM_STATE_VERSION}"
+            )
+        _check_shape({k: saved[k] for k in self._shape}, self._shape)
+        super().load_state_dict(state)
+
+
+def build_dataloader(
+    sources: Sequence[SampleSourceLike],
+    packing_config: PackingConfig,
+    stream_config: StreamConfig,
+    rank: int,
+    world_size: int,
+    skip_counter: SkipCounterLike | None = None,
+) -> StatefulDataLoader:
+    """The resumable loader of packed micro-batches for one rank."""
+    dataset = PackedStream(
+        sources,
+        packing_config,
+        stream_config,
+        rank=rank,
+        world_size=world_size,
+        skip_counter=skip_counter,
+    )
+    extra: dict[str, Any] = {}
+    if stream_config.num_workers > 0:
+        extra["prefetch_factor"] = stream_config.prefetch_factor
+    return PackedDataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=stream_config.num_workers,
+        collate_fn=_pass_through,
+        pin_memory=stream_config.pin_memory,
+        **extra,
+    )
+
+
+def _pass_through(batch: PackedBatch) -> PackedBatch:
+    return batch
+
+
+def _exceeds_budget(sample: TokenizedSample, config: PackingConfig) -> SkippedSample:
+    return SkippedSample(
+        dataset_index=sample.dataset_index,
+        source=sample.source,
+        reason=EXCEEDS_BUDGET,
+        detail=(
+            f"{sample.num_tokens} tokens / {sample.num_tiles} tiles do not fit a row of "
+            f"{config.max_packed_tokens} tokens / {config.num_images_expected} tiles"
+            + ("" if config.split_at_image_boundary else " (split_at_image_boundary is off)")
+        ),
+    )
+
+
+def _check_sources(sources: Sequence[SampleSourceLike]) -> None:
+    if not sources:
+        raise ValueError("the data stream needs at least one source")
+    indices = [s.dataset_index for s in sources]
+    if len(set(indices)) != len(indices) or min(indices) < 0:
+        raise ValueError(f"source dataset_index values must be unique and >= 0, got {indices}")
+
+
+def _shape(world_size: int, num_workers: int, rank: int) -> dict[str, int]:
+    return {"world_size": world_size, "num_workers": num_workers, "rank": rank}
+
+
+def _check_shape(saved: dict[str, int], current: dict[str, int]) -> None:
+    if saved != current:
+        raise ValueError(
+            f"data-loader state was saved with {saved} but this job has {current}; the stream "
+            "can only resume with the same world size, rank and num_workers (each (rank, "
+            "worker) owns its own share of the data)"
+        )
+
+
+def _check_state(state: dict[str, Any], stream: WorkerStream) -> None:
+    if state.get("version") != STREAM_STATE_VERSION:
+        raise ValueError(
+            f"stream state version {state.get('version')!r}, expected {STREAM_STATE_VERSION}"
+        )
+    saved = _shape(state["world_size"], state["num_workers"], state["rank"])
+    _check_shape(saved, _shape(stream.world_size, stream.stream_config.num_workers, stream.rank))
+    if state["worker"] != stream.worker or state["seed"] != stream.stream_config.seed:
+        raise ValueError(
+            f"stream state of worker {state['worker']} (seed {state['seed']}) cannot restore "
+            f"worker {stream.worker} (seed {stream.stream_config.seed})"
+        )

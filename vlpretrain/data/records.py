@@ -1,0 +1,134 @@
+"""Raw annotation line -> validated `Record` (spec section 2.2); nothing is loaded or tokenized.
+
+    bytes of one .jsonl line --parse_record--> Record | raises RecordError(reason, detail)
+
+Dispatch as the reference: a non-empty `image` (list -> multi_image, even of one; string ->
+image), else a non-empty `video`, else text. Turns are `{"from": role, "value": text}` with
+roles human/gpt, and system only as the first turn. The docs' `text` key is rejected with a
+message naming it (the reference fails on it silently, spec section 11 item 28).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+RecordKind = Literal["text", "image", "multi_image", "video"]
+ROLES = ("system", "human", "gpt")
+
+SKIP_REASONS = (
+    "malformed_json",
+    "empty_conversation",
+    "unknown_role",
+    "missing_field",
+    "placeholder_mismatch",
+    "missing_image",
+    "corrupt_image",
+    "video_error",
+    "too_long",
+)
+"""Every `SkippedSample.reason` the sample builder can produce."""
+
+
+class RecordError(Exception):
+    """A record that cannot become a sample; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated annotation record."""
+
+    kind: RecordKind
+    conversations: tuple[tuple[str, str], ...]
+    """(role, value) pairs; role in ROLES, system only first."""
+    images: tuple[Path, ...] = ()
+    """Image paths resolved against the dataset root (kinds image / multi_image)."""
+    video: Path | None = None
+    """Video file or frame folder (kind video)."""
+    clip: tuple[float, float] | None = None
+    """Optional [start_sec, end_sec] of the video."""
+
+
+def _parse_turn(position: int, turn: Any) -> tuple[str, str]:
+    where = f"conversations[{position}]"
+    if not isinstance(turn, dict):
+        raise RecordError("missing_field", f"{where} must be an object, got {turn!r:.60}")
+    if "from" not in turn:
+        raise RecordError("missing_field", f"{where} has no 'from'")
+    if "value" not in turn:
+        hint = " ('text' is not accepted: rename it to 'value')" if "text" in turn else ""
+        raise RecordError("missing_field", f"{where} has no 'value'{hint}")
+    role, value = turn["from"], turn["value"]
+    if role not in ROLES:
+        raise RecordError("unknown_role", f"{where}.from = {role!r}; expected human, gpt, system")
+    if role == "system" and position != 0:
+        raise RecordError("unknown_role", f"{where}: 'system' is only allowed as the first turn")
+    if not isinstance(value, str):
+        raise RecordError("missing_field", f"{where}.value must be a string, got {value!r:.60}")
+    return role, value
+
+
+def _parse_conversations(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    if "conversations" not in obj:
+        raise RecordError("missing_field", "no 'conversations' field")
+    raw = obj["conversations"]
+    if not isinstance(raw, list):
+        raise RecordError("missing_field", "'conversations' must be a list of turns")
+    if not raw:
+        raise RecordError("empty_conversation", "'conversations' is empty")
+    turns = tuple(_parse_turn(i, turn) for i, turn in enumerate(raw))
+    if not any(role == "gpt" for role, _ in turns):
+        raise RecordError("empty_conversation", "no 'gpt' turn: nothing to train on")
+    return turns
+
+
+def _join(root: Path, value: Any, field: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise RecordError("missing_field", f"{field} must be a non-empty path string")
+    return root / value
+
+
+def _parse_clip(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not all(math.isfinite(v) for v in value) or not 0 <= value[0] < value[1]:
+        raise RecordError("missing_field", f"'clip' must be [start_sec, end_sec], got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def parse_record(line: str | bytes, root: Path) -> Record:
+    """Validate one annotation line; media paths are joined to `root` (not opened).
+
+    Raises:
+        RecordError: with one of SKIP_REASONS and a detail naming the field at fault.
+    """
+    try:
+        obj = json.loads(line)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise RecordError("malformed_json", str(err)) from err
+    if not isinstance(obj, dict):
+        raise RecordError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+    turns = _parse_conversations(obj)
+    image = obj.get("image")
+    if isinstance(image, list) and image:
+        paths = tuple(_join(root, v, f"image[{i}]") for i, v in enumerate(image))
+        return Record("multi_image", turns, images=paths)
+    if image:
+        return Record("image", turns, images=(_join(root, image, "image"),))
+    video = obj.get("video")
+    if video:
+        return Record(
+            "video", turns, video=_join(root, video, "video"), clip=_parse_clip(obj.get("clip"))
+        )
+    return Record("text", turns)

@@ -1,0 +1,279 @@
+"""Chat templates as data: turns -> token segments -> input_ids + labels (spec section 3).
+
+    turns --expand placeholders--> turns --render_segments--> [Segment(role, ids, trainable)]
+    [Segment] --join (+BOS) --> input_ids, labels --truncate--> <= max_seq_length
+
+Every segment string is `prefix[role] + value + end + after_end`, tokenised on its own (as the
+reference's internvl2_5 path). In an assistant segment the tokens of the prefix and of
+`after_end` are not trained; the answer and `end` are. A system segment is always emitted
+(default message unless the first turn is a system turn). Layout per template:
+
+    internvl2_5     <|im_start|>system\\n{sys}<|im_end|>\\n <|im_start|>user\\n{q}<|im_end|>\\n
+                    <|im_start|>assistant\\n{a}<|im_end|>\\n        (trained: a<|im_end|>)
+    internlm2-chat  same without the \\n after <|im_end|>; values are stripped
+    Hermes-2        same as internlm2-chat, values kept as they are
+    phi3-chat       <|system|>\\n{sys}<|end|> <|user|>\\n{q}<|end|> <|assistant|>\\n{a}<|end|>
+
+Image placeholders are expanded here and nowhere else (expand_image_placeholders).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vlpretrain.data.records import RecordError
+from vlpretrain.data.samples import IGNORE_INDEX
+from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, token_id
+
+IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
+RESERVED_STRINGS = (IMG_CONTEXT, IMG_START, IMG_END)
+"""Strings that must not occur in data text (they would corrupt the image-token count)."""
+
+Turns = tuple[tuple[str, str], ...]
+
+_INTERNLM_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+    "是一个有用无害的人工智能助手。"
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One template format; see the module docstring for the layouts."""
+
+    name: str
+    system_prefix: str
+    user_prefix: str
+    assistant_prefix: str
+    end: str
+    """Closes every message; trained in assistant messages."""
+    after_end: str
+    """Text after `end` (never trained)."""
+    default_system: str
+    strip_values: bool = False
+
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in (
+        ChatTemplate(
+            name="internvl2_5",
+            system_prefix="<|im_start|>system\n",
+            user_prefix="<|im_start|>user\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            end="<|im_end|>",
+            after_end="\n",
+            default_system=(
+                "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+                "联合开发的多模态大语言模型。"
+            ),
+        ),
+        ChatTemplate(
+            name="internlm2-chat",
+            system_prefix="<|im_start|>system\n",
+            user_prefix="<|im_start|>user\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            end="<|im_end|>",
+            after_end="",
+            default_system=_INTERNLM_SYSTEM,
+            strip_values=True,
+        ),
+        ChatTemplate(
+            name="Hermes-2",
+            system_prefix="<|im_start|>system\n",
+            user_prefix="<|im_start|>user\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            end="<|im_end|>",
+            after_end="",
+            default_system=_INTERNLM_SYSTEM,
+        ),
+        ChatTemplate(
+            name="phi3-chat",
+            system_prefix="<|system|>\n",
+            user_prefix="<|user|>\n",
+            assistant_prefix="<|assistant|>\n",
+            end="<|end|>",
+            after_end="",
+            default_system=_INTERNLM_SYSTEM,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One rendered message."""
+
+    role: str
+    token_ids: tuple[int, ...]
+    trainable: tuple[bool, ...]
+
+
+def get_template(name: str) -> ChatTemplate:
+    """Template by name; ValueError listing the known names otherwise."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown conv_style {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def check_reserved_strings(turns: Turns) -> None:
+    """Reject turns whose text contains <img>, </img> or <IMG_CONTEXT> literally."""
+    for position, (_, value) in enumerate(turns):
+        for reserved in RESERVED_STRINGS:
+            if reserved in value:
+                raise RecordError(
+                    "placeholder_mismatch",
+                    f"conversations[{position}].value contains the reserved token {reserved!r}",
+                )
+
+
+def _first_human(turns: Turns) -> int:
+    for position, (role, _) in enumerate(turns):
+        if role == "human":
+            return position
+    raise RecordError("placeholder_mismatch", "media record without a 'human' turn")
+
+
+def _replace_turn(turns: Turns, position: int, value: str) -> Turns:
+    return turns[:position] + ((turns[position][0], value),) + turns[position + 1 :]
+
+
+def insert_image_tag(turns: Turns) -> Turns:
+    """Single image: prepend '<image>\\n' to the first human turn if no human turn has <image>.
+
+    The reference inspects turn 0 even when it is the system turn (spec section 11 item 26).
+    """
+    if any(role == "human" and IMAGE_TAG in value for role, value in turns):
+        return turns
+    position = _first_human(turns)
+    return _replace_turn(turns, position, IMAGE_TAG + "\n" + turns[position][1])
+
+
+def expand_video_tag(turns: Turns, num_frames: int) -> Turns:
+    """Replace <video> (prepended to the first human turn if absent) by Frame-i lines."""
+    if any(IMAGE_TAG in value for role, value in turns if role == "human"):
+        raise RecordError("placeholder_mismatch", "video record contains an <image> tag")
+    count = sum(value.count(VIDEO_TAG) for role, value in turns if role == "human")
+    if count > 1:
+        raise RecordError("placeholder_mismatch", f"video record has {count} <video> tags")
+    if count == 0:
+        position = _first_human(turns)
+        turns = _replace_turn(turns, position, VIDEO_TAG + "\n" + turns[position][1])
+    frames = "".join(f"Frame-{i + 1}: {IMAGE_TAG}\n" for i in range(num_frames))
+    return tuple(
+        (role, re.sub(re.escape(VIDEO_TAG) + "\n?", lambda _: frames, value, count=1))
+        if role == "human"
+        else (role, value)
+        for role, value in turns
+    )
+
+
+def expand_image_placeholders(turns: Turns, tokens_per_image: list[int]) -> Turns:
+    """The k-th <image> of the human turns -> <img> + <IMG_CONTEXT> * tokens_k + </img>.
+
+    Extra <image> tags stay literal text. Raises placeholder_mismatch if there are fewer
+    tags than images.
+    """
+    pending = list(tokens_per_image)
+    out = []
+    for role, value in turns:
+        if role == "human" and pending:
+            pieces = value.split(IMAGE_TAG)
+            value = pieces[0]
+            for piece in pieces[1:]:
+                if pending:
+                    value += IMG_START + IMG_CONTEXT * pending.pop(0) + IMG_END + piece
+                else:
+                    value += IMAGE_TAG + piece
+        out.append((role, value))
+    if pending:
+        found = len(tokens_per_image) - len(pending)
+        raise RecordError(
+            "placeholder_mismatch",
+            f"{len(tokens_per_image)} images but {found} <image> tags in human turns",
+        )
+    return tuple(out)
+
+
+class TemplateRenderer:
+    """A template bound to a tokenizer: turns -> segments -> (input_ids, labels)."""
+
+    def __init__(self, template: ChatTemplate, tokenizer: Any) -> None:
+        self.template = template
+        self.tokenizer = tokenizer
+        probe = tokenizer("a", add_special_tokens=True).input_ids
+        bos = tokenizer.bos_token_id
+        self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
+        self._num_prefix = len(self._encode([template.assistant_prefix])[0])
+        self._num_suffix = len(self._encode([template.after_end])[0]) if template.after_end else 0
+        self.img_start_id = token_id(tokenizer, IMG_START)
+        self.img_end_id = token_id(tokenizer, IMG_END)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False).input_ids
+
+    def segment_texts(self, turns: Turns) -> list[tuple[str, str]]:
+        """(role, text) of every segment, system segment first."""
+        t = self.template
+        system = t.default_system
+        if turns and turns[0][0] == "system":
+            system, turns = turns[0][1], turns[1:]
+        prefixes = {"human": t.user_prefix, "gpt": t.assistant_prefix}
+        texts = [("system", t.system_prefix + system + t.end + t.after_end)]
+        for role, value in turns:
+            value = value.strip() if t.strip_values else value
+            texts.append((role, prefixes[role] + value + t.end + t.after_end))
+        return texts
+
+    def render_segments(self, turns: Turns) -> list[Segment]:
+        """Tokenise every segment; only assistant answers + `end` are trainable."""
+        texts = self.segment_texts(turns)
+        segments = []
+        for (role, _), ids in zip(texts, self._encode([text for _, text in texts]), strict=True):
+            trainable = [role == "gpt"] * len(ids)
+            if role == "gpt":
+                trainable[: self._num_prefix] = [False] * min(self._num_prefix, len(ids))
+                if self._num_suffix:
+                    trainable[-self._num_suffix :] = [False] * self._num_suffix
+            segments.append(Segment(role, tuple(ids), tuple(trainable)))
+        return segments
+
+    def join(self, segments: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenate segments (one BOS at position 0 if the tokenizer adds BOS)."""
+        ids = [tid for seg in segments for tid in seg.token_ids]
+        mask = [flag for seg in segments for flag in seg.trainable]
+        if self.bos_id is not None:
+            ids, mask = [self.bos_id, *ids], [False, *mask]
+        input_ids = np.asarray(ids, dtype=np.int64)
+        labels = np.where(np.asarray(mask, dtype=bool), input_ids, IGNORE_INDEX)
+        return input_ids, labels
+
+    def truncate(
+        self, input_ids: np.ndarray, labels: np.ndarray, max_length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cut to `max_length` tokens; never inside or before an image span.
+
+        Raises:
+            RecordError: too_long if an image span would be cut or dropped, or if no
+                supervised token remains.
+        """
+        if input_ids.shape[0] > max_length:
+            kept_ends = int(np.count_nonzero(input_ids[:max_length] == self.img_end_id))
+            all_ends = int(np.count_nonzero(input_ids == self.img_end_id))
+            if kept_ends != all_ends:
+                raise RecordError(
+                    "too_long",
+                    f"{input_ids.shape[0]} tokens > max_seq_length {max_length} and the cut "
+                    f"would fall inside or before an image span",
+                )
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if not np.any(labels != IGNORE_INDEX):
+            raise RecordError(
+                "too_long", f"no supervised token left within max_seq_length {max_length}"
+            )
+        return input_ids, labels

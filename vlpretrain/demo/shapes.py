@@ -1,0 +1,356 @@
+"""The shapes world in words: scenes, captions, questions, answers, scoring and text corpora.
+
+Pure functions over small frozen dataclasses and seeded generators; no pixels and no files
+(demo.synthetic draws the scenes and writes the dataset). The grammar is closed: every
+answer is one word from answer_vocabulary(), so accuracy is an exact match on the first word.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+KINDS = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow")
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "centre")
+NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
+IMAGE_ORDINALS = ("first", "second")
+YES_NO = ("yes", "no")
+
+SYSTEM_PROMPT = "You answer questions about pictures of shapes in one word."
+"""System turn of the few QA records that carry one."""
+DESCRIBE = "Describe the image."
+"""The caption request of every caption record."""
+
+PLACES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
+"""How a position reads inside a caption or question."""
+
+QuestionType = Literal[
+    "colour",
+    "count",
+    "exists",
+    "position",
+    "size",
+    "shape_at",
+    "more_shapes",
+    "which_has",
+    "add",
+    "next",
+]
+
+QUESTION_TEMPLATES: dict[QuestionType, str] = {
+    "colour": "What colour is the {kind}?",
+    "count": "How many shapes are there?",
+    "exists": "Is there a {kind}?",
+    "position": "Where is the {kind}?",
+    "size": "Is the {kind} small or large?",
+    "shape_at": "What shape is {place}?",
+    "more_shapes": "Which image has more shapes?",
+    "which_has": "Which image has a {kind}?",
+    "add": "What is {a} plus {b}?",
+    "next": "What number comes after {a}?",
+}
+"""Every question the dataset asks, one template per type."""
+
+SINGLE_IMAGE_QUESTION_TYPES: tuple[QuestionType, ...] = (
+    "colour",
+    "count",
+    "exists",
+    "position",
+    "size",
+    "shape_at",
+)
+
+# (width, height) in half units of `image_size`: square, 3:2, 2:3, 2:1, 1:2 and 4:3, so
+# dynamic tiling yields grids from 1x1 up to 3x2.
+_ASPECTS: tuple[tuple[int, int], ...] = ((2, 2), (3, 2), (2, 3), (4, 2), (2, 4), (4, 3))
+# Salt of the text corpora's generators, apart from demo.synthetic's salts 1-4.
+_SALT_TEXT = 5
+# Text corpora never render their scenes; any size gives the same words.
+_CORPUS_IMAGE_SIZE = 56
+
+CHAT_MARKERS = (
+    "<|im_start|>system\n",
+    "<|im_start|>user\n",
+    "<|im_start|>assistant\n",
+    "<|im_end|>\n",
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape of a scene."""
+
+    kind: str
+    colour: str
+    size: str
+    position: str
+    jitter: tuple[int, int] = (0, 0)
+    """Pixel offset of the centre; keeps renders of the same description apart."""
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A picture: its pixel size, grey background level and shapes (distinct kinds)."""
+
+    width: int
+    height: int
+    background: int
+    shapes: tuple[Shape, ...]
+
+
+def sample_scene(rng: np.random.Generator, image_size: int, num_shapes: int | None = None) -> Scene:
+    """Draw a scene: 1-3 shapes of distinct kinds at distinct positions."""
+    n = int(rng.integers(1, 4)) if num_shapes is None else num_shapes
+    if not 1 <= n <= len(KINDS):
+        raise ValueError(f"num_shapes must be in 1..{len(KINDS)}, got {n}")
+    kinds = rng.permutation(len(KINDS))[:n]
+    positions = rng.permutation(len(POSITIONS))[:n]
+    colours = rng.integers(0, len(COLOURS), n)
+    sizes = rng.integers(0, len(SIZES), n)
+    jitter = rng.integers(-1, 2, (n, 2))
+    aspect_w, aspect_h = _ASPECTS[int(rng.integers(len(_ASPECTS)))]
+    shapes = [
+        Shape(
+            kind=KINDS[kinds[i]],
+            colour=COLOURS[colours[i]],
+            size=SIZES[sizes[i]],
+            position=POSITIONS[positions[i]],
+            jitter=(int(jitter[i, 0]), int(jitter[i, 1])),
+        )
+        for i in range(n)
+    ]
+    shapes.sort(key=lambda s: POSITIONS.index(s.position))
+    return Scene(
+        width=image_size * aspect_w // 2,
+        height=image_size * aspect_h // 2,
+        background=int(rng.integers(220, 256)),
+        shapes=tuple(shapes),
+    )
+
+
+def caption(scene: Scene) -> str:
+    """'a large red circle on the left and a small blue square at the top.'"""
+    parts = [f"a {s.size} {s.colour} {s.kind} {PLACES[s.position]}" for s in scene.shapes]
+    if len(parts) == 1:
+        return parts[0] + "."
+    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def human_turn(question: str, num_images: int) -> str:
+    """Prefix the question with its image placeholders ('Image-k:' labels when several)."""
+    if num_images == 1:
+        return "<image>\n" + question
+    labels = "".join(f"Image-{k}: <image>\n" for k in range(1, num_images + 1))
+    return labels + question
+
+
+def single_image_question(
+    rng: np.random.Generator, scene: Scene, question_type: QuestionType
+) -> tuple[str, str]:
+    """A (question, answer) pair of the given type about one scene."""
+    template = QUESTION_TEMPLATES[question_type]
+    shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
+    if question_type == "count":
+        return template, NUMBER_WORDS[len(scene.shapes)]
+    if question_type == "exists":
+        present = [s.kind for s in scene.shapes]
+        absent = [k for k in KINDS if k not in present]
+        # Half yes, half no where possible, so "yes" is not a free win.
+        pool = absent if absent and rng.random() < 0.5 else present
+        kind = pool[int(rng.integers(len(pool)))]
+        return template.format(kind=kind), "yes" if kind in present else "no"
+    if question_type == "shape_at":
+        return template.format(place=PLACES[shape.position]), shape.kind
+    answers = {"colour": shape.colour, "position": shape.position, "size": shape.size}
+    if question_type not in answers:
+        raise ValueError(f"{question_type!r} is not one of {SINGLE_IMAGE_QUESTION_TYPES}")
+    return template.format(kind=shape.kind), answers[question_type]
+
+
+def multi_image_question(rng: np.random.Generator, first: Scene, second: Scene) -> tuple[str, str]:
+    """A question whose answer is 'first' or 'second'; ('', '') if none tells the two apart."""
+    counts = (len(first.shapes), len(second.shapes))
+    kinds = ({s.kind for s in first.shapes}, {s.kind for s in second.shapes})
+    only_one = sorted(kinds[0] ^ kinds[1], key=KINDS.index)
+    by_count = counts[0] != counts[1]
+    if only_one and (not by_count or rng.random() < 0.5):
+        kind = only_one[int(rng.integers(len(only_one)))]
+        answer = IMAGE_ORDINALS[0] if kind in kinds[0] else IMAGE_ORDINALS[1]
+        return QUESTION_TEMPLATES["which_has"].format(kind=kind), answer
+    if by_count:
+        answer = IMAGE_ORDINALS[0] if counts[0] > counts[1] else IMAGE_ORDINALS[1]
+        return QUESTION_TEMPLATES["more_shapes"], answer
+    return "", ""
+
+
+def text_question(rng: np.random.Generator) -> tuple[str, str]:
+    """A pure-text (question, answer): small sums or the next number, answers up to ten."""
+    if rng.random() < 0.5:
+        a = int(rng.integers(1, 10))
+        b = int(rng.integers(1, 11 - a))
+        question = QUESTION_TEMPLATES["add"].format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
+        return question, NUMBER_WORDS[a + b]
+    a = int(rng.integers(1, 10))
+    return QUESTION_TEMPLATES["next"].format(a=NUMBER_WORDS[a]), NUMBER_WORDS[a + 1]
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append("[a-z ]+?")
+    return re.compile("".join(parts))
+
+
+_PATTERNS: dict[QuestionType, re.Pattern[str]] = {
+    kind: _template_pattern(template) for kind, template in QUESTION_TEMPLATES.items()
+}
+
+
+def question_type(question: str) -> QuestionType | None:
+    """The type of a question (its last line, placeholders ignored); None if not ours."""
+    lines = question.strip().splitlines()
+    last = lines[-1] if lines else ""
+    for kind, pattern in _PATTERNS.items():
+        if pattern.fullmatch(last):
+            return kind
+    return None
+
+
+def answer_vocabulary() -> tuple[str, ...]:
+    """Every answer the QA and eval records can have, sorted."""
+    words = COLOURS + KINDS + SIZES + POSITIONS + NUMBER_WORDS[1:] + YES_NO + IMAGE_ORDINALS
+    return tuple(sorted(set(words)))
+
+
+def _first_word(text: str) -> str:
+    match = re.search(r"[a-z0-9]+", text.lower())
+    return match.group(0) if match else ""
+
+
+def score_answer(prediction: str, gold: str) -> bool:
+    """True when the first words match, ignoring case, spacing and punctuation."""
+    expected = _first_word(gold)
+    return bool(expected) and _first_word(prediction) == expected
+
+
+def last_question_and_answer(record: Mapping[str, Any]) -> tuple[str, str]:
+    """The last human value and the last gpt value of an annotation record."""
+    turns = record["conversations"]
+    questions = [t["value"] for t in turns if t["from"] == "human"]
+    answers = [t["value"] for t in turns if t["from"] == "gpt"]
+    if not questions or not answers:
+        raise ValueError(f"record {record.get('id')!r} needs a human and a gpt turn")
+    return questions[-1], answers[-1]
+
+
+def chance_accuracy(eval_records: Iterable[Mapping[str, Any]]) -> float:
+    """Accuracy of always giving the most common answer of each question type.
+
+    The majority answers are taken from `eval_records` themselves, so this is the best any
+    image-blind, type-aware constant guesser can score on them.
+    """
+    by_type: dict[str, Counter[str]] = {}
+    for record in eval_records:
+        question, answer = last_question_and_answer(record)
+        kind = question_type(question) or "other"
+        by_type.setdefault(kind, Counter())[_first_word(answer)] += 1
+    total = sum(sum(c.values()) for c in by_type.values())
+    if total == 0:
+        raise ValueError("chance_accuracy needs at least one eval record")
+    return sum(c.most_common(1)[0][1] for c in by_type.values()) / total
+
+
+def chat_text(pairs: Iterable[tuple[str, str]], system: str | None = None) -> str:
+    """Render (question, answer) pairs in the chatml layout the internvl2_5 template uses."""
+    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    for question, answer in pairs:
+        text += f"<|im_start|>user\n{question}<|im_end|>\n"
+        text += f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+    return text
+
+
+def all_question_texts() -> list[str]:
+    """Every question the grammar can produce (each template with every filler)."""
+    fillers = {
+        "kind": KINDS,
+        "place": tuple(PLACES.values()),
+        "a": NUMBER_WORDS[1:],
+        "b": NUMBER_WORDS[1:],
+    }
+    texts = []
+    for template in QUESTION_TEMPLATES.values():
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        if not fields:
+            texts.append(template)
+        for value in fillers[fields[0]] if fields else ():
+            texts.append(template.format(**{f: value for f in fields}))
+    return texts
+
+
+def text_pretraining_corpus(seed: int, n: int, system_prompt: str | None = None) -> list[str]:
+    """`n` chat-formatted texts in the dataset's grammar, with no images, to warm up the LLM.
+
+    A mix of captions ('Describe the image.' -> caption), questions answered from a caption
+    given in the user turn ('Picture: <caption>' + question -> answer), and the pure-text
+    questions. `system_prompt`, when given, is rendered as a system block in each text.
+    """
+    rng = np.random.default_rng([seed, _SALT_TEXT])
+    texts = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.25:
+            pairs = [text_question(rng)]
+        else:
+            scene = sample_scene(rng, _CORPUS_IMAGE_SIZE)
+            if roll < 0.5:
+                pairs = [(DESCRIBE, caption(scene))]
+            else:
+                kind = SINGLE_IMAGE_QUESTION_TYPES[
+                    int(rng.integers(len(SINGLE_IMAGE_QUESTION_TYPES)))
+                ]
+                question, answer = single_image_question(rng, scene, kind)
+                pairs = [(f"Picture: {caption(scene)}\n{question}", answer)]
+        texts.append(chat_text(pairs, system_prompt))
+    return texts
+
+
+def caption_corpus(seed: int) -> list[str]:
+    """Texts to train the tiny BPE tokenizer on, covering every word the dataset uses."""
+    rng = np.random.default_rng([seed, _SALT_TEXT, 1])
+    scenes = [sample_scene(rng, _CORPUS_IMAGE_SIZE) for _ in range(400)]
+    multi = [human_turn(QUESTION_TEMPLATES["more_shapes"], 2), "Image-1: \nImage-2: \n"]
+    return (
+        [caption(scene) for scene in scenes]
+        + all_question_texts()
+        + list(answer_vocabulary())
+        + [SYSTEM_PROMPT, DESCRIBE, *multi, *CHAT_MARKERS]
+        + text_pretraining_corpus(seed, 1000, SYSTEM_PROMPT)
+    )

@@ -1,0 +1,177 @@
+"""The reference trainer's command-line flags, mapped onto RunConfig keys in one table.
+
+Lets users keep their InternVL stage shell scripts: `vlpretrain train --vision_path ...
+--freeze_llm True ...`. Values use the reference's syntax (`True`/`False`, bare numbers,
+quoted strings). Flags that only steered HF Trainer/DeepSpeed plumbing we do not have are
+accepted and ignored (listed in IGNORED with the reason), so nothing is silently misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vlpretrain.config import ConfigError, parse_override_value
+from vlpretrain.dist.parallel import DistConfig
+
+FLAG_TABLE: dict[str, str] = {
+    # model
+    "model_name_or_path": "model.model_name_or_path",
+    "vision_path": "model.vision_path",
+    "llm_path": "model.llm_path",
+    "mlp_path": "model.mlp_path",
+    "drop_path_rate": "model.drop_path_rate",
+    "force_image_size": "model.force_image_size",
+    "down_sample_ratio": "model.down_sample_ratio",
+    "ps_version": "model.ps_version",
+    "vision_select_layer": "model.vision_select_layer",
+    "conv_style": "model.conv_style",
+    # freeze
+    "freeze_llm": "freeze.freeze_llm",
+    "freeze_backbone": "freeze.freeze_backbone",
+    "freeze_mlp": "freeze.freeze_mlp",
+    "unfreeze_vit_layers": "freeze.unfreeze_vit_layers",
+    "unfreeze_lm_head": "freeze.unfreeze_lm_head",
+    "use_backbone_lora": "freeze.use_backbone_lora",
+    "use_llm_lora": "freeze.use_llm_lora",
+    # data
+    "max_seq_length": "data.max_seq_length",
+    "dynamic_image_size": "data.dynamic_image_size",
+    "use_thumbnail": "data.use_thumbnail",
+    "min_dynamic_patch": "data.min_dynamic_patch",
+    "max_dynamic_patch": "data.max_dynamic_patch",
+    "min_num_frame": "data.min_num_frame",
+    "max_num_frame": "data.max_num_frame",
+    "normalize_type": "data.normalize_type",
+    "pad2square": "data.pad2square",
+    # packing and stream
+    "num_images_expected": "packing.num_images_expected",
+    "max_packed_tokens": "packing.max_packed_tokens",
+    "max_buffer_size": "packing.max_buffer_size",
+    "strict_mode": "packing.strict_mode",
+    "allow_overflow": "packing.allow_overflow",
+    "loss_reduction": "packing.loss_reduction",
+    "per_device_train_batch_size": "packing.rows_per_batch",
+    "replacement": "stream.replacement",
+    "use_data_resampling": "stream.use_data_resampling",
+    "dataloader_num_workers": "stream.num_workers",
+    # optimizer
+    "learning_rate": "optim.learning_rate",
+    "weight_decay": "optim.weight_decay",
+    "warmup_steps": "optim.warmup_steps",
+    "warmup_ratio": "optim.warmup_ratio",
+    "lr_scheduler_type": "optim.lr_scheduler_type",
+    "max_grad_norm": "optim.max_grad_norm",
+    "adam_beta1": "optim.adam_beta1",
+    "adam_beta2": "optim.adam_beta2",
+    "adam_epsilon": "optim.adam_epsilon",
+    # train
+    "meta_path": "train.meta_path",
+    "output_dir": "train.output_dir",
+    "max_steps": "train.max_steps",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit",
+    "logging_steps": "train.logging_steps",
+    "seed": "train.seed",
+    "grad_checkpoint": "train.grad_checkpoint",
+    "loss_reduction_all_gather": "train.loss_reduction_all_gather",
+}
+
+IGNORED: dict[str, str] = {
+    "use_fast_tokenizer": "the tokenizer directory decides",
+    "overwrite_output_dir": "runs resume from output_dir unless train.resume = 'never'",
+    "evaluation_strategy": "no periodic evaluation in the packed pretraining loop",
+    "save_strategy": "checkpoints are step based (save_steps)",
+    "do_train": "always trains",
+    "group_by_length": "packing replaces length grouping",
+    "remove_unused_columns": "batches are typed records, nothing to strip",
+    "use_packed_ds": "always packed",
+    "log_freq": "packing statistics are logged every logging_steps",
+    "use_liger": "our loss never materialises full logits",
+    "dataloader_persistent_workers": "StatefulDataLoader manages workers",
+}
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected True or False, got {text!r}")
+
+
+def _value(text: str) -> Any:
+    lowered = text.strip()
+    if lowered in ("True", "False"):
+        return _bool(lowered)
+    value = parse_override_value(lowered)
+    return value
+
+
+SPECIAL: dict[str, Callable[[dict[str, Any], str], None]] = {}
+
+
+def _bf16(raw: dict[str, Any], text: str) -> None:
+    raw.setdefault("train", {})["precision"] = "bf16" if _bool(text) else "fp32"
+
+
+def _deepspeed(raw: dict[str, Any], text: str) -> None:
+    mapped = DistConfig.from_deepspeed(text)
+    raw["dist"] = {
+        "strategy": mapped.strategy,
+        "reshard_after_forward": mapped.reshard_after_forward,
+        "cpu_offload": mapped.cpu_offload,
+    }
+
+
+def _report_to(raw: dict[str, Any], text: str) -> None:
+    raw.setdefault("train", {})["report_to"] = "tensorboard" if text == "tensorboard" else "none"
+
+
+SPECIAL.update({"bf16": _bf16, "deepspeed": _deepspeed, "report_to": _report_to})
+
+
+def split_flags(argv: list[str]) -> list[tuple[str, str]]:
+    """`--name value` / `--name=value` pairs; raises ConfigError on a dangling flag."""
+    pairs, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--"):
+            raise ConfigError([f"unexpected argument {token!r} (flags look like --name value)"])
+        if "=" in token:
+            name, value = token[2:].split("=", 1)
+            index += 1
+        else:
+            if index + 1 >= len(argv):
+                raise ConfigError([f"flag {token} has no value"])
+            name, value = token[2:], argv[index + 1]
+            index += 2
+        pairs.append((name, value))
+    return pairs
+
+
+def apply_reference_flags(raw: dict[str, Any], argv: list[str]) -> list[str]:
+    """Fold reference flags into the nested config dict; returns notes on ignored flags."""
+    problems, notes = [], []
+    for name, text in split_flags(argv):
+        if name in SPECIAL:
+            try:
+                SPECIAL[name](raw, text)
+            except ValueError as error:
+                problems.append(f"--{name}: {error}")
+        elif name in FLAG_TABLE:
+            section, key = FLAG_TABLE[name].split(".")
+            try:
+                raw.setdefault(section, {})[key] = _value(text)
+            except ValueError as error:
+                problems.append(f"--{name}: {error}")
+        elif name in IGNORED:
+            notes.append(f"--{name} ignored: {IGNORED[name]}")
+        else:
+            known = sorted([*FLAG_TABLE, *SPECIAL, *IGNORED])
+            problems.append(f"unknown flag --{name}; known flags: {', '.join(known)}")
+    if problems:
+        raise ConfigError(problems)
+    return notes
