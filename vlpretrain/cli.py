@@ -62,6 +62,39 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from vlpretrain.dist.env import init_distributed, shutdown
+    from vlpretrain.pipeline import check_stages, load_recipe, run_pipeline
+
+    stages = load_recipe(args.recipe, args.set or [])
+    for warning in check_stages(stages, int(os.environ.get("WORLD_SIZE", 1))):
+        logger.warning(warning)
+    if args.check_only:
+        print(f"recipe {args.recipe}: {len(stages)} stages OK")
+        return 0
+    env = init_distributed()
+    setup_logging(env.rank, args.log_all_ranks)
+    try:
+        run_pipeline(stages, env)
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlpretrain.demo.run import run_demo
+    from vlpretrain.dist.env import init_distributed, shutdown
+
+    env = init_distributed()
+    setup_logging(env.rank, args.log_all_ranks)
+    try:
+        run_demo(args.output, env, seed=args.seed, eval_limit=args.eval_limit,
+                 max_steps=args.max_steps)  # fmt: skip
+    finally:
+        shutdown()
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     print(describe(resolve_config(args, extra)))
     return 0
@@ -81,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show-config", help="print the resolved configuration")
     _add_config_arguments(show)
     show.set_defaults(func=cmd_show_config, takes_extra=True)
+    pipeline = commands.add_parser("pipeline", help="run a recipe's stages in order")
+    pipeline.add_argument("recipe", help="recipe TOML ([pipeline] + [stages.NAME.*])")
+    pipeline.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a value in every stage",
+    )
+    pipeline.add_argument("--check-only", action="store_true", help="validate and exit")
+    pipeline.set_defaults(func=cmd_pipeline)
+    demo = commands.add_parser("demo", help="the three-stage recipe on generated data (CPU)")
+    demo.add_argument("--output", default="demo_out", help="where everything is written")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-limit", type=int, default=120, help="held-out questions")
+    demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
+    demo.set_defaults(func=cmd_demo)
     add_data_commands(commands)
     return parser
 

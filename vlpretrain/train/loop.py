@@ -165,17 +165,18 @@ def derived_data_configs(
     return sample, packing
 
 
-def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any]:
-    """Build, freeze, checkpoint activations, move and parallelise the model."""
+def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
+    """Build, freeze, checkpoint activations, move and parallelise the model; also returns the
+    number of trainable parameters."""
     torch.manual_seed(config.train.seed)
     built = build_model(config.model, image_fields(config))
     model = built.model
     apply_freeze_policy(model, config.freeze)
-    log_trainable(model)
+    num_trainable = log_trainable(model)
     enable_activation_checkpointing(model, vision=True, llm=config.train.grad_checkpoint)
     model.to(env.device)
     apply_train_mode(model)
-    return parallelize(model, config.dist, env), model, built.tokenizer
+    return parallelize(model, config.dist, env), model, built.tokenizer, num_trainable
 
 
 def next_micro_batches(
@@ -268,7 +269,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     (output_dir / FINAL_MARKER).unlink(missing_ok=True)
     if env.is_main:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
-    model, plain_model, tokenizer = prepare_model(config, env)
+    model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sample_config, packing_config = derived_data_configs(config, plain_model, tokenizer)
@@ -330,6 +331,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     export_model(model, tokenizer, output_dir, env)
     final = {
         "step": state.step,
+        "trainable_params": num_trainable,
         "tokens_seen": state.tokens_seen,
         "samples_seen": state.samples_seen,
         "skipped": state.skipped,
