@@ -110,14 +110,18 @@ def run_demo(output: str | Path, env: DistEnv, seed: int = 0, eval_limit: int = 
         final = run_pipeline([stage], env)[stage.name]
         barrier()
         stage_dir = Path(stage.config.train.output_dir)
-        accuracy = (
-            evaluate(stage_dir, data.eval_path, data.root, eval_limit) if env.is_main else None
+        accuracy = None
+        if env.is_main:
+            accuracy = evaluate(stage_dir, data.eval_path, data.root, eval_limit)
+        result = StageResult(
+            stage=stage.name,
+            num_trainable_params=final["trainable_params"],
+            num_steps=stage.config.train.max_steps,
+            final_loss=last_loss(stage_dir / "metrics.jsonl"),
+            eval_accuracy=accuracy,
+            seconds=time.perf_counter() - start,
         )
-        results.append(StageResult(
-            stage=stage.name, num_trainable_params=final["trainable_params"],
-            num_steps=stage.config.train.max_steps, final_loss=last_loss(stage_dir / "metrics.jsonl"),
-            eval_accuracy=accuracy, seconds=time.perf_counter() - start,
-        ))  # fmt: skip
+        results.append(result)
     if env.is_main:
         _report(results, stages, output, chance_accuracy(_eval_records(data.eval_path)))
     return results
