@@ -95,3 +95,26 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     if not any(k.startswith(prefix) for k in state):
         return state
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def merge_lora_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold PEFT LoRA adapters into their base weights and drop PEFT's key prefixes.
+
+    W = W_base + (alpha / r) * B @ A with alpha = 2r (our LoRA set-up), so the exported
+    directory is a plain InternVL checkpoint. A state without adapters is returned unchanged.
+    """
+    if not any(".lora_A." in key for key in state):
+        return state
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." in key and key.endswith(".weight"):
+            prefix = key[: -len(".base_layer.weight")]
+            lora_a = state[f"{prefix}.lora_A.default.weight"]
+            lora_b = state[f"{prefix}.lora_B.default.weight"]
+            scaling = 2.0  # lora_alpha = 2 * r
+            value = value + scaling * (lora_b.float() @ lora_a.float()).to(value.dtype)
+        clean = key.replace("base_model.model.", "").replace(".base_layer", "")
+        merged[clean] = value
+    return merged

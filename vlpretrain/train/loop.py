@@ -39,6 +39,7 @@ from vlpretrain.dist.parallel import (
 )
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model.build import build_model, save_internvl
+from vlpretrain.model.hub import merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.tokens import IMG_END, IMG_START, token_id
 from vlpretrain.train.checkpoint import (
@@ -248,7 +249,7 @@ LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_p
 def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: DistEnv) -> None:
     """Gather full weights (from any wrapper) and write the InternVL layout on rank 0."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state = merge_lora_weights(get_model_state_dict(model, options=options))
     if env.is_main:
         save_internvl(unwrap(model), tokenizer, output_dir, state=state)
     barrier()

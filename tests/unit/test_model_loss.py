@@ -1,0 +1,168 @@
+"""Chunked weighted cross-entropy (spec 7.3 step 7) and the VLM forward's loss and scatter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlpretrain.model.loss import len2weight, weighted_cross_entropy_sum
+from vlpretrain.model.vlm import ImageTokenMismatchError
+
+NUM_POSITIONS, HIDDEN, VOCAB = 7, 5, 11
+
+
+@pytest.fixture
+def problem():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(NUM_POSITIONS, HIDDEN, generator=generator, requires_grad=True)
+    head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, HIDDEN, generator=generator))
+    targets = torch.randint(0, VOCAB, (NUM_POSITIONS,), generator=generator)
+    return hidden, head, targets
+
+
+def _grads(loss, hidden, head):
+    return torch.autograd.grad(loss, (hidden, head.weight))
+
+
+def test_len2weight_values():
+    assert len2weight(4, "token") == 1.0
+    assert len2weight(4, "sample") == 0.25  # 1 / 4
+    assert len2weight(4, "square") == 0.5  # 1 / sqrt(4)
+    assert len2weight(3, "square") == pytest.approx(1 / math.sqrt(3))
+    assert len2weight(0, "square") == 0.0
+    with pytest.raises(ValueError, match="loss_reduction"):
+        len2weight(1, "mean")
+
+
+def test_chunked_token_loss_equals_cross_entropy_sum_and_mean(problem):
+    hidden, head, targets = problem
+    ones = torch.ones(NUM_POSITIONS)
+
+    # chunk_size 3 over 7 positions: chunks of 3, 3 and 1.
+    chunked = weighted_cross_entropy_sum(hidden, head, targets, ones, chunk_size=3)
+    plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(
+        chunked / ones.sum(), F.cross_entropy(head(hidden), targets, reduction="mean")
+    )
+    for got, want in zip(_grads(chunked, hidden, head), _grads(plain, hidden, head), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["sample", "square"])
+def test_chunked_loss_applies_per_sample_weights(problem, reduction):
+    hidden, head, targets = problem
+    # Two samples: positions 0-2 (n = 3) and 3-6 (n = 4).
+    # sample: weights 1/3 and 1/4; square: 1/sqrt(3) and 1/sqrt(4) = 1/2.
+    w1, w2 = len2weight(3, reduction), len2weight(4, reduction)
+    assert (w1, w2) == ((1 / 3, 1 / 4) if reduction == "sample" else (1 / math.sqrt(3), 0.5))
+    weights = torch.tensor([w1] * 3 + [w2] * 4)
+
+    chunked = weighted_cross_entropy_sum(hidden, head, targets, weights, chunk_size=3)
+    ce = F.cross_entropy(head(hidden), targets, reduction="none")
+    by_hand = w1 * ce[:3].sum() + w2 * ce[3:].sum()
+
+    torch.testing.assert_close(chunked, by_hand)
+    for got, want in zip(_grads(chunked, hidden, head), _grads(by_hand, hidden, head), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_chunked_loss_without_grad_and_when_empty(problem):
+    hidden, head, targets = problem
+    ones = torch.ones(NUM_POSITIONS)
+    with torch.no_grad():
+        no_grad = weighted_cross_entropy_sum(hidden, head, targets, ones, chunk_size=3)
+        plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+    torch.testing.assert_close(no_grad, plain)
+
+    empty = weighted_cross_entropy_sum(hidden[:0], head, targets[:0], ones[:0], chunk_size=3)
+    assert empty.dtype == torch.float32
+    assert empty.item() == 0.0
+
+
+def _forward(model, batch):
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        pixel_values=batch["pixel_values"],
+        image_flags=batch["image_flags"],
+        labels=batch["labels"],
+        loss_weight=batch["loss_weight"],
+    )
+
+
+def test_forward_loss_equals_cross_entropy_of_shifted_logits(tiny_model, make_vlm_batch):
+    model = tiny_model.model.eval()
+    batch = make_vlm_batch(tiny_model)
+    labels = batch["labels"]
+    num_supervised = int((labels != -100).sum())
+
+    out = _forward(model, batch)
+    logits = model.logits(
+        batch["input_ids"], batch["position_ids"], batch["pixel_values"], batch["image_flags"]
+    )
+    # Position t predicts label t + 1.
+    expected = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="mean")
+
+    assert out.num_supervised == num_supervised
+    assert out.weight_sum.item() == num_supervised
+    torch.testing.assert_close(out.loss_sum / out.weight_sum, expected)
+
+
+def test_forward_loss_with_square_weights(tiny_model, make_vlm_batch):
+    model = tiny_model.model.eval()
+    batch = make_vlm_batch(tiny_model)
+    labels = batch["labels"][0]
+    supervised = (labels != -100).nonzero().flatten().tolist()
+    # The two samples' answers are the two runs of consecutive supervised positions.
+    split = next(i for i in range(1, len(supervised)) if supervised[i] != supervised[i - 1] + 1)
+    first, second = supervised[:split], supervised[split:]
+    w1, w2 = len2weight(len(first), "square"), len2weight(len(second), "square")
+    weights = torch.zeros_like(labels, dtype=torch.float32)
+    weights[first], weights[second] = w1, w2
+    batch["loss_weight"] = weights.unsqueeze(0)
+
+    out = _forward(model, batch)
+    logits = model.logits(
+        batch["input_ids"], batch["position_ids"], batch["pixel_values"], batch["image_flags"]
+    )
+    ce = F.cross_entropy(logits[0, :-1], labels[1:].clamp(min=0), reduction="none")
+    # ce[t] predicts label t + 1.
+    expected = w1 * ce[[t - 1 for t in first]].sum() + w2 * ce[[t - 1 for t in second]].sum()
+
+    torch.testing.assert_close(out.loss_sum, expected)
+    torch.testing.assert_close(out.weight_sum, torch.tensor(len(first) * w1 + len(second) * w2))
+
+
+def test_image_features_land_in_the_context_slots(tiny_model, make_vlm_batch):
+    model = tiny_model.model.eval()
+    batch = make_vlm_batch(tiny_model)
+    slots = batch["input_ids"][0] == model.image_context_token_id
+
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_flags"])
+        features = model.image_features(batch["pixel_values"][:1])  # the real tile only
+        text = model.language_model.get_input_embeddings()(batch["input_ids"])
+
+    assert torch.equal(embeds[0, slots], features[0])
+    assert torch.equal(embeds[0, ~slots], text[0, ~slots])
+
+
+def test_context_token_count_mismatch_raises(tiny_model, make_vlm_batch):
+    model = tiny_model.model.eval()
+    # One real tile gives 4 rows; the dummy tile (flag 0) contributes none.
+    for num_context in (3, 8):
+        batch = make_vlm_batch(tiny_model, num_context=num_context)
+        with pytest.raises(
+            ImageTokenMismatchError,
+            match=f"{num_context} <IMG_CONTEXT> tokens "
+            "but 4 image feature rows \\(1 real tiles x 4 tokens\\)",
+        ):
+            _forward(model, batch)
