@@ -9,13 +9,20 @@ block-diagonal mask of packed rows from restarting `position_ids`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from vlpretrain.tokens import add_internvl_tokens
 
@@ -45,7 +52,16 @@ LORA_TARGETS: dict[str, list[str]] = {
 
 def load_tokenizer(path: str | Path) -> tuple[Any, int]:
     """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    config_path = Path(path) / "config.json"
+    extra = {}
+    if (
+        config_path.exists()
+        and json.loads(config_path.read_text()).get("model_type") == "internvl_chat"
+    ):
+        # transformers has no config class for internvl_chat; without this it warns that it
+        # is "instantiating a model of another type" while only reading the tokenizer.
+        extra["config"] = PretrainedConfig()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, **extra)
     added = add_internvl_tokens(tokenizer)
     logger.info("tokenizer %s: %d InternVL tokens added, %d in total", path, added, len(tokenizer))
     return tokenizer, added
