@@ -17,12 +17,14 @@ def setup_logging(rank: int = 0, log_all_ranks: bool = False, verbose: bool = Fa
     if verbose:
         level = logging.DEBUG
     prefix = f"[rank{rank}] " if log_all_ranks else ""
+    # No force=True: when a handler is already installed (pytest's, an embedding app's) we
+    # keep it and only set our loggers' level.
     logging.basicConfig(
-        level=level,
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        force=True,
     )
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("vlpretrain").setLevel(level)
     for noisy in ("httpx", "urllib3", "torch.distributed.checkpoint"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
