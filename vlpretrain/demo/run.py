@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from vlpretrain.config import load_toml
+from vlpretrain.data.check import run_check
 from vlpretrain.data.templates import get_template
 from vlpretrain.demo.pretrain import PretrainConfig, pretrain_llm, pretrain_vision
 from vlpretrain.demo.report import StageResult, format_table, plot_accuracy, plot_loss_curves
@@ -31,6 +32,8 @@ from vlpretrain.demo.shapes import (
 from vlpretrain.demo.synthetic import chance_accuracy, make_shapes_dataset
 from vlpretrain.dist.env import DistEnv, barrier
 from vlpretrain.model.build import build_model, save_internvl
+from vlpretrain.model.vision import VisionConfig
+from vlpretrain.model.vlm import num_image_tokens
 from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
 
 logger = logging.getLogger(__name__)
@@ -86,6 +89,19 @@ def untrained_model(stage: Stage, output: Path) -> Path:
     return directory
 
 
+def check_data(stage: Stage, first_stage: Stage, components: Path) -> None:
+    """`vlpretrain data check` on a stage's data: shows the planted bad records being caught."""
+    vision = VisionConfig.from_pretrained(components / "vit")
+    tile = first_stage.config.model.force_image_size or vision.image_size
+    ratio = first_stage.config.model.down_sample_ratio or 0.5
+    config = replace(
+        stage.config.data,
+        tile_size=tile,
+        num_image_token=num_image_tokens(tile, vision.patch_size, ratio),
+    )
+    run_check(stage.config.train.meta_path, str(components / "llm"), config)
+
+
 def last_loss(metrics_path: Path) -> float | None:
     lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
     return json.loads(lines[-1])["loss"] if lines else None
@@ -102,6 +118,8 @@ def run_demo(output: str | Path, env: DistEnv, seed: int = 0, eval_limit: int = 
     recipe = fill_placeholders(load_toml(RECIPE), mapping)
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
     stages = build_stages(recipe, overrides)
+    if env.is_main:
+        check_data(stages[-1], stages[0], components)
     for warning in check_stages(stages, env.world_size):
         logger.warning(warning)
     results = [_baseline(stages[0], output, data, eval_limit)]

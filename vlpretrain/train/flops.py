@@ -33,6 +33,9 @@ class ComponentShape:
     matmul_params: int
     """Weights used in matmuls per token (linear layers; embeddings excluded)."""
     trainable_fraction: float
+    """Share of the matmul weights that train (their weight gradients cost FLOPs)."""
+    trains: bool
+    """Any parameter trains (then gradients flow back through the component)."""
     layers: int = 0
     hidden: int = 0
 
@@ -50,11 +53,8 @@ def _linear_params(module: nn.Module) -> tuple[int, int]:
 
 def component_shape(module: nn.Module, layers: int = 0, hidden: int = 0) -> ComponentShape:
     total, trainable = _linear_params(module)
-    any_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    fraction = trainable / total if total else 0.0
-    if total and not trainable and any_trainable:
-        fraction = 1e-9  # only norms/embeddings train: input grads still flow
-    return ComponentShape(total, fraction, layers, hidden)
+    trains = any(p.requires_grad for p in module.parameters())
+    return ComponentShape(total, trainable / total if total else 0.0, trains, layers, hidden)
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,10 @@ class FlopsCounter:
             ("llm", self.llm, llm_fwd),
             ("head", self.head, head_fwd),
         ):
-            trains = shape.trainable_fraction > 0
-            input_grad = forward if (upstream or trains) else 0.0
+            input_grad = forward if (upstream or shape.trains) else 0.0
             weight_grad = forward * shape.trainable_fraction
             totals[name] = forward + input_grad + weight_grad
-            upstream = upstream or trains
+            upstream = upstream or shape.trains
         return totals
 
 

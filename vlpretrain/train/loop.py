@@ -338,6 +338,9 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         "skipped": state.skipped,
         **last,
     }
+    if state.skipped:
+        logger.warning("skipped records on this rank: %s (see the log above for file:line)",
+                       state.skipped)  # fmt: skip
     if env.is_main:
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
     barrier()
