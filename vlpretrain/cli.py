@@ -101,7 +101,9 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlpretrain.chat import add_chat_command
     from vlpretrain.data.check import add_data_commands
+    from vlpretrain.model.export import add_export_command
 
     parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--log-all-ranks", action="store_true", help="log INFO on every rank")
@@ -131,13 +133,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
     demo.set_defaults(func=cmd_demo)
     add_data_commands(commands)
+    add_chat_command(commands)
+    add_export_command(commands)
     return parser
+
+
+OWN_OPTIONS = {"--set": 1, "--log-all-ranks": 0, "--help": 0}
+"""Options of `train` / `show-config` and how many values follow them."""
+
+
+def split_reference_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Our arguments and the reference trainer's `--name value` flags, for train/show-config.
+
+    argparse cannot know that an unknown `--vision_path` takes a value, so without this it
+    would take that value for the positional config file (`train --vision_path DIR ...`).
+    """
+    command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    if command is None or argv[command] not in ("train", "show-config"):
+        return argv, []
+    own, reference = argv[: command + 1], []
+    index = command + 1
+    while index < len(argv):
+        token = argv[index]
+        name = token.split("=", 1)[0]
+        if token.startswith("--") and name not in OWN_OPTIONS:
+            width = 1 if "=" in token else 2
+            reference.extend(argv[index : index + width])
+        else:
+            width = 1 if "=" in token else 1 + OWN_OPTIONS.get(name, 0)
+            own.extend(argv[index : index + width])
+        index += width
+    return own, reference
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    own, reference = split_reference_flags(argv)
+    args, extra = parser.parse_known_args(own)
+    extra = [*extra, *reference]
     setup_logging(int(os.environ.get("RANK", 0)), args.log_all_ranks)
     takes_extra = getattr(args, "takes_extra", False)
     if extra and not takes_extra:

@@ -277,3 +277,22 @@ class TemplateRenderer:
                 "too_long", f"no supervised token left within max_seq_length {max_length}"
             )
         return input_ids, labels
+
+    # -- Inference -------------------------------------------------------------------------
+    # Added for vlpretrain.chat; the training path above does not use it.
+
+    def generation_prompt(self, turns: Turns) -> np.ndarray:
+        """input_ids of `turns` (ending with a human turn) followed by the assistant prefix.
+
+        Equal to the training input_ids of the same turns plus an answer, up to the first
+        answer token (spec 3.2: the inference layout is the training layout).
+        """
+        if not turns or turns[-1][0] != "human":
+            raise ValueError(
+                f"a generation prompt needs turns ending with a 'human' turn, got roles "
+                f"{[role for role, _ in turns]}"
+            )
+        prefix_ids = tuple(self._encode([self.template.assistant_prefix])[0])
+        prefix = Segment("gpt", prefix_ids, (False,) * len(prefix_ids))
+        input_ids, _ = self.join([*self.render_segments(turns), prefix])
+        return input_ids

@@ -40,7 +40,9 @@ class PretrainConfig:
     tile_size: int = 56
     vision_layers: int = 2
     vision_hidden: int = 64
-    vision_steps: int = 600
+    vision_patch: int = 7
+    """7-px patches: a 56-px tile is 8x8 patches -> 16 LLM tokens after pixel shuffle."""
+    vision_steps: int = 1500
     vision_batch: int = 32
     llm_hidden: int = 128
     llm_layers: int = 2
@@ -75,6 +77,7 @@ def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
     vision_config: VisionConfig = replace(
         TINY_VISION,
         image_size=config.tile_size,
+        patch_size=config.vision_patch,
         hidden_size=config.vision_hidden,
         intermediate_size=2 * config.vision_hidden,
         num_hidden_layers=config.vision_layers,

@@ -212,14 +212,27 @@ def internvl_config_dict(model: InternVLModel) -> dict[str, Any]:
     llm_config = model.language_model.config.to_dict()
     llm_config["tie_word_embeddings"] = False
     llm_config["vocab_size"] = model.language_model.get_input_embeddings().weight.shape[0]
+    return chat_config_dict(
+        model.config, model.vision_model.config, llm_config, model.llm_hidden_size
+    )
+
+
+def chat_config_dict(
+    vlm_config: VLMConfig,
+    vision_config: VisionConfig,
+    llm_config: dict[str, Any],
+    llm_hidden_size: int,
+    torch_dtype: str = "float32",
+) -> dict[str, Any]:
+    """config.json content of the InternVL chat layout from its parts (an untied LLM)."""
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
-        **model.config.to_dict(),
-        "hidden_size": model.llm_hidden_size,
+        **vlm_config.to_dict(),
+        "hidden_size": llm_hidden_size,
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "vision_config": model.vision_model.config.to_dict(),
+        "torch_dtype": torch_dtype,
+        "vision_config": vision_config.to_dict(),
         "llm_config": llm_config,
     }
 
