@@ -89,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(env.rank, args.log_all_ranks)
     try:
         run_demo(args.output, env, seed=args.seed, eval_limit=args.eval_limit,
-                 max_steps=args.max_steps)  # fmt: skip
+                 max_steps=args.max_steps, pretrain_steps=args.pretrain_steps)  # fmt: skip
     finally:
         shutdown()
     return 0
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-limit", type=int, default=120, help="held-out questions")
     demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
+    demo.add_argument("--pretrain-steps", type=int, default=None,
+                      help="override the component pretraining steps (quick runs)")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     add_data_commands(commands)
     add_chat_command(commands)

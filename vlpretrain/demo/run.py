@@ -89,17 +89,17 @@ def untrained_model(stage: Stage, output: Path) -> Path:
     return directory
 
 
-def check_data(stage: Stage, first_stage: Stage, components: Path) -> None:
-    """`vlpretrain data check` on a stage's data: shows the planted bad records being caught."""
+def check_data(stage: Stage, components: Path) -> None:
+    """`vlpretrain data check` on stage 1's data: shows the planted bad records being caught."""
     vision = VisionConfig.from_pretrained(components / "vit")
-    tile = first_stage.config.model.force_image_size or vision.image_size
-    ratio = first_stage.config.model.down_sample_ratio or 0.5
+    tile = stage.config.model.force_image_size or vision.image_size
+    ratio = stage.config.model.down_sample_ratio or 0.5
     config = replace(
         stage.config.data,
         tile_size=tile,
         num_image_token=num_image_tokens(tile, vision.patch_size, ratio),
     )
-    run_check(stage.config.train.meta_path, str(components / "llm"), config)
+    run_check(stage.config.train.meta_path, str(components / "llm"), config, workers=2)
 
 
 def last_loss(metrics_path: Path) -> float | None:
@@ -108,18 +108,22 @@ def last_loss(metrics_path: Path) -> float | None:
 
 
 def run_demo(output: str | Path, env: DistEnv, seed: int = 0, eval_limit: int = 120,
-             max_steps: int | None = None) -> list[StageResult]:  # fmt: skip
+             max_steps: int | None = None,
+             pretrain_steps: int | None = None) -> list[StageResult]:  # fmt: skip
     """Generate data and components, run the recipe, evaluate after each stage, report."""
     output = Path(output).resolve()
-    data = make_shapes_dataset(output / "data", seed, num_caption=1500, num_qa=2000,
+    data = make_shapes_dataset(output / "data", seed, num_caption=1500, num_qa=6000,
                                num_eval=eval_limit)  # fmt: skip
-    components = make_components(output, PretrainConfig(seed=seed))
+    pretrain = PretrainConfig(seed=seed)
+    if pretrain_steps:
+        pretrain = replace(pretrain, vision_steps=pretrain_steps, llm_steps=pretrain_steps)
+    components = make_components(output, pretrain)
     mapping = {"data": str(data.root), "components": str(components), "output": str(output)}
     recipe = fill_placeholders(load_toml(RECIPE), mapping)
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
     stages = build_stages(recipe, overrides)
     if env.is_main:
-        check_data(stages[-1], stages[0], components)
+        check_data(stages[0], components)
     for warning in check_stages(stages, env.world_size):
         logger.warning(warning)
     results = [_baseline(stages[0], output, data, eval_limit)]
