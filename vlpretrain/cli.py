@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from vlpretrain.config import (
@@ -46,24 +47,28 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+def run_distributed(job: Callable[[Any], object], log_all_ranks: bool) -> int:
+    """Join the process group (torchrun's or a 1-rank one), run `job(env)`, leave it."""
     from vlpretrain.dist.env import init_distributed, shutdown
-    from vlpretrain.train.loop import train
 
-    config = resolve_config(args, extra)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    validate(config, world_size)
     env = init_distributed()
-    setup_logging(env.rank, args.log_all_ranks)
+    setup_logging(env.rank, log_all_ranks)
     try:
-        train(config, env)
+        job(env)
     finally:
         shutdown()
     return 0
 
 
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from vlpretrain.train.loop import train
+
+    config = resolve_config(args, extra)
+    validate(config, int(os.environ.get("WORLD_SIZE", 1)))
+    return run_distributed(lambda env: train(config, env), args.log_all_ranks)
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from vlpretrain.dist.env import init_distributed, shutdown
     from vlpretrain.pipeline import check_stages, load_recipe, run_pipeline
 
     stages = load_recipe(args.recipe, args.set or [])
@@ -72,27 +77,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.check_only:
         print(f"recipe {args.recipe}: {len(stages)} stages OK")
         return 0
-    env = init_distributed()
-    setup_logging(env.rank, args.log_all_ranks)
-    try:
-        run_pipeline(stages, env)
-    finally:
-        shutdown()
-    return 0
+    return run_distributed(lambda env: run_pipeline(stages, env), args.log_all_ranks)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlpretrain.demo.run import run_demo
-    from vlpretrain.dist.env import init_distributed, shutdown
 
-    env = init_distributed()
-    setup_logging(env.rank, args.log_all_ranks)
-    try:
+    def job(env: Any) -> None:
         run_demo(args.output, env, seed=args.seed, eval_limit=args.eval_limit,
                  max_steps=args.max_steps, pretrain_steps=args.pretrain_steps)  # fmt: skip
-    finally:
-        shutdown()
-    return 0
+
+    return run_distributed(job, args.log_all_ranks)
 
 
 def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:

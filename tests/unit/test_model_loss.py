@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpretrain.model.loss import len2weight, weighted_cross_entropy_sum
+from vlpretrain.data.collate import len2weight
+from vlpretrain.model.loss import weighted_cross_entropy_sum
 from vlpretrain.model.vlm import ImageTokenMismatchError
 
 NUM_POSITIONS, HIDDEN, VOCAB = 7, 5, 11

@@ -2,35 +2,18 @@
 
 A 151k vocabulary at 16k tokens would need ~10 GB of fp32 logits; here only the positions
 that are supervised are projected, `chunk_size` rows at a time, and each chunk's logits are
-recomputed in backward (activation checkpointing) instead of being kept.
+recomputed in backward (activation checkpointing) instead of being kept. The per-token
+weights themselves come with the batch (data.collate.len2weight).
 
 Shape legend: T supervised positions, D hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-LossReduction = Literal["token", "sample", "square"]
-
-
-def len2weight(num_supervised: int, reduction: LossReduction) -> float:
-    """Per-token weight of a sample with `num_supervised` trained tokens (0 -> 0)."""
-    if num_supervised == 0:
-        return 0.0
-    if reduction == "token":
-        return 1.0
-    if reduction == "sample":
-        return 1.0 / num_supervised
-    if reduction == "square":
-        return 1.0 / math.sqrt(num_supervised)
-    raise ValueError(f"loss_reduction must be token, sample or square, not {reduction!r}")
 
 
 def _chunk_loss(
