@@ -1,0 +1,308 @@
+"""Two gloo ranks on CPU: DDP and FSDP2 equal one rank with the same global batch; an image-less
+rank does not hang; a 2-rank CLI run checkpoints (DCP) and resumes exactly.
+
+Equivalence: one rank with gradient_accumulation_steps = 2 over micro-batches (A, B) vs two
+ranks with A on rank 0 and B on rank 1. Both normalise by the global weight sum wA + wB, so
+the gradients are mathematically equal. They are not bit-equal: the single rank adds B's
+gradient into A's in autograd, the two ranks all-reduce (and FSDP reduce-scatters flattened
+shards) and divide by the world size, and the ranks run one thread each. Those are different
+float32 summation orders (about 1 ulp per gradient element). AdamW then divides each gradient
+by its own running magnitude, so for elements whose gradient is near zero that rounding shows
+up as an absolute, not a relative, difference of the update. Hence the tolerance: 1e-6
+relative plus 1e-6 absolute, a thousandth of one step's update at learning rate 1e-3
+(measured: at most 1.2e-7, i.e. 1 ulp of the norm weights near 1.0, after 3 steps).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from train_fixtures import (
+    cli_env,
+    losses_by_step,
+    read_metrics,
+    stage_raw,
+    torch_threads,
+    train_assets,  # noqa: F401  (pytest fixture)
+    write_stage,
+)
+
+from vlpretrain.cli import main
+from vlpretrain.config import RunConfig, build_run_config
+from vlpretrain.data.build import SkipCounter, build_sources
+from vlpretrain.data.collate import PackedBatch, collate_rows
+from vlpretrain.data.loader import build_dataloader
+from vlpretrain.data.packing import PackItem, PackRow, PieceRef
+from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
+from vlpretrain.dist.env import DistEnv
+from vlpretrain.train.checkpoint import list_checkpoints
+from vlpretrain.train.loop import derived_data_configs, prepare_model, train_step
+from vlpretrain.train.optim import build_optimizer
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+NUM_STEPS = 3
+RTOL, ATOL = 1e-6, 1e-6
+SPAWN_TIMEOUT = 240
+"""Seconds for a spawned 2-rank job; a hang (a rank skipping a collective) fails the test."""
+
+
+def run_config(train_assets, strategy: str, accumulation: int) -> RunConfig:  # noqa: F811
+    """Stage-2 style (everything trains) so DDP / FSDP sync every part of the model."""
+    raw = stage_raw(
+        train_assets,
+        "unused",
+        stage="stage2",
+        optim={"learning_rate": 1e-3, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+        dist={"strategy": strategy},
+    )
+    raw["train"]["gradient_accumulation_steps"] = accumulation
+    return build_run_config(raw)
+
+
+def text_only_batch(tokenizer, config: RunConfig, packing) -> PackedBatch:
+    """A micro-batch of two pure-text samples: no real tile, so collate adds one dummy tile."""
+    samples = []
+    for index, text in enumerate(["how many shapes are there? three", "is the sky blue? yes"]):
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+        labels = ids.copy()
+        labels[: len(ids) // 2] = IGNORE_INDEX
+        tile = packing.tile_size
+        samples.append(
+            TokenizedSample(
+                input_ids=ids,
+                labels=labels,
+                pixel_values=np.zeros((0, 3, tile, tile), dtype=np.float32),
+                num_tiles_per_image=(),
+                dataset_index=0,
+                source=SampleSource("text", "inline", index + 1),
+            )
+        )
+    row = PackRow()
+    for index, sample in enumerate(samples):
+        row.append(PackItem(PieceRef.whole(sample, index, 0), sample))
+    return collate_rows([row], packing, num_datasets=1)
+
+
+def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  # noqa: F811
+    """2 * NUM_STEPS micro-batches from a 1-rank loader, and one text-only micro-batch."""
+    config = run_config(train_assets, "ddp", 1)
+    env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
+    _, plain, tokenizer, _ = prepare_model(config, env)
+    sample_config, packing = derived_data_configs(config, plain, tokenizer)
+    sources = build_sources(config.train.meta_path, sample_config, tokenizer)
+    loader = iter(build_dataloader(sources, packing, config.stream, 0, 1, SkipCounter()))
+    batches = [next(loader) for _ in range(2 * NUM_STEPS)]
+    return batches, text_only_batch(tokenizer, config, packing)
+
+
+def single_rank(config: RunConfig, steps: list[list[PackedBatch]]) -> dict:
+    """Losses and final weights of one process doing gradient accumulation over each step."""
+    env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
+    model, _, _, _ = prepare_model(config, env)
+    optimizer = build_optimizer(model, config.optim)
+    losses = [train_step(model, optimizer, batches, config, env).loss for batches in steps]
+    return {
+        "losses": losses,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def rank_worker(rank: int, port: int, jobs: list, result_dir: str) -> None:
+    """One of two ranks: for each job, train NUM_STEPS steps on this rank's micro-batches."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=3))
+    env = DistEnv(rank, rank, 2, torch.device("cpu"), "gloo")
+    try:
+        for name, config, steps in jobs:
+            model, _, _, _ = prepare_model(config, env)
+            optimizer = build_optimizer(model, config.optim)
+            losses = [
+                train_step(model, optimizer, [per_rank[rank]], config, env).loss
+                for per_rank in steps
+            ]
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(model, options=options)
+            if rank == 0:
+                torch.save({"losses": losses, "state": state}, Path(result_dir) / f"{name}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn_two_ranks(jobs: list, result_dir: Path, timeout: float = SPAWN_TIMEOUT) -> None:
+    context = mp.start_processes(
+        rank_worker,
+        args=(free_port(), jobs, str(result_dir)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"2-rank job did not finish within {timeout} s (a rank hangs)")
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
+    """Run every 2-rank scenario in one spawn (each spawn costs a few seconds of imports)."""
+    with torch_threads(1):
+        batches, text_batch = reference_batches(train_assets)
+    image_steps = [[batches[2 * s], batches[2 * s + 1]] for s in range(NUM_STEPS)]
+    imageless_steps = [[batches[2 * s], text_batch] for s in range(NUM_STEPS)]
+    assert all(b.stats.num_tiles > 0 for b in batches)
+    assert text_batch.stats.num_tiles == 0 and text_batch.stats.num_dummy_tiles == 1
+
+    jobs = []
+    for strategy in ("ddp", "fsdp"):
+        config = run_config(train_assets, strategy, 1)
+        jobs.append((f"{strategy}_images", config, image_steps))
+        jobs.append((f"{strategy}_imageless", config, imageless_steps))
+    result_dir = tmp_path_factory.mktemp("two_ranks")
+    spawn_two_ranks(jobs, result_dir)
+
+    reference_config = run_config(train_assets, "ddp", 2)
+    with torch_threads(1):
+        results = {
+            "single_images": single_rank(reference_config, image_steps),
+            "single_imageless": single_rank(reference_config, imageless_steps),
+        }
+    for name, _, _ in jobs:
+        results[name] = torch.load(result_dir / f"{name}.pt", weights_only=False)
+    return results
+
+
+def assert_matches(got: dict, expected: dict) -> None:
+    assert len(got["losses"]) == NUM_STEPS
+    np.testing.assert_allclose(got["losses"], expected["losses"], rtol=RTOL, atol=0)
+    assert got["state"].keys() == expected["state"].keys()
+    for key, value in expected["state"].items():
+        torch.testing.assert_close(got["state"][key], value, rtol=RTOL, atol=ATOL, msg=key)
+    # The steps did move the weights (so matching them means something).
+    assert got["losses"][0] != got["losses"][-1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_rank_with_accumulation(two_rank_results, strategy):
+    assert_matches(two_rank_results[f"{strategy}_images"], two_rank_results["single_images"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_imageless_rank_does_not_hang_and_matches(two_rank_results, strategy):
+    # Rank 1's micro-batch is pure text with one dummy tile: it still runs the ViT (zero
+    # contribution), so the collectives line up and the result equals the 1-rank reference.
+    assert_matches(two_rank_results[f"{strategy}_imageless"], two_rank_results["single_imageless"])
+
+
+def test_global_loss_normalisation_weights_ranks_by_tokens(two_rank_results):
+    # First step, same initial weights: the 2-rank loss is sum(loss_sum) / sum(weights) over
+    # both ranks, i.e. the 1-rank accumulated value, not the mean of two per-rank means.
+    single = two_rank_results["single_images"]["losses"][0]
+    for strategy in ("ddp", "fsdp"):
+        assert two_rank_results[f"{strategy}_images"]["losses"][0] == pytest.approx(
+            single, rel=1e-7
+        )
+
+
+def torchrun(config: Path, *extra: str) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "vlpretrain", "train", str(config), *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, env=cli_env(deterministic=True), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_ok(process: subprocess.Popen, timeout: float = SPAWN_TIMEOUT) -> None:
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{' '.join(process.args)} did not finish within {timeout} s")
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(process.args)} exited {process.returncode}:\n{stderr[-6000:]}")
+
+
+def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F811
+    """torchrun 2 ranks, FSDP2: 2 steps, then resume to 4, equals 4 straight steps exactly."""
+
+    def stage(name: str, max_steps: int) -> Path:
+        raw = stage_raw(
+            train_assets,
+            tmp_path / name,
+            stage="stage2",
+            max_steps=max_steps,
+            # Constant LR: the schedule does not depend on max_steps, so a run can be extended.
+            optim={"learning_rate": 1e-3, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+            dist={"strategy": "fsdp"},
+        )
+        return write_stage(tmp_path / f"{name}.toml", raw)
+
+    straight, resumed = stage("straight", 4), stage("resumed", 2)
+    processes = [torchrun(straight), torchrun(resumed)]
+    for process in processes:
+        wait_ok(process)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        ".metadata",  # DCP: which rank's file holds which shard
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "rank-00000.pt",
+        "rank-00001.pt",
+        "train_state.json",
+    ]
+    assert '"world_size": 2' in (checkpoint / "train_state.json").read_text()
+
+    wait_ok(torchrun(resumed, "--set", "train.max_steps=4"))
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+    assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "straight")
+    assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2, 4]
+    assert (tmp_path / "resumed" / "model.safetensors").is_file()
+
+    # The data stream cannot be resumed exactly on another world size: refused with a message.
+    with pytest.raises(ValueError, match="written by 2 ranks but this run has 1"):
+        main(["train", str(resumed), "--set", "train.max_steps=6"])
+
+
+def test_text_only_batch_shape(train_assets):  # noqa: F811
+    """The hand-made image-less micro-batch follows the collate conventions."""
+    config = run_config(train_assets, "ddp", 1)
+    env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
+    _, plain, tokenizer, _ = prepare_model(config, env)
+    _, packing = derived_data_configs(config, plain, tokenizer)
+    batch = text_only_batch(tokenizer, config, replace(packing))
+    assert batch.pixel_values.shape == (1, 3, 28, 28)
+    assert batch.image_flags.tolist() == [0]
+    assert batch.num_tiles_per_image == ()
+    # Every sample's first label is -100 and positions restart per sample.
+    starts = batch.cu_seqlens[:-1].tolist()
+    assert all(batch.labels[0, s] == IGNORE_INDEX for s in starts if s < batch.labels.shape[1])
+    assert all(batch.position_ids[0, s] == 0 for s in starts if s < batch.labels.shape[1])

@@ -1,0 +1,285 @@
+"""`vlpretrain train` end to end on the tiny model: golden losses, exact resume, kill and
+resume, stage chaining.
+
+Golden file: tests/assets/golden_loss_tiny_cpu.txt. Regenerate it after an intended numeric
+change with
+
+    VLPRETRAIN_UPDATE_GOLDEN=1 VLPRETRAIN_GOLDEN_REASON="why" .venv/bin/pytest \
+        tests/e2e/test_train_e2e.py -k golden
+
+and commit it together with the change (house style rule 30).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import (
+    DETERMINISTIC_ENV,
+    REPO,
+    TILE,
+    cli_command,
+    cli_env,
+    losses_by_step,
+    one_thread,  # noqa: F401  (pytest fixture)
+    read_metrics,
+    run_cli,
+    stage_raw,
+    train_assets,  # noqa: F401  (pytest fixture)
+    write_stage,
+)
+
+from vlpretrain.cli import main
+from vlpretrain.model.build import ModelConfig, build_model
+from vlpretrain.train.checkpoint import latest_checkpoint, list_checkpoints
+from vlpretrain.train.loop import FINAL_MARKER
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+GOLDEN = REPO / "tests" / "assets" / "golden_loss_tiny_cpu.txt"
+GOLDEN_STEPS = 5
+UPDATE_GOLDEN = os.environ.get("VLPRETRAIN_UPDATE_GOLDEN") == "1"
+
+
+class Interrupted(RuntimeError):
+    """Raised by the patched train_step to end a run abruptly after a checkpoint."""
+
+
+def golden_config(train_assets, output_dir: Path) -> dict:  # noqa: F811
+    # Stage-2 settings (everything trains) so the golden covers the ViT, projector and LLM
+    # backward and the QA mixture (multi-image, pure-text rows with a dummy tile).
+    return stage_raw(train_assets, output_dir, stage="stage2", max_steps=GOLDEN_STEPS)
+
+
+def start(config_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        cli_command("train", str(config_path), *extra),
+        env=cli_env(deterministic=True),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_ok(process: subprocess.Popen, timeout: float = 300) -> None:
+    _, stderr = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(process.args)} exited {process.returncode}:\n{stderr[-4000:]}")
+
+
+def read_golden() -> list[float]:
+    lines = GOLDEN.read_text().splitlines()
+    return [float(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def write_golden(losses: list[float]) -> None:
+    reason = os.environ.get("VLPRETRAIN_GOLDEN_REASON", "initial golden of the tiny stage-2 run")
+    header = [
+        "# Loss of each step of the tiny CPU fp32 run, one per line (repr precision).",
+        "# Command: VLPRETRAIN_UPDATE_GOLDEN=1 .venv/bin/pytest tests/e2e/test_train_e2e.py "
+        "-k golden",
+        "#   = vlpretrain train STAGE.toml with tests/train_fixtures.py stage_raw(stage='stage2', "
+        f"max_steps={GOLDEN_STEPS}),",
+        "#     build_train_assets() data and components (seed 0), env "
+        + " ".join(f"{k}={v}" for k, v in DETERMINISTIC_ENV.items()),
+        f"# Reason: {reason}",
+    ]
+    GOLDEN.write_text("\n".join([*header, *(repr(x) for x in losses)]) + "\n")
+
+
+def test_golden_losses_are_deterministic_and_match_the_file(train_assets, tmp_path):  # noqa: F811
+    paths = []
+    for name in ("first", "second"):
+        paths.append(
+            write_stage(tmp_path / f"{name}.toml", golden_config(train_assets, tmp_path / name))
+        )
+    # Two independent processes at once (one thread each): same losses, bit for bit.
+    wait_all = [start(path) for path in paths]
+    for process in wait_all:
+        wait_ok(process)
+    first, second = (losses_by_step(tmp_path / name) for name in ("first", "second"))
+    assert list(first) == list(range(1, GOLDEN_STEPS + 1))
+    assert first == second
+    losses = [first[step] for step in sorted(first)]
+    if UPDATE_GOLDEN:
+        write_golden(losses)
+    assert GOLDEN.is_file(), f"{GOLDEN} is missing; create it with VLPRETRAIN_UPDATE_GOLDEN=1"
+    assert losses == read_golden(), (
+        "the tiny run no longer reproduces the golden losses; if the change is intended, "
+        "regenerate with VLPRETRAIN_UPDATE_GOLDEN=1 and give a reason (module docstring)"
+    )
+
+
+def test_golden_file_has_header_and_one_loss_per_step():
+    lines = GOLDEN.read_text().splitlines()
+    assert any(line.startswith("# Command:") for line in lines)
+    assert any(line.startswith("# Reason:") for line in lines)
+    values = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert len(values) == GOLDEN_STEPS
+    assert all(repr(float(line)) == line for line in values)  # repr precision: round-trips
+
+
+def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
+    """N straight steps == k steps, crash, resume, N - k steps; bit for bit on CPU fp32."""
+    n, k = 6, 3
+    straight = write_stage(
+        tmp_path / "straight.toml",
+        stage_raw(train_assets, tmp_path / "straight", stage="stage2", max_steps=n),
+    )
+    resumed_dir = tmp_path / "resumed"
+    resumed = write_stage(
+        tmp_path / "resumed.toml",
+        stage_raw(train_assets, resumed_dir, stage="stage2", max_steps=n, save_steps=k),
+    )
+    assert main(["train", str(straight)]) == 0
+
+    import vlpretrain.train.loop as loop
+
+    real_step, calls = loop.train_step, []
+
+    def step_then_crash(*args, **kwargs):
+        if len(calls) == k:
+            raise Interrupted(f"crash in step {k + 1}, after the step-{k} checkpoint")
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "train_step", step_then_crash)
+        with pytest.raises(Interrupted):
+            main(["train", str(resumed)])
+    assert [s for s, _ in list_checkpoints(resumed_dir)] == [k]
+    assert not (resumed_dir / FINAL_MARKER).exists()
+    assert main(["train", str(resumed)]) == 0  # resume = "auto": continues from step-3
+
+    expected = read_metrics(tmp_path / "straight")
+    got = read_metrics(resumed_dir)
+    assert [r["step"] for r in got] == list(range(1, n + 1))
+    for key in ("loss", "grad_norm", "lr", "samples", "padding_tokens"):
+        assert [r[key] for r in got] == [r[key] for r in expected], key
+    assert_same_weights(exported_weights(resumed_dir), exported_weights(tmp_path / "straight"))
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(train_assets, tmp_path):  # noqa: F811
+    """SIGKILL after the step-4 checkpoint, rerun: every logged loss equals the straight run."""
+    n = 10
+    killed_dir = tmp_path / "killed"
+    reference = write_stage(
+        tmp_path / "reference.toml",
+        stage_raw(train_assets, tmp_path / "reference", stage="stage2", max_steps=n),
+    )
+    killed = write_stage(
+        tmp_path / "killed.toml",
+        stage_raw(train_assets, killed_dir, stage="stage2", max_steps=n, save_steps=2),
+    )
+    reference_run = start(reference)
+    victim = start(killed)
+    deadline = time.monotonic() + 240
+    while not (killed_dir / "checkpoints" / "step-00000004").is_dir():
+        assert victim.poll() is None, f"the run ended before step 4: {victim.communicate()[1]}"
+        assert time.monotonic() < deadline, "no step-4 checkpoint within 240 s"
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    wait_ok(reference_run)
+
+    # Whatever the kill interrupted, only complete checkpoints can be picked up. Plant the
+    # leftover of a crash inside the next save too (the kill may or may not have made one).
+    latest = latest_checkpoint(killed_dir)
+    assert latest is not None and not latest.name.endswith(".tmp")
+    assert (latest / "train_state.json").is_file()
+    latest_step = int(latest.name.split("-")[1])
+    assert 4 <= latest_step < n
+    stale = killed_dir / "checkpoints" / f"step-{latest_step + 2:08d}.tmp"
+    stale.mkdir(exist_ok=True)
+    (stale / "train_state.json").write_text("{half written")
+    assert latest_checkpoint(killed_dir) == latest
+    assert not (killed_dir / FINAL_MARKER).exists()
+    logged_before = {r["step"] for r in read_metrics(killed_dir)}
+
+    run_cli("train", str(killed), deterministic=True)
+    expected = losses_by_step(tmp_path / "reference")
+    assert sorted(expected) == list(range(1, n + 1))
+    records = read_metrics(killed_dir)
+    # Steps the killed run logged after its last checkpoint are logged again by the rerun;
+    # both copies must equal the uninterrupted run.
+    assert {r["step"] for r in records} == set(expected)
+    assert len(records) >= n
+    for record in records:
+        assert record["loss"] == expected[record["step"]], record["step"]
+    assert logged_before <= set(expected)
+    assert (killed_dir / FINAL_MARKER).is_file()
+    assert not list((killed_dir / "checkpoints").glob("*.tmp"))
+    assert [s for s, _ in list_checkpoints(killed_dir)] == [6, 8, 10]  # save_total_limit 3
+    assert_same_weights(exported_weights(killed_dir), exported_weights(tmp_path / "reference"))
+
+
+def path_b_model(train_assets):  # noqa: F811
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vision_path=str(train_assets.components.vision_path),
+        llm_path=str(train_assets.components.llm_path),
+        force_image_size=TILE,
+    )
+    return build_model(config).model
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_stage_one_output_starts_stage_one_point_five(train_assets, tmp_path):  # noqa: F811
+    stage1_dir, stage15_dir = tmp_path / "stage1", tmp_path / "stage1_5"
+    stage1 = write_stage(tmp_path / "stage1.toml", stage_raw(train_assets, stage1_dir, max_steps=3))
+    assert main(["train", str(stage1)]) == 0
+
+    raw = stage_raw(
+        train_assets,
+        stage15_dir,
+        max_steps=2,
+        model={"model_name_or_path": str(stage1_dir), "drop_path_rate": 0.1},
+        freeze={"freeze_backbone": False, "freeze_llm": True},
+    )
+    del raw["model"]["vision_path"], raw["model"]["llm_path"], raw["model"]["force_image_size"]
+    stage15 = write_stage(tmp_path / "stage1_5.toml", raw)
+    assert main(["train", str(stage15)]) == 0
+
+    fresh = path_b_model(train_assets)
+    after1 = build_model(ModelConfig(model_name_or_path=str(stage1_dir))).model
+    after15 = build_model(ModelConfig(model_name_or_path=str(stage15_dir))).model
+    # Stage 1 trained only the projector; its export carries that projector to stage 1.5.
+    assert after1.config.force_image_size == TILE
+    for name in ("vision_model", "language_model"):
+        for key, value in state_of(getattr(fresh, name)).items():
+            assert torch.equal(value, getattr(after1, name).state_dict()[key]), key
+    assert not torch.equal(fresh.projector.fc1.weight, after1.projector.fc1.weight)
+    # Stage 1.5 trains ViT + projector on top of stage 1's weights, the LLM stays as it was.
+    for key, value in state_of(after1.language_model).items():
+        assert torch.equal(value, after15.language_model.state_dict()[key]), key
+    assert not torch.equal(
+        after1.vision_model.embeddings.patch_embedding.weight,
+        after15.vision_model.embeddings.patch_embedding.weight,
+    )
+    final = (stage15_dir / FINAL_MARKER).read_text()
+    vit_and_projector = sum(p.numel() for p in fresh.vision_model.parameters()) + sum(
+        p.numel() for p in fresh.projector.parameters()
+    )
+    assert f'"trainable_params": {vit_and_projector}' in final
