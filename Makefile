@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/vlpretrain demo --output demo_out
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/mypy vlpretrain && $(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check vlpretrain tests bench

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def with_image_tags(question: str, num_images: int, history: History | None = No
     return "".join(f"Image-{i + 1}: {IMAGE_TAG}\n" for i in range(num_images)) + question
 
 
-def load_images(images: list[ImageInput]) -> list[Image.Image]:
+def load_images(images: Sequence[ImageInput]) -> list[Image.Image]:
     """RGB images from paths or PIL images; ValueError for a missing or unreadable file."""
     loaded = []
     for image in images:
@@ -171,7 +172,7 @@ class ChatModel:
 
     def prompt_inputs(
         self,
-        images: list[ImageInput],
+        images: Sequence[ImageInput],
         question: str,
         history: History | None = None,
         system_message: str | None = None,
@@ -245,7 +246,7 @@ class ChatModel:
 
     def chat(
         self,
-        images: list[ImageInput],
+        images: Sequence[ImageInput],
         question: str,
         *,
         max_new_tokens: int = 64,
@@ -272,7 +273,7 @@ class ChatModel:
 
     def answer(
         self,
-        images: list[ImageInput],
+        images: Sequence[ImageInput],
         question: str,
         decode: DecodeConfig,
         history: History | None = None,

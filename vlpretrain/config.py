@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -266,7 +267,7 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """TOML file (optional) + --set overrides -> RunConfig."""
     raw = load_toml(path) if path else {}
     for assignment in overrides:
@@ -284,7 +285,9 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
-    docs, body = {}, tree.body[0].body
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef), f"{cls!r} source is not a class definition"
+    docs, body = {}, class_def.body
     for previous, node in zip(body, body[1:], strict=False):
         if (
             isinstance(previous, ast.AnnAssign)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def _stage_raw(recipe: dict[str, Any], name: str, index: int, previous_output: s
 
 
 def build_stages(
-    recipe: dict[str, Any], overrides: list[str] = (), base_dir: Path = Path(".")
+    recipe: dict[str, Any], overrides: Sequence[str] = (), base_dir: Path = Path(".")
 ) -> list[Stage]:
     """Every stage's RunConfig; raises one ConfigError naming every problem of every stage.
 
@@ -99,7 +100,8 @@ def build_stages(
 def check_stages(stages: list[Stage], world_size: int) -> list[str]:
     """Validate each stage (paths that will exist only after an earlier stage are allowed);
     returns warnings about settings that look wrong for the stage's role."""
-    problems, warnings = [], []
+    problems: list[str] = []
+    warnings: list[str] = []
     produced = set()
     for stage in stages:
         config = stage.config
@@ -155,5 +157,5 @@ def run_pipeline(stages: list[Stage], env: DistEnv) -> dict[str, dict[str, Any]]
     return results
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> list[Stage]:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> list[Stage]:
     return build_stages(load_toml(path), overrides, Path(path).parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,8 @@ class PackedBatch:
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBatch:
-        moved = {
+        # Any: replace() checks **kwargs against every field type, not just the tensor ones.
+        moved: dict[str, Any] = {
             f.name: fn(getattr(self, f.name))
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)

@@ -59,8 +59,11 @@ EXCEEDS_BUDGET = "exceeds_pack_budget"
 class SampleSourceLike(Protocol):
     """What the stream needs from a dataset (data.build.DatasetSource satisfies it)."""
 
-    name: str
-    dataset_index: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dataset_index(self) -> int: ...
 
     def __len__(self) -> int: ...
 

@@ -284,6 +284,7 @@ class BestFitPacker:
             )
         emitted: list[PackRow] = []
         pending = [item]
+        piece: PackItem | None  # None once _top_up has placed all of it
         while pending:
             piece = pending.pop(0)
             row = self._best_fit(piece)

@@ -40,7 +40,9 @@ class TinyComponents:
 
 
 def tiny_llm_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2) -> Qwen2Config:
-    return Qwen2Config(
+    # attn_implementation is a PreTrainedConfig kwarg consumed in __post_init__; the
+    # dataclass_transform signature mypy sees lists only the Qwen2Config fields.
+    return Qwen2Config(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,

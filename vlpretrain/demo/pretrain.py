@@ -66,7 +66,7 @@ def vision_batch(
     rng: np.random.Generator, size: int, tile: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scenes = [sample_scene(rng, tile) for _ in range(size)]
-    images = [render_scene(s).resize((tile, tile), Image.BICUBIC) for s in scenes]
+    images = [render_scene(s).resize((tile, tile), Image.Resampling.BICUBIC) for s in scenes]
     pixels = torch.from_numpy(normalize(images, "imagenet"))
     targets = torch.from_numpy(np.stack([scene_targets(s) for s in scenes]))
     return pixels, targets

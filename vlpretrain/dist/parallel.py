@@ -14,13 +14,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from vlpretrain.dist.env import DistEnv
+from vlpretrain.model.vlm import InternVLModel
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class DistConfig:
         return cls(strategy="fsdp", reshard_after_forward=stage >= 3, cpu_offload=offload)
 
 
-def enable_activation_checkpointing(model: nn.Module, vision: bool, llm: bool) -> None:
+def enable_activation_checkpointing(model: InternVLModel, vision: bool, llm: bool) -> None:
     if vision:
         model.vision_model.encoder.gradient_checkpointing = True
     if llm:
@@ -72,7 +73,7 @@ def enable_activation_checkpointing(model: nn.Module, vision: bool, llm: bool) -
         )
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def _decoder_layers(model: InternVLModel) -> list[nn.Module]:
     decoder = model.language_model.get_decoder()
     layers = getattr(decoder, "layers", None)
     if layers is None:
@@ -80,10 +81,10 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def parallelize(model: nn.Module, config: DistConfig, env: DistEnv) -> nn.Module:
+def parallelize(model: InternVLModel, config: DistConfig, env: DistEnv) -> nn.Module:
     """Wrap or shard `model` (already on `env.device`) for `env.world_size` ranks."""
     if config.strategy == "fsdp":
-        kwargs = {"reshard_after_forward": config.reshard_after_forward}
+        kwargs: dict[str, Any] = {"reshard_after_forward": config.reshard_after_forward}
         if config.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         fully_shard(model.vision_model, **kwargs)
@@ -102,11 +103,12 @@ def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContext
     all-reduce gradients; the same call for DDP, FSDP2 and a plain module."""
     if isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext() if enabled else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
+    if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> InternVLModel:
     """The InternVLModel behind a DDP wrapper (FSDP2 shards in place, nothing to unwrap)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return cast(InternVLModel, inner)  # `model` comes from parallelize(InternVLModel)

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -93,7 +93,8 @@ def _vlm_config(base: VLMConfig, config: ModelConfig, image_fields: dict[str, An
         "select_layer": config.vision_select_layer,
         "template": config.conv_style,
     }
-    changes = {k: v for k, v in explicit.items() if v is not None}
+    # Any: replace() checks **changes against every field's type; each value fits its own field.
+    changes: dict[str, Any] = {k: v for k, v in explicit.items() if v is not None}
     return replace(base, **changes, **image_fields)
 
 
@@ -211,7 +212,8 @@ def internvl_config_dict(model: InternVLModel) -> dict[str, Any]:
     """config.json content of the InternVL chat layout."""
     llm_config = model.language_model.config.to_dict()
     llm_config["tie_word_embeddings"] = False
-    llm_config["vocab_size"] = model.language_model.get_input_embeddings().weight.shape[0]
+    input_embeddings = cast(torch.Tensor, model.language_model.get_input_embeddings().weight)
+    llm_config["vocab_size"] = input_embeddings.shape[0]
     return chat_config_dict(
         model.config, model.vision_model.config, llm_config, model.llm_hidden_size
     )

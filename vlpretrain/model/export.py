@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CONFIG_MAPPING, InternVLConfig
+from transformers import CONFIG_MAPPING, InternVLConfig, PreTrainedConfig
 
 from vlpretrain.model import hub
 from vlpretrain.model.build import chat_config_dict
@@ -320,6 +320,7 @@ def hf_config_from_chat(chat: dict[str, Any], image_token_id: int, dtype: str) -
     extra = {k: v for k, v in vlm.to_dict().items() if k not in mapped}
     extra["vision_drop_path_rate"] = vision.drop_path_rate
     text_config = {**chat["llm_config"], "tie_word_embeddings": False}
+    extra_fields: dict[str, Any] = {EXTRA_FIELDS_KEY: extra}
     return InternVLConfig(
         vision_config=vision_config_to_hf(vision),
         text_config=text_config,
@@ -334,7 +335,7 @@ def hf_config_from_chat(chat: dict[str, Any], image_token_id: int, dtype: str) -
         tie_word_embeddings=False,
         architectures=["InternVLForConditionalGeneration"],
         dtype=dtype,
-        **{EXTRA_FIELDS_KEY: extra},
+        **extra_fields,
     )
 
 
@@ -352,9 +353,18 @@ def chat_config_from_hf(hf: InternVLConfig, vocab_size: int) -> dict[str, Any]:
         problems.append(f"projector_hidden_act {hf.projector_hidden_act!r} is not gelu")
     if problems:
         raise ValueError("cannot convert to the InternVL chat layout: " + "; ".join(problems))
+    vision_config, text_config = hf.vision_config, hf.text_config
+    if not isinstance(vision_config, PreTrainedConfig) or not isinstance(
+        text_config, PreTrainedConfig
+    ):
+        raise ValueError(
+            "cannot convert to the InternVL chat layout: vision_config and text_config must be "
+            f"config objects, got {type(vision_config).__name__} and "
+            f"{type(text_config).__name__} (build the InternVLConfig through its constructor)"
+        )
     extra = dict(getattr(hf, EXTRA_FIELDS_KEY, None) or {})
     vision = vision_config_from_hf(
-        hf.vision_config.to_dict(), float(extra.pop("vision_drop_path_rate", 0.0))
+        vision_config.to_dict(), float(extra.pop("vision_drop_path_rate", 0.0))
     )
     extra.setdefault("force_image_size", vision.image_size)
     vlm = VLMConfig.from_dict(
@@ -365,10 +375,10 @@ def chat_config_from_hf(hf: InternVLConfig, vocab_size: int) -> dict[str, Any]:
             "select_layer": hf.vision_feature_layer,
         }
     )
-    llm_config = hf.text_config.to_dict()
+    llm_config = text_config.to_dict()
     llm_config.update(tie_word_embeddings=False, vocab_size=vocab_size)
     dtype = str(hf.dtype).removeprefix("torch.") if hf.dtype is not None else "float32"
-    return chat_config_dict(vlm, vision, llm_config, hf.text_config.hidden_size, dtype)
+    return chat_config_dict(vlm, vision, llm_config, text_config.hidden_size, dtype)
 
 
 # ----------------------------------------------------------------------------- directories

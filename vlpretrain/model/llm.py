@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -114,7 +114,8 @@ def resize_for_tokens(llm: PreTrainedModel, vocab_size: int, num_new_tokens: int
     llm.resize_token_embeddings(vocab_size, mean_resizing=False)
     first_new = vocab_size - num_new_tokens
     with torch.no_grad():
-        for matrix in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+        for embeddings in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+            matrix = cast(torch.Tensor, embeddings.weight)
             matrix[first_new:] = matrix[:first_new].mean(dim=0, keepdim=True)
     llm.config.vocab_size = vocab_size
 

@@ -276,7 +276,8 @@ def init_vision_weights(model: InternViT, generator: torch.Generator | None = No
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm | RMSNorm):
             nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
     nn.init.trunc_normal_(model.embeddings.class_embedding, std=std, generator=generator)
     nn.init.trunc_normal_(model.embeddings.position_embedding, std=std, generator=generator)

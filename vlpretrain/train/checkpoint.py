@@ -143,7 +143,7 @@ def load_checkpoint(
             "stage from its weights instead (model.model_name_or_path)."
         )
     model_state, optim_state = get_state_dict(model, optimizer)
-    target = {"model": model_state, "optim": optim_state}
+    target: dict[str, Any] = {"model": model_state, "optim": optim_state}
     dcp.load(target, checkpoint_id=str(path))
     set_state_dict(
         model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlpretrain.model.vlm import InternVLModel
+
 KNOWN_PEAK_TFLOPS = {
     "H200": 989.0,
     "H100": 989.0,
@@ -98,7 +100,7 @@ class FlopsCounter:
         return totals
 
 
-def build_flops_counter(model: nn.Module) -> FlopsCounter:
+def build_flops_counter(model: InternVLModel) -> FlopsCounter:
     vision = model.vision_model
     vision_config = vision.config
     llm = model.language_model

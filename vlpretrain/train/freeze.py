@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from vlpretrain.model.llm import LORA_TARGETS, llm_family
+from vlpretrain.model.vision import InternViT
 from vlpretrain.model.vlm import InternVLModel
 
 logger = logging.getLogger(__name__)
@@ -73,13 +76,18 @@ def apply_freeze_policy(model: InternVLModel, config: FreezeConfig) -> None:
         _set_trainable(model.language_model, False)
     if config.unfreeze_lm_head:
         _set_trainable(model.language_model.get_output_embeddings(), True)
+    # The PEFT wrappers forward attribute access to the wrapped module, so the model keeps
+    # using them as the tower / LLM they wrap (vision_layers unwraps where structure matters).
     if config.use_backbone_lora:
-        model.vision_model = _lora(
-            model.vision_model, config.use_backbone_lora, VISION_LORA_TARGETS, False
+        model.vision_model = cast(
+            InternViT,
+            _lora(model.vision_model, config.use_backbone_lora, VISION_LORA_TARGETS, False),
         )
     if config.use_llm_lora:
         targets = LORA_TARGETS[llm_family(model.language_model)]
-        model.language_model = _lora(model.language_model, config.use_llm_lora, targets, True)
+        model.language_model = cast(
+            PreTrainedModel, _lora(model.language_model, config.use_llm_lora, targets, True)
+        )
     if config.freeze_mlp:
         _set_trainable(model.projector, False)
     if config.unfreeze_vit_layers:
@@ -90,7 +98,8 @@ def apply_freeze_policy(model: InternVLModel, config: FreezeConfig) -> None:
 
 def vision_layers(model: InternVLModel) -> nn.ModuleList:
     vision = model.vision_model
-    base = vision.get_base_model() if hasattr(vision, "get_base_model") else vision
+    get_base_model = getattr(vision, "get_base_model", None)
+    base = get_base_model() if get_base_model is not None else vision
     return base.encoder.layers
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -249,7 +249,10 @@ LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_p
 def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: DistEnv) -> None:
     """Gather full weights (from any wrapper) and write the InternVL layout on rank 0."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = merge_lora_weights(get_model_state_dict(model, options=options))
+    # A full state dict holds plain tensors only (no DTensors or non-tensor values).
+    state = merge_lora_weights(
+        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+    )
     if env.is_main:
         save_internvl(unwrap(model), tokenizer, output_dir, state=state)
     barrier()
@@ -303,7 +306,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
                 iterator, config.train.gradient_accumulation_steps, env.device
             )
             result = train_step(model, optimizer, batches, config, env)
-            lr = scheduler.get_last_lr()[0]
+            lr = cast(float, scheduler.get_last_lr()[0])  # our param groups use float lrs
             scheduler.step()
             state.step += 1
             update_counters(state, batches)
