@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,10 +39,6 @@ from vlpretrain.data.templates import (
 from vlpretrain.data.tiling import NormalizeType
 from vlpretrain.model.build import ModelConfig, build_model
 from vlpretrain.model.vlm import InternVLModel, VLMConfig
-
-INFERENCE_NORMALIZE: NormalizeType = "imagenet"
-"""Pixel statistics: the saved config does not record normalize_type, and the reference's
-chat inference always uses the imagenet ones."""
 
 ImageInput = Image.Image | str | Path
 History = list[tuple[str, str]]
@@ -103,6 +99,7 @@ def tile_images(images: list[Image.Image], config: VLMConfig) -> tuple[np.ndarra
     as the training data (per-image budget max_dynamic_patch // num_images, no augmentation)."""
     max_num = tiling.image_tile_budget(config.max_dynamic_patch, len(images))
     size = config.force_image_size
+    normalize_type = cast(NormalizeType, config.normalize_type)
     per_image = [
         tiling.make_tiles(
             image,
@@ -112,7 +109,7 @@ def tile_images(images: list[Image.Image], config: VLMConfig) -> tuple[np.ndarra
             tile_size=size,
             use_thumbnail=config.use_thumbnail,
             pad2square=config.pad2square,
-            normalize_type=INFERENCE_NORMALIZE,
+            normalize_type=normalize_type,
             augment_rng=None,
         )
         for image in images
@@ -120,7 +117,7 @@ def tile_images(images: list[Image.Image], config: VLMConfig) -> tuple[np.ndarra
     tiles = [tile for image_tiles in per_image for tile in image_tiles]
     if not tiles:
         return np.zeros((0, 3, size, size), dtype=np.float32), []
-    return tiling.normalize(tiles, INFERENCE_NORMALIZE, size), [len(t) for t in per_image]
+    return tiling.normalize(tiles, normalize_type, size), [len(t) for t in per_image]
 
 
 def conversation_turns(question: str, history: History | None, system_message: str | None) -> Turns:

@@ -257,6 +257,11 @@ def validate(config: RunConfig, world_size: int) -> None:
             f"data.max_seq_length {config.data.max_seq_length} exceeds packing.max_packed_tokens "
             f"{config.packing.max_packed_tokens}: such samples could never be packed"
         )
+    if config.stream.num_epochs is not None:
+        problems.append(
+            "stream.num_epochs is for finite evaluation streams; training runs to "
+            "train.max_steps (the stream moves on to the next epoch by itself)"
+        )
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
     if problems:

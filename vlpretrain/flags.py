@@ -73,7 +73,6 @@ FLAG_TABLE: dict[str, str] = {
     "save_steps": "train.save_steps",
     "save_total_limit": "train.save_total_limit",
     "logging_steps": "train.logging_steps",
-    "seed": "train.seed",
     "grad_checkpoint": "train.grad_checkpoint",
     "loss_reduction_all_gather": "train.loss_reduction_all_gather",
 }
@@ -126,11 +125,18 @@ def _deepspeed(raw: dict[str, Any], text: str) -> None:
     }
 
 
+def _seed(raw: dict[str, Any], text: str) -> None:
+    # The reference's seed also drives its data workers' randomness: set both.
+    seed = int(text)
+    raw.setdefault("train", {})["seed"] = seed
+    raw.setdefault("stream", {})["seed"] = seed
+
+
 def _report_to(raw: dict[str, Any], text: str) -> None:
     raw.setdefault("train", {})["report_to"] = "tensorboard" if text == "tensorboard" else "none"
 
 
-SPECIAL.update({"bf16": _bf16, "deepspeed": _deepspeed, "report_to": _report_to})
+SPECIAL.update({"bf16": _bf16, "deepspeed": _deepspeed, "report_to": _report_to, "seed": _seed})
 
 
 def split_flags(argv: list[str]) -> list[tuple[str, str]]:

@@ -50,7 +50,11 @@ def _stage_raw(recipe: dict[str, Any], name: str, index: int, previous_output: s
     raw = copy.deepcopy(recipe.get("stages", {}).get(name, {}))
     if "config" in raw:
         # A stage given as a complete stage file (configs/*.toml), relative to the recipe.
-        raw = load_toml(base_dir / raw.pop("config")) | raw
+        from_file = load_toml(base_dir / raw.pop("config"))
+        # Inline tables refine the file's sections key by key (not a whole-section replace).
+        for section, values in raw.items():
+            from_file.setdefault(section, {}).update(values)
+        raw = from_file
     train_section = raw.setdefault("train", {})
     train_section.setdefault("output_dir", str(output_root / name))
     model = raw.setdefault("model", {})

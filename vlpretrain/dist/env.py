@@ -42,7 +42,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        # CPU tensors (loss and weight sums, skip counts) are reduced too: gloo serves them.
+        backend = "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"

@@ -47,6 +47,8 @@ class VLMConfig:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     pad2square: bool = False
+    normalize_type: str = "imagenet"
+    """Pixel statistics the model was trained with (imagenet, clip or siglip); chat uses them."""
     use_backbone_lora: int = 0
     use_llm_lora: int = 0
 
@@ -139,10 +141,20 @@ class InternVLModel(nn.Module):
         pixel_values_N3SS: torch.Tensor,
         image_flags_N: torch.Tensor,
     ) -> torch.Tensor:
-        embeds_BLD = self.embed(input_ids_BL, pixel_values_N3SS, image_flags_N)
+        """Decoder output (B, L, D); rows run as one (1, B*L) sequence.
+
+        position_ids restart at 0 for every packed sample and every padding segment, so one
+        long row is exactly B independent rows. Flattening matters for flash-attention, whose
+        varlen path is only taken for batch size 1; sdpa and eager build the same
+        block-diagonal mask either way.
+        """
+        rows, length = input_ids_BL.shape
+        embeds_1ND = self.embed(input_ids_BL.reshape(1, -1), pixel_values_N3SS, image_flags_N)
         decoder = self.language_model.get_decoder()
-        out = decoder(inputs_embeds=embeds_BLD, position_ids=position_ids_BL, use_cache=False)
-        return out.last_hidden_state
+        out = decoder(
+            inputs_embeds=embeds_1ND, position_ids=position_ids_BL.reshape(1, -1), use_cache=False
+        )
+        return out.last_hidden_state.reshape(rows, length, -1)
 
     def forward(
         self,
@@ -166,9 +178,11 @@ class InternVLModel(nn.Module):
             targets_BL[keep_BL],
             weights_BL[keep_BL],
         )
-        # A micro-batch may have no supervised token; keeping the hidden states in the graph
-        # (zero gradient) means backward still reaches every parameter on every rank.
-        loss_sum = loss_sum + hidden_BLD.sum() * 0.0
+        # A micro-batch may have no supervised token. Passing one position through the head
+        # with weight zero keeps the decoder *and* the head in the graph, so backward reaches
+        # every trainable parameter on every rank (DDP and FSDP2 need the same set each step).
+        head = self.language_model.get_output_embeddings()
+        loss_sum = loss_sum + head(hidden_BLD[:, :1]).float().sum() * 0.0
         return LossOutput(
             loss_sum=loss_sum,
             weight_sum=weights_BL[keep_BL].sum(),

@@ -32,7 +32,7 @@ from vlpretrain.dist.env import barrier
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -94,13 +94,19 @@ def save_checkpoint(
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    local = {"version": STATE_VERSION, "loader": loader.state_dict(), "rng": torch.get_rng_state()}
+    # Counters are per rank (each rank counts its own batches), so they live in its file.
+    local = {
+        "version": STATE_VERSION,
+        "loader": loader.state_dict(),
+        "rng": capture_rng(),
+        "train_state": asdict(state),
+    }
     torch.save(local, tmp / f"rank-{_rank():05d}.pt")
     if _rank() == 0:
         meta = {
             "version": STATE_VERSION,
             "world_size": _world(),
-            "train_state": asdict(state),
+            "step": state.step,
             "scheduler": scheduler.state_dict(),
             "config": resolved_config,
         }
@@ -128,14 +134,20 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     loader: Any,
-) -> tuple[TrainState, torch.Tensor]:
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Restore everything saved by `save_checkpoint` in place.
 
-    Returns the train state and the saved torch RNG state, which the caller applies once
-    the data-loader iterator exists (creating it draws from the global RNG).
+    Returns this rank's train state and its saved RNG states, which the caller restores
+    (`restore_rng`) once the data-loader iterator exists (creating it draws from the RNG).
     """
     path = Path(path)
     meta = json.loads((path / "train_state.json").read_text())
+    if meta.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format version {meta.get('version')!r}; this vlpretrain "
+            f"reads version {STATE_VERSION}. Resume with the version that wrote it, or start a "
+            "new stage from the exported weights (model.model_name_or_path)."
+        )
     if meta["world_size"] != _world():
         raise ValueError(
             f"{path} was written by {meta['world_size']} ranks but this run has {_world()}; "
@@ -151,5 +163,19 @@ def load_checkpoint(
     scheduler.load_state_dict(meta["scheduler"])
     local = torch.load(path / f"rank-{_rank():05d}.pt", weights_only=False)
     loader.load_state_dict(local["loader"])
-    logger.info("resumed from %s (step %d)", path, meta["train_state"]["step"])
-    return TrainState(**meta["train_state"]), local["rng"]
+    logger.info("resumed from %s (step %d)", path, meta["step"])
+    return TrainState(**local["train_state"]), local["rng"]
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """The torch generators this process draws from (CPU, and the current CUDA device)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

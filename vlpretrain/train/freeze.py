@@ -92,8 +92,20 @@ def apply_freeze_policy(model: InternVLModel, config: FreezeConfig) -> None:
         _set_trainable(model.projector, False)
     if config.unfreeze_vit_layers:
         layers = vision_layers(model)
-        for layer in layers[len(layers) - abs(config.unfreeze_vit_layers) :]:
+        for layer in layers[max(0, len(layers) - abs(config.unfreeze_vit_layers)) :]:
             _set_trainable(layer, True)
+    freeze_unused_vision_layers(model)
+
+
+def freeze_unused_vision_layers(model: InternVLModel) -> None:
+    """Freeze ViT layers after `select_layer`: they never run, so they would get no gradient
+    (DDP and FSDP2 expect every trainable parameter to receive one each step)."""
+    select = model.config.select_layer
+    if select == -1:
+        return
+    layers = vision_layers(model)
+    for layer in layers[select % (len(layers) + 1) :]:
+        _set_trainable(layer, False)
 
 
 def vision_layers(model: InternVLModel) -> nn.ModuleList:

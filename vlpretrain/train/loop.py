@@ -46,6 +46,7 @@ from vlpretrain.train.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    restore_rng,
     save_checkpoint,
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
@@ -137,6 +138,7 @@ def image_fields(config: RunConfig) -> dict[str, Any]:
         "min_dynamic_patch": data.min_dynamic_patch,
         "max_dynamic_patch": data.max_dynamic_patch,
         "pad2square": data.pad2square,
+        "normalize_type": data.normalize_type,
     }
 
 
@@ -290,7 +292,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
     iterator = iter(loader)
     if rng_state is not None:
-        torch.set_rng_state(rng_state)
+        restore_rng(rng_state)
     last: dict[str, Any] = {}
     bar = tqdm(
         total=config.train.max_steps,
