@@ -66,7 +66,7 @@ CORRUPT_REASONS: tuple[CorruptReason, ...] = (
 )
 """One deliberately broken line of each kind goes into every training annotation file."""
 
-MAX_DYNAMIC_PATCH = 2
+MAX_DYNAMIC_PATCH = 6
 """Per-dataset tile cap written into the meta files."""
 
 _RGB: dict[str, tuple[int, int, int]] = {
