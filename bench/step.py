@@ -45,7 +45,7 @@ from vlpretrain.data.samples import IGNORE_INDEX, TokenizedSample
 from vlpretrain.demo.components import TINY_VISION, build_tiny_components
 from vlpretrain.demo.shapes import caption_corpus
 from vlpretrain.demo.synthetic import make_shapes_dataset
-from vlpretrain.dist.env import DistEnv
+from vlpretrain.distributed.env import DistEnv
 from vlpretrain.train.loop import prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
 

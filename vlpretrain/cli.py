@@ -49,7 +49,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_distributed(job: Callable[[Any], object], log_all_ranks: bool) -> int:
     """Join the process group (torchrun's or a 1-rank one), run `job(env)`, leave it."""
-    from vlpretrain.dist.env import init_distributed, shutdown
+    from vlpretrain.distributed.env import init_distributed, shutdown
 
     env = init_distributed()
     setup_logging(env.rank, log_all_ranks)

@@ -24,7 +24,7 @@ import tomllib
 from vlpretrain.data.build import SampleConfig
 from vlpretrain.data.loader import StreamConfig
 from vlpretrain.data.packing import PackingConfig
-from vlpretrain.dist.parallel import DistConfig
+from vlpretrain.distributed.parallel import DistConfig
 from vlpretrain.model.build import ModelConfig
 from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig

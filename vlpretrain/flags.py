@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vlpretrain.config import ConfigError, parse_override_value
-from vlpretrain.dist.parallel import DistConfig
+from vlpretrain.distributed.parallel import DistConfig
 
 FLAG_TABLE: dict[str, str] = {
     # model

@@ -29,7 +29,7 @@ from vlpretrain.config import (
     load_toml,
     validate,
 )
-from vlpretrain.dist.env import DistEnv
+from vlpretrain.distributed.env import DistEnv
 from vlpretrain.train.loop import FINAL_MARKER, train
 
 logger = logging.getLogger(__name__)

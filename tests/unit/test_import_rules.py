@@ -10,9 +10,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "vlpretrain"
 
 FORBIDDEN = {
-    "vlpretrain.data": ("vlpretrain.model", "vlpretrain.train", "vlpretrain.dist"),
-    "vlpretrain.model": ("vlpretrain.train", "vlpretrain.dist", "vlpretrain.data"),
-    "vlpretrain.dist": ("vlpretrain.train",),
+    "vlpretrain.data": ("vlpretrain.model", "vlpretrain.train", "vlpretrain.distributed"),
+    "vlpretrain.model": ("vlpretrain.train", "vlpretrain.distributed", "vlpretrain.data"),
+    "vlpretrain.distributed": ("vlpretrain.train",),
 }
 
 
@@ -51,7 +51,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 def test_the_package_has_the_layers_the_rules_name():
     names = {_module_name(p) for p in MODULES}
-    for package in ("vlpretrain.data", "vlpretrain.model", "vlpretrain.dist", "vlpretrain.train"):
+    for package in ("vlpretrain.data", "vlpretrain.model", "vlpretrain.distributed", "vlpretrain.train"):
         assert package in names
 
 

@@ -30,7 +30,7 @@ from vlpretrain.demo.shapes import (
     text_pretraining_corpus,
 )
 from vlpretrain.demo.synthetic import chance_accuracy, make_shapes_dataset
-from vlpretrain.dist.env import DistEnv, barrier
+from vlpretrain.distributed.env import DistEnv, barrier
 from vlpretrain.model.build import build_model, save_internvl
 from vlpretrain.model.vision import VisionConfig
 from vlpretrain.model.vlm import num_image_tokens

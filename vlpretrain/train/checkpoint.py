@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from vlpretrain.dist.env import barrier
+from vlpretrain.distributed.env import barrier
 
 logger = logging.getLogger(__name__)
 

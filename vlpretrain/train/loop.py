@@ -30,8 +30,8 @@ from vlpretrain.data.build import SampleConfig, SkipCounter, build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackingConfig
-from vlpretrain.dist.env import DistEnv, all_reduce_sum, barrier
-from vlpretrain.dist.parallel import (
+from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
+from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
     gradient_sync,
     parallelize,

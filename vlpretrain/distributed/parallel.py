@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from vlpretrain.dist.env import DistEnv
+from vlpretrain.distributed.env import DistEnv
 from vlpretrain.model.vlm import InternVLModel
 
 logger = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackItem, PackRow, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
-from vlpretrain.dist.env import DistEnv
+from vlpretrain.distributed.env import DistEnv
 from vlpretrain.train.checkpoint import list_checkpoints
 from vlpretrain.train.loop import derived_data_configs, prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
