@@ -3,6 +3,7 @@
 vlpretrain train [STAGE.toml] [--set a.b=c ...] [--reference_flag value ...]
 vlpretrain show-config [STAGE.toml] [--set ...] [--reference_flag value ...]
 vlpretrain data check|show META.json --tokenizer DIR ...
+vlpretrain export DIR --to {hf,internvl} OUT
 """
 
 from __future__ import annotations
@@ -98,7 +99,6 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vlpretrain.chat import add_chat_command
     from vlpretrain.data.check import add_data_commands
-    from vlpretrain.model.export import add_export_command
 
     parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--log-all-ranks", action="store_true", help="log INFO on every rank")
@@ -131,8 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_data_commands(commands)
     add_chat_command(commands)
-    add_export_command(commands)
+    _add_export_command(commands)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Convert `args.source` into format `args.to` under `args.out`.
+
+    A directory that cannot be converted is reported in one line (exit code 2), not a trace.
+    """
+    from vlpretrain.model.export import EXPORTERS
+
+    try:
+        EXPORTERS[args.to](args.source, args.out)
+    except (ValueError, FileNotFoundError) as error:
+        logger.error("export %s --to %s: %s", args.source, args.to, error)
+        return 2
+    return 0
+
+
+def _add_export_command(commands: Any) -> None:
+    from vlpretrain.model.export import EXPORTERS
+
+    export = commands.add_parser(
+        "export", help="convert between the InternVL chat layout and transformers' InternVL"
+    )
+    export.add_argument("source", metavar="DIR", help="model directory to convert")
+    export.add_argument(
+        "--to",
+        required=True,
+        choices=sorted(EXPORTERS),
+        help="hf: transformers InternVLForConditionalGeneration; internvl: InternVL chat layout",
+    )
+    export.add_argument("out", metavar="OUT", help="output directory")
+    export.set_defaults(func=cmd_export)
 
 
 OWN_OPTIONS = {"--set": 1, "--log-all-ranks": 0, "--help": 0}

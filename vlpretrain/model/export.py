@@ -21,7 +21,7 @@ transformers code and pinned by tests/unit/test_export_hf.py:
   refused.
 - Chat-config fields transformers does not model (template, tiling, force_image_size, ViT
   drop_path_rate) travel in `internvl_chat_fields`, so the round trip is exact.
-What it does not do: instantiate either model (tensors are only renamed, split or fused), or
+What it does not do: instantiate either model (tensors are only renamed, split or fused),
 write an image processor.
 """
 
@@ -451,32 +451,4 @@ def export_internvl(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 EXPORTERS = {"hf": export_hf, "internvl": export_internvl}
-
-
-def run_export(source: str, target: str, out_dir: str) -> int:
-    """CLI body: convert `source` into format `target` under `out_dir`; returns the exit code.
-
-    A directory that cannot be converted is reported in one line (exit code 2), not a trace.
-    """
-    try:
-        EXPORTERS[target](source, out_dir)
-    except (ValueError, FileNotFoundError) as error:
-        logger.error("export %s --to %s: %s", source, target, error)
-        return 2
-    return 0
-
-
-def add_export_command(subparsers: Any) -> None:
-    """Register `export DIR --to {hf,internvl} OUT` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "export", help="convert between the InternVL chat layout and transformers' InternVL"
-    )
-    parser.add_argument("source", metavar="DIR", help="model directory to convert")
-    parser.add_argument(
-        "--to",
-        required=True,
-        choices=sorted(EXPORTERS),
-        help="hf: transformers InternVLForConditionalGeneration; internvl: InternVL chat layout",
-    )
-    parser.add_argument("out", metavar="OUT", help="output directory")
-    parser.set_defaults(func=lambda a: run_export(a.source, a.to, a.out))
+"""Export target name (`vlpretrain export --to NAME`) -> the function writing that format."""
