@@ -49,6 +49,9 @@ class TrainConfig:
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for forward/backward; weights and optimizer stay fp32."""
+    save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Dtype of the exported model's weights; 'auto' follows `precision` (bf16 training, as in
+    every shipped config, exports bf16 like the reference's checkpoints)."""
     grad_checkpoint: bool = True
     """Activation checkpointing of the LLM blocks (the ViT is always checkpointed in training)."""
     loss_reduction_all_gather: bool = True
@@ -60,6 +63,11 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Per-device peak for MFU (0: known GPU table, or a measured CPU matmul peak)."""
     progress_bar: bool = True
+
+    @property
+    def export_precision(self) -> Literal["fp32", "bf16"]:
+        """The resolved save_dtype."""
+        return self.precision if self.save_dtype == "auto" else self.save_dtype
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "gradient_accumulation_steps", "save_steps", "logging_steps"):

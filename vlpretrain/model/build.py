@@ -20,6 +20,7 @@ from typing import Any, Literal, cast
 import torch
 
 from vlpretrain.model import hub
+from vlpretrain.model.export_files import complete_tokenizer, copy_remote_code, with_legacy_keys
 from vlpretrain.model.llm import (
     llm_from_config,
     load_llm,
@@ -208,14 +209,14 @@ def _load_projector(model: InternVLModel, mlp_path: str) -> None:
     model.projector.load_state_dict(projector_state, strict=True)
 
 
-def internvl_config_dict(model: InternVLModel) -> dict[str, Any]:
-    """config.json content of the InternVL chat layout."""
+def internvl_config_dict(model: InternVLModel, torch_dtype: str = "float32") -> dict[str, Any]:
+    """config.json content of the InternVL chat layout (weights saved in `torch_dtype`)."""
     llm_config = model.language_model.config.to_dict()
     llm_config["tie_word_embeddings"] = False
     input_embeddings = cast(torch.Tensor, model.language_model.get_input_embeddings().weight)
     llm_config["vocab_size"] = input_embeddings.shape[0]
     return chat_config_dict(
-        model.config, model.vision_model.config, llm_config, model.llm_hidden_size
+        model.config, model.vision_model.config, llm_config, model.llm_hidden_size, torch_dtype
     )
 
 
@@ -226,7 +227,8 @@ def chat_config_dict(
     llm_hidden_size: int,
     torch_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """config.json content of the InternVL chat layout from its parts (an untied LLM)."""
+    """config.json content of the InternVL chat layout from its parts (an untied LLM), with the
+    keys transformers 4.x readers need beside the 5.x ones (model.export_files)."""
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
@@ -234,8 +236,8 @@ def chat_config_dict(
         "hidden_size": llm_hidden_size,
         "tie_word_embeddings": False,
         "torch_dtype": torch_dtype,
-        "vision_config": vision_config.to_dict(),
-        "llm_config": llm_config,
+        "vision_config": {**vision_config.to_dict(), "torch_dtype": torch_dtype},
+        "llm_config": with_legacy_keys(llm_config, torch_dtype),
     }
 
 
@@ -244,15 +246,27 @@ def save_internvl(
     tokenizer: Any,
     directory: str | Path,
     state: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write `model` in the InternVL chat layout; `state` overrides the weights (e.g. gathered
-    from FSDP shards on rank 0)."""
+    """Write `model` in the InternVL chat layout, floating weights in `dtype`; `state` overrides
+    the weights (e.g. gathered from FSDP shards on rank 0).
+
+    Beside the weights: config.json with 4.x and 5.x keys, the tokenizer (completed for 4.x
+    slow tokenizers) and the LLM's remote-code files, copied from the directory the tokenizer
+    came from (llm_path on Path B, model_name_or_path on Path A: the LLM's source too).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = hub.to_reference_keys(state if state is not None else model.state_dict())
-    hub.save_weights(weights, directory)
-    hub.write_config(directory, internvl_config_dict(model))
+    hub.save_weights(weights, directory, dtype)
+    config = internvl_config_dict(model, str(dtype).removeprefix("torch."))
+    hub.write_config(directory, config)
     tokenizer.save_pretrained(str(directory))
+    source = Path(tokenizer.name_or_path)
+    complete_tokenizer(tokenizer, source if source.is_dir() else None, directory)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    auto_maps = [config["llm_config"].get("auto_map"), tokenizer_config.get("auto_map")]
+    copy_remote_code(source, directory, auto_maps)
     generation = {"eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory

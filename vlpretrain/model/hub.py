@@ -49,9 +49,17 @@ def from_reference_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return renamed
 
 
-def save_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
-    """Write safetensors shards (+ index when more than one) of contiguous, unaliased tensors."""
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+def save_weights(
+    state: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype | None = None
+) -> None:
+    """Write safetensors shards (+ index when more than one) of contiguous, unaliased tensors;
+    floating tensors are cast to `dtype` when given (one tensor at a time)."""
+    state = {
+        k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype)
+        .contiguous()
+        .clone()
+        for k, v in state.items()
+    }
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_SIZE)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k] for k in keys}, str(directory / filename), metadata={"format": "pt"})

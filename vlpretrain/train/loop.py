@@ -248,7 +248,17 @@ def step_metrics(
 LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_per_second", "mfu")
 
 
-def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: DistEnv) -> None:
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""TrainConfig.export_precision -> the dtype of the exported weights."""
+
+
+def export_model(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | Path,
+    env: DistEnv,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Gather full weights (from any wrapper) and write the InternVL layout on rank 0."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # A full state dict holds plain tensors only (no DTensors or non-tensor values).
@@ -256,7 +266,7 @@ def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: 
         cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
     )
     if env.is_main:
-        save_internvl(unwrap(model), tokenizer, output_dir, state=state)
+        save_internvl(unwrap(model), tokenizer, output_dir, state=state, dtype=dtype)
     barrier()
 
 
@@ -334,7 +344,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
                 )
     bar.close()
     metrics.close()
-    export_model(model, tokenizer, output_dir, env)
+    export_model(model, tokenizer, output_dir, env, SAVE_DTYPES[config.train.export_precision])
     final = {
         "step": state.step,
         "trainable_params": num_trainable,
