@@ -26,6 +26,7 @@ FLAG_TABLE: dict[str, str] = {
     "ps_version": "model.ps_version",
     "vision_select_layer": "model.vision_select_layer",
     "conv_style": "model.conv_style",
+    "use_fast_tokenizer": "model.use_fast_tokenizer",
     # freeze
     "freeze_llm": "freeze.freeze_llm",
     "freeze_backbone": "freeze.freeze_backbone",
@@ -78,8 +79,6 @@ FLAG_TABLE: dict[str, str] = {
 }
 
 IGNORED: dict[str, str] = {
-    "use_fast_tokenizer": "the tokenizer directory decides",
-    "overwrite_output_dir": "runs resume from output_dir unless train.resume = 'never'",
     "evaluation_strategy": "no periodic evaluation in the packed pretraining loop",
     "save_strategy": "checkpoints are step based (save_steps)",
     "do_train": "always trains",
@@ -132,11 +131,33 @@ def _seed(raw: dict[str, Any], text: str) -> None:
     raw.setdefault("stream", {})["seed"] = seed
 
 
+def _overwrite_output_dir(raw: dict[str, Any], text: str) -> None:
+    # The reference resumes from output_dir's last checkpoint only when this is False; its
+    # scripts pass True, so they always start from scratch. An explicit checkpoint
+    # (--resume_from_checkpoint, train.resume = DIR) wins in both.
+    train = raw.setdefault("train", {})
+    if train.get("resume", "auto") in ("auto", "never"):
+        train["resume"] = "never" if _bool(text) else "auto"
+
+
+def _resume_from_checkpoint(raw: dict[str, Any], text: str) -> None:
+    raw.setdefault("train", {})["resume"] = text
+
+
 def _report_to(raw: dict[str, Any], text: str) -> None:
     raw.setdefault("train", {})["report_to"] = "tensorboard" if text == "tensorboard" else "none"
 
 
-SPECIAL.update({"bf16": _bf16, "deepspeed": _deepspeed, "report_to": _report_to, "seed": _seed})
+SPECIAL.update(
+    {
+        "bf16": _bf16,
+        "deepspeed": _deepspeed,
+        "report_to": _report_to,
+        "seed": _seed,
+        "overwrite_output_dir": _overwrite_output_dir,
+        "resume_from_checkpoint": _resume_from_checkpoint,
+    }
+)
 
 
 def split_flags(argv: list[str]) -> list[tuple[str, str]]:

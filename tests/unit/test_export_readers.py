@@ -26,6 +26,7 @@ from vlpretrain.demo.shapes import caption_corpus
 from vlpretrain.model.build import ModelConfig, build_model, save_internvl
 from vlpretrain.model.export_files import copy_remote_code, legacy_rope_keys, remote_code_files
 from vlpretrain.model.hub import load_weights
+from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.tokens import INTERNVL_TOKENS
 
 QWEN2_437_KEYS = (
@@ -235,3 +236,56 @@ def test_the_437_key_lists_are_real_config_fields():
     for model_type, keys in (("qwen2", QWEN2_437_KEYS), ("llama", LLAMA_437_KEYS)):
         written = AutoConfig.for_model(model_type).to_dict()
         assert not [k for k in keys if k not in written and k not in legacy_only], model_type
+
+
+TOKENIZER_CODE = '''
+from transformers import LlamaTokenizer
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+
+class TinySlowTokenizer(SentencePieceBackend):
+    """Python sentencepiece, as InternLM2Tokenizer."""
+
+
+class TinyFastTokenizer(LlamaTokenizer):
+    """tokenizers-backed, as InternLM2TokenizerFast."""
+'''
+
+
+def _remote_tokenizer_dir(directory: Path) -> Path:
+    """The sentencepiece Llama dir with its tokenizer as remote code: [slow, fast] auto_map."""
+    _sentencepiece_llama_dir(directory)
+    (directory / "tokenization_tiny.py").write_text(TOKENIZER_CODE)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {
+        "AutoTokenizer": ["tokenization_tiny.TinySlowTokenizer", "tokenization_tiny.TinyFastTokenizer"]
+    }
+    config_path.write_text(json.dumps(config))
+    return directory
+
+
+def test_use_fast_tokenizer_false_selects_the_directory_slow_tokenizer(tiny_components, tmp_path):
+    llm = _remote_tokenizer_dir(tmp_path / "llm")
+    slow, _ = load_tokenizer(llm, use_fast=False)
+    fast, _ = load_tokenizer(llm, use_fast=True)
+    assert (type(slow).__name__, type(fast).__name__) == ("TinySlowTokenizer", "TinyFastTokenizer")
+    text = "<|im_start|>user\n<img><IMG_CONTEXT></img> a small red square<|im_end|>"
+    assert slow(text).input_ids == fast(text).input_ids
+
+    def build(**source):
+        config = ModelConfig(force_image_size=TINY_TILE, use_fast_tokenizer=False, **source)
+        return build_model(config)
+
+    built = build(vision_path=str(tiny_components.vision_path), llm_path=str(llm))
+    assert type(built.tokenizer).__name__ == "TinySlowTokenizer"
+    out = save_internvl(built.model, built.tokenizer, tmp_path / "out")
+    assert (out / "tokenization_tiny.py").read_text() == TOKENIZER_CODE
+    reloaded = build(model_name_or_path=str(out))  # stage 1.5 reads stage 1's export
+    assert type(reloaded.tokenizer).__name__ == "TinySlowTokenizer"
+    assert reloaded.tokenizer(text).input_ids == slow(text).input_ids
+
+
+def test_use_fast_tokenizer_false_without_a_slow_tokenizer_keeps_the_fast_one(tiny_components):
+    tokenizer, _ = load_tokenizer(tiny_components.llm_path, use_fast=False)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"  # transformers 5 has no other

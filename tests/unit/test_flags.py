@@ -123,6 +123,8 @@ def test_reference_stage_flags_resolve(name, tmp_path):
     assert config.train.loss_reduction_all_gather is True
     assert config.train.report_to == "tensorboard"
     assert config.train.output_dir == str(tmp_path / "output")
+    assert config.model.use_fast_tokenizer is False  # --use_fast_tokenizer False
+    assert config.train.resume == "never"  # --overwrite_output_dir True: never auto-resume
     assert config.optim.lr_scheduler_type == "cosine"
     # --deepspeed zero_stage1_config.json: ZeRO-1 -> FSDP2 that keeps gathered weights.
     assert config.dist.strategy == "fsdp"
@@ -152,8 +154,6 @@ def test_plumbing_flags_are_ignored_with_a_note(tmp_path):
     ignored = sorted(note.split()[0] for note in notes)
     assert ignored == sorted(
         [
-            "--use_fast_tokenizer",
-            "--overwrite_output_dir",
             "--evaluation_strategy",
             "--save_strategy",
             "--do_train",
@@ -263,3 +263,29 @@ def test_set_wins_over_reference_flags(tmp_path, capsys):
     argv = [*flag_argv(STAGE_1B_1, tmp_path), "--set", "optim.learning_rate=1e-3"]
     assert main(["show-config", *argv]) == 0
     assert "learning_rate = 0.001" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "resume"),
+    [
+        # The reference: resume from output_dir's last checkpoint unless overwrite_output_dir;
+        # an explicit --resume_from_checkpoint wins in either case (in any order).
+        ([], "auto"),
+        (["--overwrite_output_dir", "True"], "never"),
+        (["--overwrite_output_dir", "False"], "auto"),
+        (["--resume_from_checkpoint", "CKPT", "--overwrite_output_dir", "True"], "CKPT"),
+        (["--overwrite_output_dir", "True", "--resume_from_checkpoint", "CKPT"], "CKPT"),
+    ],
+)
+def test_overwrite_output_dir_decides_auto_resume_as_in_the_reference(argv, resume, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    argv = [str(checkpoint) if token == "CKPT" else token for token in argv]
+    config, _ = resolve(["--vision_path", "v", "--llm_path", "l", *argv])
+    assert config.train.resume == (str(checkpoint) if resume == "CKPT" else resume)
+
+
+def test_use_fast_tokenizer_flag_sets_the_model_field():
+    for text, expected in (("False", False), ("True", True)):
+        config, _ = resolve(["--vision_path", "v", "--llm_path", "l", "--use_fast_tokenizer", text])
+        assert config.model.use_fast_tokenizer is expected

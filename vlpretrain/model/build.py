@@ -61,6 +61,9 @@ class ModelConfig:
     """Chat template (None: checkpoint's, or internvl2_5)."""
     attn_implementation: str = "sdpa"
     """LLM attention: sdpa or eager on CPU; flash_attention_2 on GPU when installed."""
+    use_fast_tokenizer: bool = True
+    """False: the directory's own slow (sentencepiece) tokenizer where it has one, such as
+    InternLM2's (the reference's scripts pass --use_fast_tokenizer False)."""
 
     def __post_init__(self) -> None:
         if self.model_name_or_path and (self.vision_path or self.llm_path):
@@ -120,7 +123,7 @@ def load_vision(directory: str | Path, drop_path_rate: float) -> InternViT:
 
 def _build_path_b(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltModel:
     vision = load_vision(config.vision_path, config.drop_path_rate)
-    tokenizer, num_added = load_tokenizer(config.llm_path)
+    tokenizer, num_added = load_tokenizer(config.llm_path, config.use_fast_tokenizer)
     llm = load_llm(config.llm_path, config.attn_implementation)
     untie_embeddings(llm)
     resize_for_tokens(llm, len(tokenizer), num_added)
@@ -142,8 +145,9 @@ def _build_path_a(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltMod
             "'internvl_chat' (use vision_path + llm_path for separate components)"
         )
     model, tokenizer = _instantiate(
-        raw, config.drop_path_rate, config.attn_implementation, directory
-    )
+        raw, config.drop_path_rate, config.attn_implementation, directory,
+        config.use_fast_tokenizer,
+    )  # fmt: skip
     checkpoint_config = model.config
     model.config = _vlm_config(checkpoint_config, config, image_fields)
     if model.config.downsample_ratio != checkpoint_config.downsample_ratio:
@@ -159,13 +163,17 @@ def _build_path_a(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltMod
 
 
 def _instantiate(
-    raw: dict[str, Any], drop_path_rate: float, attn_implementation: str, directory: Path
+    raw: dict[str, Any],
+    drop_path_rate: float,
+    attn_implementation: str,
+    directory: Path,
+    use_fast_tokenizer: bool = True,
 ) -> tuple[InternVLModel, Any]:
     vision = InternViT(
         replace(VisionConfig.from_dict(raw["vision_config"]), drop_path_rate=drop_path_rate)
     )
     llm = llm_from_config(raw["llm_config"], attn_implementation)
-    tokenizer, num_added = load_tokenizer(directory)
+    tokenizer, num_added = load_tokenizer(directory, use_fast_tokenizer)
     if num_added:
         raise ValueError(
             f"{directory}: tokenizer lacks the InternVL tokens; not an InternVL export"

@@ -23,6 +23,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from vlpretrain.tokens import add_internvl_tokens
 
@@ -50,8 +51,30 @@ LORA_TARGETS: dict[str, list[str]] = {
 """LoRA target modules per LLM family (spec 7.7); Qwen2/Qwen3/Llama use 'default'."""
 
 
-def load_tokenizer(path: str | Path) -> tuple[Any, int]:
-    """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A)."""
+def slow_tokenizer_class(path: str | Path, trust_remote_code: bool) -> type | None:
+    """The directory's own slow (sentencepiece) tokenizer class, or None when it has none.
+
+    That is the first entry of tokenizer_config.json's `auto_map.AutoTokenizer` (InternLM2's
+    InternLM2Tokenizer). transformers 5 ignores `use_fast` and keeps one tokenizer class per
+    built-in family, so a directory without remote code has no slow alternative.
+    """
+    config_path = Path(path) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    auto_map = json.loads(config_path.read_text()).get("auto_map") or {}
+    refs = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    if not isinstance(refs, list | tuple) or not refs or not refs[0]:
+        return None
+    return cast(type, get_class_from_dynamic_module(
+        refs[0], str(path), trust_remote_code=trust_remote_code))  # fmt: skip
+
+
+def load_tokenizer(path: str | Path, use_fast: bool = True) -> tuple[Any, int]:
+    """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A).
+
+    `use_fast` False selects the directory's slow tokenizer where it has one (the reference's
+    `--use_fast_tokenizer False`), else the one transformers 5 has (logged).
+    """
     config_path = Path(path) / "config.json"
     extra = {}
     if (
@@ -61,7 +84,13 @@ def load_tokenizer(path: str | Path) -> tuple[Any, int]:
         # transformers has no config class for internvl_chat; without this it warns that it
         # is "instantiating a model of another type" while only reading the tokenizer.
         extra["config"] = PretrainedConfig()
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, **extra)
+    slow = None if use_fast else slow_tokenizer_class(path, trust_remote_code=True)
+    if slow is not None:
+        tokenizer = cast(Any, slow).from_pretrained(str(path), trust_remote_code=True, **extra)
+    else:
+        if not use_fast:
+            logger.info("%s has no slow tokenizer of its own; using the fast one", path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, **extra)
     added = add_internvl_tokens(tokenizer)
     logger.info("tokenizer %s: %d InternVL tokens added, %d in total", path, added, len(tokenizer))
     return tokenizer, added
