@@ -22,7 +22,7 @@ transformers code and pinned by tests/unit/test_export_hf.py:
 - Chat-config fields transformers does not model (template, tiling, force_image_size, ViT
   drop_path_rate) travel in `internvl_chat_fields`, so the round trip is exact.
 What it does not do: instantiate either model (tensors are only renamed, split or fused),
-write an image processor.
+or write the processor files (vlpretrain.hf_export, which needs the data-side settings).
 """
 
 from __future__ import annotations
@@ -448,7 +448,3 @@ def export_internvl(hf_dir: str | Path, out_dir: str | Path) -> Path:
     copied = copy_tokenizer_files(source, out)
     logger.info("exported %s -> %s (InternVL chat layout; copied %s)", source, out, copied)
     return out
-
-
-EXPORTERS = {"hf": export_hf, "internvl": export_internvl}
-"""Export target name (`vlpretrain export --to NAME`) -> the function writing that format."""
