@@ -300,14 +300,6 @@ class SkipCounter:
         if count == 1 or count % self.log_every == 0:
             logger.warning("%s [%s #%d]", sample, self._name(sample.dataset_index), count)
 
-    def merge(self, other: SkipCounter) -> None:
-        """Add the counts of `other` (e.g. from another worker)."""
-        self.seen.update(other.seen)
-        self.skipped.update(other.skipped)
-        for key, examples in other.examples.items():
-            mine = self.examples.setdefault(key, [])
-            mine.extend(examples[: max(0, 3 - len(mine))])
-
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())

@@ -39,7 +39,7 @@ from vlpretrain.distributed.parallel import (
 )
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model.build import build_model, run_facts, save_internvl
-from vlpretrain.model.hub import merge_lora_weights
+from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.train.checkpoint import (
     TrainState,
@@ -220,7 +220,8 @@ def export_model(
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # A full state dict holds plain tensors only (no DTensors or non-tensor values).
     state = merge_lora_weights(
-        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options)),
+        lora_scalings(unwrap(model)),
     )
     if env.is_main:
         save_internvl(
