@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -210,9 +211,9 @@ def test_legacy_rope_keys_per_rope_type():
     assert llama3["rope_scaling"]["rope_type"] == "llama3"  # the 4.43+ form
 
 
-def test_remote_code_named_by_auto_map_is_copied(tmp_path):
+def test_remote_code_named_by_auto_map_is_copied(tmp_path, caplog):
     source, out = tmp_path / "src", tmp_path / "out"
-    source.mkdir(), out.mkdir()
+    source.mkdir(), out.mkdir(), (out / "again").mkdir()
     for name in ("configuration_internlm2.py", "modeling_internlm2.py", "tokenization_x.py"):
         (source / name).write_text(f"# {name}\n")
     llm_map = {
@@ -225,8 +226,9 @@ def test_remote_code_named_by_auto_map_is_copied(tmp_path):
     assert copied == ["configuration_internlm2.py", "modeling_internlm2.py", "tokenization_x.py"]
     assert (out / "modeling_internlm2.py").read_text() == "# modeling_internlm2.py\n"
     (source / "modeling_internlm2.py").unlink()
-    with pytest.raises(FileNotFoundError, match=r"modeling_internlm2\.py"):
-        copy_remote_code(source, out, [llm_map])
+    with caplog.at_level(logging.WARNING):
+        assert copy_remote_code(source, out / "again", [llm_map]) == ["configuration_internlm2.py"]
+    assert "['modeling_internlm2.py']" in caplog.text
 
 
 def test_the_437_key_lists_are_real_config_fields():

@@ -106,14 +106,20 @@ def remote_code_files(auto_map: dict[str, Any] | list[Any] | None) -> list[str]:
 
 
 def copy_remote_code(source: Path, destination: Path, auto_maps: list[Any]) -> list[str]:
-    """Copy the *.py files the auto_maps name from `source`; raises naming any that is missing."""
+    """Copy the *.py files the auto_maps name from `source`; returns the names copied.
+
+    A file the source lacks is named in a warning (the weights are still worth writing):
+    readers that load the model through auto_map need it beside the export.
+    """
     names = sorted({name for auto_map in auto_maps for name in remote_code_files(auto_map)})
     missing = [name for name in names if not (source / name).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{source}: auto_map names {missing} but the directory has no such file; the export "
-            "would not load (copy the LLM's remote-code files there)"
-        )
+        logger.warning(
+            "%s: auto_map names %s but the directory has no such file; copy the LLM's "
+            "remote-code files into %s for readers that load it through auto_map",
+            source, missing, destination,
+        )  # fmt: skip
+    names = [name for name in names if name not in missing]
     for name in names:
         if (source / name).resolve() != (destination / name).resolve():
             shutil.copyfile(source / name, destination / name)
