@@ -43,7 +43,7 @@ def apply_umask(path: str | Path) -> None:
     os.chmod(path, umask_mode())
 
 
-def write_atomic(target: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(target: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write `target` through a temp file in its directory, then rename it into place.
 
     A killed process leaves either the old file or the new one, never a truncated one; the

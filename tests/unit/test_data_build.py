@@ -11,8 +11,6 @@ from PIL import Image
 from vlpretrain.data.build import (
     DatasetSource,
     SampleConfig,
-    SkipCounter,
-    TooManySkipsError,
     build_sources,
     repeat_length,
 )
@@ -215,20 +213,6 @@ def test_frame_folder_video(tmp_path, tokenizer):
         0, 0, 0
     )
     assert sample.num_tiles_per_image == (1,) * 4
-
-
-def test_skip_counter(tmp_path, tokenizer, caplog):
-    records = ["{bad"] * 2 + [{"conversations": conv("q", "a")}] * 8
-    source = make_source(tmp_path, tokenizer, records)
-    counter = SkipCounter(["toy"], log_every=100)
-    for i in range(len(source)):
-        counter.record(source.load(i, 0, 0))
-    assert counter.fraction == pytest.approx(0.2)
-    counter.check(0.25)
-    with pytest.raises(TooManySkipsError, match="malformed_json: 2 of 10"):
-        counter.check(0.1)
-    assert "ann.jsonl:1" in counter.summary()
-    assert caplog.text.count("skipped (malformed_json)") == 1  # logged once per N
 
 
 def test_build_sources_from_meta(tmp_path, tokenizer):

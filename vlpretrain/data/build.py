@@ -17,7 +17,6 @@ file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,72 +297,3 @@ def build_sources(
     if empty:
         raise problems_error(Path(meta_path), empty)
     return sources
-
-
-class TooManySkipsError(RuntimeError):
-    """More records were skipped than SampleConfig.max_skip_fraction allows."""
-
-
-class SkipCounter:
-    """Counts samples seen and skipped, per dataset and reason; logs skips once per N."""
-
-    def __init__(self, dataset_names: list[str] | None = None, log_every: int = 100) -> None:
-        self.dataset_names = list(dataset_names or [])
-        self.log_every = log_every
-        self.seen: Counter[int] = Counter()
-        self.skipped: Counter[tuple[int, str]] = Counter()
-        self.examples: dict[tuple[int, str], list[str]] = {}
-
-    def _name(self, dataset_index: int) -> str:
-        if dataset_index < len(self.dataset_names):
-            return self.dataset_names[dataset_index]
-        return f"dataset {dataset_index}"
-
-    def record(self, sample: TokenizedSample | SkippedSample) -> None:
-        """Count one result (a TokenizedSample counts as seen, a SkippedSample also as skip)."""
-        self.seen[sample.dataset_index] += 1
-        if not isinstance(sample, SkippedSample):
-            return
-        key = (sample.dataset_index, sample.reason)
-        self.skipped[key] += 1
-        examples = self.examples.setdefault(key, [])
-        if len(examples) < 3:
-            examples.append(f"{sample.source.path}:{sample.source.line} {sample.detail}")
-        count = self.skipped[key]
-        if count == 1 or count % self.log_every == 0:
-            logger.warning("%s [%s #%d]", sample, self._name(sample.dataset_index), count)
-
-    def merge(self, other: SkipCounter) -> None:
-        """Add the counts of `other` (e.g. from another worker)."""
-        self.seen.update(other.seen)
-        self.skipped.update(other.skipped)
-        for key, examples in other.examples.items():
-            mine = self.examples.setdefault(key, [])
-            mine.extend(examples[: max(0, 3 - len(mine))])
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    @property
-    def fraction(self) -> float:
-        """Skipped / seen over all datasets (0 when nothing was seen)."""
-        total = sum(self.seen.values())
-        return self.num_skipped / total if total else 0.0
-
-    def check(self, max_fraction: float) -> None:
-        """Raise TooManySkipsError naming the top reasons if fraction > max_fraction."""
-        if self.fraction > max_fraction:
-            raise TooManySkipsError(
-                f"{self.num_skipped} of {sum(self.seen.values())} records skipped "
-                f"({self.fraction:.2%} > max_skip_fraction {max_fraction:.2%}).\n" + self.summary()
-            )
-
-    def summary(self) -> str:
-        """One line per (dataset, reason), most frequent first, with file:line examples."""
-        lines = [f"skipped {self.num_skipped} of {sum(self.seen.values())} records"]
-        for (index, reason), count in self.skipped.most_common():
-            seen = self.seen[index]
-            lines.append(f"  {self._name(index)}: {reason}: {count} of {seen}")
-            lines.extend(f"      e.g. {ex}" for ex in self.examples.get((index, reason), []))
-        return "\n".join(lines)
