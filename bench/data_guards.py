@@ -48,7 +48,9 @@ def make_assets(root: Path) -> None:
     (root / "long.jsonl").write_text(json.dumps({"conversations": turns}) + "\n")
     Image.new("L", (SIDE, SIDE), 0).save(root / "huge.png", optimize=True)
     image_turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]
-    (root / "huge.jsonl").write_text(json.dumps({"image": "huge.png", "conversations": image_turns}))
+    (root / "huge.jsonl").write_text(
+        json.dumps({"image": "huge.png", "conversations": image_turns})
+    )
 
 
 def _tokenizer(root: Path) -> Any:
@@ -85,8 +87,16 @@ def reference_huge_png(root: Path) -> str:
     with Image.open(root / "huge.png") as image:
         image.load()
         rgb = image.convert("RGB")
-    tiles = tiling.make_tiles(rgb, dynamic=True, min_num=1, max_num=12, tile_size=448,
-                              use_thumbnail=True, pad2square=False, normalize_type="imagenet")  # fmt: skip
+    tiles = tiling.make_tiles(
+        rgb,
+        dynamic=True,
+        min_num=1,
+        max_num=12,
+        tile_size=448,
+        use_thumbnail=True,
+        pad2square=False,
+        normalize_type="imagenet",
+    )
     return f"{len(tiles)} tiles"
 
 

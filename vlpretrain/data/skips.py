@@ -49,8 +49,10 @@ class SkipPolicy:
 
     def exceeded(self, num_skipped: int, num_seen: int) -> bool:
         """True when the fraction is over the limit (and enough records were seen)."""
-        return num_seen > 0 and num_seen >= self.min_records and (
-            num_skipped / num_seen > self.max_fraction
+        return (
+            num_seen > 0
+            and num_seen >= self.min_records
+            and (num_skipped / num_seen > self.max_fraction)
         )
 
     def check(self, num_skipped: int, num_seen: int, details: str = "") -> None:
@@ -70,9 +72,7 @@ class SkipTally:
     in `log_every`; `summary()` gives one line per (dataset, reason).
     """
 
-    def __init__(
-        self, dataset_names: list[str], log_first: int = 3, log_every: int = 100
-    ) -> None:
+    def __init__(self, dataset_names: list[str], log_first: int = 3, log_every: int = 100) -> None:
         self.dataset_names = list(dataset_names)
         self.log_first = log_first
         self.log_every = log_every
