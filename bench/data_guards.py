@@ -32,6 +32,7 @@ from vlpretrain.data import tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.demo.tokenizer import train_tiny_tokenizer
+from vlpretrain.facts import RunFacts
 from vlpretrain.tokens import add_internvl_tokens
 
 REPEATS = 3
@@ -65,7 +66,10 @@ def _source(root: Path, annotation: str) -> DatasetSource:
     spec = DatasetSpec(name=annotation, dataset_index=0, root=root, annotation=root / annotation,
                        repeat_time=1.0, data_augment=False)  # fmt: skip
     config = SampleConfig(max_seq_length=MAX_SEQ_LENGTH, cache_dir=str(root / "cache"))
-    return DatasetSource(spec, config, _tokenizer(root))
+    tokenizer = _tokenizer(root)
+    facts = RunFacts.from_tokenizer(tokenizer, tile_size=448, num_image_token=256,
+                                    template="internvl2_5")  # fmt: skip
+    return DatasetSource(spec, config, facts, tokenizer)
 
 
 def reference_long_line(root: Path) -> str:

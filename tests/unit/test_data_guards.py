@@ -27,11 +27,11 @@ from vlpretrain.data.meta import DatasetSpec, load_meta
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.demo.tokenizer import train_tiny_tokenizer
+from vlpretrain.facts import RunFacts
 from vlpretrain.files import umask_mode, write_atomic
 from vlpretrain.tokens import add_internvl_tokens
 
-SMALL = dict(tile_size=28, num_image_token=4, max_seq_length=512, min_num_frame=2,
-             max_num_frame=3)  # fmt: skip
+SMALL = dict(max_seq_length=512, min_num_frame=2, max_num_frame=3)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,12 @@ def make_source(tmp_path, tokenizer, records, **config):
     spec = DatasetSpec(name="toy", dataset_index=0, root=tmp_path, annotation=ann,
                        repeat_time=1.0, data_augment=False)  # fmt: skip
     cfg = SampleConfig(**{**SMALL, "cache_dir": str(tmp_path / "cache"), **config})
-    return DatasetSource(spec, cfg, tokenizer)
+    return DatasetSource(spec, cfg, facts_of(tokenizer), tokenizer)
+
+
+def facts_of(tokenizer):
+    return RunFacts.from_tokenizer(tokenizer, tile_size=28, num_image_token=4,
+                                   template="internvl2_5")  # fmt: skip
 
 
 # -- byte cap ------------------------------------------------------------------------------
@@ -296,7 +301,7 @@ def test_repeat_time_that_leaves_no_record_is_rejected(tmp_path, tokenizer):
                                 "fine": {**entry, "repeat_time": 0.5}}))  # fmt: skip
     config = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError) as info:
-        build_sources(meta, config, tokenizer)
+        build_sources(meta, config, facts_of(tokenizer), tokenizer)
     message = str(info.value)
     assert f"meta file {meta} has 1 problem(s)" in message
     assert "dataset 'tiny': field 'repeat_time' 0.2 x 3 lines" in message  # int(0.6) = 0
