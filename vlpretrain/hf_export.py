@@ -113,9 +113,11 @@ def chat_template_jinja(template: ChatTemplate, bos_token: bool) -> str:
         "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}",
         "{%- endfor -%}{%- endif -%}",
         "{%- endmacro -%}",
-        "{%- set prefix = {" + ", ".join(
-            f"{_literal(role)}: {_literal(text)}" for role, text in prefix.items()) + "} -%}",
-        "{%- if bos_token is defined and bos_token -%}{{ bos_token }}{%- endif -%}" if bos_token
+        "{%- set prefix = {"
+        + ", ".join(f"{_literal(role)}: {_literal(text)}" for role, text in prefix.items())
+        + "} -%}",
+        "{%- if bos_token is defined and bos_token -%}{{ bos_token }}{%- endif -%}"
+        if bos_token
         else "",
         "{%- if messages and messages[0]['role'] == 'system' -%}",
         "{{ prefix['system'] + render(messages[0]['content']) }}",
@@ -145,11 +147,12 @@ def write_processor_files(chat_dir: Path, hf_dir: Path, bos_token: bool) -> list
     problems = processor_problems(vlm)
     if problems:
         raise ValueError(
-            f"{chat_dir}: transformers' InternVL processor cannot reproduce "
-            + "; ".join(problems)
+            f"{chat_dir}: transformers' InternVL processor cannot reproduce " + "; ".join(problems)
         )
     vision = VisionConfig.from_dict(chat["vision_config"])
-    tokens_per_tile = num_image_tokens(vlm.force_image_size, vision.patch_size, vlm.downsample_ratio)
+    tokens_per_tile = num_image_tokens(
+        vlm.force_image_size, vision.patch_size, vlm.downsample_ratio
+    )
     files = {
         "preprocessor_config.json": image_processor_dict(vlm),
         "processor_config.json": {

@@ -261,7 +261,10 @@ def _remote_tokenizer_dir(directory: Path) -> Path:
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = {
-        "AutoTokenizer": ["tokenization_tiny.TinySlowTokenizer", "tokenization_tiny.TinyFastTokenizer"]
+        "AutoTokenizer": [
+            "tokenization_tiny.TinySlowTokenizer",
+            "tokenization_tiny.TinyFastTokenizer",
+        ]
     }
     config_path.write_text(json.dumps(config))
     return directory
@@ -291,3 +294,19 @@ def test_use_fast_tokenizer_false_selects_the_directory_slow_tokenizer(tiny_comp
 def test_use_fast_tokenizer_false_without_a_slow_tokenizer_keeps_the_fast_one(tiny_components):
     tokenizer, _ = load_tokenizer(tiny_components.llm_path, use_fast=False)
     assert type(tokenizer).__name__ == "Qwen2Tokenizer"  # transformers 5 has no other
+
+
+def test_internlm2_export_has_every_key_its_config_reads(tiny_components, tmp_path):
+    # The tiny InternLM2 directory builder comes with the InternLM2 family support.
+    llm_families = pytest.importorskip("llm_families")
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    llm = tmp_path / "internlm2"
+    llm_families.write_internlm2_dir(llm, assets / "internlm2_tiny_tokenizer.model")
+    _, config = _export(tiny_components, llm, tmp_path / "out")
+    llm_config = config["llm_config"]
+    assert not [k for k in (*INTERNLM2_KEYS, *BASE_437_KEYS) if k not in llm_config]
+    assert llm_config["architectures"] == ["InternLM2ForCausalLM"]
+    check_437_rope_scaling(llm_config["rope_scaling"])
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (
+        llm / "tokenizer.model"
+    ).read_bytes()

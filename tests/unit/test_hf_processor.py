@@ -16,8 +16,13 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    GotOcr2ImageProcessorPil,
+    InternVLProcessor,
+)
 
 from vlpretrain.chat import ChatModel, DecodeConfig, load
 from vlpretrain.hf_export import EXPORTERS, export_hf_with_processor
