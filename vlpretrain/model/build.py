@@ -19,7 +19,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from vlpretrain.model import hub
+from vlpretrain.model import attention, hub
 from vlpretrain.model.llm import (
     llm_from_config,
     load_llm,
@@ -58,8 +58,10 @@ class ModelConfig:
     """ViT layer feeding the projector (None: checkpoint's, or -1)."""
     conv_style: str | None = None
     """Chat template (None: checkpoint's, or internvl2_5)."""
-    attn_implementation: str = "sdpa"
-    """LLM attention: sdpa or eager on CPU; flash_attention_2 on GPU when installed."""
+    attn_implementation: str = "auto"
+    """LLM attention kernel: auto (CUDA: flash_attention_2 if flash-attn is installed, else
+    torch_varlen, else flex_attention; CPU: sdpa), or one of sdpa, eager, flex_attention,
+    flash_attention_2, torch_varlen (model/attention.py)."""
 
     def __post_init__(self) -> None:
         if self.model_name_or_path and (self.vision_path or self.llm_path):
@@ -73,6 +75,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.attn_implementation not in attention.KNOWN_KERNELS:
+            raise ValueError(
+                f"model.attn_implementation {self.attn_implementation!r} is not one of "
+                f"{list(attention.KNOWN_KERNELS)}"
+            )
 
 
 @dataclass
@@ -98,11 +105,22 @@ def _vlm_config(base: VLMConfig, config: ModelConfig, image_fields: dict[str, An
     return replace(base, **changes, **image_fields)
 
 
-def build_model(config: ModelConfig, image_fields: dict[str, Any] | None = None) -> BuiltModel:
+def build_model(
+    config: ModelConfig,
+    image_fields: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> BuiltModel:
     """Build the VLM (fp32, CPU) from `config`; `image_fields` are the tiling settings recorded
     in the saved config (dynamic_image_size, use_thumbnail, min/max_dynamic_patch, pad2square).
+    `device` is where it will run: it decides the LLM attention kernel of "auto".
     """
     image_fields = image_fields or {}
+    kernel, reason = attention.select_attention(
+        config.attn_implementation, device or torch.device("cpu")
+    )
+    attention.register_kernels()
+    attention.log_choice(kernel, reason)
+    config = replace(config, attn_implementation=kernel)
     if config.model_name_or_path:
         return _build_path_a(config, image_fields)
     return _build_path_b(config, image_fields)

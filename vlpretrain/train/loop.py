@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,11 +32,13 @@ from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
+from vlpretrain.distributed.meta_init import build_from_rank0, materialize
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
     gradient_sync,
     parallelize,
     unwrap,
+    uses_meta_init,
 )
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model.build import build_model, save_internvl
@@ -172,14 +175,21 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
     """Build, freeze, checkpoint activations, move and parallelise the model; also returns the
     number of trainable parameters."""
     torch.manual_seed(config.train.seed)
-    built = build_model(config.model, image_fields(config))
+    uses_lora = bool(config.freeze.use_backbone_lora or config.freeze.use_llm_lora)
+    meta = uses_meta_init(config.dist, env, uses_lora)
+    build = partial(build_model, config.model, image_fields(config), env.device)
+    built, weights = build_from_rank0(build, env) if meta else (build(), None)
     model = built.model
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
     enable_activation_checkpointing(model, vision=True, llm=config.train.grad_checkpoint)
-    model.to(env.device)
+    if weights is None:
+        model.to(env.device)
     apply_train_mode(model)
-    return parallelize(model, config.dist, env), model, built.tokenizer, num_trainable
+    parallel = parallelize(model, config.dist, env, config.train.precision)
+    if weights is not None:
+        materialize(parallel, weights, env.device)
+    return parallel, model, built.tokenizer, num_trainable
 
 
 def next_micro_batches(
@@ -245,7 +255,18 @@ def step_metrics(
     return metrics
 
 
-LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_per_second", "mfu")
+LINE_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "seconds",
+    "data_wait_seconds",
+    "tokens_per_second",
+    "tiles_per_second",
+    "mfu",
+)
+"""Shown in the progress line; `seconds` is the whole step, `data_wait_seconds` the part of it
+spent waiting for the loader (a starved loader shows here, not as a low MFU alone)."""
 
 
 def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: DistEnv) -> None:
@@ -307,6 +328,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             batches = next_micro_batches(
                 iterator, config.train.gradient_accumulation_steps, env.device
             )
+            data_wait = time.perf_counter() - start
             result = train_step(model, optimizer, batches, config, env)
             lr = cast(float, scheduler.get_last_lr()[0])  # our param groups use float lrs
             scheduler.step()
@@ -316,6 +338,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
             )
+            last["data_wait_seconds"] = data_wait
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
