@@ -60,7 +60,8 @@ def random_vlm(shape: ModelShape, attn_implementation: str, seed: int = 0) -> In
     torch.manual_seed(seed)
     attention.register_kernels()
     vision = InternViT(replace(shape.vision, image_size=shape.tile))
-    init_vision_weights(vision, torch.Generator().manual_seed(seed))
+    device = vision.embeddings.class_embedding.device  # the caller's torch.device context
+    init_vision_weights(vision, torch.Generator(device=device).manual_seed(seed))
     llm = llm_from_config(shape.llm, attn_implementation)
     image_context = int(shape.llm["vocab_size"]) - 1
     return InternVLModel(VLMConfig(force_image_size=shape.tile), vision, llm, image_context)
@@ -82,37 +83,56 @@ def run_config(precision: str) -> RunConfig:
     )
 
 
-def sample_lengths(rng: np.random.Generator, count: int, max_tiles: int) -> list[tuple[int, int]]:
+def sample_lengths(
+    rng: np.random.Generator, count: int, max_tiles: int, max_text: int
+) -> list[tuple[int, int]]:
     """(text tokens, tiles) per sample: a caption/QA-like mixture of 1..max_tiles tiles."""
     tiles = rng.integers(1, max_tiles + 1, size=count)
-    text = rng.integers(32, 1024, size=count)
+    text = rng.integers(16, max_text, size=count)
     return list(zip(text.tolist(), tiles.tolist(), strict=True))
 
 
 def packed_batch(
-    model: InternVLModel,
+    model: InternVLModel, rows: int, row_tokens: int, row_tiles: int, seed: int = 0
+) -> PackedBatch:
+    """`rows` packed rows for `model` of at most `row_tokens` tokens and `row_tiles` tiles."""
+    return synthetic_rows(
+        model.num_image_token,
+        model.image_context_token_id,
+        model.config.force_image_size,
+        rows,
+        row_tokens,
+        row_tiles,
+        seed,
+    )
+
+
+def synthetic_rows(
+    per_tile: int,
+    image_context: int,
+    tile: int,
     rows: int,
     row_tokens: int,
     row_tiles: int,
     seed: int = 0,
     max_tiles_per_sample: int = 13,
 ) -> PackedBatch:
-    """`rows` packed rows of at most `row_tokens` tokens and `row_tiles` tiles (greedy fill)."""
+    """Greedily filled packed rows; token ids below `image_context`, which marks image slots."""
     rng = np.random.default_rng(seed)
-    per_tile = model.num_image_token
-    vocab = model.image_context_token_id
-    tile = model.config.force_image_size
+    vocab = image_context
     ids, labels, positions, segments, tile_count = [], [], [], [], 0
     num_samples = real = 0
     for _ in range(rows):
         row_ids: list[int] = []
         row_labels: list[int] = []
         row_positions: list[int] = []
-        row_tile_count = 0
-        for text, tiles in sample_lengths(rng, 4096, min(max_tiles_per_sample, row_tiles)):
+        row_tile_count = misses = 0
+        max_tiles = min(max_tiles_per_sample, row_tiles)
+        for text, tiles in sample_lengths(rng, 4096, max_tiles, max(32, row_tokens // 8)):
             length = text + tiles * per_tile
             if len(row_ids) + length > row_tokens or row_tile_count + tiles > row_tiles:
-                if row_ids:
+                misses += 1
+                if misses > 64:  # the row is about full: close it
                     break
                 continue
             prompt = rng.integers(0, vocab, size=text // 2).tolist()

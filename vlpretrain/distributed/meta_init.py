@@ -18,6 +18,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,8 @@ def materialize(model: nn.Module, weights: RankZeroWeights, device: torch.device
     """Allocate this rank's shards on `device` and fill them from rank 0's weights."""
     model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(model, dict(weights.state), options=options)  # type: ignore[arg-type]
+    state: dict[str, Any] = weights.state
+    set_model_state_dict(model, state, options=options)
     weights.state.clear()
     with torch.no_grad():
         for name, buffer in model.named_buffers():

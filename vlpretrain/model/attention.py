@@ -20,6 +20,7 @@ extension point transformers offers for new kernels, so any native HF family can
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -99,6 +100,13 @@ def varlen_kwargs(position_ids_1N: torch.Tensor) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def torch_varlen_kernel(
     query_NHK: torch.Tensor,
     key_NHK: torch.Tensor,
@@ -110,7 +118,7 @@ def torch_varlen_kernel(
     """Causal varlen attention with torch.nn.attention.varlen (API differs across versions)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    parameters = inspect.signature(varlen_attn).parameters
+    parameters = _varlen_parameters()
     extra: dict[str, Any] = {"scale": scale}
     # torch 2.10 took is_causal; 2.11 replaced it by a (left, right) window.
     if "window_size" in parameters:
