@@ -51,10 +51,11 @@ from vlpretrain.data.loader import StreamConfig, build_dataloader  # noqa: E402
 from vlpretrain.data.packing import PackingConfig  # noqa: E402
 from vlpretrain.demo.tokenizer import train_tiny_tokenizer  # noqa: E402
 from vlpretrain.distributed.env import DistEnv  # noqa: E402
+from vlpretrain.facts import RunFacts  # noqa: E402
 from vlpretrain.model import attention  # noqa: E402
 from vlpretrain.model.vision import VisionConfig  # noqa: E402
 from vlpretrain.model.vlm import InternVLModel  # noqa: E402
-from vlpretrain.tokens import IMG_END, IMG_START, add_internvl_tokens, token_id  # noqa: E402
+from vlpretrain.tokens import add_internvl_tokens  # noqa: E402
 from vlpretrain.train.flops import build_flops_counter, peak_tflops  # noqa: E402
 from vlpretrain.train.loop import train_step  # noqa: E402
 from vlpretrain.train.optim import build_optimizer  # noqa: E402
@@ -278,16 +279,14 @@ def loader_rate(size: Size, root: Path, workers: int) -> float:
     meta = root / "meta.json"
     tile = size.shape.tile
     per_tile = (tile // 14) ** 2 // 4
-    sample = SampleConfig(max_seq_length=size.row_tokens, tile_size=tile, num_image_token=per_tile,
-                          max_dynamic_patch=size.max_dynamic_patch,
+    facts = RunFacts.from_tokenizer(tokenizer, tile_size=tile, num_image_token=per_tile,
+                                    template="internvl2_5")  # fmt: skip
+    sample = SampleConfig(max_seq_length=size.row_tokens, max_dynamic_patch=size.max_dynamic_patch,
                           cache_dir=str(root / "cache"))  # fmt: skip
-    packing = PackingConfig(max_packed_tokens=size.row_tokens, num_images_expected=size.row_tiles,
-                            tile_size=tile, pad_token_id=tokenizer.pad_token_id or 0,
-                            img_start_token_id=token_id(tokenizer, IMG_START),
-                            img_end_token_id=token_id(tokenizer, IMG_END))  # fmt: skip
+    packing = PackingConfig(max_packed_tokens=size.row_tokens, num_images_expected=size.row_tiles)
     stream = StreamConfig(num_workers=workers, replacement=True)
-    loader = build_dataloader(build_sources(meta, sample, tokenizer), packing, stream, 0, 1,
-                              SkipCounter())  # fmt: skip
+    loader = build_dataloader(build_sources(meta, sample, facts, tokenizer), packing, facts, stream,
+                              0, 1, SkipCounter())  # fmt: skip
     iterator = iter(loader)
     next(iterator)  # workers started, first batch out
     tiles, start = 0, time.perf_counter()
@@ -326,8 +325,9 @@ def main() -> None:
                 continue
             print(f"{label}: step {r['step']:.3f} s (median, {r['step_min']:.3f}-"
                   f"{r['step_max']:.3f}), {r['tokens_per_second']:,.0f} tokens/s, "
-                  f"{r['tiles_per_second']:.1f} tiles/s, MFU {r['mfu']:.3f} (ViT {r['mfu_vit']:.3f}"
-                  f" + LLM {r['mfu_llm']:.3f}), peak memory {r['peak_gib']:.1f} GiB "
+                  f"{r['tiles_per_second']:.1f} tiles/s, MFU {r['mfu']:.3f} "
+                  f"(ViT {r['mfu_vit']:.3f} + LLM {r['mfu_llm']:.3f}), "
+                  f"peak memory {r['peak_gib']:.1f} GiB "
                   f"({r['tokens']:.0f} tokens, {r['tiles']:.0f} tiles/row)", flush=True)  # fmt: skip
 
     packed, alone, count = packed_equals_per_sample(size, device)
