@@ -328,7 +328,7 @@ def main() -> None:
                   f"{r['tiles_per_second']:.1f} tiles/s, MFU {r['mfu']:.3f} "
                   f"(ViT {r['mfu_vit']:.3f} + LLM {r['mfu_llm']:.3f}), "
                   f"peak memory {r['peak_gib']:.1f} GiB "
-                  f"({r['tokens']:.0f} tokens, {r['tiles']:.0f} tiles/row)", flush=True)  # fmt: skip
+                  f"({r['tokens']:.0f} tokens, {r['tiles']:.0f} tiles/row)", flush=True)
 
     packed, alone, count = packed_equals_per_sample(size, device)
     relative = abs(packed - alone) / abs(alone)
