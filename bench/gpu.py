@@ -45,7 +45,7 @@ from workload import (  # noqa: E402
     synthetic_rows,
 )
 
-from vlpretrain.data.build import SampleConfig, SkipCounter, build_sources  # noqa: E402
+from vlpretrain.data.build import SampleConfig, build_sources  # noqa: E402
 from vlpretrain.data.collate import PackedBatch  # noqa: E402
 from vlpretrain.data.loader import StreamConfig, build_dataloader  # noqa: E402
 from vlpretrain.data.packing import PackingConfig  # noqa: E402
@@ -286,7 +286,7 @@ def loader_rate(size: Size, root: Path, workers: int) -> float:
     packing = PackingConfig(max_packed_tokens=size.row_tokens, num_images_expected=size.row_tiles)
     stream = StreamConfig(num_workers=workers, replacement=True)
     loader = build_dataloader(build_sources(meta, sample, facts, tokenizer), packing, facts, stream,
-                              0, 1, SkipCounter())  # fmt: skip
+                              0, 1)  # fmt: skip
     iterator = iter(loader)
     next(iterator)  # workers started, first batch out
     tiles, start = 0, time.perf_counter()
