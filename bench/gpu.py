@@ -92,7 +92,7 @@ SMOKE = Size(
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
         tile=56,
     ),
-    row_tokens=256, row_tiles=8, warmup_steps=1, timed_steps=1, gemm=128,
+    row_tokens=256, row_tiles=32, warmup_steps=1, timed_steps=1, gemm=128,
     loader_workers=(0, 1), loader_seconds=1.0, photo_sizes=((320, 240),), precision="fp32",
     max_dynamic_patch=4,
 )  # fmt: skip
