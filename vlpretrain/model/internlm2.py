@@ -311,6 +311,19 @@ def state_to_internlm2(
     return out
 
 
+def chat_to_llama(
+    chat: dict[str, Any], state: dict[str, torch.Tensor], prefix: str = "language_model."
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An InternVL chat config + tensors with an InternLM2 LLM rewritten as Llama (for formats
+    without InternLM2, such as transformers' InternVL); other LLMs unchanged."""
+    if not is_internlm2(chat["llm_config"]):
+        return chat, state
+    config = llama_config_from_internlm2(chat["llm_config"], where="llm_config")
+    llm_config = config.to_dict()
+    llm_config.pop(SOURCE_KEY, None)
+    return {**chat, "llm_config": llm_config}, state_to_llama(state, config, prefix)
+
+
 # ----------------------------------------------------------------------------- files
 
 
