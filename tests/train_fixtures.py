@@ -237,5 +237,6 @@ def run_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> None:
     env = cli_env(deterministic=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        pytest.fail(f"torchrun vlpretrain {' '.join(args)} exited {done.returncode}:\n"
-                    f"{done.stderr[-6000:]}")
+        pytest.fail(
+            f"torchrun vlpretrain {' '.join(args)} exited {done.returncode}:\n{done.stderr[-6000:]}"
+        )

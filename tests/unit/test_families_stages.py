@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY_TILE
 from llm_families import family_configs, write_internlm2_dir
+from PIL import Image
 
 from vlpretrain.chat import ChatModel, DecodeConfig
 from vlpretrain.demo.components import TINY_VISION
@@ -74,8 +75,7 @@ def test_family_trains_saves_reloads_exports_and_chats(family, tmp_path, make_vl
     assert (logits(round_trip, batch) - trained).abs().max() < 1e-5
 
     chat = ChatModel(reloaded.model, reloaded.tokenizer, "cpu")
-    image = torch.rand(3, 64, 64).mul(255).byte().permute(1, 2, 0).numpy()
-    from PIL import Image
-
-    answer = chat.answer([Image.fromarray(image)], "<image>\nwhat is it?", DecodeConfig(max_new_tokens=4))
+    pixels = torch.rand(64, 64, 3).mul(255).byte().numpy()
+    image = Image.fromarray(pixels)
+    answer = chat.answer([image], "<image>\nwhat is it?", DecodeConfig(max_new_tokens=4))
     assert isinstance(answer, str)
