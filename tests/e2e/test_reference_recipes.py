@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llm_families import train_sentencepiece, write_internlm2_dir
+from llm_families import TOKENIZER_CORPUS, train_sentencepiece, write_internlm2_dir
 from train_fixtures import REPO, run_torchrun
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -78,7 +78,8 @@ def tiny_qwen2_5(directory: Path) -> Path:
 
 def tiny_internlm2_5(directory: Path) -> Path:
     """internlm2_5-7b-chat's settings at 64 wide, with a sentencepiece tokenizer."""
-    tokenizer_model = train_sentencepiece(directory / "sp", caption_corpus(0), vocab_size=800)
+    corpus = [*caption_corpus(0), *TOKENIZER_CORPUS]  # + the template's Chinese system prompt
+    tokenizer_model = train_sentencepiece(directory / "sp", corpus, vocab_size=700)
     write_internlm2_dir(directory, tokenizer_model, max_position_embeddings=32768)
     return directory
 
