@@ -272,14 +272,16 @@ def _remote_tokenizer_dir(directory: Path) -> Path:
 
 def test_use_fast_tokenizer_false_selects_the_directory_slow_tokenizer(tiny_components, tmp_path):
     llm = _remote_tokenizer_dir(tmp_path / "llm")
-    slow, _ = load_tokenizer(llm, use_fast=False)
-    fast, _ = load_tokenizer(llm, use_fast=True)
+    slow, _ = load_tokenizer(llm, trust_remote_code=True, use_fast=False)
+    fast, _ = load_tokenizer(llm, trust_remote_code=True, use_fast=True)
     assert (type(slow).__name__, type(fast).__name__) == ("TinySlowTokenizer", "TinyFastTokenizer")
     text = "<|im_start|>user\n<img><IMG_CONTEXT></img> a small red square<|im_end|>"
     assert slow(text).input_ids == fast(text).input_ids
 
     def build(**source):
-        config = ModelConfig(force_image_size=TINY_TILE, use_fast_tokenizer=False, **source)
+        config = ModelConfig(
+            force_image_size=TINY_TILE, use_fast_tokenizer=False, trust_remote_code=True, **source
+        )
         return build_model(config)
 
     built = build(vision_path=str(tiny_components.vision_path), llm_path=str(llm))
@@ -289,6 +291,12 @@ def test_use_fast_tokenizer_false_selects_the_directory_slow_tokenizer(tiny_comp
     reloaded = build(model_name_or_path=str(out))  # stage 1.5 reads stage 1's export
     assert type(reloaded.tokenizer).__name__ == "TinySlowTokenizer"
     assert reloaded.tokenizer(text).input_ids == slow(text).input_ids
+
+
+def test_slow_remote_tokenizer_needs_trust_remote_code(tmp_path):
+    llm = _remote_tokenizer_dir(tmp_path / "llm")
+    with pytest.raises(ValueError, match="TinySlowTokenizer.*trust_remote_code = true"):
+        load_tokenizer(llm, use_fast=False)
 
 
 def test_use_fast_tokenizer_false_without_a_slow_tokenizer_keeps_the_fast_one(tiny_components):

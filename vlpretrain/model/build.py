@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 import torch
 
 from vlpretrain.facts import RunFacts
-from vlpretrain.model import hub
+from vlpretrain.model import attention, hub, internlm2
 from vlpretrain.model.export_files import complete_tokenizer, copy_remote_code, with_legacy_keys
 from vlpretrain.model.llm import (
     llm_from_config,
@@ -61,11 +61,18 @@ class ModelConfig:
     """ViT layer feeding the projector (None: checkpoint's, or -1)."""
     conv_style: str | None = None
     """Chat template (None: checkpoint's, or internvl2_5)."""
-    attn_implementation: str = "sdpa"
-    """LLM attention: sdpa or eager on CPU; flash_attention_2 on GPU when installed."""
+    attn_implementation: str = "auto"
+    """LLM attention kernel: auto (CUDA: flash_attention_2 if flash-attn is installed, else
+    torch_varlen, else flex_attention; CPU: sdpa), or one of sdpa, eager, flex_attention,
+    flash_attention_2, torch_varlen (model/attention.py)."""
+    trust_remote_code: bool = False
+    """Allow a tokenizer that exists only as remote code (auto_map) to run Python from its
+    directory. InternLM2 needs no remote code (native tokenizer and Llama conversion); LLMs
+    themselves never run remote code (model/families.py)."""
     use_fast_tokenizer: bool = True
-    """False: the directory's own slow (sentencepiece) tokenizer where it has one, such as
-    InternLM2's (the reference's scripts pass --use_fast_tokenizer False)."""
+    """False: the directory's own slow (sentencepiece) tokenizer where it has one (remote code,
+    so it needs trust_remote_code; InternLM2's native tokenizer is the sentencepiece one
+    anyway). The reference's scripts pass --use_fast_tokenizer False."""
 
     def __post_init__(self) -> None:
         if self.model_name_or_path and (self.vision_path or self.llm_path):
@@ -79,6 +86,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.attn_implementation not in attention.KNOWN_KERNELS:
+            raise ValueError(
+                f"model.attn_implementation {self.attn_implementation!r} is not one of "
+                f"{list(attention.KNOWN_KERNELS)}"
+            )
 
 
 @dataclass
@@ -89,6 +101,8 @@ class BuiltModel:
 
 
 PATH_B_DEFAULTS = VLMConfig()
+LLM_PREFIX = "language_model."
+"""Where the LLM's tensors live in the InternVL chat layout."""
 
 
 def _vlm_config(base: VLMConfig, config: ModelConfig) -> VLMConfig:
@@ -104,8 +118,15 @@ def _vlm_config(base: VLMConfig, config: ModelConfig) -> VLMConfig:
     return replace(base, **changes)
 
 
-def build_model(config: ModelConfig) -> BuiltModel:
-    """Build the VLM (fp32, CPU) from `config`."""
+def build_model(config: ModelConfig, device: torch.device | None = None) -> BuiltModel:
+    """Build the VLM (fp32, CPU) from `config`; `device` is where it will run: it decides the
+    LLM attention kernel of "auto"."""
+    kernel, reason = attention.select_attention(
+        config.attn_implementation, device or torch.device("cpu")
+    )
+    attention.register_kernels()
+    attention.log_choice(kernel, reason)
+    config = replace(config, attn_implementation=kernel)
     if config.model_name_or_path:
         return _build_path_a(config)
     return _build_path_b(config)
@@ -155,7 +176,9 @@ def load_vision(directory: str | Path, drop_path_rate: float) -> InternViT:
 
 def _build_path_b(config: ModelConfig) -> BuiltModel:
     vision = load_vision(config.vision_path, config.drop_path_rate)
-    tokenizer, num_added = load_tokenizer(config.llm_path, config.use_fast_tokenizer)
+    tokenizer, num_added = load_tokenizer(
+        config.llm_path, config.trust_remote_code, config.use_fast_tokenizer
+    )
     llm = load_llm(config.llm_path, config.attn_implementation)
     untie_embeddings(llm)
     resize_for_tokens(llm, len(tokenizer), num_added)
@@ -176,10 +199,7 @@ def _build_path_a(config: ModelConfig) -> BuiltModel:
             f"{directory}/config.json: model_type is {raw.get('model_type')!r}, expected "
             "'internvl_chat' (use vision_path + llm_path for separate components)"
         )
-    model, tokenizer = _instantiate(
-        raw, config.drop_path_rate, config.attn_implementation, directory,
-        config.use_fast_tokenizer,
-    )  # fmt: skip
+    model, tokenizer = _instantiate(raw, config, directory)
     checkpoint_config = model.config
     model.config = _vlm_config(checkpoint_config, config)
     if model.config.downsample_ratio != checkpoint_config.downsample_ratio:
@@ -195,23 +215,22 @@ def _build_path_a(config: ModelConfig) -> BuiltModel:
 
 
 def _instantiate(
-    raw: dict[str, Any],
-    drop_path_rate: float,
-    attn_implementation: str,
-    directory: Path,
-    use_fast_tokenizer: bool = True,
+    raw: dict[str, Any], config: ModelConfig, directory: Path
 ) -> tuple[InternVLModel, Any]:
-    vision = InternViT(
-        replace(VisionConfig.from_dict(raw["vision_config"]), drop_path_rate=drop_path_rate)
+    vision_config = VisionConfig.from_dict(raw["vision_config"])
+    vision = InternViT(replace(vision_config, drop_path_rate=config.drop_path_rate))
+    llm = llm_from_config(raw["llm_config"], config.attn_implementation, code_dir=directory)
+    tokenizer, num_added = load_tokenizer(
+        directory, config.trust_remote_code, config.use_fast_tokenizer
     )
-    llm = llm_from_config(raw["llm_config"], attn_implementation)
-    tokenizer, num_added = load_tokenizer(directory, use_fast_tokenizer)
     if num_added:
         raise ValueError(
             f"{directory}: tokenizer lacks the InternVL tokens; not an InternVL export"
         )
     model = InternVLModel(VLMConfig.from_dict(raw), vision, llm, token_id(tokenizer, IMG_CONTEXT))
     state = hub.from_reference_keys(hub.load_weights(directory))
+    if internlm2.is_converted(llm.config):
+        state = internlm2.state_to_llama(state, llm.config, prefix=LLM_PREFIX)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied-embedding export written by the reference has no lm_head: untie from the input.
     head_key = "language_model.lm_head.weight"
@@ -254,10 +273,15 @@ def internvl_config_dict(
     image_settings: dict[str, Any] | None = None,
     torch_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """config.json content of the InternVL chat layout; `image_settings` (VLMConfig tiling
-    fields, e.g. SampleConfig.image_settings()) replace the model's own; weights are saved in
-    `torch_dtype`."""
-    llm_config = model.language_model.config.to_dict()
+    """config.json content of the InternVL chat layout (an InternLM2 back in its own keys);
+    `image_settings` (VLMConfig tiling fields, e.g. SampleConfig.image_settings()) replace the
+    model's own; weights are saved in `torch_dtype`."""
+    config = model.language_model.config
+    llm_config = (
+        internlm2.internlm2_config_from_llama(config)
+        if internlm2.is_converted(config)
+        else config.to_dict()
+    )
     llm_config["tie_word_embeddings"] = False
     input_embeddings = cast(torch.Tensor, model.language_model.get_input_embeddings().weight)
     llm_config["vocab_size"] = input_embeddings.shape[0]
@@ -308,15 +332,21 @@ def save_internvl(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = hub.to_reference_keys(state if state is not None else model.state_dict())
+    llm_config = model.language_model.config
+    if internlm2.is_converted(llm_config):
+        weights = internlm2.state_to_internlm2(weights, llm_config, prefix=LLM_PREFIX)
     hub.save_weights(weights, directory, dtype)
     config = internvl_config_dict(model, image_settings, str(dtype).removeprefix("torch."))
     hub.write_config(directory, config)
     tokenizer.save_pretrained(str(directory))
     source = Path(tokenizer.name_or_path)
+    if internlm2.is_converted(llm_config):
+        internlm2.save_internlm2_files(llm_config, tokenizer, directory)  # copies its *.py too
     complete_tokenizer(tokenizer, source if source.is_dir() else None, directory)
-    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
-    auto_maps = [config["llm_config"].get("auto_map"), tokenizer_config.get("auto_map")]
-    copy_remote_code(source, directory, auto_maps)
+    if not internlm2.is_converted(llm_config):
+        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+        auto_maps = [config["llm_config"].get("auto_map"), tokenizer_config.get("auto_map")]
+        copy_remote_code(source, directory, auto_maps)
     generation = {"eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory
