@@ -2,7 +2,8 @@
 
 vlpretrain train [STAGE.toml] [--set a.b=c ...] [--reference_flag value ...]
 vlpretrain show-config [STAGE.toml] [--set ...] [--reference_flag value ...]
-vlpretrain data check|show META.json --tokenizer DIR ...
+vlpretrain data check [STAGE.toml] [--set ...] [--reference_flag value ...] [--all]
+vlpretrain data show [STAGE.toml] [--set ...] [--reference_flag value ...] --index N
 vlpretrain chat [QUESTION] --model DIR [--image PATH ...]
 vlpretrain export DIR --to {hf,internvl} OUT
 """
@@ -170,6 +171,43 @@ def add_chat_command(commands: Any) -> None:
     parser.set_defaults(func=cmd_chat)
 
 
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    """`data check` / `data show` with the run's own settings and the model's facts."""
+    from vlpretrain.data.check import run_check, run_show
+    from vlpretrain.model.build import read_run_facts
+
+    config = resolve_config(args, extra)
+    if not config.train.meta_path:
+        raise ConfigError(["train.meta_path: empty; give the run's stage TOML or --meta_path"])
+    try:
+        facts = read_run_facts(config.model)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"vlpretrain: cannot read the model's facts: {error}", file=sys.stderr)
+        return 2
+    tokenizer_dir = config.model.model_name_or_path or config.model.llm_path
+    meta = config.train.meta_path
+    if args.data_command == "check":
+        return run_check(meta, tokenizer_dir, config.data, facts, args.workers,
+                         packing=config.packing, list_all=args.all)  # fmt: skip
+    return run_show(meta, tokenizer_dir, config.data, args.index, args.dataset,
+                    config.stream.seed, facts)  # fmt: skip
+
+
+def add_data_commands(commands: Any) -> None:
+    """Register `data check` and `data show` (the run's TOML, --set and reference flags)."""
+    data = commands.add_parser("data", help="validate and inspect the training data of a run")
+    subcommands = data.add_subparsers(dest="data_command", required=True)
+    check = subcommands.add_parser("check", help="validate the meta file and every record")
+    show = subcommands.add_parser("show", help="render one sample")
+    for parser in (check, show):
+        _add_config_arguments(parser)
+        parser.set_defaults(func=cmd_data, takes_extra=True)
+    check.add_argument("--workers", type=int, default=1, help="processes reading records")
+    check.add_argument("--all", action="store_true", help="list every skipped record")
+    show.add_argument("--index", type=int, required=True, help="record index in the dataset")
+    show.add_argument("--dataset", default=None, help="dataset name (default: the first)")
+
+
 def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     """Print the user settings and the facts derived from the model's config and tokenizer
     files (no weights are loaded)."""
@@ -186,8 +224,6 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlpretrain.data.check import add_data_commands
-
     parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--log-all-ranks", action="store_true", help="log INFO on every rank")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +293,8 @@ def _add_export_command(commands: Any) -> None:
 
 OWN_OPTIONS = {"--set": 1, "--log-all-ranks": 0, "--help": 0}
 """Options of `train` / `show-config` and how many values follow them."""
+DATA_OPTIONS = {**OWN_OPTIONS, "--workers": 1, "--all": 0, "--index": 1, "--dataset": 1}
+"""Options of `data check` / `data show`."""
 
 
 def split_reference_flags(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -266,18 +304,21 @@ def split_reference_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     would take that value for the positional config file (`train --vision_path DIR ...`).
     """
     command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
-    if command is None or argv[command] not in ("train", "show-config"):
+    if command is None or argv[command] not in ("train", "show-config", "data"):
         return argv, []
+    options = OWN_OPTIONS
+    if argv[command] == "data":  # `data check` / `data show`: the subcommand is ours too
+        command, options = command + 1, DATA_OPTIONS
     own, reference = argv[: command + 1], []
     index = command + 1
     while index < len(argv):
         token = argv[index]
         name = token.split("=", 1)[0]
-        if token.startswith("--") and name not in OWN_OPTIONS:
+        if token.startswith("--") and name not in options:
             width = 1 if "=" in token else 2
             reference.extend(argv[index : index + width])
         else:
-            width = 1 if "=" in token else 1 + OWN_OPTIONS.get(name, 0)
+            width = 1 if "=" in token else 1 + options.get(name, 0)
             own.extend(argv[index : index + width])
         index += width
     return own, reference

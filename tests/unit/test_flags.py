@@ -243,8 +243,14 @@ def test_cli_splits_reference_flags_from_its_own_arguments():
     )
     assert own == ["--log-all-ranks", "train", "stage.toml", "--set", "a.b=1"]
     assert reference == ["--vision_path", "vit"]
+    # `data check/show` take the run's flags too (issue 11: the run's config, not defaults)
+    own, reference = split_reference_flags(
+        ["data", "check", "stage.toml", "--meta_path", "m.json", "--all", "--workers", "2"]
+    )
+    assert own == ["data", "check", "stage.toml", "--all", "--workers", "2"]
+    assert reference == ["--meta_path", "m.json"]
     # Other commands are left to argparse entirely.
-    argv = ["data", "check", "meta.json", "--tokenizer", "tok"]
+    argv = ["chat", "q?", "--model", "dir"]
     assert split_reference_flags(argv) == (argv, [])
 
 

@@ -51,7 +51,12 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 def test_the_package_has_the_layers_the_rules_name():
     names = {_module_name(p) for p in MODULES}
-    for package in ("vlpretrain.data", "vlpretrain.model", "vlpretrain.distributed", "vlpretrain.train"):
+    for package in (
+        "vlpretrain.data",
+        "vlpretrain.model",
+        "vlpretrain.distributed",
+        "vlpretrain.train",
+    ):
         assert package in names
 
 

@@ -1,22 +1,26 @@
 """`vlpretrain data check` and `vlpretrain data show`: validate and inspect training data.
 
-    meta.json --build_sources--> [DatasetSource] --pool of workers--> per-line stats
-    stats --> counts, token/tile histograms, skip reasons with file:line --> exit code
+    meta.json --build_sources (worst case)--> [DatasetSource] --pool of workers--> per-line
+    stats (+ the run's pack budget) --> counts, token/tile histograms, skips with file:line
+    --> exit code of the run's skip policy (data.skips.SkipPolicy, every record seen)
 
-`check` reads every distinct annotation line once (repeat_time is not applied) and exits
-non-zero when the skipped fraction exceeds max_skip_fraction. `show` renders one sample:
-supervised spans in <<...>> quotes, image spans collapsed to <img><IMG_CONTEXT>x256*5</img>.
-This is the only data module that prints.
+`check` reads every distinct annotation line once (repeat_time is not applied) with the run's
+settings (cli.py resolves them from the run's TOML or flags) and exits non-zero when the
+skipped fraction exceeds max_skip_fraction. Randomness is taken at its worst: every video is
+checked with max_num_frame frames, so a record whose random frame count can exceed
+max_seq_length is reported (image tiles do not depend on randomness). `show` renders one
+sample: supervised spans in <<...>> quotes, image spans collapsed to
+<img><IMG_CONTEXT>x256*5</img>. This is the only data module that prints; its command line is
+in cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import multiprocessing
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,8 @@ from tqdm import tqdm
 
 from vlpretrain.data import tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
+from vlpretrain.data.loader import exceeds_budget
+from vlpretrain.data.packing import PackingConfig, PackItem, PieceRef, fit_to_budget
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample, TokenizedSample
 from vlpretrain.data.skips import SkipPolicy, SkipTally
@@ -36,6 +42,7 @@ LineStat = tuple[int, int, int] | SkippedSample
 """(dataset_index, num_tokens, num_tiles) of a good line, or the skip."""
 
 _WORKER_SOURCES: list[DatasetSource] = []
+_WORKER_PACKING: PackingConfig | None = None
 
 
 def load_tokenizer(path: str) -> Any:
@@ -47,9 +54,22 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def _init_worker(sources: list[DatasetSource]) -> None:
-    global _WORKER_SOURCES
-    _WORKER_SOURCES = sources
+def _init_worker(sources: list[DatasetSource], packing: PackingConfig | None) -> None:
+    global _WORKER_SOURCES, _WORKER_PACKING
+    _WORKER_SOURCES, _WORKER_PACKING = sources, packing
+
+
+def check_line(
+    source: DatasetSource, line: int, packing: PackingConfig | None
+) -> TokenizedSample | SkippedSample:
+    """The sample of one line as training builds it, skipped as training would skip it."""
+    sample = source.load_line(line, np.random.default_rng((0, 0, source.dataset_index, line)))
+    if packing is None or isinstance(sample, SkippedSample):
+        return sample
+    item = PackItem(PieceRef.whole(sample, line, 0), sample)
+    if fit_to_budget(item, packing, source.facts) is None:
+        return exceeds_budget(sample, packing)
+    return sample
 
 
 def _check_chunk(task: tuple[int, int, int]) -> list[LineStat]:
@@ -57,7 +77,7 @@ def _check_chunk(task: tuple[int, int, int]) -> list[LineStat]:
     source = _WORKER_SOURCES[dataset_index]
     out: list[LineStat] = []
     for line in range(start, stop):
-        sample = source.load_line(line, np.random.default_rng((0, 0, dataset_index, line)))
+        sample = check_line(source, line, _WORKER_PACKING)
         if isinstance(sample, SkippedSample):
             out.append(sample)
         else:
@@ -73,14 +93,16 @@ def _tasks(sources: list[DatasetSource]) -> list[tuple[int, int, int]]:
     ]
 
 
-def _run_chunks(sources: list[DatasetSource], workers: int) -> Iterator[list[LineStat]]:
+def _run_chunks(
+    sources: list[DatasetSource], workers: int, packing: PackingConfig | None
+) -> Iterator[list[LineStat]]:
     tasks = _tasks(sources)
     if workers <= 1:
-        _init_worker(sources)
+        _init_worker(sources, packing)
         yield from map(_check_chunk, tasks)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(sources,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(sources, packing)) as pool:
         yield from pool.imap_unordered(_check_chunk, tasks)
 
 
@@ -108,33 +130,53 @@ def image_facts(
     )
 
 
+def worst_case(config: SampleConfig) -> SampleConfig:
+    """`config` with every random choice at its largest: max_num_frame frames per video."""
+    return replace(config, min_num_frame=config.max_num_frame)
+
+
 def run_check(
-    meta: str, tokenizer_dir: str, config: SampleConfig, facts: RunFacts | None = None,
+    meta: str,
+    tokenizer_dir: str,
+    config: SampleConfig,
+    facts: RunFacts | None = None,
     workers: int = 1,
-) -> int:  # fmt: skip
-    """Validate every record; print the report; return the process exit code. `facts` None:
-    image_facts() of the tokenizer (448-px tiles, 256 tokens per tile, internvl2_5)."""
+    *,
+    packing: PackingConfig | None = None,
+    list_all: bool = False,
+) -> int:
+    """Validate every record (worst case, pack budget of `packing` if given); print the report;
+    return the process exit code. `facts` None: image_facts() of the tokenizer (448-px tiles,
+    256 tokens per tile, internvl2_5). `list_all`: every skipped record, not 3 per reason."""
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
-        sources = build_sources(meta, config, facts or image_facts(tokenizer), tokenizer)
+        sources = build_sources(
+            meta, worst_case(config), facts or image_facts(tokenizer), tokenizer
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counter = SkipTally([s.name for s in sources])
+    skipped: list[SkippedSample] = []
     tokens: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
     tiles: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
     total = sum(s.num_lines for s in sources)
     with tqdm(total=total, desc="checking", unit="rec", file=sys.stderr) as bar:
-        for chunk in _run_chunks(sources, workers):
+        for chunk in _run_chunks(sources, workers, packing):
             for stat in chunk:
                 if isinstance(stat, SkippedSample):
                     counter.seen[stat.source.dataset] += 1
                     counter.add_skip(stat.source.dataset, stat.reason, str(stat), log=False)
+                    skipped.append(stat)
                 else:
                     counter.seen[counter.name(stat[0])] += 1
                     tokens[stat[0]].append(stat[1])
                     tiles[stat[0]].append(stat[2])
             bar.update(len(chunk))
+    print(f"checked in the worst case: videos with max_num_frame = {config.max_num_frame} "
+          f"frames, max_seq_length {config.max_seq_length}"
+          + (f", rows of {packing.max_packed_tokens} tokens / {packing.num_images_expected} "
+             "tiles" if packing else ""))  # fmt: skip
     for s in sources:
         i = s.dataset_index
         print(f"\n== {s.name}: {s.num_lines} lines, effective length {len(s)}, "
@@ -142,6 +184,10 @@ def run_check(
         print(text_histogram(tokens[i], "tokens per sample"))
         print(text_histogram(tiles[i], "tiles per sample"))
     print("\n" + counter.summary())
+    if list_all and skipped:
+        print(f"\nall {len(skipped)} skipped records:")
+        for sample in sorted(skipped, key=lambda s: (s.source.path, s.source.line)):
+            print(f"  {sample}")
     # the run's policy, with every record seen (no minimum number of records)
     policy = SkipPolicy(config.max_skip_fraction, min_records=0)
     ok = not policy.exceeded(counter.num_skipped, counter.num_seen)
@@ -230,79 +276,3 @@ def run_show(
           f"tiles {sample.num_tiles} {list(sample.num_tiles_per_image)}")  # fmt: skip
     print(render_sample(sample, tokenizer, facts.num_image_token))
     return 0
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per SampleConfig field (same name, '-' for '_')."""
-    for f in dataclasses.fields(SampleConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"),
-                                default=f.default, metavar="BOOL")  # fmt: skip
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=f.default)
-
-
-def _add_fact_flags(parser: argparse.ArgumentParser) -> None:
-    """The image layout of the model the data is for (RunFacts, not SampleConfig fields)."""
-    parser.add_argument("--tile-size", type=int, default=448, help="tile side in pixels")
-    parser.add_argument("--num-image-token", type=int, default=256, help="tokens per tile")
-    parser.add_argument("--conv-style", default="internvl2_5", help="chat template")
-
-
-def facts_from_args(args: argparse.Namespace) -> RunFacts:
-    """RunFacts from the flags added by _add_fact_flags and the --tokenizer directory."""
-    return image_facts(
-        load_tokenizer(args.tokenizer), args.tile_size, args.num_image_token, args.conv_style
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> SampleConfig:
-    """SampleConfig from the flags added by _add_config_flags."""
-    return SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
-
-
-def add_data_commands(subparsers: Any) -> None:
-    """Register `data check` and `data show` on an argparse subparsers object."""
-    data = subparsers.add_parser("data", help="validate and inspect training data")
-    commands = data.add_subparsers(dest="data_command", required=True)
-    check = commands.add_parser("check", help="validate a meta file and every record")
-    show = commands.add_parser("show", help="render one sample")
-    for parser in (check, show):
-        parser.add_argument("meta", help="meta JSON file")
-        parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
-        _add_config_flags(parser)
-        _add_fact_flags(parser)
-    check.add_argument("--workers", type=int, default=1)
-    check.set_defaults(
-        func=lambda a: run_check(
-            a.meta, a.tokenizer, config_from_args(a), facts_from_args(a), a.workers
-        )
-    )
-    show.add_argument("--index", type=int, required=True, help="record index in the dataset")
-    show.add_argument("--dataset", default=None, help="dataset name (default: the first)")
-    show.add_argument("--seed", type=int, default=0)
-    show.set_defaults(
-        func=lambda a: run_show(
-            a.meta,
-            a.tokenizer,
-            config_from_args(a),
-            a.index,
-            a.dataset,
-            a.seed,
-            facts_from_args(a),
-        )
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: `python -m vlpretrain.data.check data check ...`."""
-    parser = argparse.ArgumentParser(prog="vlpretrain")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

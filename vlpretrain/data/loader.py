@@ -199,7 +199,7 @@ class WorkerStream:
         item = PackItem(PieceRef.whole(loaded, ref.record_index, ref.epoch), loaded)
         pieces = fit_to_budget(item, self.packing_config, self.facts)
         if pieces is None:
-            self._skip(_exceeds_budget(loaded, self.packing_config))
+            self._skip(exceeds_budget(loaded, self.packing_config))
             return []
         if self.skip_counter is not None:
             self.skip_counter.record(loaded)
@@ -384,7 +384,8 @@ def _pass_through(batch: PackedBatch) -> PackedBatch:
     return batch
 
 
-def _exceeds_budget(sample: TokenizedSample, config: PackingConfig) -> SkippedSample:
+def exceeds_budget(sample: TokenizedSample, config: PackingConfig) -> SkippedSample:
+    """The skip of a sample that fits no row (also what `data check` reports)."""
     return SkippedSample(
         dataset_index=sample.dataset_index,
         source=sample.source,
