@@ -263,3 +263,9 @@ def test_set_wins_over_reference_flags(tmp_path, capsys):
     argv = [*flag_argv(STAGE_1B_1, tmp_path), "--set", "optim.learning_rate=1e-3"]
     assert main(["show-config", *argv]) == 0
     assert "learning_rate = 0.001" in capsys.readouterr().out
+
+
+def test_reference_seed_flag_seeds_model_and_data():
+    raw: dict = {}
+    apply_reference_flags(raw, ["--seed", "7"])
+    assert raw["train"]["seed"] == 7 and raw["stream"]["seed"] == 7
