@@ -346,12 +346,9 @@ def test_training_rejects_a_finite_stream(tmp_path):
             "stream": {"num_epochs": 1},
         }
     )
-    try:
+    with pytest.raises(ConfigError) as caught:
         validate(config, 1)
-    except ConfigError as error:
-        assert any("stream.num_epochs" in p for p in error.problems)
-    else:
-        raise AssertionError("num_epochs was accepted for training")
+    assert any("stream.num_epochs" in p for p in caught.value.problems)
 
 
 def test_recipe_inline_section_refines_stage_file_key_by_key(tmp_path):
