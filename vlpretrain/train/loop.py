@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vlpretrain.config import RunConfig, to_dict
-from vlpretrain.data.build import SkipCounter, build_sources
+from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
@@ -51,6 +51,7 @@ from vlpretrain.train.checkpoint import (
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.skips import SkipRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -158,19 +159,6 @@ def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
             state.skipped[reason] = state.skipped.get(reason, 0) + count
 
 
-def check_skips(state: TrainState, max_fraction: float, min_records: int = 100) -> None:
-    """Stop the run when the global skip fraction exceeds `max_fraction`."""
-    counts = torch.tensor([sum(state.skipped.values()), state.records_seen], dtype=torch.float64)
-    skipped, seen = all_reduce_sum(counts).tolist()
-    if seen >= min_records and skipped / seen > max_fraction:
-        top = sorted(state.skipped.items(), key=lambda kv: -kv[1])[:5]
-        raise RuntimeError(
-            f"{int(skipped)} of {int(seen)} records skipped ({skipped / seen:.2%}), above "
-            f"data.max_skip_fraction {max_fraction:.2%}; most common on this rank: {top}. "
-            "Run `vlpretrain data check` on the meta file to see every bad record."
-        )
-
-
 def step_metrics(
     result: StepResult,
     batches: list[PackedBatch],
@@ -252,12 +240,14 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
     loader = build_dataloader(
-        sources, config.packing, facts, config.stream, env.rank, env.world_size, SkipCounter()
+        sources, config.packing, facts, config.stream, env.rank, env.world_size
     )
     state, rng_state = TrainState(), None
     checkpoint = resume_path(config)
     if checkpoint is not None:
         state, rng_state = load_checkpoint(checkpoint, model, optimizer, scheduler, loader)
+    skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
+                         env, state.step, summary_every=config.train.save_steps)  # fmt: skip
     flops = build_flops_counter(plain_model)
     peak = peak_tflops(env.device, config.train.peak_tflops)
     metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
@@ -283,6 +273,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             scheduler.step()
             state.step += 1
             update_counters(state, batches)
+            skips.add(batches, state.step)
             is_last = state.step == config.train.max_steps
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
@@ -290,9 +281,10 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
-                check_skips(state, config.data.max_skip_fraction)
+                skips.flush(state)  # skipped.jsonl + the skip policy
                 metrics.write(state.step, last, LINE_KEYS)
             if state.step % config.train.save_steps == 0 or is_last:
+                skips.flush(state)  # every skip the checkpoint covers is on disk
                 save_checkpoint(
                     output_dir,
                     model,
@@ -314,9 +306,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         "skipped": state.skipped,
         **last,
     }
-    if state.skipped:
-        logger.warning("skipped records on this rank: %s (see the log above for file:line)",
-                       state.skipped)  # fmt: skip
+    skips.finish(state)
     if env.is_main:
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
     barrier()
