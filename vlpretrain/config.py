@@ -45,12 +45,16 @@ class TrainConfig:
     max_steps: int = 100
     """Optimizer steps."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (the loss is normalised over all of them)."""
     save_steps: int = 100
     """Resumable checkpoint cadence (the last step always saves)."""
     save_total_limit: int = 3
     """Checkpoints kept (older ones deleted)."""
     logging_steps: int = 1
+    """Metrics cadence in steps (stdout line, metrics.jsonl, TensorBoard; the last step too)."""
     seed: int = 42
+    """Seeds torch before the model is built (fresh projector, LoRA, dropout); the data order
+    has its own stream.seed (the reference flag --seed sets both)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for forward/backward; weights and optimizer stay fp32."""
     save_dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -62,11 +66,13 @@ class TrainConfig:
     """Normalise the loss by the weight sum over all ranks and micro-batches of the step; False
     normalises each micro-batch by its local weight sum (the reference's per-rank mode)."""
     report_to: Literal["none", "tensorboard"] = "tensorboard"
+    """TensorBoard event files in output_dir, or none (metrics.jsonl is always written)."""
     resume: str = "auto"
     """'auto': latest checkpoint in output_dir if any; 'never'; or a checkpoint directory."""
     peak_tflops: float = 0.0
     """Per-device peak for MFU (0: known GPU table, or a measured CPU matmul peak)."""
     progress_bar: bool = True
+    """A tqdm bar over the steps on rank 0."""
 
     @property
     def export_precision(self) -> Literal["fp32", "bf16"]:

@@ -1,8 +1,9 @@
 """`vlpretrain train` end to end on the tiny model: golden losses, exact resume, kill and
 resume, stage chaining.
 
-Golden file: tests/assets/golden_loss_tiny_cpu.txt. Regenerate it after an intended numeric
-change with
+Golden files: tests/assets/golden_loss_tiny_cpu.txt (5 stage-2 steps, two processes at once)
+and tests/assets/golden_loss_chain_cpu.txt (12 stage-1 steps on Path B, then 12 stage-2 steps
+from stage 1's export). Regenerate them after an intended numeric change with
 
     VLPRETRAIN_UPDATE_GOLDEN=1 VLPRETRAIN_GOLDEN_REASON="why" .venv/bin/pytest \
         tests/e2e/test_train_e2e.py -k golden
@@ -45,6 +46,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 GOLDEN = REPO / "tests" / "assets" / "golden_loss_tiny_cpu.txt"
 GOLDEN_STEPS = 5
+GOLDEN_CHAIN = REPO / "tests" / "assets" / "golden_loss_chain_cpu.txt"
+CHAIN_STEPS = {"stage1": 12, "stage2": 12}
+"""Steps of each stage of the golden chain (24 in all)."""
 UPDATE_GOLDEN = os.environ.get("VLPRETRAIN_UPDATE_GOLDEN") == "1"
 
 
@@ -79,18 +83,27 @@ def read_golden() -> list[float]:
     return [float(line) for line in lines if line.strip() and not line.startswith("#")]
 
 
-def write_golden(losses: list[float]) -> None:
-    reason = os.environ.get("VLPRETRAIN_GOLDEN_REASON", "initial golden of the tiny stage-2 run")
-    header = [
-        "# Loss of each step of the tiny CPU fp32 run, one per line (repr precision).",
+def golden_header(what: str, run: str, default_reason: str) -> list[str]:
+    """Comment lines of a golden file: what it holds, how to regenerate it, and why it changed."""
+    reason = os.environ.get("VLPRETRAIN_GOLDEN_REASON", default_reason)
+    return [
+        f"# {what}",
         "# Command: VLPRETRAIN_UPDATE_GOLDEN=1 .venv/bin/pytest tests/e2e/test_train_e2e.py "
         "-k golden",
-        "#   = vlpretrain train STAGE.toml with tests/train_fixtures.py stage_raw(stage='stage2', "
-        f"max_steps={GOLDEN_STEPS}),",
+        f"#   = {run},",
         "#     build_train_assets() data and components (seed 0), env "
         + " ".join(f"{k}={v}" for k, v in DETERMINISTIC_ENV.items()),
         f"# Reason: {reason}",
     ]
+
+
+def write_golden(losses: list[float]) -> None:
+    header = golden_header(
+        "Loss of each step of the tiny CPU fp32 run, one per line (repr precision).",
+        "vlpretrain train STAGE.toml with tests/train_fixtures.py stage_raw(stage='stage2', "
+        f"max_steps={GOLDEN_STEPS})",
+        "initial golden of the tiny stage-2 run",
+    )
     GOLDEN.write_text("\n".join([*header, *(repr(x) for x in losses)]) + "\n")
 
 
@@ -115,6 +128,64 @@ def test_golden_losses_are_deterministic_and_match_the_file(train_assets, tmp_pa
         "the tiny run no longer reproduces the golden losses; if the change is intended, "
         "regenerate with VLPRETRAIN_UPDATE_GOLDEN=1 and give a reason (module docstring)"
     )
+
+
+def chain_configs(train_assets, root: Path) -> list[dict]:  # noqa: F811
+    """Stage 1 (Path B, projector only, captions), then stage 2 (Path A from stage 1's export,
+    everything trains, the QA mixture)."""
+    stage1 = stage_raw(train_assets, root / "stage1", max_steps=CHAIN_STEPS["stage1"])
+    stage2 = stage_raw(
+        train_assets,
+        root / "stage2",
+        stage="stage2",
+        max_steps=CHAIN_STEPS["stage2"],
+        model={"model_name_or_path": str(root / "stage1")},
+    )
+    del stage2["model"]["vision_path"], stage2["model"]["llm_path"]
+    del stage2["model"]["force_image_size"]  # the checkpoint's
+    return [stage1, stage2]
+
+
+def write_chain_golden(lines: list[str]) -> None:
+    header = golden_header(
+        "Loss of each step of a stage-1 -> stage-2 chain of the tiny CPU fp32 model, one "
+        "'stage step loss' per line (repr precision).",
+        "vlpretrain train on each of tests/e2e/test_train_e2e.py chain_configs(): stage_raw("
+        f"max_steps={CHAIN_STEPS['stage1']}), then stage_raw(stage='stage2', "
+        f"max_steps={CHAIN_STEPS['stage2']}) from stage 1's output",
+        "initial golden of the tiny chain",
+    )
+    GOLDEN_CHAIN.write_text("\n".join([*header, *lines]) + "\n")
+
+
+def read_chain_golden() -> list[str]:
+    lines = GOLDEN_CHAIN.read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_golden_chain_stage1_to_stage2_matches_the_file(train_assets, tmp_path):  # noqa: F811
+    lines = []
+    for name, raw in zip(CHAIN_STEPS, chain_configs(train_assets, tmp_path), strict=True):
+        run_cli("train", str(write_stage(tmp_path / f"{name}.toml", raw)), deterministic=True)
+        losses = losses_by_step(tmp_path / name)
+        assert list(losses) == list(range(1, CHAIN_STEPS[name] + 1))
+        lines += [f"{name} {step} {losses[step]!r}" for step in sorted(losses)]
+    if UPDATE_GOLDEN:
+        write_chain_golden(lines)
+    assert GOLDEN_CHAIN.is_file(), f"{GOLDEN_CHAIN} is missing; create it with UPDATE_GOLDEN=1"
+    assert lines == read_chain_golden(), (
+        "the tiny stage-1 -> stage-2 chain no longer reproduces the golden losses; if the "
+        "change is intended, regenerate with VLPRETRAIN_UPDATE_GOLDEN=1 and give a reason"
+    )
+
+
+def test_golden_chain_file_has_header_and_one_loss_per_step():
+    text = GOLDEN_CHAIN.read_text()
+    assert "# Command:" in text and "# Reason:" in text
+    rows = [line.split() for line in read_chain_golden()]
+    expected = [(name, str(step)) for name, n in CHAIN_STEPS.items() for step in range(1, n + 1)]
+    assert [(name, step) for name, step, _ in rows] == expected
+    assert all(repr(float(loss)) == loss for _, _, loss in rows)  # repr precision: round-trips
 
 
 def test_golden_file_has_header_and_one_loss_per_step():

@@ -10,7 +10,13 @@ import pytest
 from vlpretrain.cli import main
 from vlpretrain.data.build import SampleConfig
 from vlpretrain.facts import RunFacts
-from vlpretrain.model.build import ModelConfig, read_run_facts, run_facts, save_internvl
+from vlpretrain.model.build import (
+    ModelConfig,
+    build_model,
+    read_run_facts,
+    run_facts,
+    save_internvl,
+)
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START
 
 
@@ -33,10 +39,14 @@ def test_read_facts_equal_built_facts_on_both_paths(tiny_components, tiny_model,
     )
     assert read_run_facts(path_b) == run_facts(tiny_model.model, tiny_model.tokenizer)
     exported = save_internvl(tiny_model.model, tiny_model.tokenizer, tmp_path / "export")
-    path_a = ModelConfig(model_name_or_path=str(exported), force_image_size=28, conv_style="phi3")
+    path_a = ModelConfig(
+        model_name_or_path=str(exported), force_image_size=28, conv_style="phi3-chat"
+    )
     # Explicit settings win over the checkpoint's, as in build_model: 28 px -> 1 token per tile.
     facts = read_run_facts(path_a)
-    assert (facts.tile_size, facts.num_image_token, facts.template) == (28, 1, "phi3")
+    assert (facts.tile_size, facts.num_image_token, facts.template) == (28, 1, "phi3-chat")
+    built = build_model(path_a)
+    assert facts == run_facts(built.model, built.tokenizer)
     assert replace(facts, tile_size=56, num_image_token=4, template="internvl2_5") == run_facts(
         tiny_model.model, tiny_model.tokenizer
     )

@@ -295,3 +295,9 @@ def test_use_fast_tokenizer_flag_sets_the_model_field():
     for text, expected in (("False", False), ("True", True)):
         config, _ = resolve(["--vision_path", "v", "--llm_path", "l", "--use_fast_tokenizer", text])
         assert config.model.use_fast_tokenizer is expected
+
+
+def test_reference_seed_flag_seeds_model_and_data():
+    raw: dict = {}
+    apply_reference_flags(raw, ["--seed", "7"])
+    assert raw["train"]["seed"] == 7 and raw["stream"]["seed"] == 7

@@ -167,3 +167,27 @@ def test_context_token_count_mismatch_raises(tiny_model, make_vlm_batch):
             "but 4 image feature rows \\(1 real tiles x 4 tokens\\)",
         ):
             _forward(model, batch)
+
+
+def test_batch_without_supervised_token_still_reaches_the_head(tiny_model, make_vlm_batch):
+    # DDP/FSDP2 need every trainable parameter in the graph every step, lm_head included.
+    batch = make_vlm_batch(tiny_model)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    batch["loss_weight"] = torch.zeros_like(batch["loss_weight"])
+    out = tiny_model.model(**batch)
+    out.loss_sum.backward()
+    assert out.num_supervised == 0 and float(out.loss_sum) == 0.0
+    missing = [n for n, p in tiny_model.model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_two_rows_equal_each_row_alone(tiny_model, make_vlm_batch):
+    # Rows run as one flattened sequence (flash-attention varlen needs batch size 1); the
+    # restarting position_ids keep them independent: the loss of 2 rows is the sum.
+    model = tiny_model.model.eval()
+    one = make_vlm_batch(tiny_model)
+    two = {k: torch.cat([v, v]) for k, v in one.items()}  # rows and their tiles, twice
+    with torch.no_grad():
+        single = model(**one).loss_sum
+        double = model(**two).loss_sum
+    torch.testing.assert_close(double, 2 * single, rtol=1e-5, atol=1e-6)

@@ -187,13 +187,29 @@ def test_optimizer_groups_on_the_tiny_model(tiny_vlm):
     } <= decayed
 
 
-def test_optimizer_holds_only_trainable_parameters(tiny_vlm):
-    apply_freeze_policy(tiny_vlm, FreezeConfig(freeze_backbone=True, freeze_llm=True))
+def test_optimizer_holds_exactly_the_trainable_parameters(tiny_vlm):
+    apply_freeze_policy(
+        tiny_vlm, FreezeConfig(freeze_backbone=True, freeze_llm=True, unfreeze_vit_layers=1)
+    )
     optimizer = build_optimizer(tiny_vlm, OptimConfig())
-    (_, decayed), (_, kept) = group_names(tiny_vlm, optimizer)
-    assert decayed == {"projector.fc1.weight", "projector.fc2.weight"}
+    (decay, decayed), (no_decay, kept) = group_names(tiny_vlm, optimizer)
+    assert (decay, no_decay) == (0.01, 0.0)
+    trainable = {n for n, p in tiny_vlm.named_parameters() if p.requires_grad}
+    assert decayed | kept == trainable and not decayed & kept
+    # Only matrices decay: the two projector Linears and the last ViT layer's four Linears.
+    layer = "vision_model.encoder.layers.1"
+    linears = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    assert decayed == {"projector.fc1.weight", "projector.fc2.weight"} | {
+        f"{layer}.{m}.weight" for m in linears
+    }
+    layer_vectors = {f"{layer}.{m}.bias" for m in linears} | {
+        f"{layer}.{n}" for n in ("ls1", "ls2", "norm1.weight", "norm1.bias", "norm2.weight",
+                                 "norm2.bias")
+    }  # fmt: skip
     assert kept == {"projector.norm.weight", "projector.norm.bias", "projector.fc1.bias",
-                    "projector.fc2.bias"}  # fmt: skip
-    # 256*64 + 64*64 matrices + (256 + 256 + 64 + 64) vectors = 21,120 parameters.
+                    "projector.fc2.bias"} | layer_vectors  # fmt: skip
+    # Projector: 256*64 + 64*64 matrices + (256 + 256 + 64 + 64) vectors = 21,120.
+    # ViT layer (64 wide, MLP 128): 64*192 + 64*64 + 64*128 + 128*64 = 32,768 in matrices,
+    # 192 + 64 + 128 + 64 biases + 4 * 64 norm + 2 * 64 layer scale = 832 in vectors.
     total = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    assert total == 256 * 64 + 64 * 64 + 256 + 256 + 64 + 64 == 21120
+    assert total == 21120 + 32768 + 832 == 54720

@@ -22,15 +22,21 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     learning_rate: float = 2e-4
+    """Peak learning rate, reached after warmup [--learning_rate]."""
     weight_decay: float = 0.01
     """Applied to weight matrices only (not norms, biases, position/class embeddings)."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay [--adam_beta1]."""
     adam_beta2: float = 0.999
+    """AdamW second-moment decay [--adam_beta2]."""
     adam_epsilon: float = 1e-8
+    """AdamW denominator epsilon [--adam_epsilon]."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm (0 disables)."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup: constant, linear or cosine to 0 at max_steps [--lr_scheduler_type]."""
     warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps (0: use warmup_ratio) [--warmup_steps]."""
     warmup_ratio: float = 0.0
     """Used when warmup_steps is 0: warmup = ceil(ratio * max_steps)."""
 
