@@ -205,12 +205,12 @@ def test_kill_and_resume_matches_an_uninterrupted_run(train_assets, tmp_path):  
     # leftover of a crash inside the next save too (the kill may or may not have made one).
     latest = latest_checkpoint(killed_dir)
     assert latest is not None and not latest.name.endswith(".tmp")
-    assert (latest / "train_state.json").is_file()
+    assert (latest / "manifest.json").is_file()
     latest_step = int(latest.name.split("-")[1])
     assert 4 <= latest_step < n
     stale = killed_dir / "checkpoints" / f"step-{latest_step + 2:08d}.tmp"
     stale.mkdir(exist_ok=True)
-    (stale / "train_state.json").write_text("{half written")
+    (stale / "shared.json").write_text("{half written")
     assert latest_checkpoint(killed_dir) == latest
     assert not (killed_dir / FINAL_MARKER).exists()
     logged_before = {r["step"] for r in read_metrics(killed_dir)}

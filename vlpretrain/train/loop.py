@@ -43,15 +43,15 @@ from vlpretrain.model.hub import merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.tokens import IMG_END, IMG_START, token_id
 from vlpretrain.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
+    check_resume_checkpoint,
+    find_resume_checkpoint,
     load_checkpoint,
-    restore_rng,
     save_checkpoint,
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.states import LoaderState, TrainState, training_states
 
 logger = logging.getLogger(__name__)
 
@@ -261,11 +261,12 @@ def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: 
 
 
 def resume_path(config: RunConfig) -> Path | None:
+    """The verified checkpoint to resume from (a collective), or None to start fresh."""
     if config.train.resume == "never":
         return None
     if config.train.resume == "auto":
-        return latest_checkpoint(config.train.output_dir)
-    return Path(config.train.resume)
+        return find_resume_checkpoint(config.train.output_dir)
+    return check_resume_checkpoint(config.train.resume)
 
 
 def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
@@ -283,16 +284,15 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     loader = build_dataloader(
         sources, packing_config, config.stream, env.rank, env.world_size, SkipCounter()
     )
-    state, rng_state = TrainState(), None
-    checkpoint = resume_path(config)
-    if checkpoint is not None:
-        state, rng_state = load_checkpoint(checkpoint, model, optimizer, scheduler, loader)
+    state = TrainState()
+    states = training_states(model, optimizer, scheduler, loader, state)
     flops = build_flops_counter(plain_model)
     peak = peak_tflops(env.device, config.train.peak_tflops)
+    checkpoint = resume_path(config)
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, states)  # restores `state` in place
     metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
-    iterator = iter(loader)
-    if rng_state is not None:
-        restore_rng(rng_state)
+    iterator = cast(LoaderState, states["loader"]).iterator
     last: dict[str, Any] = {}
     bar = tqdm(
         total=config.train.max_steps,
@@ -324,13 +324,10 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             if state.step % config.train.save_steps == 0 or is_last:
                 save_checkpoint(
                     output_dir,
-                    model,
-                    optimizer,
-                    scheduler,
-                    state,
-                    loader,
-                    to_dict(config),
-                    config.train.save_total_limit,
+                    states,
+                    step=state.step,
+                    config=to_dict(config),
+                    keep=config.train.save_total_limit,
                 )
     bar.close()
     metrics.close()
