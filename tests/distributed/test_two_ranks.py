@@ -284,7 +284,13 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
     ]
     assert '"world_size": 2' in (checkpoint / "shared.json").read_text()
 
-    wait_ok(torchrun(resumed, "--set", "train.max_steps=4"))
+    extend = (
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        'train.allow_changed_on_resume=["train.max_steps"]',
+    )
+    wait_ok(torchrun(resumed, *extend))
     assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
     assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "straight")
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2, 4]

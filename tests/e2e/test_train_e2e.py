@@ -219,10 +219,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(train_assets, tmp_path):  
     expected = losses_by_step(tmp_path / "reference")
     assert sorted(expected) == list(range(1, n + 1))
     records = read_metrics(killed_dir)
-    # Steps the killed run logged after its last checkpoint are logged again by the rerun;
-    # both copies must equal the uninterrupted run.
-    assert {r["step"] for r in records} == set(expected)
-    assert len(records) >= n
+    # Steps the killed run logged after its last checkpoint were dropped on resume and logged
+    # again by the rerun: each step once, equal to the uninterrupted run.
+    assert [r["step"] for r in records] == list(range(1, n + 1))
     for record in records:
         assert record["loss"] == expected[record["step"]], record["step"]
     assert logged_before <= set(expected)

@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +31,7 @@ from vlpretrain.data.build import SampleConfig, SkipCounter, build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackingConfig
-from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
+from vlpretrain.distributed.env import DistEnv, all_gather_objects, all_reduce_sum, barrier
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
     gradient_sync,
@@ -46,11 +47,13 @@ from vlpretrain.train.checkpoint import (
     check_resume_checkpoint,
     find_resume_checkpoint,
     load_checkpoint,
+    read_shared,
     save_checkpoint,
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.resume import check_config_on_resume, set_aside_previous_run
 from vlpretrain.train.states import LoaderState, TrainState, training_states
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,12 @@ class StepResult:
     grad_norm: float
     weight_sum: float
     num_supervised: int
+    applied: bool = True
+    """False when the loss or gradient norm was not finite on some rank: no update was made."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced (or would export) non-finite values; the message says where."""
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -123,10 +132,60 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    global_loss, finite = global_loss_and_finiteness(loss_sum, float(grad_norm), weight_sum)
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    global_loss = float(all_reduce_sum(loss_sum)) / weight_sum if weight_sum > 0 else float("nan")
-    return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised)
+    return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised, applied=finite)
+
+
+def global_loss_and_finiteness(
+    loss_sum: torch.Tensor, grad_norm: float, weight_sum: float
+) -> tuple[float, bool]:
+    """The step loss over all ranks, and whether every rank's loss and gradient norm are
+    finite (one all-reduce, so all ranks take the same decision)."""
+    local = torch.stack([loss_sum, torch.tensor(float(not math.isfinite(grad_norm)))])
+    total_loss_sum, num_nonfinite = all_reduce_sum(local.double()).tolist()
+    finite = math.isfinite(total_loss_sum) and num_nonfinite == 0
+    return (total_loss_sum / weight_sum if weight_sum > 0 else float("nan")), finite
+
+
+def batch_sources(batches: list[PackedBatch], sources: list[Any], seed: int, limit: int = 8) -> str:
+    """file:line of the first samples of a step's micro-batches (for a warning)."""
+    by_index = {source.dataset_index: source for source in sources}
+    refs = [ref for batch in batches for ref in batch.sample_ids]
+    described = []
+    for ref in refs[:limit]:
+        source = by_index[ref.dataset_index]
+        line = source.line_of(ref.record_index, ref.epoch, seed)
+        described.append(str(source.source_of(line)))
+    more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
+    return ", ".join(described) + more
+
+
+def guard_nonfinite(
+    state: TrainState, result: StepResult, describe_data: Callable[[], str], max_steps: int
+) -> None:
+    """Count a step that was not applied; stop after `max_steps` consecutive ones."""
+    if result.applied:
+        state.consecutive_nonfinite_steps = 0
+        return
+    state.nonfinite_steps += 1
+    state.consecutive_nonfinite_steps += 1
+    logger.warning(
+        "step %d not applied: loss %s, gradient norm %s (non-finite on some rank; %d in a row, "
+        "%d in total); this rank's data: %s",
+        state.step, result.loss, result.grad_norm, state.consecutive_nonfinite_steps,
+        state.nonfinite_steps, describe_data(),
+    )  # fmt: skip
+    if state.consecutive_nonfinite_steps >= max_steps:
+        raise NonFiniteError(
+            f"{state.consecutive_nonfinite_steps} consecutive steps (up to step {state.step}) had"
+            " a non-finite loss or gradient norm (train.max_nonfinite_steps "
+            f"{max_steps}); the weights are those of step "
+            f"{state.step - state.consecutive_nonfinite_steps}. Check the data named in the "
+            "warnings above, lower optim.learning_rate, or resume from an earlier checkpoint."
+        )
 
 
 def image_fields(config: RunConfig) -> dict[str, Any]:
@@ -255,9 +314,22 @@ def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: 
     state = merge_lora_weights(
         cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
     )
+    refuse_nonfinite_weights(state if env.is_main else {}, output_dir)
     if env.is_main:
         save_internvl(unwrap(model), tokenizer, output_dir, state=state)
     barrier()
+
+
+def refuse_nonfinite_weights(state: dict[str, torch.Tensor], output_dir: str | Path) -> None:
+    """Raise NonFiniteError on every rank if any rank's `state` holds a NaN or inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    found = [names for names in all_gather_objects(bad) if names]
+    if found:
+        raise NonFiniteError(
+            f"refusing to export into {output_dir}: {len(found[0])} of {len(state) or 'the'} "
+            f"tensors hold NaN or inf (first: {', '.join(found[0][:5])}); the stage is not "
+            "marked complete. Resume from an earlier checkpoint (train.resume) instead."
+        )
 
 
 def resume_path(config: RunConfig) -> Path | None:
@@ -269,13 +341,31 @@ def resume_path(config: RunConfig) -> Path | None:
     return check_resume_checkpoint(config.train.resume)
 
 
+def prepare_output_dir(config: RunConfig, env: DistEnv) -> Path | None:
+    """Clear the completion marker, pick the checkpoint to resume from (its config checked)
+    or set an earlier run aside, and record the resolved config; returns the checkpoint."""
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        (output_dir / FINAL_MARKER).unlink(missing_ok=True)
+        if config.train.resume == "never":
+            set_aside_previous_run(output_dir)
+    barrier()
+    checkpoint = resume_path(config)
+    if checkpoint is not None:
+        saved = read_shared(checkpoint)["config"]
+        check_config_on_resume(
+            checkpoint, saved, to_dict(config), config.train.allow_changed_on_resume
+        )
+    if env.is_main:
+        (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
+    return checkpoint
+
+
 def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics."""
     output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / FINAL_MARKER).unlink(missing_ok=True)
-    if env.is_main:
-        (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
+    checkpoint = prepare_output_dir(config, env)
     model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
@@ -288,10 +378,11 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     states = training_states(model, optimizer, scheduler, loader, state)
     flops = build_flops_counter(plain_model)
     peak = peak_tflops(env.device, config.train.peak_tflops)
-    checkpoint = resume_path(config)
     if checkpoint is not None:
         load_checkpoint(checkpoint, states)  # restores `state` in place
-    metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
+    metrics = MetricsWriter(
+        output_dir, config.train.report_to == "tensorboard", env.is_main, start_step=state.step
+    )
     iterator = cast(LoaderState, states["loader"]).iterator
     last: dict[str, Any] = {}
     bar = tqdm(
@@ -312,6 +403,8 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             scheduler.step()
             state.step += 1
             update_counters(state, batches)
+            describe_data = partial(batch_sources, batches, sources, config.stream.seed)
+            guard_nonfinite(state, result, describe_data, config.train.max_nonfinite_steps)
             is_last = state.step == config.train.max_steps
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
@@ -338,6 +431,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         "tokens_seen": state.tokens_seen,
         "samples_seen": state.samples_seen,
         "skipped": state.skipped,
+        "nonfinite_steps": state.nonfinite_steps,
         **last,
     }
     if state.skipped:
