@@ -67,6 +67,9 @@ class TrainConfig:
     allow_changed_on_resume: tuple[str, ...] = ()
     """Config fields ('section.key') that may differ from the checkpoint's on resume; any other
     changed field is refused (operational ones such as logging_steps always may)."""
+    collective_timeout_minutes: float = 10.0
+    """A collective (all-reduce, barrier) waiting longer than this fails the run, and a step
+    taking longer dumps every thread's stack to stderr (which rank waits where)."""
 
     def __post_init__(self) -> None:
         names = ("max_steps", "gradient_accumulation_steps", "save_steps", "logging_steps",
@@ -74,6 +77,9 @@ class TrainConfig:
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.collective_timeout_minutes <= 0:
+            timeout = self.collective_timeout_minutes
+            raise ValueError(f"train.collective_timeout_minutes must be > 0, got {timeout}")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"train.resume: {self.resume!r} is not 'auto', 'never' or a directory")
 

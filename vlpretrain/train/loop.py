@@ -26,12 +26,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import vlpretrain
 from vlpretrain.config import RunConfig, to_dict
 from vlpretrain.data.build import SampleConfig, SkipCounter, build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackingConfig
-from vlpretrain.distributed.env import DistEnv, all_gather_objects, all_reduce_sum, barrier
+from vlpretrain.distributed.env import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_sum,
+    arm_stack_dump,
+    barrier,
+    check_ranks_agree,
+    disarm_stack_dump,
+)
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
     gradient_sync,
@@ -53,7 +62,8 @@ from vlpretrain.train.checkpoint import (
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.optim import build_optimizer, build_scheduler
-from vlpretrain.train.resume import check_config_on_resume, set_aside_previous_run
+from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
+from vlpretrain.train.run_lock import hold_run_lock
 from vlpretrain.train.states import LoaderState, TrainState, training_states
 
 logger = logging.getLogger(__name__)
@@ -362,9 +372,36 @@ def prepare_output_dir(config: RunConfig, env: DistEnv) -> Path | None:
     return checkpoint
 
 
+def job_facts(config: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """What every rank of a job must agree on: the resolved config, world size, versions."""
+    return {
+        **{f"config.{k}": v for k, v in flatten(to_dict(config)).items()},
+        "world_size": env.world_size,
+        "torch": torch.__version__,
+        "vlpretrain": vlpretrain.__version__,
+    }
+
+
 def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
-    """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics."""
+    """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics.
+
+    Every rank first checks that all run the same job; output_dir's run lock is held
+    throughout (train.run_lock), and an iteration that takes longer than the collective
+    timeout dumps every thread's stack to stderr.
+    """
+    check_ranks_agree(job_facts(config, env))
+    with hold_run_lock(config.train.output_dir, env):
+        try:
+            return run_stage(config, env)
+        finally:
+            disarm_stack_dump()
+
+
+def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """The stage itself; `train` calls it holding the run lock."""
     output_dir = Path(config.train.output_dir)
+    stall_seconds = 60 * config.train.collective_timeout_minutes
+    arm_stack_dump(stall_seconds)
     checkpoint = prepare_output_dir(config, env)
     model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
     optimizer = build_optimizer(model, config.optim)
@@ -394,6 +431,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     )
     with logging_redirect_tqdm():
         while state.step < config.train.max_steps:
+            arm_stack_dump(stall_seconds)
             start = time.perf_counter()
             batches = next_micro_batches(
                 iterator, config.train.gradient_accumulation_steps, env.device
