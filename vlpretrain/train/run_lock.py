@@ -58,12 +58,17 @@ class LockHolder:
         return f"pid {self.pid} on {self.host} (started {self.started})"
 
 
-def _process_start(pid: int) -> int | None:
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3... of /proc/PID/stat (state, ppid, ...), or None without /proc."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+
+
+def _process_start(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None  # field 22, starttime
 
 
 def this_process() -> LockHolder:
@@ -97,6 +102,9 @@ def holder_alive(holder: LockHolder, path: Path) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
+    fields = _proc_stat(holder.pid)
+    if fields is not None and fields[0] == "Z":
+        return False  # exited, not yet reaped by its parent
     return holder.process_start is None or _process_start(holder.pid) == holder.process_start
 
 
