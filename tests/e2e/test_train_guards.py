@@ -1,11 +1,14 @@
 """`vlpretrain train` refuses to train on, resume from or export garbage: non-finite steps,
-changed configs on resume, a second run in the same output_dir."""
+changed configs on resume, a second live run in the same output_dir."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from train_fixtures import (
 import vlpretrain.train.loop as loop
 from vlpretrain.cli import main
 from vlpretrain.train.loop import FINAL_MARKER, NonFiniteError
+from vlpretrain.train.run_lock import LOCK_FILE, RunLockError, this_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -107,3 +111,25 @@ def test_a_resume_with_a_changed_config_is_refused_before_any_work(
     )
     assert main(["train", str(config), *allowed]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_second_live_run_in_the_same_output_dir_is_refused(
+    train_assets,  # noqa: F811
+    tmp_path,
+):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = replace(this_process(), pid=holder.pid, process_start=None)
+        (output_dir / LOCK_FILE).write_text(json.dumps(asdict(live)))
+        config = write_stage(tmp_path / "run.toml", stage_raw(train_assets, output_dir))
+        with pytest.raises(RunLockError, match=f"in use by another run: pid {holder.pid}"):
+            main(["train", str(config)])
+        assert not (output_dir / "config.resolved.json").exists()  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: the next run takes the lock over, trains, and releases it.
+    assert main(["train", str(config), "--set", "train.max_steps=1"]) == 0
+    assert not (output_dir / LOCK_FILE).exists()
