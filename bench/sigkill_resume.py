@@ -1,13 +1,14 @@
 """SIGKILL a 2-rank run at random moments, resume each time, compare with an uninterrupted run.
 
-    python bench/sigkill_resume.py [--kills 10] [--steps 12] [--seed 0] [--out DIR]
+    python bench/sigkill_resume.py [--kills 10] [--steps 20] [--seed 0] [--out DIR]
 
 1. reference: torchrun 2 ranks (FSDP2, gloo), the tiny stage-2 run of the test suite, N steps,
    a checkpoint every step (so many kills land inside a save).
 2. victim: the same run in another output_dir, started again and again; each time the whole
-   job (launcher and both ranks, one process group) gets SIGKILL after a random delay drawn
-   from [0.3 x startup, startup + 2.5 steps], until `--kills` kills happened; then it runs to
-   the end. Every restart resumes from the newest intact checkpoint and takes the run lock
+   job (launcher and both ranks at once) gets SIGKILL at a random moment: every fourth kill
+   during the start-up, the others a random fraction of a step after 1-2 new steps (inside a
+   step, a checkpoint save or the next resume), until `--kills` kills happened; then it runs
+   to the end. Every restart resumes from the newest intact checkpoint and takes the run lock
    over from the killed job.
 3. verdict: metrics.jsonl of the victim holds each step once, every loss and grad norm equals
    the reference bit for bit, and so does every tensor of the exported model.
@@ -19,6 +20,7 @@ kills take several minutes of 2-rank start-ups.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -92,29 +94,78 @@ def run_reference(config: Path, out: Path) -> tuple[float, float]:
     return first, max((total - first) / max(steps - 1, 1), 0.05)
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (torchrun starts each rank in its own session)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and both ranks at the same moment."""
+    ranks = children(process.pid)
+    for pid in [process.pid, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def last_logged_step(output_dir: Path) -> int:
+    try:
+        lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int) -> bool:
+    while last_logged_step(output_dir) < step:
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def kill_loop(config: Path, out: Path, kills: int, startup: float, per_step: float, seed: int):
+    """Kill `kills` times: every fourth kill at a random moment of the start-up (loading,
+    resume), the others a random fraction of a step after the run logged 1-2 new steps
+    (inside a step, a save, or the resume of the next start)."""
     rng = random.Random(seed)
     victim = out / "victim"
     events = []
     while len(events) < kills:
-        delay = rng.uniform(0.3 * startup, startup + 2.5 * per_step)
         process = start(config, out / "victim.log")
-        time.sleep(delay)
+        resumed_at = max([s for s, _ in list_checkpoints(victim)] or [0])
+        if len(events) % 4 == 3:
+            moment = f"start-up + {rng.uniform(0.2, 1.0) * startup:.1f} s"
+            time.sleep(float(moment.split("+ ")[1][:-2]))
+        else:
+            target = last_logged_step(victim) + rng.randint(1, 2)
+            if not wait_for_step(process, victim, target):
+                break
+            delay = rng.uniform(0.0, per_step)
+            moment = f"{delay:.2f} s after step {target}"
+            time.sleep(delay)
         if process.poll() is not None:
-            events.append({"delay_s": round(delay, 2), "finished_before_kill": True})
             break
         saving = any(p.name.endswith(".tmp") for p in (victim / "checkpoints").glob("step-*"))
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_job(process)
         saved = [s for s, _ in list_checkpoints(victim)]
         events.append(
             {
-                "delay_s": round(delay, 2),
+                "moment": moment,
+                "resumed_from": resumed_at,
                 "during_save": saving,
-                "latest_checkpoint": saved[-1] if saved else None,
+                "checkpoints_after": saved,
             }
         )
-        print(f"kill {len(events)}: after {delay:.1f} s, checkpoints {saved}", flush=True)
+        print(f"kill {len(events)}: {moment}, checkpoints {saved}", flush=True)
     process = start(config, out / "victim.log")
     process.wait()
     return events, process.returncode
@@ -143,7 +194,7 @@ def compare(out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -156,7 +207,7 @@ def main() -> None:
     startup, per_step = run_reference(reference, out)
     events, code = kill_loop(victim, out, args.kills, startup, per_step, args.seed)
     summary = {
-        "kills": sum(1 for e in events if not e.get("finished_before_kill")),
+        "kills": len(events),
         "kills_during_save": sum(1 for e in events if e.get("during_save")),
         "final_exit_code": code,
         "startup_s": round(startup, 1),

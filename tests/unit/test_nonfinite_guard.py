@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from vlpretrain.train.loop import (
+from vlpretrain.train.nonfinite import (
     NonFiniteError,
-    StepResult,
     global_loss_and_finiteness,
     guard_nonfinite,
     refuse_nonfinite_weights,
@@ -19,9 +18,8 @@ from vlpretrain.train.loop import (
 from vlpretrain.train.states import TrainState
 
 
-def result(applied: bool) -> StepResult:
-    loss = 1.5 if applied else math.nan
-    return StepResult(loss, 0.5, 10.0, 10, applied=applied)
+def result(applied: bool) -> dict:
+    return {"applied": applied, "loss": 1.5 if applied else math.nan, "grad_norm": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -46,19 +44,21 @@ def test_a_step_without_supervised_tokens_is_not_a_nonfinite_step():
 def test_nonfinite_steps_are_counted_logged_and_reset(caplog):
     state = TrainState(step=7)
     with caplog.at_level(logging.WARNING):
-        guard_nonfinite(state, result(False), lambda: "a.jsonl:3 (dataset 'a')", max_steps=3)
+        guard_nonfinite(
+            state, **result(False), describe_data=lambda: "a.jsonl:3 (dataset 'a')", max_steps=3
+        )
     assert (state.nonfinite_steps, state.consecutive_nonfinite_steps) == (1, 1)
     assert "step 7 not applied" in caplog.text and "a.jsonl:3 (dataset 'a')" in caplog.text
-    guard_nonfinite(state, result(True), lambda: "", max_steps=3)
+    guard_nonfinite(state, **result(True), describe_data=lambda: "", max_steps=3)
     assert (state.nonfinite_steps, state.consecutive_nonfinite_steps) == (1, 0)
 
 
 def test_consecutive_nonfinite_steps_stop_the_run():
     state = TrainState(step=10)
-    guard_nonfinite(state, result(False), lambda: "", max_steps=2)
+    guard_nonfinite(state, **result(False), describe_data=lambda: "", max_steps=2)
     state.step += 1
     with pytest.raises(NonFiniteError, match=r"2 consecutive steps \(up to step 11\).*step 9"):
-        guard_nonfinite(state, result(False), lambda: "", max_steps=2)
+        guard_nonfinite(state, **result(False), describe_data=lambda: "", max_steps=2)
 
 
 def test_export_refuses_nonfinite_weights(tmp_path):

@@ -16,7 +16,6 @@ from vlpretrain.train.resume import (
     set_aside_previous_run,
 )
 
-
 MODEL = {"model_name_or_path": "stage1_out"}
 
 

@@ -52,11 +52,13 @@ LAUNCHER_DIED_EXIT = 70
 def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
     """Join (or create) the default process group; nccl on GPU, gloo on CPU.
 
-    Under torchrun, also starts the launcher watch (watch_launcher).
+    Under torchrun, first starts the launcher watch (watch_launcher): joining the group waits
+    on the launcher's store, which never answers once the launcher is dead.
     """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    watch_launcher(rank)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -75,7 +77,6 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEn
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    watch_launcher(rank)
     return DistEnv(rank, local_rank, world_size, device, backend)
 
 
@@ -84,14 +85,16 @@ def watch_launcher(rank: int, interval_seconds: float = 1.0) -> None:
 
     torchrun does not take its ranks down when it is killed (SIGKILL): they would go on
     training and writing into an output_dir that a restarted job also uses. The launcher is
-    this process's parent; when it dies the process is re-parented, which we poll for.
+    this process's parent; when it dies the process is re-parented, which we poll for
+    (a launcher that died while this rank was still importing is caught when the parent is
+    already init; one adopted by a subreaper in that window is not).
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    launcher = os.getppid()
+    launcher = os.getppid()  # 1: the launcher died before we got here (adopted by init)
 
     def watch() -> None:
-        while os.getppid() == launcher:
+        while os.getppid() == launcher and launcher != 1:
             time.sleep(interval_seconds)
         sys.stderr.write(
             f"vlpretrain rank {rank}: the torchrun launcher (pid {launcher}) died; stopping "

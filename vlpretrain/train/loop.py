@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -34,7 +34,6 @@ from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.env import (
     DistEnv,
-    all_gather_objects,
     all_reduce_sum,
     arm_stack_dump,
     barrier,
@@ -61,6 +60,12 @@ from vlpretrain.train.checkpoint import (
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
+from vlpretrain.train.nonfinite import (
+    batch_sources,
+    global_loss_and_finiteness,
+    guard_nonfinite,
+    refuse_nonfinite_weights,
+)
 from vlpretrain.train.optim import build_optimizer, build_scheduler
 from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
 from vlpretrain.train.run_lock import hold_run_lock
@@ -80,10 +85,6 @@ class StepResult:
     num_supervised: int
     applied: bool = True
     """False when the loss or gradient norm was not finite on some rank: no update was made."""
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced (or would export) non-finite values; the message says where."""
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -147,55 +148,6 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised, applied=finite)
-
-
-def global_loss_and_finiteness(
-    loss_sum: torch.Tensor, grad_norm: float, weight_sum: float
-) -> tuple[float, bool]:
-    """The step loss over all ranks, and whether every rank's loss and gradient norm are
-    finite (one all-reduce, so all ranks take the same decision)."""
-    local = torch.stack([loss_sum, torch.tensor(float(not math.isfinite(grad_norm)))])
-    total_loss_sum, num_nonfinite = all_reduce_sum(local.double()).tolist()
-    finite = math.isfinite(total_loss_sum) and num_nonfinite == 0
-    return (total_loss_sum / weight_sum if weight_sum > 0 else float("nan")), finite
-
-
-def batch_sources(batches: list[PackedBatch], sources: list[Any], seed: int, limit: int = 8) -> str:
-    """file:line of the first samples of a step's micro-batches (for a warning)."""
-    by_index = {source.dataset_index: source for source in sources}
-    refs = [ref for batch in batches for ref in batch.sample_ids]
-    described = []
-    for ref in refs[:limit]:
-        source = by_index[ref.dataset_index]
-        line = source.line_of(ref.record_index, ref.epoch, seed)
-        described.append(str(source.source_of(line)))
-    more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
-    return ", ".join(described) + more
-
-
-def guard_nonfinite(
-    state: TrainState, result: StepResult, describe_data: Callable[[], str], max_steps: int
-) -> None:
-    """Count a step that was not applied; stop after `max_steps` consecutive ones."""
-    if result.applied:
-        state.consecutive_nonfinite_steps = 0
-        return
-    state.nonfinite_steps += 1
-    state.consecutive_nonfinite_steps += 1
-    logger.warning(
-        "step %d not applied: loss %s, gradient norm %s (non-finite on some rank; %d in a row, "
-        "%d in total); this rank's data: %s",
-        state.step, result.loss, result.grad_norm, state.consecutive_nonfinite_steps,
-        state.nonfinite_steps, describe_data(),
-    )  # fmt: skip
-    if state.consecutive_nonfinite_steps >= max_steps:
-        raise NonFiniteError(
-            f"{state.consecutive_nonfinite_steps} consecutive steps (up to step {state.step}) had"
-            " a non-finite loss or gradient norm (train.max_nonfinite_steps "
-            f"{max_steps}); the weights are those of step "
-            f"{state.step - state.consecutive_nonfinite_steps}. Check the data named in the "
-            "warnings above, lower optim.learning_rate, or resume from an earlier checkpoint."
-        )
 
 
 def image_fields(config: RunConfig) -> dict[str, Any]:
@@ -330,18 +282,6 @@ def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: 
     barrier()
 
 
-def refuse_nonfinite_weights(state: dict[str, torch.Tensor], output_dir: str | Path) -> None:
-    """Raise NonFiniteError on every rank if any rank's `state` holds a NaN or inf."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    found = [names for names in all_gather_objects(bad) if names]
-    if found:
-        raise NonFiniteError(
-            f"refusing to export into {output_dir}: {len(found[0])} of {len(state) or 'the'} "
-            f"tensors hold NaN or inf (first: {', '.join(found[0][:5])}); the stage is not "
-            "marked complete. Resume from an earlier checkpoint (train.resume) instead."
-        )
-
-
 def resume_path(config: RunConfig) -> Path | None:
     """The verified checkpoint to resume from (a collective), or None to start fresh."""
     if config.train.resume == "never":
@@ -442,7 +382,8 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             state.step += 1
             update_counters(state, batches)
             describe_data = partial(batch_sources, batches, sources, config.stream.seed)
-            guard_nonfinite(state, result, describe_data, config.train.max_nonfinite_steps)
+            guard_nonfinite(state, result.applied, result.loss, result.grad_norm, describe_data,
+                            config.train.max_nonfinite_steps)  # fmt: skip
             is_last = state.step == config.train.max_steps
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
