@@ -41,11 +41,12 @@ from train_fixtures import (
 
 from vlpretrain.cli import main
 from vlpretrain.config import RunConfig, build_run_config
-from vlpretrain.data.build import SkipCounter, build_sources
+from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackItem, PackRow, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
+from vlpretrain.data.skips import SKIP_LOG_NAME, SkipLog
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.model.build import run_facts
 from vlpretrain.train.checkpoint import list_checkpoints
@@ -104,9 +105,7 @@ def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  #
     _, plain, tokenizer, _ = prepare_model(config, env)
     facts = run_facts(plain, tokenizer)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
-    loader = iter(
-        build_dataloader(sources, config.packing, facts, config.stream, 0, 1, SkipCounter())
-    )
+    loader = iter(build_dataloader(sources, config.packing, facts, config.stream, 0, 1))
     batches = [next(loader) for _ in range(2 * NUM_STEPS)]
     return batches, text_only_batch(tokenizer, config, facts)
 
@@ -297,6 +296,10 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
     assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "straight")
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2, 4]
     assert (tmp_path / "resumed" / "model.safetensors").is_file()
+    # every skip of both ranks listed once, also across the resume
+    skipped = SkipLog(tmp_path / "resumed" / SKIP_LOG_NAME).read()
+    assert skipped == SkipLog(tmp_path / "straight" / SKIP_LOG_NAME).read()
+    assert {e["rank"] for e in skipped} == {0, 1}
 
     # The data stream cannot be resumed exactly on another world size: refused with a message.
     with pytest.raises(ValueError, match="written by 2 ranks but this run has 1"):

@@ -18,7 +18,6 @@ file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,13 @@ from PIL import Image
 
 from vlpretrain.data import media, tiling
 from vlpretrain.data.index import AnnotationIndex
-from vlpretrain.data.meta import DatasetSpec, load_meta
+from vlpretrain.data.meta import DatasetSpec, load_meta, problems_error
 from vlpretrain.data.records import Record, RecordError, parse_record
 from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
 from vlpretrain.data.templates import (
     TemplateRenderer,
     Turns,
+    check_media_tags,
     check_reserved_strings,
     expand_image_placeholders,
     expand_video_tag,
@@ -74,7 +74,11 @@ class SampleConfig:
     max_skip_fraction: float = 0.01
     """Fail when more than this fraction of the records seen were skipped."""
     max_image_pixels: int = media.DEFAULT_MAX_IMAGE_PIXELS
-    """Images with more pixels are skipped as corrupt (decompression-bomb guard)."""
+    """Images and video frames with more pixels (width x height, read from the file header
+    before decoding) are skipped as too_large; 50 MP decodes in about a second."""
+    max_record_bytes: int | None = None
+    """Annotation lines longer than this are skipped as too_long before they are parsed or
+    tokenised; None: RECORD_BYTES_PER_TOKEN (32) bytes per token of max_seq_length."""
     cache_dir: str | None = None
     """Annotation index cache; None -> $VLPRETRAIN_CACHE/index or ~/.cache/vlpretrain/index."""
 
@@ -88,6 +92,10 @@ class SampleConfig:
             raise ValueError("max_dynamic_patch must be >= min_dynamic_patch")
         if not 1 <= self.min_num_frame <= self.max_num_frame:
             raise ValueError("need 1 <= min_num_frame <= max_num_frame")
+        for name in ("max_image_pixels", "max_record_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
@@ -101,6 +109,17 @@ class SampleConfig:
             "pad2square": self.pad2square,
             "normalize_type": self.normalize_type,
         }
+
+
+RECORD_BYTES_PER_TOKEN = 32
+"""Default byte cap per token of max_seq_length: above JSON-escaped CJK (~9 bytes a token)."""
+
+
+def record_byte_limit(config: SampleConfig) -> int:
+    """Bytes an annotation line may hold (SampleConfig.max_record_bytes or its default)."""
+    if config.max_record_bytes is not None:
+        return config.max_record_bytes
+    return RECORD_BYTES_PER_TOKEN * config.max_seq_length
 
 
 def repeat_length(num_lines: int, repeat_time: float) -> int:
@@ -188,7 +207,8 @@ class DatasetSource:
         """Sample of one annotation line, randomness drawn from `rng`."""
         source = self.source_of(line_index)
         try:
-            record = parse_record(self.index.read(line_index), self.spec.root)
+            line = self.index.read(line_index, record_byte_limit(self.config))
+            record = parse_record(line, self.spec.root)
             return self.build(record, rng, source)
         except RecordError as err:
             return SkippedSample(self.dataset_index, source, err.reason, err.detail)
@@ -199,6 +219,7 @@ class DatasetSource:
         """Tile the media of `record`, render its template, truncate; raises RecordError."""
         turns = record.conversations
         check_reserved_strings(turns)
+        check_media_tags(record.kind, turns, len(record.images))
         tiles_per_image, tiles, turns = self._media(record, turns, rng)
         turns = expand_image_placeholders(
             turns, [self.facts.num_image_token * n for n in tiles_per_image]
@@ -230,7 +251,12 @@ class DatasetSource:
         if record.kind == "video":
             assert record.video is not None
             frames = media.load_video_frames(
-                record.video, cfg.min_num_frame, cfg.max_num_frame, rng, record.clip
+                record.video,
+                cfg.min_num_frame,
+                cfg.max_num_frame,
+                rng,
+                record.clip,
+                max_pixels=cfg.max_image_pixels,
             )
             tiles = [t for frame in frames for t in self._tiles(frame, 1, False, rng)]
             return [1] * len(frames), tiles, expand_video_tag(turns, len(frames))
@@ -263,66 +289,19 @@ class DatasetSource:
 def build_sources(
     meta_path: str | Path, config: SampleConfig, facts: RunFacts, tokenizer: Any
 ) -> list[DatasetSource]:
-    """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here)."""
-    return [DatasetSource(spec, config, facts, tokenizer) for spec in load_meta(meta_path)]
+    """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here).
 
-
-class TooManySkipsError(RuntimeError):
-    """More records were skipped than SampleConfig.max_skip_fraction allows."""
-
-
-class SkipCounter:
-    """Counts samples seen and skipped, per dataset and reason; logs skips once per N."""
-
-    def __init__(self, dataset_names: list[str] | None = None, log_every: int = 100) -> None:
-        self.dataset_names = list(dataset_names or [])
-        self.log_every = log_every
-        self.seen: Counter[int] = Counter()
-        self.skipped: Counter[tuple[int, str]] = Counter()
-        self.examples: dict[tuple[int, str], list[str]] = {}
-
-    def _name(self, dataset_index: int) -> str:
-        if dataset_index < len(self.dataset_names):
-            return self.dataset_names[dataset_index]
-        return f"dataset {dataset_index}"
-
-    def record(self, sample: TokenizedSample | SkippedSample) -> None:
-        """Count one result (a TokenizedSample counts as seen, a SkippedSample also as skip)."""
-        self.seen[sample.dataset_index] += 1
-        if not isinstance(sample, SkippedSample):
-            return
-        key = (sample.dataset_index, sample.reason)
-        self.skipped[key] += 1
-        examples = self.examples.setdefault(key, [])
-        if len(examples) < 3:
-            examples.append(f"{sample.source.path}:{sample.source.line} {sample.detail}")
-        count = self.skipped[key]
-        if count == 1 or count % self.log_every == 0:
-            logger.warning("%s [%s #%d]", sample, self._name(sample.dataset_index), count)
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    @property
-    def fraction(self) -> float:
-        """Skipped / seen over all datasets (0 when nothing was seen)."""
-        total = sum(self.seen.values())
-        return self.num_skipped / total if total else 0.0
-
-    def check(self, max_fraction: float) -> None:
-        """Raise TooManySkipsError naming the top reasons if fraction > max_fraction."""
-        if self.fraction > max_fraction:
-            raise TooManySkipsError(
-                f"{self.num_skipped} of {sum(self.seen.values())} records skipped "
-                f"({self.fraction:.2%} > max_skip_fraction {max_fraction:.2%}).\n" + self.summary()
-            )
-
-    def summary(self) -> str:
-        """One line per (dataset, reason), most frequent first, with file:line examples."""
-        lines = [f"skipped {self.num_skipped} of {sum(self.seen.values())} records"]
-        for (index, reason), count in self.skipped.most_common():
-            seen = self.seen[index]
-            lines.append(f"  {self._name(index)}: {reason}: {count} of {seen}")
-            lines.extend(f"      e.g. {ex}" for ex in self.examples.get((index, reason), []))
-        return "\n".join(lines)
+    Raises:
+        ValueError: listing every problem of the meta file, or every dataset whose
+            repeat_time leaves no record.
+    """
+    sources = [DatasetSource(spec, config, facts, tokenizer) for spec in load_meta(meta_path)]
+    empty = [
+        f"dataset {s.name!r}: field 'repeat_time' {s.spec.repeat_time} x {s.num_lines} lines of "
+        f"{s.spec.annotation} leaves int({s.num_lines} * {s.spec.repeat_time}) = 0 records"
+        for s in sources
+        if len(s) == 0
+    ]
+    if empty:
+        raise problems_error(Path(meta_path), empty)
+    return sources

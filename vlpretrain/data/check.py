@@ -24,9 +24,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlpretrain.data import tiling
-from vlpretrain.data.build import DatasetSource, SampleConfig, SkipCounter, build_sources
+from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample, TokenizedSample
+from vlpretrain.data.skips import SkipPolicy, SkipTally
 from vlpretrain.facts import RunFacts
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, add_internvl_tokens
 
@@ -119,7 +120,7 @@ def run_check(
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    counter = SkipCounter([s.name for s in sources], log_every=1 << 30)
+    counter = SkipTally([s.name for s in sources])
     tokens: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
     tiles: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
     total = sum(s.num_lines for s in sources)
@@ -127,22 +128,26 @@ def run_check(
         for chunk in _run_chunks(sources, workers):
             for stat in chunk:
                 if isinstance(stat, SkippedSample):
-                    counter.record(stat)
+                    counter.seen[stat.source.dataset] += 1
+                    counter.add_skip(stat.source.dataset, stat.reason, str(stat), log=False)
                 else:
-                    counter.seen[stat[0]] += 1
+                    counter.seen[counter.name(stat[0])] += 1
                     tokens[stat[0]].append(stat[1])
                     tiles[stat[0]].append(stat[2])
             bar.update(len(chunk))
     for s in sources:
         i = s.dataset_index
         print(f"\n== {s.name}: {s.num_lines} lines, effective length {len(s)}, "
-              f"{len(tokens[i])} ok, {counter.seen[i] - len(tokens[i])} skipped")  # fmt: skip
+              f"{len(tokens[i])} ok, {counter.seen[s.name] - len(tokens[i])} skipped")  # fmt: skip
         print(text_histogram(tokens[i], "tokens per sample"))
         print(text_histogram(tiles[i], "tiles per sample"))
     print("\n" + counter.summary())
-    ok = counter.fraction <= config.max_skip_fraction
+    # the run's policy, with every record seen (no minimum number of records)
+    policy = SkipPolicy(config.max_skip_fraction, min_records=0)
+    ok = not policy.exceeded(counter.num_skipped, counter.num_seen)
+    fraction = counter.num_skipped / counter.num_seen if counter.num_seen else 0.0
     verdict = "OK" if ok else "FAIL"
-    print(f"{verdict}: skip fraction {counter.fraction:.2%} (max {config.max_skip_fraction:.2%})")
+    print(f"{verdict}: skip fraction {fraction:.2%} (max {config.max_skip_fraction:.2%})")
     return 0 if ok else 1
 
 

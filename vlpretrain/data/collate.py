@@ -14,7 +14,8 @@ Legend for local names: B rows, L tokens per row, T tiles, S tile side in pixels
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from vlpretrain.data.packing import LossReduction, PackingConfig, PackRow, PieceRef
-from vlpretrain.data.samples import IGNORE_INDEX
+from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample
 from vlpretrain.facts import RunFacts
 
 
@@ -49,6 +50,8 @@ class BatchStats:
     """Records skipped since the previous batch (sum of skipped_by_reason)."""
     skipped_by_reason: tuple[tuple[str, int], ...] = ()
     """(reason, count) of the records skipped since the previous batch, sorted by reason."""
+    skipped: tuple[SkippedSample, ...] = ()
+    """The records skipped since the previous batch, in load order (file, line, reason)."""
 
     @property
     def fill_ratio(self) -> float:
@@ -119,7 +122,7 @@ def collate_rows(
     *,
     num_datasets: int,
     num_loaded: int = 0,
-    skipped_by_reason: dict[str, int] | None = None,
+    skipped: Sequence[SkippedSample] = (),
 ) -> PackedBatch:
     """Build the tensors of one micro-batch from emitted rows."""
     if not rows:
@@ -155,8 +158,9 @@ def collate_rows(
     stats = replace(
         stats,
         num_loaded=num_loaded,
-        num_skipped=sum((skipped_by_reason or {}).values()),
-        skipped_by_reason=tuple(sorted((skipped_by_reason or {}).items())),
+        num_skipped=len(skipped),
+        skipped_by_reason=tuple(sorted(Counter(s.reason for s in skipped).items())),
+        skipped=tuple(skipped),
     )
     return PackedBatch(
         input_ids=torch.from_numpy(ids_BL),

@@ -10,14 +10,18 @@ whose state (workers included) resumes the stream exactly, without replaying dat
     DatasetMixer (data.mixing; shares from data.sharding)              |
       |  RecordRef(source, record, epoch)                              |
       v                                                                |
-    source.load(record, epoch, seed) --SkippedSample--> SkipCounter   |
-      |  TokenizedSample                  (+ per-reason counts)        |
+    source.load(record, epoch, seed) --SkippedSample--> next batch's  |
+      |  TokenizedSample                  BatchStats.skipped           |
       v                                                                |
     fit_to_budget --too big--> SkippedSample('exceeds_pack_budget')    |
       |  PackItem*                                                     |
       v                                                                |
     BestFitPacker --rows--> rows_per_batch rows --collate--> PackedBatch
       (open rows saved as PieceRefs, re-loaded on restore) <-----------+
+
+Skipped records travel with the next batch (BatchStats.skipped), so that the consumer (the
+training loop) reports exactly the skips of the batches it trained on, once each, also across
+a resume; the stream itself logs nothing.
 
 The stream is endless (next epoch after the last one; training is bounded by max_steps)
 unless `StreamConfig.num_epochs` is set, in which case the open rows are flushed at the end.
@@ -26,7 +30,6 @@ unless `StreamConfig.num_epochs` is set, in which case the open rows are flushed
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,7 +50,7 @@ from vlpretrain.data.packing import (
     rows_from_refs,
     slice_sample,
 )
-from vlpretrain.data.samples import SkippedSample, TokenizedSample
+from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
 from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ class SampleSourceLike(Protocol):
 
 
 class SkipCounterLike(Protocol):
-    """Receives every loaded result exactly once (data.build.SkipCounter satisfies it).
+    """Receives every loaded result exactly once (data.skips.SkipTally satisfies it).
 
     A TokenizedSample counts as seen; a SkippedSample (from the source, or
     'exceeds_pack_budget' from the packer) as seen and skipped.
@@ -155,7 +158,7 @@ class WorkerStream:
         self._num_datasets = max(self._position_of) + 1
         self._ready: list[PackRow] = []
         self._num_loaded = 0
-        self._skipped: Counter[str] = Counter()
+        self._skipped: list[SkippedSample] = []
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while (batch := self.next_batch()) is not None:
@@ -179,10 +182,10 @@ class WorkerStream:
             self.facts,
             num_datasets=self._num_datasets,
             num_loaded=self._num_loaded,
-            skipped_by_reason=dict(self._skipped),
+            skipped=self._skipped,
         )
         self._num_loaded = 0
-        self._skipped.clear()
+        self._skipped = []
         return batch
 
     def _pack(self, ref: RecordRef) -> list[PackRow]:
@@ -206,11 +209,9 @@ class WorkerStream:
         return rows
 
     def _skip(self, skipped: SkippedSample) -> None:
-        self._skipped[skipped.reason] += 1
+        self._skipped.append(skipped)
         if self.skip_counter is not None:
             self.skip_counter.record(skipped)
-        else:
-            logger.warning("%s", skipped)
 
     def load_piece(self, ref: PieceRef) -> TokenizedSample:
         """Re-create a packed piece from its reference (used on restore)."""
@@ -237,7 +238,7 @@ class WorkerStream:
             "packer": self.packer.state_dict(),
             "ready_rows": [[item.ref.as_tuple() for item in row.items] for row in self._ready],
             "num_loaded": self._num_loaded,
-            "skipped": dict(self._skipped),
+            "skipped": [_skip_state(skipped) for skipped in self._skipped],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -247,7 +248,9 @@ class WorkerStream:
         self.packer.load_state_dict(state["packer"], self.load_piece)
         self._ready = [rows_from_refs(refs, self.load_piece) for refs in state["ready_rows"]]
         self._num_loaded = int(state["num_loaded"])
-        self._skipped = Counter({str(k): int(v) for k, v in state["skipped"].items()})
+        # Always empty between batches; states of version 1 held a dict of counts here.
+        pending = state["skipped"] if isinstance(state["skipped"], list) else []
+        self._skipped = [_skip_from_state(item) for item in pending]
 
 
 class PackedStream(torch.utils.data.IterableDataset):
@@ -362,6 +365,19 @@ def build_dataloader(
         pin_memory=stream_config.pin_memory,
         **extra,
     )
+
+
+def _skip_state(skipped: SkippedSample) -> list[Any]:
+    """A pending skip as plain JSON-able values (the stream state holds no objects)."""
+    source = skipped.source
+    return [skipped.dataset_index, source.dataset, source.path, source.line, skipped.reason,
+            skipped.detail]  # fmt: skip
+
+
+def _skip_from_state(item: list[Any]) -> SkippedSample:
+    index, dataset, path, line, reason, detail = item
+    source = SampleSource(str(dataset), str(path), int(line))
+    return SkippedSample(int(index), source, str(reason), str(detail))
 
 
 def _pass_through(batch: PackedBatch) -> PackedBatch:

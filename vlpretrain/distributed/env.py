@@ -108,7 +108,13 @@ def watch_launcher(rank: int, interval_seconds: float = 1.0) -> None:
 
 def arm_stack_dump(seconds: float) -> None:
     """Dump every thread's stack to stderr if not re-armed or disarmed within `seconds`."""
-    faulthandler.dump_traceback_later(seconds, exit=False)
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()  # type: ignore[union-attr]  # None when detached
+        except (AttributeError, OSError, ValueError):
+            continue  # e.g. a capturing stand-in without a file descriptor
+        faulthandler.dump_traceback_later(seconds, exit=False, file=stream)  # type: ignore[arg-type]
+        return
 
 
 def disarm_stack_dump() -> None:

@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 
+from vlpretrain.files import apply_umask
 from vlpretrain.model.projector import PROJECTOR_KEY_TO_REFERENCE
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def save_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_SIZE)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k] for k in keys}, str(directory / filename), metadata={"format": "pt"})
+        apply_umask(directory / filename)  # safetensors creates its files 0600
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))

@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlpretrain
 from vlpretrain.config import RunConfig, to_dict
-from vlpretrain.data.build import SkipCounter, build_sources
+from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.distributed.env import (
@@ -68,6 +68,7 @@ from vlpretrain.train.nonfinite import (
 from vlpretrain.train.optim import build_optimizer, build_scheduler
 from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
 from vlpretrain.train.run_lock import hold_run_lock
+from vlpretrain.train.skips import SkipRecorder
 from vlpretrain.train.states import LoaderState, TrainState, training_states
 
 logger = logging.getLogger(__name__)
@@ -177,19 +178,6 @@ def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
         state.records_seen += stats.num_loaded
         for reason, count in stats.skipped_by_reason:
             state.skipped[reason] = state.skipped.get(reason, 0) + count
-
-
-def check_skips(state: TrainState, max_fraction: float, min_records: int = 100) -> None:
-    """Stop the run when the global skip fraction exceeds `max_fraction`."""
-    counts = torch.tensor([sum(state.skipped.values()), state.records_seen], dtype=torch.float64)
-    skipped, seen = all_reduce_sum(counts).tolist()
-    if seen >= min_records and skipped / seen > max_fraction:
-        top = sorted(state.skipped.items(), key=lambda kv: -kv[1])[:5]
-        raise RuntimeError(
-            f"{int(skipped)} of {int(seen)} records skipped ({skipped / seen:.2%}), above "
-            f"data.max_skip_fraction {max_fraction:.2%}; most common on this rank: {top}. "
-            "Run `vlpretrain data check` on the meta file to see every bad record."
-        )
 
 
 def step_metrics(
@@ -320,7 +308,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
     loader = build_dataloader(
-        sources, config.packing, facts, config.stream, env.rank, env.world_size, SkipCounter()
+        sources, config.packing, facts, config.stream, env.rank, env.world_size
     )
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)
@@ -328,6 +316,8 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     peak = peak_tflops(env.device, config.train.peak_tflops)
     if checkpoint is not None:
         load_checkpoint(checkpoint, states)  # restores `state` in place
+    skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
+                         env, state.step, summary_every=config.train.save_steps)  # fmt: skip
     metrics = MetricsWriter(
         output_dir, config.train.report_to == "tensorboard", env.is_main, start_step=state.step
     )
@@ -352,6 +342,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             scheduler.step()
             state.step += 1
             update_counters(state, batches)
+            skips.add(batches, state.step)
             describe_data = partial(batch_sources, batches, sources, config.stream.seed)
             guard_nonfinite(state, result.applied, result.loss, result.grad_norm, describe_data,
                             config.train.max_nonfinite_steps)  # fmt: skip
@@ -362,9 +353,10 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
-                check_skips(state, config.data.max_skip_fraction)
+                skips.flush(state)  # skipped.jsonl + the skip policy
                 metrics.write(state.step, last, LINE_KEYS)
             if state.step % config.train.save_steps == 0 or is_last:
+                skips.flush(state)  # every skip the checkpoint covers is on disk
                 save_checkpoint(
                     output_dir,
                     states,
@@ -384,9 +376,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         "nonfinite_steps": state.nonfinite_steps,
         **last,
     }
-    if state.skipped:
-        logger.warning("skipped records on this rank: %s (see the log above for file:line)",
-                       state.skipped)  # fmt: skip
+    skips.finish(state)
     if env.is_main:
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
     barrier()
