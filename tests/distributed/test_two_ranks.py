@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,9 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 NUM_STEPS = 3
 RTOL, ATOL = 1e-6, 1e-6
-SPAWN_TIMEOUT = 240
-"""Seconds for a spawned 2-rank job; a hang (a rank skipping a collective) fails the test."""
+SPAWN_TIMEOUT = 420
+"""Seconds for a spawned 2-rank job (5 jobs take ~250 s on a loaded 2-core box); a hang (a rank
+skipping a collective) fails the test."""
 
 
 def run_config(train_assets, strategy: str, accumulation: int) -> RunConfig:  # noqa: F811
@@ -185,6 +187,10 @@ def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
         config = run_config(train_assets, strategy, 1)
         jobs.append((f"{strategy}_images", config, image_steps))
         jobs.append((f"{strategy}_imageless", config, imageless_steps))
+    # FSDP2 builds on rank 0 and shards from the meta device by default; this job builds the
+    # full model on both ranks, the path it must reproduce bit for bit.
+    full_build = replace(config, dist=replace(config.dist, meta_init=False))
+    jobs.append(("fsdp_full_build_images", full_build, image_steps))
     result_dir = tmp_path_factory.mktemp("two_ranks")
     spawn_two_ranks(jobs, result_dir)
 
@@ -219,6 +225,14 @@ def test_imageless_rank_does_not_hang_and_matches(two_rank_results, strategy):
     # Rank 1's micro-batch is pure text with one dummy tile: it still runs the ViT (zero
     # contribution), so the collectives line up and the result equals the 1-rank reference.
     assert_matches(two_rank_results[f"{strategy}_imageless"], two_rank_results["single_imageless"])
+
+
+def test_fsdp_meta_init_equals_building_the_full_model_on_every_rank(two_rank_results):
+    got, expected = two_rank_results["fsdp_images"], two_rank_results["fsdp_full_build_images"]
+    assert got["losses"] == expected["losses"]
+    assert got["state"].keys() == expected["state"].keys()
+    for key, value in expected["state"].items():
+        assert torch.equal(got["state"][key], value), key
 
 
 def test_global_loss_normalisation_weights_ranks_by_tokens(two_rank_results):

@@ -40,3 +40,10 @@ def test_every_epoch_has_a_new_permutation_identical_on_all_ranks():
     assert not np.array_equal(first, second)
     assert not np.array_equal(first, other_dataset)
     assert sorted(second.tolist()) == list(range(1000))
+
+
+def test_a_stream_share_owns_its_memory_not_the_whole_permutation():
+    from vlpretrain.data.sharding import stream_share
+
+    share = stream_share(1000, seed=0, epoch=0, dataset_index=0, stream_id=1, num_streams=4)
+    assert share.base is None and share.nbytes == 250 * 8

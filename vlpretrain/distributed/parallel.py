@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed._composable import checkpoint
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from vlpretrain.distributed.env import DistEnv
@@ -36,6 +43,9 @@ class DistConfig:
     """FSDP2: free gathered weights after forward (ZeRO-3); False keeps them (ZeRO-2 like)."""
     cpu_offload: bool = False
     """FSDP2: keep sharded parameters and optimizer state on CPU."""
+    meta_init: bool = True
+    """FSDP2 with several ranks: rank 0 builds the model, the others get only their shards
+    (distributed/meta_init.py); False builds the full model on every rank."""
 
     @classmethod
     def from_deepspeed(cls, path: str) -> DistConfig:
@@ -65,12 +75,22 @@ class DistConfig:
 
 
 def enable_activation_checkpointing(model: InternVLModel, vision: bool, llm: bool) -> None:
+    """Recompute each ViT layer (`vision`) and each LLM decoder layer (`llm`) in backward.
+
+    Uses torch's composable `checkpoint`, which hooks the layer in place: parameter names stay
+    the same (DCP, FSDP2, LoRA and the export see no wrapper) and, unlike transformers' flag,
+    it does not depend on `module.training`. That matters in stages 1 and 1.5: frozen parts
+    stay in eval() (no dropout / drop-path) while backward still runs through them to reach
+    the projector or the ViT, so they hold activations unless checkpointed too.
+    Call before `parallelize` (FSDP2 then shards the hooked layers).
+    """
+    layers: list[nn.Module] = []
     if vision:
-        model.vision_model.encoder.gradient_checkpointing = True
+        layers += list(model.vision_layers())
     if llm:
-        model.language_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        layers += _decoder_layers(model)
+    for layer in layers:
+        checkpoint(layer)
 
 
 def _decoder_layers(model: InternVLModel) -> list[nn.Module]:
@@ -81,12 +101,28 @@ def _decoder_layers(model: InternVLModel) -> list[nn.Module]:
     return list(layers)
 
 
-def parallelize(model: InternVLModel, config: DistConfig, env: DistEnv) -> nn.Module:
-    """Wrap or shard `model` (already on `env.device`) for `env.world_size` ranks."""
+def uses_meta_init(config: DistConfig, env: DistEnv, uses_lora: bool) -> bool:
+    """Whether the model is built once on rank 0 and sharded from the meta device."""
+    return config.strategy == "fsdp" and config.meta_init and env.world_size > 1 and not uses_lora
+
+
+def parallelize(
+    model: InternVLModel, config: DistConfig, env: DistEnv, precision: str = "fp32"
+) -> nn.Module:
+    """Wrap or shard `model` (on `env.device`, or on meta for FSDP2) for `env.world_size` ranks.
+
+    FSDP2 with bf16 precision gathers bf16 parameters and reduces gradients in fp32
+    (MixedPrecisionPolicy): half the all-gather traffic, and no per-micro-batch recast of
+    fp32 weights by autocast; the sharded master weights and optimizer state stay fp32.
+    """
     if config.strategy == "fsdp":
         kwargs: dict[str, Any] = {"reshard_after_forward": config.reshard_after_forward}
         if config.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
+        if precision == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
         fully_shard(model.vision_model, **kwargs)
         for layer in _decoder_layers(model):
             fully_shard(layer, **kwargs)

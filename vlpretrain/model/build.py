@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 import torch
 
 from vlpretrain.facts import RunFacts
-from vlpretrain.model import hub, internlm2
+from vlpretrain.model import attention, hub, internlm2
 from vlpretrain.model.llm import (
     llm_from_config,
     load_llm,
@@ -60,8 +60,10 @@ class ModelConfig:
     """ViT layer feeding the projector (None: checkpoint's, or -1)."""
     conv_style: str | None = None
     """Chat template (None: checkpoint's, or internvl2_5)."""
-    attn_implementation: str = "sdpa"
-    """LLM attention: sdpa or eager on CPU; flash_attention_2 on GPU when installed."""
+    attn_implementation: str = "auto"
+    """LLM attention kernel: auto (CUDA: flash_attention_2 if flash-attn is installed, else
+    torch_varlen, else flex_attention; CPU: sdpa), or one of sdpa, eager, flex_attention,
+    flash_attention_2, torch_varlen (model/attention.py)."""
     trust_remote_code: bool = False
     """Allow a tokenizer that exists only as remote code (auto_map) to run Python from its
     directory. InternLM2 needs no remote code (native tokenizer and Llama conversion); LLMs
@@ -79,6 +81,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.attn_implementation not in attention.KNOWN_KERNELS:
+            raise ValueError(
+                f"model.attn_implementation {self.attn_implementation!r} is not one of "
+                f"{list(attention.KNOWN_KERNELS)}"
+            )
 
 
 @dataclass
@@ -106,8 +113,15 @@ def _vlm_config(base: VLMConfig, config: ModelConfig) -> VLMConfig:
     return replace(base, **changes)
 
 
-def build_model(config: ModelConfig) -> BuiltModel:
-    """Build the VLM (fp32, CPU) from `config`."""
+def build_model(config: ModelConfig, device: torch.device | None = None) -> BuiltModel:
+    """Build the VLM (fp32, CPU) from `config`; `device` is where it will run: it decides the
+    LLM attention kernel of "auto"."""
+    kernel, reason = attention.select_attention(
+        config.attn_implementation, device or torch.device("cpu")
+    )
+    attention.register_kernels()
+    attention.log_choice(kernel, reason)
+    config = replace(config, attn_implementation=kernel)
     if config.model_name_or_path:
         return _build_path_a(config)
     return _build_path_b(config)

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +222,6 @@ class VisionEncoder(nn.Module):
         num_layers = config.num_hidden_layers
         rates = torch.linspace(0, config.drop_path_rate, num_layers).tolist()
         self.layers = nn.ModuleList(VisionLayer(config, rate) for rate in rates)
-        self.gradient_checkpointing = False
 
 
 class InternViT(nn.Module):
@@ -240,11 +238,9 @@ class InternViT(nn.Module):
         num_layers = len(self.encoder.layers)
         stop = num_layers if select_layer == -1 else (select_layer % (num_layers + 1))
         x_NPD = self.embeddings(pixel_values_N3SS)
+        # Activation checkpointing, when on, is hooked onto each layer (distributed/parallel.py).
         for layer in self.encoder.layers[:stop]:
-            if self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x_NPD = checkpoint(layer, x_NPD, use_reentrant=False)
-            else:
-                x_NPD = layer(x_NPD)
+            x_NPD = layer(x_NPD)
         return x_NPD
 
     def resize_position_embeddings(self, new_image_size: int) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from vlpretrain.model.attention import is_varlen, varlen_kwargs
 from vlpretrain.model.loss import weighted_cross_entropy_sum
 from vlpretrain.model.projector import PixelShuffleVersion, Projector, pixel_shuffle
 from vlpretrain.model.vision import InternViT
@@ -141,18 +142,24 @@ class InternVLModel(nn.Module):
         pixel_values_N3SS: torch.Tensor,
         image_flags_N: torch.Tensor,
     ) -> torch.Tensor:
-        """Decoder output (B, L, D); rows run as one (1, B*L) sequence.
+        """Decoder output (B, L, D).
 
-        position_ids restart at 0 for every packed sample and every padding segment, so one
-        long row is exactly B independent rows. Flattening matters for flash-attention, whose
-        varlen path is only taken for batch size 1; sdpa and eager build the same
-        block-diagonal mask either way.
+        position_ids restart at 0 for every packed sample and every padding segment, so
+        transformers builds a per-sample (block-diagonal) mask from them for sdpa, eager and
+        flex. A varlen kernel instead gets the B rows as one (1, B*L) sequence plus the
+        cumulative sample lengths: per-sample cost with no mask. Only then are rows flattened
+        (under sdpa, one flattened sequence would cost (B*L)^2 instead of B*L^2).
         """
         rows, length = input_ids_BL.shape
-        embeds_1ND = self.embed(input_ids_BL.reshape(1, -1), pixel_values_N3SS, image_flags_N)
         decoder = self.language_model.get_decoder()
+        extra: dict[str, Any] = {}
+        if is_varlen(self.language_model.config._attn_implementation):
+            input_ids_BL = input_ids_BL.reshape(1, -1)
+            position_ids_BL = position_ids_BL.reshape(1, -1)
+            extra = varlen_kwargs(position_ids_BL)
+        embeds_BLD = self.embed(input_ids_BL, pixel_values_N3SS, image_flags_N)
         out = decoder(
-            inputs_embeds=embeds_1ND, position_ids=position_ids_BL.reshape(1, -1), use_cache=False
+            inputs_embeds=embeds_BLD, position_ids=position_ids_BL, use_cache=False, **extra
         )
         return out.last_hidden_state.reshape(rows, length, -1)
 
@@ -200,6 +207,13 @@ class InternVLModel(nn.Module):
         """Full logits (B, L, V); for evaluation, tests and generation, not for training."""
         hidden_BLD = self.hidden_states(input_ids, position_ids, pixel_values, image_flags)
         return self.language_model.get_output_embeddings()(hidden_BLD).float()
+
+    def vision_layers(self) -> nn.ModuleList:
+        """The ViT's transformer layers (through a PEFT wrapper if LoRA is on)."""
+        vision = self.vision_model
+        get_base_model = getattr(vision, "get_base_model", None)
+        base = get_base_model() if get_base_model is not None else vision
+        return base.encoder.layers
 
     @property
     def llm_hidden_size(self) -> int:

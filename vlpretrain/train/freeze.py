@@ -109,10 +109,7 @@ def freeze_unused_vision_layers(model: InternVLModel) -> None:
 
 
 def vision_layers(model: InternVLModel) -> nn.ModuleList:
-    vision = model.vision_model
-    get_base_model = getattr(vision, "get_base_model", None)
-    base = get_base_model() if get_base_model is not None else vision
-    return base.encoder.layers
+    return model.vision_layers()
 
 
 def trainable_counts(model: InternVLModel) -> dict[str, tuple[int, int]]:

@@ -40,11 +40,13 @@ from vlpretrain.distributed.env import (
     check_ranks_agree,
     disarm_stack_dump,
 )
+from vlpretrain.distributed.meta_init import build_from_rank0, materialize
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
     gradient_sync,
     parallelize,
     unwrap,
+    uses_meta_init,
 )
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model.build import build_model, run_facts, save_internvl
@@ -155,15 +157,22 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
     """Build, freeze, checkpoint activations, move and parallelise the model; also returns the
     number of trainable parameters."""
     torch.manual_seed(config.train.seed)
-    built = build_model(config.model)
+    uses_lora = bool(config.freeze.use_backbone_lora or config.freeze.use_llm_lora)
+    meta = uses_meta_init(config.dist, env, uses_lora)
+    build = partial(build_model, config.model, env.device)
+    built, weights = build_from_rank0(build, env) if meta else (build(), None)
     model = built.model
     check_packed_isolation(model.language_model.config, config.data.max_seq_length)
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
     enable_activation_checkpointing(model, vision=True, llm=config.train.grad_checkpoint)
-    model.to(env.device)
+    if weights is None:
+        model.to(env.device)
     apply_train_mode(model)
-    return parallelize(model, config.dist, env), model, built.tokenizer, num_trainable
+    parallel = parallelize(model, config.dist, env, config.train.precision)
+    if weights is not None:
+        materialize(parallel, weights, env.device)
+    return parallel, model, built.tokenizer, num_trainable
 
 
 def next_micro_batches(
@@ -216,7 +225,18 @@ def step_metrics(
     return metrics
 
 
-LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_per_second", "mfu")
+LINE_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "seconds",
+    "data_wait_seconds",
+    "tokens_per_second",
+    "tiles_per_second",
+    "mfu",
+)
+"""Shown in the progress line; `seconds` is the whole step, `data_wait_seconds` the part of it
+spent waiting for the loader (a starved loader shows here, not as a low MFU alone)."""
 
 
 def export_model(
@@ -339,6 +359,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             batches = next_micro_batches(
                 iterator, config.train.gradient_accumulation_steps, env.device
             )
+            data_wait = time.perf_counter() - start
             result = train_step(model, optimizer, batches, config, env)
             lr = cast(float, scheduler.get_last_lr()[0])  # our param groups use float lrs
             scheduler.step()
@@ -352,6 +373,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
             )
+            last["data_wait_seconds"] = data_wait
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
