@@ -56,11 +56,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_distributed(job: Callable[[Any], object], log_all_ranks: bool) -> int:
+def run_distributed(
+    job: Callable[[Any], object], log_all_ranks: bool, timeout_minutes: float | None = None
+) -> int:
     """Join the process group (torchrun's or a 1-rank one), run `job(env)`, leave it."""
-    from vlpretrain.distributed.env import init_distributed, shutdown
+    from vlpretrain.distributed.env import DEFAULT_TIMEOUT_MINUTES, init_distributed, shutdown
 
-    env = init_distributed()
+    env = init_distributed(timeout_minutes or DEFAULT_TIMEOUT_MINUTES)
     setup_logging(env.rank, log_all_ranks)
     try:
         job(env)
@@ -74,7 +76,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     config = resolve_config(args, extra)
     validate(config, int(os.environ.get("WORLD_SIZE", 1)))
-    return run_distributed(lambda env: train(config, env), args.log_all_ranks)
+    timeout = config.train.collective_timeout_minutes
+    return run_distributed(lambda env: train(config, env), args.log_all_ranks, timeout)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -86,7 +89,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.check_only:
         print(f"recipe {args.recipe}: {len(stages)} stages OK")
         return 0
-    return run_distributed(lambda env: run_pipeline(stages, env), args.log_all_ranks)
+    timeout = max(stage.config.train.collective_timeout_minutes for stage in stages)
+    return run_distributed(lambda env: run_pipeline(stages, env), args.log_all_ranks, timeout)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

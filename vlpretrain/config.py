@@ -73,6 +73,16 @@ class TrainConfig:
     """Per-device peak for MFU (0: known GPU table, or a measured CPU matmul peak)."""
     progress_bar: bool = True
     """A tqdm bar over the steps on rank 0."""
+    max_nonfinite_steps: int = 5
+    """Consecutive steps whose loss or gradient norm is NaN/inf (such a step is not applied:
+    the weights and optimizer state stay, its data and LR step are consumed) before the run
+    stops with an error; 1 stops at the first."""
+    allow_changed_on_resume: tuple[str, ...] = ()
+    """Config fields ('section.key') that may differ from the checkpoint's on resume; any other
+    changed field is refused (operational ones such as logging_steps always may)."""
+    collective_timeout_minutes: float = 10.0
+    """A collective (all-reduce, barrier) waiting longer than this fails the run, and a step
+    taking longer dumps every thread's stack to stderr (which rank waits where)."""
 
     @property
     def export_precision(self) -> Literal["fp32", "bf16"]:
@@ -80,9 +90,14 @@ class TrainConfig:
         return self.precision if self.save_dtype == "auto" else self.save_dtype
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+        names = ("max_steps", "gradient_accumulation_steps", "save_steps", "logging_steps",
+                 "max_nonfinite_steps")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.collective_timeout_minutes <= 0:
+            timeout = self.collective_timeout_minutes
+            raise ValueError(f"train.collective_timeout_minutes must be > 0, got {timeout}")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"train.resume: {self.resume!r} is not 'auto', 'never' or a directory")
 
@@ -280,6 +295,10 @@ def validate(config: RunConfig, world_size: int) -> None:
         )
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
+    for name in config.train.allow_changed_on_resume:
+        section, _, key = name.partition(".")
+        if section not in SECTIONS or key not in _field_types(SECTIONS[section]):
+            problems.append(f"train.allow_changed_on_resume: {name!r} is not a config field")
     if problems:
         raise ConfigError(problems)
 

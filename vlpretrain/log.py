@@ -40,17 +40,25 @@ def _format(value: Any) -> str:
 class MetricsWriter:
     """Writes one record per logged step to stdout (one line), metrics.jsonl and TensorBoard."""
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool, enabled: bool = True) -> None:
+    def __init__(
+        self, output_dir: str | Path, tensorboard: bool, enabled: bool = True, start_step: int = 0
+    ) -> None:
+        """`start_step`: the step the run starts after (a resumed checkpoint's); records of
+        later steps, left by an interrupted run, are dropped (they will be written again)."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tensorboard = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            # purge_step hides the interrupted run's events of the steps that are redone.
+            self._tensorboard = SummaryWriter(
+                str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1
+            )
 
     def write(self, step: int, metrics: dict[str, Any], line_keys: tuple[str, ...] = ()) -> None:
         if not self.enabled:
@@ -71,3 +79,24 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (and no torn last line) in a JSONL file."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False  # a line torn by a kill
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += int(bool(line.strip()))
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        logger.info("%s: dropped %d records after step %d (redone now)", path, dropped, last_step)

@@ -201,7 +201,7 @@ def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
             "single_imageless": single_rank(reference_config, imageless_steps),
         }
     for name, _, _ in jobs:
-        results[name] = torch.load(result_dir / f"{name}.pt", weights_only=False)
+        results[name] = torch.load(result_dir / f"{name}.pt", weights_only=True)
     return results
 
 
@@ -290,13 +290,22 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
         ".metadata",  # DCP: which rank's file holds which shard
         "__0_0.distcp",
         "__1_0.distcp",
-        "rank-00000.pt",
-        "rank-00001.pt",
-        "train_state.json",
+        "manifest.json",  # written last: size and hash of every other file
+        "rank-00000.json",  # train state and data-loader state of each rank (no pickles)
+        "rank-00000.rng.safetensors",
+        "rank-00001.json",
+        "rank-00001.rng.safetensors",
+        "shared.json",
     ]
-    assert '"world_size": 2' in (checkpoint / "train_state.json").read_text()
+    assert '"world_size": 2' in (checkpoint / "shared.json").read_text()
 
-    wait_ok(torchrun(resumed, "--set", "train.max_steps=4"))
+    extend = (
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        'train.allow_changed_on_resume=["train.max_steps"]',
+    )
+    wait_ok(torchrun(resumed, *extend))
     assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
     assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "straight")
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2, 4]

@@ -1,15 +1,25 @@
 """Process-group set-up from torchrun's environment; device and backend choice; rank helpers.
 
 Single-process runs also get a (world size 1) process group so the training code has one
-path: DCP checkpoints, all-reduces and barriers behave the same with 1 or N ranks.
+path: DCP checkpoints, all-reduces and barriers behave the same with 1 or N ranks. Also what
+keeps ranks from hanging or running on alone: a collective timeout in minutes, a stack dump
+of a rank that waits too long, a check that every rank runs the same job, and a watch that
+stops a rank whose torchrun launcher died.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import hashlib
+import json
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,11 +44,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    """Join (or create) the default process group; nccl on GPU, gloo on CPU."""
+DEFAULT_TIMEOUT_MINUTES = 10.0
+"""Collective timeout when the caller has no config (torch's default is 30 minutes)."""
+LAUNCHER_DIED_EXIT = 70
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
+    """Join (or create) the default process group; nccl on GPU, gloo on CPU.
+
+    Under torchrun, first starts the launcher watch (watch_launcher): joining the group waits
+    on the launcher's store, which never answers once the launcher is dead.
+    """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    watch_launcher(rank)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -60,6 +80,71 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return DistEnv(rank, local_rank, world_size, device, backend)
 
 
+def watch_launcher(rank: int, interval_seconds: float = 1.0) -> None:
+    """Under torchrun, end this rank within `interval_seconds` of the launcher's death.
+
+    torchrun does not take its ranks down when it is killed (SIGKILL): they would go on
+    training and writing into an output_dir that a restarted job also uses. The launcher is
+    this process's parent; when it dies the process is re-parented, which we poll for
+    (a launcher that died while this rank was still importing is caught when the parent is
+    already init; one adopted by a subreaper in that window is not).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()  # 1: the launcher died before we got here (adopted by init)
+
+    def watch() -> None:
+        while os.getppid() == launcher and launcher != 1:
+            time.sleep(interval_seconds)
+        sys.stderr.write(
+            f"vlpretrain rank {rank}: the torchrun launcher (pid {launcher}) died; stopping "
+            "this rank now\n"
+        )
+        sys.stderr.flush()
+        os._exit(LAUNCHER_DIED_EXIT)
+
+    threading.Thread(target=watch, name="vlpretrain-launcher-watch", daemon=True).start()
+
+
+def arm_stack_dump(seconds: float) -> None:
+    """Dump every thread's stack to stderr if not re-armed or disarmed within `seconds`."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()  # type: ignore[union-attr]  # None when detached
+        except (AttributeError, OSError, ValueError):
+            continue  # e.g. a capturing stand-in without a file descriptor
+        faulthandler.dump_traceback_later(seconds, exit=False, file=stream)  # type: ignore[arg-type]
+        return
+
+
+def disarm_stack_dump() -> None:
+    faulthandler.cancel_dump_traceback_later()
+
+
+def check_ranks_agree(facts: dict[str, Any]) -> None:
+    """Raise one ValueError on every rank if any rank's `facts` differ from rank 0's.
+
+    `facts` is a flat {name: JSON-like value} mapping (resolved config, world size, ...).
+    One small all-gather of hashes; the full mappings only when they differ.
+    """
+    text = json.dumps(facts, sort_keys=True, default=str)
+    digests = all_gather_objects(hashlib.sha256(text.encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    everyone = all_gather_objects(json.loads(text))
+    reference, lines = everyone[0], []
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        for key in sorted(set(reference) | set(theirs)):
+            if reference.get(key) != theirs.get(key):
+                lines.append(
+                    f"{key}: rank 0 has {reference.get(key)!r}, rank {rank} has {theirs.get(key)!r}"
+                )
+    raise ValueError(
+        "the ranks of this job were started with different settings; every rank must run the "
+        "same configuration:\n  - " + "\n  - ".join(lines)
+    )
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -68,6 +153,22 @@ def shutdown() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_objects(value: object) -> list[Any]:
+    """`value` of every rank, in rank order (JSON-like values; `[value]` with one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

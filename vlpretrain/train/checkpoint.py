@@ -1,51 +1,73 @@
-"""Resumable checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Resumable checkpoints: save and restore the run's stateful parts in one fixed order.
 
-    output_dir/checkpoints/step-00000100/   model + optimizer (DCP, sharded per rank)
-                                            train_state.json (step, tokens, scheduler, config)
-                                            rank-00000.pt ... (data-loader state, RNG) per rank
+    output_dir/checkpoints/step-00000100/
+        .metadata, __R_0.distcp      model + optimizer tensors (DCP, sharded per rank)
+        shared.json                  rank 0: format version, world size, step, config, scheduler
+        rank-00000.json ...          per rank: train state and data-loader state (JSON)
+        rank-00000.rng.safetensors   per rank: torch RNG states
+        manifest.json                written last: size and content hash of every other file
 
-A checkpoint is written into `step-N.tmp` and renamed once every rank has finished, so a
-crash never leaves a half-written directory under a final name; `latest_checkpoint` only
-considers final names. The last `keep` checkpoints are kept. What a checkpoint does not hold
-is the exported model: that is written once at the end of a stage (model.build.save_internvl).
+The contract: the caller hands one `states` mapping, name -> Stateful (`state_dict()` /
+`load_state_dict()`), with exactly the names of STATE_LAYOUT. The checkpointer owns where each
+part is stored and the order of restoring them (STATE_LAYOUT order): model and optimizer first
+(one DCP read), then scheduler, train state, loader, and the RNG last, because restoring the
+loader creates its iterator (LoaderState), which draws from the torch RNG.
+
+Nothing in a checkpoint is a pickle that we run: JSON for plain state, safetensors for RNG
+tensors, and DCP's `.metadata` is read with an unpickler that only builds DCP's own metadata
+classes. A checkpoint is written into `step-N.tmp`, hashed (checkpoint_manifest.py) and
+renamed once every rank has finished, so a crash never leaves a half-written directory under
+a final name; resume verifies the manifest and falls back to the newest intact checkpoint.
+What a checkpoint does not hold is the exported model: that is written once at the end of a
+stage (model.build.save_internvl).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
-from vlpretrain.distributed.env import barrier
+from vlpretrain.distributed.env import all_gather_objects, barrier, rank_and_world
+from vlpretrain.train.checkpoint_manifest import (
+    MANIFEST,
+    CheckpointError,
+    MetadataSafeReader,
+    hash_files,
+    read_json_file,
+    verify_checkpoint,
+    write_json_file,
+)
+from vlpretrain.train.states import Stateful
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-STATE_VERSION = 2
+FORMAT_VERSION = 3
+"""3: JSON + safetensors per-rank state and a manifest (2 pickled rank-N.pt files)."""
+SHARED_FILE = "shared.json"
 
-
-@dataclass
-class TrainState:
-    """Everything about progress that is not a tensor of the model or optimizer."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    samples_seen: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Skipped samples so far by 'dataset/reason'."""
-    records_seen: int = 0
-    """Samples plus skips: the denominator of the skip fraction."""
+Storage = Literal["sharded", "shared", "rank", "rank_tensors"]
+STATE_LAYOUT: tuple[tuple[str, Storage], ...] = (
+    ("model", "sharded"),
+    ("optimizer", "sharded"),
+    ("scheduler", "shared"),
+    ("train_state", "rank"),
+    ("loader", "rank"),
+    ("rng", "rank_tensors"),
+)
+"""Every stateful part, in restore order, and where it is stored: `sharded` in DCP files,
+`shared` in rank 0's shared.json (identical on every rank), `rank` in rank-N.json, and
+`rank_tensors` in rank-N.rng.safetensors."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -53,7 +75,8 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints under their final names (complete or not, see verify_checkpoint), oldest
+    first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
@@ -66,57 +89,135 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def _rank_file(directory: Path, rank: int, suffix: str) -> Path:
+    return directory / f"rank-{rank:05d}{suffix}"
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def _check_names(states: Mapping[str, Stateful]) -> None:
+    expected = [name for name, _ in STATE_LAYOUT]
+    if sorted(states) != sorted(expected):
+        raise ValueError(f"checkpoint states are {sorted(states)}; the layout needs {expected}")
+
+
+def _names(storage: Storage) -> list[str]:
+    return [name for name, kind in STATE_LAYOUT if kind == storage]
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, its cause chain, or a DCP per-rank failure."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        failures = getattr(current, "failures", None)  # dcp CheckpointException
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                if isinstance(failure, BaseException):
+                    pending.append(failure)
+                elif (
+                    isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException)
+                ):
+                    pending.append(failure[0])
+    return None
+
+
+def _describe_write_error(error: BaseException, directory: Path) -> str:
+    os_error = _os_error_in(error)
+    if os_error is None:
+        return f"{type(error).__name__}: {error}"
+    where = os_error.filename or directory
+    return f"{where}: [Errno {os_error.errno}] {os_error.strerror or os_error}"
+
+
+@contextlib.contextmanager
+def _ranks_agree(directory: Path, action: str) -> Iterator[None]:
+    """Run a block on every rank; if it fails on any, raise one CheckpointError on all."""
+    problem: str | None = None
+    try:
+        yield
+    except (Exception, CheckpointException) as error:  # re-raised below on every rank
+        problem = _describe_write_error(error, directory)
+    problems = [p for p in all_gather_objects(problem) if p]
+    if problems:
+        rank, _ = rank_and_world()
+        raise CheckpointError(
+            f"could not {action} {directory} (rank {rank} sees: "
+            + "; ".join(sorted(set(problems)))
+            + "). Earlier checkpoints are untouched; free space or fix the file system and "
+            "rerun to resume from the newest intact one."
+        )
 
 
 def save_checkpoint(
     output_dir: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: TrainState,
-    loader: Any,
-    resolved_config: dict[str, Any],
+    states: Mapping[str, Stateful],
+    *,
+    step: int,
+    config: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write a checkpoint of the current step on every rank; returns its final path."""
+    """Write `states` for `step` on every rank (a collective); returns the final path.
+
+    Raises CheckpointError on every rank when any rank fails to write (disk full, I/O error),
+    naming the path and the OS error; the earlier checkpoints are not touched then.
+    """
+    _check_names(states)
+    rank, world_size = rank_and_world()
     root = checkpoint_root(output_dir)
-    final = root / f"step-{state.step:08d}"
-    tmp = root / f"step-{state.step:08d}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    # Counters are per rank (each rank counts its own batches), so they live in its file.
-    local = {
-        "version": STATE_VERSION,
-        "loader": loader.state_dict(),
-        "rng": capture_rng(),
-        "train_state": asdict(state),
-    }
-    torch.save(local, tmp / f"rank-{_rank():05d}.pt")
-    if _rank() == 0:
-        meta = {
-            "version": STATE_VERSION,
-            "world_size": _world(),
-            "step": state.step,
-            "scheduler": scheduler.state_dict(),
-            "config": resolved_config,
+    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
+    with _ranks_agree(tmp, "create the checkpoint directory"):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    with _ranks_agree(tmp, "write the checkpoint"):
+        dcp.save({n: states[n].state_dict() for n in _names("sharded")}, checkpoint_id=str(tmp))
+        write_json_file(
+            _rank_file(tmp, rank, ".json"),
+            {
+                "format_version": FORMAT_VERSION,
+                "rank": rank,
+                "states": {n: states[n].state_dict() for n in _names("rank")},
+            },
+        )
+        tensors = {
+            f"{name}.{key}": value.contiguous()
+            for name in _names("rank_tensors")
+            for key, value in states[name].state_dict().items()
         }
-        (tmp / "train_state.json").write_text(json.dumps(meta, indent=2, default=str))
+        save_file(tensors, str(_rank_file(tmp, rank, ".rng.safetensors")))
+        if rank == 0:
+            shared = {
+                "format_version": FORMAT_VERSION,
+                "world_size": world_size,
+                "step": step,
+                "config": config,
+                "states": {n: states[n].state_dict() for n in _names("shared")},
+            }
+            write_json_file(tmp / SHARED_FILE, shared)
     barrier()
-    if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(output_dir, keep)
-    barrier()
+    with _ranks_agree(tmp, "hash the checkpoint"):
+        entries = hash_files(tmp, rank, world_size)
+    gathered = all_gather_objects(entries)
+    with _ranks_agree(tmp, "finish the checkpoint"):
+        if rank == 0:
+            files = {name: entry for part in gathered for name, entry in part.items()}
+            write_json_file(
+                tmp / MANIFEST,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "step": step,
+                    "files": dict(sorted(files.items())),
+                },
+            )
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _prune(output_dir, keep)
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -128,54 +229,88 @@ def _prune(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loader: Any,
-) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore everything saved by `save_checkpoint` in place.
-
-    Returns this rank's train state and its saved RNG states, which the caller restores
-    (`restore_rng`) once the data-loader iterator exists (creating it draws from the RNG).
-    """
+def read_shared(path: str | Path) -> dict[str, Any]:
+    """shared.json of a checkpoint (version and world size checked): step, config, ..."""
     path = Path(path)
-    meta = json.loads((path / "train_state.json").read_text())
-    if meta.get("version") != STATE_VERSION:
+    shared = read_json_file(path / SHARED_FILE)
+    version = shared.get("format_version")
+    if version != FORMAT_VERSION:
         raise ValueError(
-            f"{path} has checkpoint format version {meta.get('version')!r}; this vlpretrain "
-            f"reads version {STATE_VERSION}. Resume with the version that wrote it, or start a "
-            "new stage from the exported weights (model.model_name_or_path)."
+            f"{path} has checkpoint format version {version!r}; this vlpretrain reads version "
+            f"{FORMAT_VERSION}. Resume with the version that wrote it, or start a new stage "
+            "from the exported weights (model.model_name_or_path)."
         )
-    if meta["world_size"] != _world():
+    _, world_size = rank_and_world()
+    if shared["world_size"] != world_size:
         raise ValueError(
-            f"{path} was written by {meta['world_size']} ranks but this run has {_world()}; "
+            f"{path} was written by {shared['world_size']} ranks but this run has {world_size}; "
             "the data stream cannot be resumed exactly on a different world size. Start a new "
             "stage from its weights instead (model.model_name_or_path)."
         )
-    model_state, optim_state = get_state_dict(model, optimizer)
-    target: dict[str, Any] = {"model": model_state, "optim": optim_state}
-    dcp.load(target, checkpoint_id=str(path))
-    set_state_dict(
-        model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"]
-    )
-    scheduler.load_state_dict(meta["scheduler"])
-    local = torch.load(path / f"rank-{_rank():05d}.pt", weights_only=False)
-    loader.load_state_dict(local["loader"])
-    logger.info("resumed from %s (step %d)", path, meta["step"])
-    return TrainState(**local["train_state"]), local["rng"]
+    return shared
 
 
-def capture_rng() -> dict[str, torch.Tensor]:
-    """The torch generators this process draws from (CPU, and the current CUDA device)."""
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
+def load_checkpoint(path: str | Path, states: Mapping[str, Stateful]) -> dict[str, Any]:
+    """Restore `states` in place, in STATE_LAYOUT order; returns the checkpoint's shared.json.
+
+    The caller checks the checkpoint first (find_resume_checkpoint verifies its manifest).
+    """
+    _check_names(states)
+    path = Path(path)
+    rank, _ = rank_and_world()
+    shared = read_shared(path)
+    local = read_json_file(_rank_file(path, rank, ".json"))
+    tensors_file = _rank_file(path, rank, ".rng.safetensors")
+    tensors = load_file(str(tensors_file))
+    sharded = {n: states[n].state_dict() for n in _names("sharded")}
+    reader = MetadataSafeReader(path)
+    reader.read_metadata()  # refuses a tampered .metadata here, with our message
+    # Model and optimizer come first in the layout, so one DCP read restores both in order.
+    dcp.load(sharded, storage_reader=reader)
+    for name, storage in STATE_LAYOUT:
+        if storage == "sharded":
+            states[name].load_state_dict(sharded[name])
+        elif storage == "shared":
+            states[name].load_state_dict(shared["states"][name])
+        elif storage == "rank":
+            states[name].load_state_dict(local["states"][name])
+        else:
+            prefix = f"{name}."
+            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not part:
+                raise CheckpointError(f"{tensors_file} holds no {name!r} tensors")
+            states[name].load_state_dict(part)
+    logger.info("resumed from %s (step %d)", path, shared["step"])
+    return shared
 
 
-def restore_rng(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest checkpoint in output_dir whose manifest verifies (a collective), or None if
+    there is none at all.
+
+    Each newer one that fails is reported with its path and reason; raises CheckpointError
+    when checkpoints exist but none is intact.
+    """
+    problems: list[str] = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            for problem in problems:
+                logger.warning("skipping checkpoint %s; resuming from %s instead", problem, path)
+            return path
+        problems.append(f"{path}: {reason}")
+    if problems:
+        raise CheckpointError(
+            "no intact checkpoint to resume from:\n  - " + "\n  - ".join(problems) + "\nSet "
+            "train.resume = 'never' to start over (the checkpoints are moved aside), or restore "
+            "one of them."
+        )
+    return None
+
+
+def check_resume_checkpoint(path: str | Path) -> Path:
+    """An explicitly named checkpoint (train.resume = DIR): verified, no fallback."""
+    reason = verify_checkpoint(Path(path))
+    if reason is not None:
+        raise CheckpointError(f"train.resume {path} cannot be used: {reason}")
+    return Path(path)

@@ -27,11 +27,19 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import vlpretrain
 from vlpretrain.config import RunConfig, to_dict
 from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
-from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
+from vlpretrain.distributed.env import (
+    DistEnv,
+    all_reduce_sum,
+    arm_stack_dump,
+    barrier,
+    check_ranks_agree,
+    disarm_stack_dump,
+)
 from vlpretrain.distributed.meta_init import build_from_rank0, materialize
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
@@ -46,16 +54,25 @@ from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
+    check_resume_checkpoint,
+    find_resume_checkpoint,
     load_checkpoint,
-    restore_rng,
+    read_shared,
     save_checkpoint,
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
+from vlpretrain.train.nonfinite import (
+    batch_sources,
+    global_loss_and_finiteness,
+    guard_nonfinite,
+    refuse_nonfinite_weights,
+)
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
+from vlpretrain.train.run_lock import hold_run_lock
 from vlpretrain.train.skips import SkipRecorder
+from vlpretrain.train.states import LoaderState, TrainState, training_states
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +86,8 @@ class StepResult:
     grad_norm: float
     weight_sum: float
     num_supervised: int
+    applied: bool = True
+    """False when the loss or gradient norm was not finite on some rank: no update was made."""
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -127,10 +146,11 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    global_loss, finite = global_loss_and_finiteness(loss_sum, float(grad_norm), weight_sum)
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    global_loss = float(all_reduce_sum(loss_sum)) / weight_sum if weight_sum > 0 else float("nan")
-    return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised)
+    return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised, applied=finite)
 
 
 def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
@@ -240,6 +260,7 @@ def export_model(
         cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options)),
         lora_scalings(unwrap(model)),
     )
+    refuse_nonfinite_weights(state if env.is_main else {}, output_dir)
     if env.is_main:
         save_internvl(
             unwrap(model),
@@ -253,20 +274,66 @@ def export_model(
 
 
 def resume_path(config: RunConfig) -> Path | None:
+    """The verified checkpoint to resume from (a collective), or None to start fresh."""
     if config.train.resume == "never":
         return None
     if config.train.resume == "auto":
-        return latest_checkpoint(config.train.output_dir)
-    return Path(config.train.resume)
+        return find_resume_checkpoint(config.train.output_dir)
+    return check_resume_checkpoint(config.train.resume)
+
+
+def prepare_output_dir(config: RunConfig, env: DistEnv) -> Path | None:
+    """Clear the completion marker, pick the checkpoint to resume from (its config checked)
+    or set an earlier run aside, and record the resolved config; returns the checkpoint."""
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        (output_dir / FINAL_MARKER).unlink(missing_ok=True)
+        if config.train.resume == "never":
+            set_aside_previous_run(output_dir)
+    barrier()
+    checkpoint = resume_path(config)
+    if checkpoint is not None:
+        saved = read_shared(checkpoint)["config"]
+        check_config_on_resume(
+            checkpoint, saved, to_dict(config), config.train.allow_changed_on_resume
+        )
+    if env.is_main:
+        (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
+    return checkpoint
+
+
+def job_facts(config: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """What every rank of a job must agree on: the resolved config, world size, versions."""
+    return {
+        **{f"config.{k}": v for k, v in flatten(to_dict(config)).items()},
+        "world_size": env.world_size,
+        "torch": torch.__version__,
+        "vlpretrain": vlpretrain.__version__,
+    }
 
 
 def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
-    """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics."""
+    """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics.
+
+    Every rank first checks that all run the same job; output_dir's run lock is held
+    throughout (train.run_lock), and an iteration that takes longer than the collective
+    timeout dumps every thread's stack to stderr.
+    """
+    check_ranks_agree(job_facts(config, env))
+    with hold_run_lock(config.train.output_dir, env):
+        try:
+            return run_stage(config, env)
+        finally:
+            disarm_stack_dump()
+
+
+def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """The stage itself; `train` calls it holding the run lock."""
     output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / FINAL_MARKER).unlink(missing_ok=True)
-    if env.is_main:
-        (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
+    stall_seconds = 60 * config.train.collective_timeout_minutes
+    arm_stack_dump(stall_seconds)
+    checkpoint = prepare_output_dir(config, env)
     model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
     facts = run_facts(plain_model, tokenizer)
     logger.info("run facts: %s", facts)
@@ -276,18 +343,18 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     loader = build_dataloader(
         sources, config.packing, facts, config.stream, env.rank, env.world_size
     )
-    state, rng_state = TrainState(), None
-    checkpoint = resume_path(config)
-    if checkpoint is not None:
-        state, rng_state = load_checkpoint(checkpoint, model, optimizer, scheduler, loader)
-    skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
-                         env, state.step, summary_every=config.train.save_steps)  # fmt: skip
+    state = TrainState()
+    states = training_states(model, optimizer, scheduler, loader, state)
     flops = build_flops_counter(plain_model)
     peak = peak_tflops(env.device, config.train.peak_tflops)
-    metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
-    iterator = iter(loader)
-    if rng_state is not None:
-        restore_rng(rng_state)
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, states)  # restores `state` in place
+    skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
+                         env, state.step, summary_every=config.train.save_steps)  # fmt: skip
+    metrics = MetricsWriter(
+        output_dir, config.train.report_to == "tensorboard", env.is_main, start_step=state.step
+    )
+    iterator = cast(LoaderState, states["loader"]).iterator
     last: dict[str, Any] = {}
     bar = tqdm(
         total=config.train.max_steps,
@@ -298,6 +365,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     )
     with logging_redirect_tqdm():
         while state.step < config.train.max_steps:
+            arm_stack_dump(stall_seconds)
             start = time.perf_counter()
             batches = next_micro_batches(
                 iterator, config.train.gradient_accumulation_steps, env.device
@@ -309,6 +377,9 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             state.step += 1
             update_counters(state, batches)
             skips.add(batches, state.step)
+            describe_data = partial(batch_sources, batches, sources, config.stream.seed)
+            guard_nonfinite(state, result.applied, result.loss, result.grad_norm, describe_data,
+                            config.train.max_nonfinite_steps)  # fmt: skip
             is_last = state.step == config.train.max_steps
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
@@ -323,13 +394,10 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
                 skips.flush(state)  # every skip the checkpoint covers is on disk
                 save_checkpoint(
                     output_dir,
-                    model,
-                    optimizer,
-                    scheduler,
-                    state,
-                    loader,
-                    to_dict(config),
-                    config.train.save_total_limit,
+                    states,
+                    step=state.step,
+                    config=to_dict(config),
+                    keep=config.train.save_total_limit,
                 )
     bar.close()
     metrics.close()
@@ -347,6 +415,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         "tokens_seen": state.tokens_seen,
         "samples_seen": state.samples_seen,
         "skipped": state.skipped,
+        "nonfinite_steps": state.nonfinite_steps,
         **last,
     }
     skips.finish(state)

@@ -1,0 +1,143 @@
+"""Ranks agree or stop: different settings are one clear error on every rank, a rank left
+waiting dumps its stack and times out in seconds (as configured), and ranks whose torchrun
+launcher was killed stop instead of training on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_fixtures import cli_env
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+TIMEOUT = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_script(tmp_path: Path, source: str, *args: str) -> subprocess.Popen:
+    script = tmp_path / "job.py"
+    script.write_text(source)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(script), *args,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{process.args} did not finish within {TIMEOUT} s")
+    return process.returncode, output
+
+
+DISAGREE = """
+from vlpretrain.distributed.env import check_ranks_agree, init_distributed
+env = init_distributed()
+facts = {"config.train.max_steps": 5 if env.rank == 0 else 8, "config.stream.seed": 0}
+try:
+    check_ranks_agree(facts)
+except ValueError as error:
+    print(f"rank {env.rank} refused: {error}", flush=True)
+    raise SystemExit(3)
+"""
+
+
+def test_ranks_with_different_settings_stop_with_the_differing_keys(tmp_path):
+    code, output = finish(torchrun_script(tmp_path, DISAGREE))
+    assert code != 0
+    for rank in (0, 1):
+        assert f"rank {rank} refused: the ranks of this job were started with different" in output
+    assert "config.train.max_steps: rank 0 has 5, rank 1 has 8" in output
+    assert "config.stream.seed" not in output.split("refused:")[1]  # only the differing key
+
+
+WAIT_ALONE = """
+import time, torch
+from vlpretrain.distributed.env import all_reduce_sum, arm_stack_dump, init_distributed
+env = init_distributed(timeout_minutes=0.1)  # 6 s
+start = time.monotonic()
+if env.rank == 1:
+    arm_stack_dump(2.0)
+    try:
+        all_reduce_sum(torch.ones(1))  # rank 0 never joins
+    except Exception as error:
+        print(f"rank 1 gave up after {time.monotonic() - start:.0f} s: {type(error).__name__}",
+              flush=True)
+        raise SystemExit(4)
+else:
+    time.sleep(30)
+"""
+
+
+def test_a_waiting_rank_dumps_its_stack_and_times_out_as_configured(tmp_path):
+    started = time.monotonic()
+    code, output = finish(torchrun_script(tmp_path, WAIT_ALONE))
+    assert code != 0
+    assert "Timeout (0:00:02)!" in output  # faulthandler: every thread's stack ...
+    assert "in all_reduce_sum" in output  # ... showing where rank 1 waits
+    assert "rank 1 gave up after" in output
+    gave_up = int(output.split("rank 1 gave up after ")[1].split(" s")[0])
+    assert 4 <= gave_up <= 20, output  # the 6 s timeout, not torch's 30 minutes
+    assert time.monotonic() - started < TIMEOUT
+
+
+TRAIN_FOREVER = """
+import os, sys, time
+from pathlib import Path
+from vlpretrain.distributed.env import init_distributed
+env = init_distributed()
+out = Path(sys.argv[1])
+(out / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+while True:
+    with (out / f"rank{env.rank}.log").open("a") as handle:
+        handle.write(f"{time.time()}\\n")
+    time.sleep(0.05)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its new parent) counts as gone.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ranks_stop_within_seconds_when_the_launcher_is_killed(tmp_path):
+    launcher = torchrun_script(tmp_path, TRAIN_FOREVER, str(tmp_path))
+    deadline = time.monotonic() + TIMEOUT
+    pids_files = [tmp_path / f"rank{r}.pid" for r in (0, 1)]
+    while not all(p.exists() and p.read_text() for p in pids_files):
+        assert launcher.poll() is None, launcher.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in pids_files]
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    killed = time.monotonic()
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() - killed < 10, "rank processes outlived their launcher"
+        time.sleep(0.1)
+    stopped = time.monotonic() - killed
+    sizes = [(tmp_path / f"rank{r}.log").stat().st_size for r in (0, 1)]
+    time.sleep(0.5)
+    assert sizes == [(tmp_path / f"rank{r}.log").stat().st_size for r in (0, 1)]
+    assert stopped < 5.0

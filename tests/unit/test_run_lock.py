@@ -1,0 +1,150 @@
+"""One run per output_dir: the lock refuses a live holder, takes over from a dead one, and a
+process whose lock was taken over stops before writing again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlpretrain.distributed.env import DistEnv
+from vlpretrain.train.run_lock import (
+    FOREIGN_STALE_SECONDS,
+    LOCK_FILE,
+    LOCK_LOST_EXIT,
+    LockHolder,
+    RunLockError,
+    acquire,
+    hold_run_lock,
+    read_holder,
+    this_process,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
+
+
+def plant(output_dir: Path, holder: LockHolder, age_seconds: float = 0.0) -> Path:
+    path = output_dir / LOCK_FILE
+    path.write_text(json.dumps(asdict(holder)))
+    stamp = time.time() - age_seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def other_process(alive: bool) -> tuple[LockHolder, subprocess.Popen]:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = replace(this_process(), pid=process.pid, process_start=None)
+    if not alive:
+        process.kill()
+        process.wait()
+    return holder, process
+
+
+def test_the_lock_names_pid_host_and_start_time(tmp_path):
+    me = this_process()
+    acquire(tmp_path, me)
+    holder = read_holder(tmp_path / LOCK_FILE)
+    assert holder == me
+    assert holder.pid == os.getpid() and holder.host == socket.gethostname()
+    assert holder.started.endswith("Z") and holder.process_start is not None
+
+
+def test_a_live_holder_is_refused_by_name(tmp_path):
+    holder, process = other_process(alive=True)
+    try:
+        plant(tmp_path, holder)
+        with pytest.raises(RunLockError, match=f"in use by another run: pid {process.pid} on"):
+            acquire(tmp_path, this_process())
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_dead_holder_is_taken_over_with_a_warning(tmp_path, caplog):
+    holder, _ = other_process(alive=False)
+    plant(tmp_path, holder)
+    me = this_process()
+    with caplog.at_level(logging.WARNING):
+        acquire(tmp_path, me)
+    assert read_holder(tmp_path / LOCK_FILE) == me
+    assert f"pid {holder.pid}" in caplog.text and "is gone" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+
+
+def test_a_reused_pid_is_a_dead_holder(tmp_path):
+    holder, process = other_process(alive=True)
+    try:
+        # Same pid as a live process, but that process started at another time: not the holder.
+        plant(tmp_path, replace(holder, process_start=1))
+        acquire(tmp_path, this_process())
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_holder_on_another_host_counts_as_alive_until_its_heartbeat_is_stale(tmp_path):
+    foreign = replace(this_process(), host="some-other-node", pid=1)
+    plant(tmp_path, foreign, age_seconds=60)
+    with pytest.raises(RunLockError, match="some-other-node"):
+        acquire(tmp_path, this_process())
+    plant(tmp_path, foreign, age_seconds=FOREIGN_STALE_SECONDS + 60)
+    acquire(tmp_path, this_process())
+
+
+def test_a_torn_lock_file_of_a_crash_is_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text('{"run_id": "ab')
+    old = time.time() - 60
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    acquire(tmp_path, this_process())
+
+
+def test_hold_run_lock_releases_on_exit_and_on_error(tmp_path):
+    with hold_run_lock(tmp_path, ENV) as holder:
+        assert read_holder(tmp_path / LOCK_FILE) == holder
+    assert not (tmp_path / LOCK_FILE).exists()
+    with pytest.raises(KeyError), hold_run_lock(tmp_path, ENV):
+        raise KeyError("a stage that failed")
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+HOLDER_SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+from vlpretrain.distributed.env import DistEnv
+from vlpretrain.train.run_lock import hold_run_lock
+out = Path(sys.argv[1])
+with hold_run_lock(out, DistEnv(0, 0, 1, torch.device("cpu"), "gloo")):
+    (out / "ready").touch()
+    for i in range(600):
+        with (out / "writes.txt").open("a") as f:
+            f.write(f"{i}\\n")
+        time.sleep(0.05)
+"""
+
+
+def test_a_run_whose_lock_was_taken_over_stops_writing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(tmp_path)], env=env)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    newcomer = replace(this_process(), run_id="new-run")
+    (tmp_path / LOCK_FILE).write_text(json.dumps(asdict(newcomer)))  # as a takeover would
+    taken_over = time.monotonic()
+    assert process.wait(timeout=10) == LOCK_LOST_EXIT
+    assert time.monotonic() - taken_over < 3.0  # heartbeat every 1 s
+    writes = (tmp_path / "writes.txt").read_text()
+    time.sleep(0.3)
+    assert (tmp_path / "writes.txt").read_text() == writes  # nothing after it stopped
+    assert read_holder(tmp_path / LOCK_FILE).run_id == "new-run"  # and it left the lock alone

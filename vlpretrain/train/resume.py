@@ -1,0 +1,105 @@
+"""What a resumed run must keep from the run that wrote the checkpoint: the configuration.
+
+A resumed step must compute what the interrupted run would have computed, so every resolved
+config field that differs from the checkpoint's is listed and refused, unless it is
+operational only (RESUME_SAFE_FIELDS: logging, saving, timeouts) or the user names it in
+train.allow_changed_on_resume. A fresh start (train.resume = 'never') in an output_dir that
+holds an earlier run moves that run's checkpoints and metrics aside instead of mixing them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "train.resume",
+        "train.allow_changed_on_resume",
+        "train.logging_steps",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.report_to",
+        "train.progress_bar",
+        "train.peak_tflops",
+        "train.max_nonfinite_steps",
+        "train.collective_timeout_minutes",
+        "data.cache_dir",
+        "stream.prefetch_factor",
+        "stream.pin_memory",
+    }
+)
+"""Fields that do not change what a step computes; they may differ on resume."""
+
+PREVIOUS_RUN_ITEMS = ("checkpoints", "metrics.jsonl", "tensorboard")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'section.key': value} of a nested config dict (lists and scalars as leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{'section.key': (saved value, current value)} of every field that differs."""
+    # Through JSON, as the checkpoint stored it: tuples become lists on both sides.
+    old, new = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(current)))
+    missing = object()
+    return {
+        name: (old.get(name, missing), new.get(name, missing))
+        for name in sorted(set(old) | set(new))
+        if old.get(name, missing) != new.get(name, missing)
+    }
+
+
+def check_config_on_resume(
+    checkpoint: Path, saved: dict[str, Any], current: dict[str, Any], allowed: Iterable[str]
+) -> None:
+    """Raise ValueError listing the changed fields that are neither safe nor allowed."""
+    allowed = set(allowed)
+    changes = changed_fields(saved, current)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_SAFE_FIELDS | allowed}
+    accepted = sorted(set(changes) - set(refused) - RESUME_SAFE_FIELDS)
+    if accepted:
+        logger.warning("resuming with changed %s (train.allow_changed_on_resume)", accepted)
+    if refused:
+        lines = [f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in refused.items()]
+        names = ", ".join(f'"{k}"' for k in refused)
+        raise ValueError(
+            f"the configuration differs from the one that wrote {checkpoint}:\n  - "
+            + "\n  - ".join(lines)
+            + "\nA resumed step would not compute what the interrupted run would have. Keep "
+            f"the checkpoint's values, accept the change with train.allow_changed_on_resume = "
+            f"[{names}], or start over with train.resume = 'never'."
+        )
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if type(value) is object else repr(value)
+
+
+def set_aside_previous_run(output_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints and metrics into output_dir/replaced-<UTC time>/."""
+    present = [name for name in PREVIOUS_RUN_ITEMS if (output_dir / name).exists()]
+    if not present:
+        return None
+    target = output_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    target.mkdir()
+    for name in present:
+        (output_dir / name).rename(target / name)
+    logger.warning(
+        "train.resume = 'never': moved the earlier run's %s to %s", ", ".join(present), target
+    )
+    return target
