@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("packing.py", "samples.py", "step.py")
+BENCHES = ("packing.py", "samples.py", "step.py", "balance.py")
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent

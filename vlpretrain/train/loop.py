@@ -280,14 +280,20 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sample_config, packing_config = derived_data_configs(config, plain_model, tokenizer)
     sources = build_sources(config.train.meta_path, sample_config, tokenizer)
+    flops = build_flops_counter(plain_model)
     loader = build_dataloader(
-        sources, packing_config, config.stream, env.rank, env.world_size, SkipCounter()
+        sources,
+        packing_config,
+        config.stream,
+        env.rank,
+        env.world_size,
+        SkipCounter(),
+        step_flops=flops.step_flops,
     )
     state, rng_state = TrainState(), None
     checkpoint = resume_path(config)
     if checkpoint is not None:
         state, rng_state = load_checkpoint(checkpoint, model, optimizer, scheduler, loader)
-    flops = build_flops_counter(plain_model)
     peak = peak_tflops(env.device, config.train.peak_tflops)
     metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
     iterator = iter(loader)
