@@ -21,6 +21,8 @@ seeds. Run: `.venv/bin/python bench/balance.py` (about a minute per seed on one 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import sys
 import time
@@ -215,11 +217,70 @@ def step_ratios(per_rank_rows: list[list[float]], accumulation: int, first: int)
     return ratios
 
 
-@dataclass
-class Figures:
-    steady: list[float]
-    first_step: list[float]
-    token_fill: list[float]
+METHODS = ("reference first-fit", "best-fit (tokens)", "balanced (tokens+FLOPs)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    ranks: int
+    steps: int
+    warmup_rows: int
+    settled_samples: int
+    scenarios: tuple[tuple[str, str, int], ...]
+
+
+@dataclass(frozen=True)
+class Figure:
+    steady: float
+    """Median over the measured steps of the step's straggler ratio."""
+    first_step: float
+    token_fill: float
+
+
+def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, int]], Figure]:
+    """Every method and scenario on one set of rank streams."""
+    ranks = range(settings.ranks)
+    max_accumulation = max(ga for _, _, ga in settings.scenarios)
+    rows_needed = settings.warmup_rows + settings.steps * max_accumulation
+    shared = {
+        METHODS[0]: [reference_rows(rank_stream(seed, r), rows_needed) for r in ranks],
+        METHODS[1]: [best_fit_rows(rank_stream(seed, r), rows_needed, None) for r in ranks],
+    }
+    histories = [
+        [next(stream) for _ in range(settings.settled_samples)]
+        for stream in (rank_stream(seed + 1_000_000, r) for r in ranks)
+    ]
+    figures = {}
+    for scenario in settings.scenarios:
+        model, stage, accumulation = scenario
+        counter = flops_counter(model, stage)
+        rows_of = dict(shared)
+        rows_of[METHODS[2]] = [
+            best_fit_rows(rank_stream(seed, r), rows_needed, settled_balance(counter, history))
+            for r, history in enumerate(histories)
+        ]
+        cold = [
+            best_fit_rows(
+                rank_stream(seed, r),
+                max_accumulation,
+                RowBalance(counter.step_flops, MAX_TOKENS, slack_tokens=32),
+            )
+            for r in ranks
+        ]
+        for method, per_rank in rows_of.items():
+            reference = method == METHODS[0]
+            costs = [[row_flops(counter, row, reference) for row in rows] for rows in per_rank]
+            ratios = step_ratios(costs, accumulation, settings.warmup_rows)[: settings.steps]
+            first = cold if method == METHODS[2] else per_rank
+            first_costs = [[row_flops(counter, row, reference) for row in rows] for rows in first]
+            measured = [row for rows in per_rank for row in rows[settings.warmup_rows :]]
+            tokens = sum(s.tokens for row in measured for s in row)
+            figures[(method, scenario)] = Figure(
+                steady=statistics.median(ratios),
+                first_step=step_ratios(first_costs, accumulation, 0)[0],
+                token_fill=tokens / (len(measured) * MAX_TOKENS),
+            )
+    return figures
 
 
 def main() -> None:
@@ -229,6 +290,7 @@ def main() -> None:
     parser.add_argument("--warmup-rows", type=int, default=16)
     parser.add_argument("--all-stages", action="store_true", help="stages 1, 1.5 and 2 of both")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="seeds simulated in parallel")
     parser.add_argument(
         "--settled-samples",
         type=int,
@@ -237,61 +299,28 @@ def main() -> None:
         "(about a stream's 250th step); the first-step figure is a cold start",
     )
     args = parser.parse_args()
-    scenarios = ALL_SCENARIOS if args.all_stages else SCENARIOS
-    methods = ("reference first-fit", "best-fit (tokens)", "balanced (tokens+FLOPs)")
-    figures = {(m, s): Figures([], [], []) for m in methods for s in scenarios}
+    settings = Settings(
+        ranks=args.ranks,
+        steps=args.steps,
+        warmup_rows=args.warmup_rows,
+        settled_samples=args.settled_samples,
+        scenarios=ALL_SCENARIOS if args.all_stages else SCENARIOS,
+    )
     clock = time.process_time()
-    for seed in args.seeds:
-        rows_needed = args.warmup_rows + args.steps * max(ga for _, _, ga in scenarios)
-        shared = {
-            methods[0]: [
-                reference_rows(rank_stream(seed, r), rows_needed) for r in range(args.ranks)
-            ],
-            methods[1]: [
-                best_fit_rows(rank_stream(seed, r), rows_needed, None) for r in range(args.ranks)
-            ],
-        }
-        histories = [
-            [next(stream) for _ in range(args.settled_samples)]
-            for stream in (rank_stream(seed + 1_000_000, r) for r in range(args.ranks))
-        ]
-        for scenario in scenarios:
-            model, stage, accumulation = scenario
-            counter = flops_counter(model, stage)
-            rows_of = dict(shared)
-            rows_of[methods[2]] = [
-                best_fit_rows(rank_stream(seed, r), rows_needed, settled_balance(counter, history))
-                for r, history in enumerate(histories)
-            ]
-            cold = [
-                best_fit_rows(
-                    rank_stream(seed, r),
-                    max(ga for _, _, ga in scenarios),
-                    RowBalance(counter.step_flops, MAX_TOKENS, slack_tokens=32),
-                )
-                for r in range(args.ranks)
-            ]
-            for method, per_rank in rows_of.items():
-                reference = method == methods[0]
-                costs = [[row_flops(counter, row, reference) for row in rows] for rows in per_rank]
-                ratios = step_ratios(costs, accumulation, args.warmup_rows)[: args.steps]
-                entry = figures[(method, scenario)]
-                entry.steady.append(statistics.median(ratios))
-                first = cold if method == methods[2] else per_rank
-                first_costs = [
-                    [row_flops(counter, row, reference) for row in rows] for rows in first
-                ]
-                entry.first_step.append(step_ratios(first_costs, accumulation, 0)[0])
-                measured = [row for rows in per_rank for row in rows[args.warmup_rows :]]
-                tokens = sum(s.tokens for row in measured for s in row)
-                entry.token_fill.append(tokens / (len(measured) * MAX_TOKENS))
-        print(f"seed {seed} done ({time.process_time() - clock:.0f} s CPU)", flush=True)
+    if args.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            per_seed = pool.starmap(one_seed, [(settings, seed) for seed in args.seeds])
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = children.ru_utime + children.ru_stime + time.process_time() - clock
+    else:
+        per_seed = [one_seed(settings, seed) for seed in args.seeds]
+        cpu = time.process_time() - clock
 
     def spread(values: list[float]) -> str:
         return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
     print(
-        f"\n{args.ranks} ranks, {args.steps} steps after {args.warmup_rows} rows per rank, "
+        f"{args.ranks} ranks, {args.steps} steps after {args.warmup_rows} rows per rank, "
         f"seeds {args.seeds}; rows {MAX_TOKENS} tokens / {MAX_TILES} tiles, buffer {MAX_BUFFER}"
     )
     print(
@@ -299,19 +328,22 @@ def main() -> None:
         "stream; 'first step' is each method's first step from an empty stream"
     )
     print("straggler ratio = max/mean per-rank step FLOPs: median [min, max] over seeds")
-    for scenario in scenarios:
+    for scenario in settings.scenarios:
         model, stage, accumulation = scenario
         print(f"\nInternVL2.5-{model} stage {stage}, GA {accumulation}")
-        for method in methods:
-            entry = figures[(method, scenario)]
+        medians = {}
+        for method in METHODS:
+            entries = [figures[(method, scenario)] for figures in per_seed]
+            steady = [e.steady for e in entries]
+            medians[method] = statistics.median(steady)
             print(
-                f"  {method:24s} ratio {spread(entry.steady)}  first step "
-                f"{spread(entry.first_step)}  token fill {statistics.median(entry.token_fill):.3f}"
+                f"  {method:24s} ratio {spread(steady)}  first step "
+                f"{spread([e.first_step for e in entries])}  token fill "
+                f"{statistics.median(e.token_fill for e in entries):.3f}"
             )
-        reference = statistics.median(figures[(methods[0], scenario)].steady)
-        balanced = statistics.median(figures[(methods[2], scenario)].steady)
-        print(f"  idle compute: reference {1 - 1 / reference:.1%}, balanced {1 - 1 / balanced:.1%}")
-    print(f"\n{time.process_time() - clock:.0f} s CPU")
+        idle = {m: 1 - 1 / medians[m] for m in (METHODS[0], METHODS[2])}
+        print(f"  idle compute: reference {idle[METHODS[0]]:.1%}, balanced {idle[METHODS[2]]:.1%}")
+    print(f"\n{cpu:.0f} s CPU")
 
 
 if __name__ == "__main__":

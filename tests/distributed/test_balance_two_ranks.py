@@ -3,6 +3,7 @@ checkpoints the packer's running FLOPs mean, and resumes to exactly the straight
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ def _balance_states(state: Any) -> list[dict[str, Any]]:
     return found
 
 
+def _rank_state(checkpoint: Path, rank: int) -> Any:
+    """A rank's saved state, JSON (checkpoint format 3) or a pickle (format 2)."""
+    as_json = checkpoint / f"rank-{rank:05d}.json"
+    if as_json.is_file():
+        return json.loads(as_json.read_text())
+    return torch.load(checkpoint / f"rank-{rank:05d}.pt", weights_only=False)
+
+
 def test_balanced_two_rank_run_resumes_exactly(train_assets, tmp_path):  # noqa: F811
     def stage(name: str, max_steps: int) -> Path:
         raw = stage_raw(
@@ -53,8 +62,7 @@ def test_balanced_two_rank_run_resumes_exactly(train_assets, tmp_path):  # noqa:
         wait_ok(process)
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-00000002"
     for rank in (0, 1):
-        local = torch.load(checkpoint / f"rank-{rank:05d}.pt", weights_only=False)
-        balances = _balance_states(local["loader"])
+        balances = _balance_states(_rank_state(checkpoint, rank))
         assert balances and all(b["total_tokens"] > 0 for b in balances)
 
     wait_ok(torchrun(resumed, "--set", "train.max_steps=4"))

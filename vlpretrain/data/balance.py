@@ -51,6 +51,8 @@ class RowBalance:
         self.slack_fraction = slack_tokens / max_tokens
         self.total_tokens = 0
         self.total_flops = 0.0
+        self.budget = math.inf
+        """FLOPs of a token-full row at the mean cost per token so far (inf before any piece)."""
 
     def price(self, sample: TokenizedSample) -> float:
         return sample_flops(self.step_flops, sample)
@@ -59,13 +61,13 @@ class RowBalance:
         """Count a piece that was placed in a row (updates the budget)."""
         self.total_tokens += num_tokens
         self.total_flops += flops
+        self._update_budget()
 
-    @property
-    def budget(self) -> float:
-        """FLOPs of a token-full row at the mean cost per token so far (inf before any piece)."""
-        if self.total_tokens == 0 or self.total_flops <= 0.0:
-            return math.inf
-        return self.max_tokens * (self.total_flops / self.total_tokens)
+    def _update_budget(self) -> None:
+        if self.total_tokens > 0 and self.total_flops > 0.0:
+            self.budget = self.max_tokens * (self.total_flops / self.total_tokens)
+        else:
+            self.budget = math.inf
 
     def free_fraction(self, num_tokens: int, flops: float) -> float:
         """Room left in a row holding `num_tokens` / `flops`: the tighter of the two budgets."""
@@ -92,6 +94,7 @@ class RowBalance:
             )
         self.total_tokens = int(state["total_tokens"])
         self.total_flops = float(state["total_flops"])
+        self._update_budget()
 
 
 def build_row_balance(
