@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packing import (  # noqa: E402  (sibling benchmark module)
+    FACTS,
     IMAGE_OVERHEAD,
     TEMPLATE_TOKENS,
     TOKENS_PER_TILE,
@@ -158,7 +159,7 @@ def best_fit_rows(stream: Iterator[Shape], count: int, balance: RowBalance | Non
         max_buffer_size=MAX_BUFFER,
         balance_flops=balance is not None,
     )
-    packer = BestFitPacker(config, balance)
+    packer = BestFitPacker(config, FACTS, balance)
     shapes: list[Shape] = []
     rows: list[Row] = []
     while len(rows) < count:

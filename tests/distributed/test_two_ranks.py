@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +41,16 @@ from train_fixtures import (
 
 from vlpretrain.cli import main
 from vlpretrain.config import RunConfig, build_run_config
-from vlpretrain.data.build import SkipCounter, build_sources
+from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackItem, PackRow, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
+from vlpretrain.data.skips import SKIP_LOG_NAME, SkipLog
 from vlpretrain.distributed.env import DistEnv
+from vlpretrain.model.build import run_facts
 from vlpretrain.train.checkpoint import list_checkpoints
-from vlpretrain.train.loop import derived_data_configs, prepare_model, train_step
+from vlpretrain.train.loop import prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -73,14 +74,14 @@ def run_config(train_assets, strategy: str, accumulation: int) -> RunConfig:  # 
     return build_run_config(raw)
 
 
-def text_only_batch(tokenizer, config: RunConfig, packing) -> PackedBatch:
+def text_only_batch(tokenizer, config: RunConfig, facts) -> PackedBatch:
     """A micro-batch of two pure-text samples: no real tile, so collate adds one dummy tile."""
     samples = []
     for index, text in enumerate(["how many shapes are there? three", "is the sky blue? yes"]):
         ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
         labels = ids.copy()
         labels[: len(ids) // 2] = IGNORE_INDEX
-        tile = packing.tile_size
+        tile = facts.tile_size
         samples.append(
             TokenizedSample(
                 input_ids=ids,
@@ -94,7 +95,7 @@ def text_only_batch(tokenizer, config: RunConfig, packing) -> PackedBatch:
     row = PackRow()
     for index, sample in enumerate(samples):
         row.append(PackItem(PieceRef.whole(sample, index, 0), sample))
-    return collate_rows([row], packing, num_datasets=1)
+    return collate_rows([row], config.packing, facts, num_datasets=1)
 
 
 def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  # noqa: F811
@@ -102,11 +103,11 @@ def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  #
     config = run_config(train_assets, "ddp", 1)
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
     _, plain, tokenizer, _ = prepare_model(config, env)
-    sample_config, packing = derived_data_configs(config, plain, tokenizer)
-    sources = build_sources(config.train.meta_path, sample_config, tokenizer)
-    loader = iter(build_dataloader(sources, packing, config.stream, 0, 1, SkipCounter()))
+    facts = run_facts(plain, tokenizer)
+    sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
+    loader = iter(build_dataloader(sources, config.packing, facts, config.stream, 0, 1))
     batches = [next(loader) for _ in range(2 * NUM_STEPS)]
-    return batches, text_only_batch(tokenizer, config, packing)
+    return batches, text_only_batch(tokenizer, config, facts)
 
 
 def single_rank(config: RunConfig, steps: list[list[PackedBatch]]) -> dict:
@@ -286,6 +287,10 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
     assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "straight")
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [2, 4]
     assert (tmp_path / "resumed" / "model.safetensors").is_file()
+    # every skip of both ranks listed once, also across the resume
+    skipped = SkipLog(tmp_path / "resumed" / SKIP_LOG_NAME).read()
+    assert skipped == SkipLog(tmp_path / "straight" / SKIP_LOG_NAME).read()
+    assert {e["rank"] for e in skipped} == {0, 1}
 
     # The data stream cannot be resumed exactly on another world size: refused with a message.
     with pytest.raises(ValueError, match="written by 2 ranks but this run has 1"):
@@ -297,8 +302,7 @@ def test_text_only_batch_shape(train_assets):  # noqa: F811
     config = run_config(train_assets, "ddp", 1)
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
     _, plain, tokenizer, _ = prepare_model(config, env)
-    _, packing = derived_data_configs(config, plain, tokenizer)
-    batch = text_only_batch(tokenizer, config, replace(packing))
+    batch = text_only_batch(tokenizer, config, run_facts(plain, tokenizer))
     assert batch.pixel_values.shape == (1, 3, 28, 28)
     assert batch.image_flags.tolist() == [0]
     assert batch.num_tiles_per_image == ()

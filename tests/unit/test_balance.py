@@ -10,7 +10,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from stream_fakes import TILE_SIZE, FakeSource, make_sample
+from stream_fakes import FACTS, FakeSource, make_sample
 
 from vlpretrain.data.balance import (
     RowBalance,
@@ -35,7 +35,6 @@ COUNTER = FlopsCounter(
 
 
 def _config(**kwargs):
-    kwargs.setdefault("tile_size", TILE_SIZE)
     kwargs.setdefault("max_packed_tokens", 128)
     kwargs.setdefault("num_images_expected", 12)
     kwargs.setdefault("max_buffer_size", 6)
@@ -50,7 +49,7 @@ def _packer(config):
         config.max_packed_tokens,
         config.full_row_slack_tokens,
     )
-    return BestFitPacker(config, balance)
+    return BestFitPacker(config, FACTS, balance)
 
 
 def _mixture(count, seed=0):
@@ -187,9 +186,9 @@ def test_switch_on_needs_the_flops_counter():
         build_row_balance(True, None, 128, 2)
     assert build_row_balance(False, None, 128, 2) is None
     with pytest.raises(ValueError, match="RowBalance"):
-        BestFitPacker(_config(balance_flops=True))
+        BestFitPacker(_config(balance_flops=True), FACTS)
     sources = [FakeSource(0, 10)]
-    loader = build_dataloader(sources, _config(balance_flops=True), StreamConfig(), 0, 1)
+    loader = build_dataloader(sources, _config(balance_flops=True), FACTS, StreamConfig(), 0, 1)
     with pytest.raises(ValueError, match="step_flops"):
         next(iter(loader))
 
@@ -213,7 +212,9 @@ def test_balanced_stream_resumes_bit_for_bit(num_workers):
     config = StreamConfig(seed=3, num_workers=num_workers)
 
     def loader():
-        return build_dataloader(sources, packing, config, 0, 2, step_flops=COUNTER.step_flops)
+        return build_dataloader(
+            sources, packing, FACTS, config, 0, 2, step_flops=COUNTER.step_flops
+        )
 
     total, cut = 12, 5
     expected = list(islice(loader(), total))
@@ -226,5 +227,5 @@ def test_balanced_stream_resumes_bit_for_bit(num_workers):
         _same(a, b)
     # And balancing changed the packing (the switch is not a no-op on this stream).
     plain = _config(rows_per_batch=2)
-    unbalanced = list(islice(build_dataloader(sources, plain, config, 0, 2), total))
+    unbalanced = list(islice(build_dataloader(sources, plain, FACTS, config, 0, 2), total))
     assert [b.sample_ids for b in unbalanced] != [b.sample_ids for b in expected]

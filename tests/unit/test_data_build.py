@@ -11,8 +11,6 @@ from PIL import Image
 from vlpretrain.data.build import (
     DatasetSource,
     SampleConfig,
-    SkipCounter,
-    TooManySkipsError,
     build_sources,
     repeat_length,
 )
@@ -20,10 +18,11 @@ from vlpretrain.data.media import sample_frame_indices
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.demo.tokenizer import train_tiny_tokenizer
+from vlpretrain.facts import RunFacts
 from vlpretrain.tokens import IMG_CONTEXT, add_internvl_tokens
 
-SMALL = dict(tile_size=28, num_image_token=4, max_seq_length=4096, min_num_frame=3,
-             max_num_frame=5)  # fmt: skip
+SMALL = dict(max_seq_length=4096, min_num_frame=3, max_num_frame=5)
+SMALL_FACTS = dict(tile_size=28, num_image_token=4, template="internvl2_5")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,12 @@ def conv(question="<image>\nHi", answer="Yo"):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
-def make_source(tmp_path, tokenizer, records, repeat_time=1.0, augment=False, **config):
+def facts_of(tokenizer, **facts):
+    return RunFacts.from_tokenizer(tokenizer, **{**SMALL_FACTS, **facts})
+
+
+def make_source(tmp_path, tokenizer, records, repeat_time=1.0, augment=False, facts=None,
+                **config):  # fmt: skip
     ann = tmp_path / "ann.jsonl"
     ann.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     spec = DatasetSpec(
@@ -45,7 +49,7 @@ def make_source(tmp_path, tokenizer, records, repeat_time=1.0, augment=False, **
         repeat_time=repeat_time, data_augment=augment,
     )  # fmt: skip
     cfg = SampleConfig(**{**SMALL, "cache_dir": str(tmp_path / "cache"), **config})
-    return DatasetSource(spec, cfg, tokenizer)
+    return DatasetSource(spec, cfg, facts or facts_of(tokenizer), tokenizer)
 
 
 def test_single_image_sample(tmp_path, tokenizer):
@@ -77,14 +81,15 @@ def test_multi_image_budget_at_full_tile_size(tmp_path, tokenizer):
     Image.new("RGB", (896, 448)).save(tmp_path / "wide.png")
     Image.new("RGB", (300, 300)).save(tmp_path / "sq.png")
     record = {"image": ["wide.png", "sq.png"], "conversations": conv("<image><image>")}
-    source = make_source(tmp_path, tokenizer, [record], tile_size=448, num_image_token=1)
+    facts = facts_of(tokenizer, tile_size=448, num_image_token=1)
+    source = make_source(tmp_path, tokenizer, [record], facts=facts)
     assert source.load(0, 0, 0).num_tiles_per_image == (3, 1)  # spec Appendix A
 
 
 def test_text_sample_has_no_tiles(tmp_path, tokenizer):
-    sample = make_source(tmp_path, tokenizer, [{"conversations": conv("<image> hi")}]).load(0, 0, 0)
+    sample = make_source(tmp_path, tokenizer, [{"conversations": conv("plain hi")}]).load(0, 0, 0)
     assert sample.num_tiles == 0 and sample.num_tiles_per_image == ()
-    assert "<image> hi" in tokenizer.decode(sample.input_ids.tolist())
+    assert "plain hi" in tokenizer.decode(sample.input_ids.tolist())
 
 
 def test_each_bad_input_gives_its_reason_with_file_line(tmp_path, tokenizer):
@@ -128,7 +133,9 @@ def test_decompression_bomb_guard(tmp_path, tokenizer):
         tmp_path, tokenizer, [{"image": "big.png", "conversations": conv()}], max_image_pixels=999
     )
     result = source.load(0, 0, 0)
-    assert result.reason == "corrupt_image" and "exceeds 999 pixels" in result.detail
+    # 100x100 = 10000 pixels > 999, refused from the header (issue 11: its own reason)
+    assert result.reason == "image_too_large"
+    assert "100x100 = 10000 pixels exceeds data.max_image_pixels = 999" in result.detail
 
 
 def test_repeat_time_semantics(tmp_path, tokenizer):
@@ -215,20 +222,6 @@ def test_frame_folder_video(tmp_path, tokenizer):
     assert sample.num_tiles_per_image == (1,) * 4
 
 
-def test_skip_counter(tmp_path, tokenizer, caplog):
-    records = ["{bad"] * 2 + [{"conversations": conv("q", "a")}] * 8
-    source = make_source(tmp_path, tokenizer, records)
-    counter = SkipCounter(["toy"], log_every=100)
-    for i in range(len(source)):
-        counter.record(source.load(i, 0, 0))
-    assert counter.fraction == pytest.approx(0.2)
-    counter.check(0.25)
-    with pytest.raises(TooManySkipsError, match="malformed_json: 2 of 10"):
-        counter.check(0.1)
-    assert "ann.jsonl:1" in counter.summary()
-    assert caplog.text.count("skipped (malformed_json)") == 1  # logged once per N
-
-
 def test_build_sources_from_meta(tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text(json.dumps({"conversations": conv("q", "a")}) + "\n")
     meta = tmp_path / "meta.json"
@@ -237,5 +230,5 @@ def test_build_sources_from_meta(tmp_path, tokenizer):
         "two": {"root": ".", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": True},
     }))  # fmt: skip
     cfg = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
-    sources = build_sources(meta, cfg, tokenizer)
+    sources = build_sources(meta, cfg, facts_of(tokenizer), tokenizer)
     assert [(s.name, s.dataset_index, len(s)) for s in sources] == [("one", 0, 3), ("two", 1, 1)]

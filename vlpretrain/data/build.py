@@ -5,8 +5,9 @@
       Record --media + tiling--> tiles --templates--> input_ids, labels
       -> TokenizedSample | SkippedSample                   (data/samples.py)
 
-A sample is a pure function of (seed, epoch, dataset_index, record_index): all randomness
-comes from np.random.default_rng((seed, epoch, dataset_index, record_index)).
+Tile side, tokens per tile and template come from RunFacts (the model's), never from
+SampleConfig. A sample is a pure function of (seed, epoch, dataset_index, record_index): all
+randomness comes from np.random.default_rng((seed, epoch, dataset_index, record_index)).
 
 repeat_time r > 0: effective length int(N * r). Record indices [0, int(r) * N) are int(r)
 full copies of the file; the remaining int(N * r) - int(r) * N indices are a random subset of
@@ -17,7 +18,6 @@ file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,13 @@ from PIL import Image
 
 from vlpretrain.data import media, tiling
 from vlpretrain.data.index import AnnotationIndex
-from vlpretrain.data.meta import DatasetSpec, load_meta
+from vlpretrain.data.meta import DatasetSpec, load_meta, problems_error
 from vlpretrain.data.records import Record, RecordError, parse_record
 from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
 from vlpretrain.data.templates import (
     TemplateRenderer,
     Turns,
+    check_media_tags,
     check_reserved_strings,
     expand_image_placeholders,
     expand_video_tag,
@@ -40,6 +41,7 @@ from vlpretrain.data.templates import (
     insert_image_tag,
 )
 from vlpretrain.data.tiling import NormalizeType
+from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +53,8 @@ _REPEAT_SALT = 0x5EED
 class SampleConfig:
     """How records become samples (reference flags in brackets)."""
 
-    conv_style: str = "internvl2_5"
-    """Chat template name [--conv_style]."""
     max_seq_length: int = 8192
     """Max tokens of one sample; longer ones are truncated or skipped [--max_seq_length]."""
-    tile_size: int = 448
-    """Tile side in pixels [--force_image_size]."""
-    num_image_token: int = 256
-    """<IMG_CONTEXT> tokens per tile (from the model: (tile/patch * downsample)^2)."""
     dynamic_image_size: bool = True
     """Dynamic tiling of images [--dynamic_image_size]."""
     use_thumbnail: bool = True
@@ -78,23 +74,52 @@ class SampleConfig:
     max_skip_fraction: float = 0.01
     """Fail when more than this fraction of the records seen were skipped."""
     max_image_pixels: int = media.DEFAULT_MAX_IMAGE_PIXELS
-    """Images with more pixels are skipped as corrupt (decompression-bomb guard)."""
+    """Images and video frames with more pixels (width x height, read from the file header
+    before decoding) are skipped as too_large; 50 MP decodes in about a second."""
+    max_record_bytes: int | None = None
+    """Annotation lines longer than this are skipped as too_long before they are parsed or
+    tokenised; None: RECORD_BYTES_PER_TOKEN (32) bytes per token of max_seq_length."""
     cache_dir: str | None = None
     """Annotation index cache; None -> $VLPRETRAIN_CACHE/index or ~/.cache/vlpretrain/index."""
 
     def __post_init__(self) -> None:
-        get_template(self.conv_style)
         if self.normalize_type not in tiling.NORMALIZE_STATS:
             raise ValueError(f"normalize_type {self.normalize_type!r} not in imagenet/clip/siglip")
-        for name in ("max_seq_length", "tile_size", "num_image_token", "min_dynamic_patch"):
+        for name in ("max_seq_length", "min_dynamic_patch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_dynamic_patch < self.min_dynamic_patch:
             raise ValueError("max_dynamic_patch must be >= min_dynamic_patch")
         if not 1 <= self.min_num_frame <= self.max_num_frame:
             raise ValueError("need 1 <= min_num_frame <= max_num_frame")
+        for name in ("max_image_pixels", "max_record_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+    def image_settings(self) -> dict[str, Any]:
+        """The tiling settings a trained model records in its config.json (chat reuses them)."""
+        return {
+            "dynamic_image_size": self.dynamic_image_size,
+            "use_thumbnail": self.use_thumbnail,
+            "min_dynamic_patch": self.min_dynamic_patch,
+            "max_dynamic_patch": self.max_dynamic_patch,
+            "pad2square": self.pad2square,
+            "normalize_type": self.normalize_type,
+        }
+
+
+RECORD_BYTES_PER_TOKEN = 32
+"""Default byte cap per token of max_seq_length: above JSON-escaped CJK (~9 bytes a token)."""
+
+
+def record_byte_limit(config: SampleConfig) -> int:
+    """Bytes an annotation line may hold (SampleConfig.max_record_bytes or its default)."""
+    if config.max_record_bytes is not None:
+        return config.max_record_bytes
+    return RECORD_BYTES_PER_TOKEN * config.max_seq_length
 
 
 def repeat_length(num_lines: int, repeat_time: float) -> int:
@@ -119,12 +144,14 @@ class DatasetSource:
         self,
         spec: DatasetSpec,
         config: SampleConfig,
+        facts: RunFacts,
         tokenizer: Any,
         index: AnnotationIndex | None = None,
     ) -> None:
         self.spec = spec
         self.config = config
-        self.renderer = TemplateRenderer(get_template(config.conv_style), tokenizer)
+        self.facts = facts
+        self.renderer = TemplateRenderer(get_template(facts.template), tokenizer)
         self.index = index or AnnotationIndex(spec.annotation, config.cache_dir)
         self._subset_key: tuple[int, int] | None = None
         self._subset = np.zeros(0, dtype=np.int64)
@@ -180,7 +207,8 @@ class DatasetSource:
         """Sample of one annotation line, randomness drawn from `rng`."""
         source = self.source_of(line_index)
         try:
-            record = parse_record(self.index.read(line_index), self.spec.root)
+            line = self.index.read(line_index, record_byte_limit(self.config))
+            record = parse_record(line, self.spec.root)
             return self.build(record, rng, source)
         except RecordError as err:
             return SkippedSample(self.dataset_index, source, err.reason, err.detail)
@@ -191,13 +219,14 @@ class DatasetSource:
         """Tile the media of `record`, render its template, truncate; raises RecordError."""
         turns = record.conversations
         check_reserved_strings(turns)
+        check_media_tags(record.kind, turns, len(record.images))
         tiles_per_image, tiles, turns = self._media(record, turns, rng)
         turns = expand_image_placeholders(
-            turns, [self.config.num_image_token * n for n in tiles_per_image]
+            turns, [self.facts.num_image_token * n for n in tiles_per_image]
         )
         input_ids, labels = self.renderer.join(self.renderer.render_segments(turns))
         input_ids, labels = self.renderer.truncate(input_ids, labels, self.config.max_seq_length)
-        size = self.config.tile_size
+        size = self.facts.tile_size
         pixels = (
             tiling.normalize(tiles, self.config.normalize_type, size)
             if tiles
@@ -222,7 +251,12 @@ class DatasetSource:
         if record.kind == "video":
             assert record.video is not None
             frames = media.load_video_frames(
-                record.video, cfg.min_num_frame, cfg.max_num_frame, rng, record.clip
+                record.video,
+                cfg.min_num_frame,
+                cfg.max_num_frame,
+                rng,
+                record.clip,
+                max_pixels=cfg.max_image_pixels,
             )
             tiles = [t for frame in frames for t in self._tiles(frame, 1, False, rng)]
             return [1] * len(frames), tiles, expand_video_tag(turns, len(frames))
@@ -244,7 +278,7 @@ class DatasetSource:
             dynamic=dynamic,
             min_num=min(cfg.min_dynamic_patch, max_num),
             max_num=max_num,
-            tile_size=cfg.tile_size,
+            tile_size=self.facts.tile_size,
             use_thumbnail=cfg.use_thumbnail,
             pad2square=cfg.pad2square,
             normalize_type=cfg.normalize_type,
@@ -253,76 +287,21 @@ class DatasetSource:
 
 
 def build_sources(
-    meta_path: str | Path, config: SampleConfig, tokenizer: Any
+    meta_path: str | Path, config: SampleConfig, facts: RunFacts, tokenizer: Any
 ) -> list[DatasetSource]:
-    """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here)."""
-    return [DatasetSource(spec, config, tokenizer) for spec in load_meta(meta_path)]
+    """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here).
 
-
-class TooManySkipsError(RuntimeError):
-    """More records were skipped than SampleConfig.max_skip_fraction allows."""
-
-
-class SkipCounter:
-    """Counts samples seen and skipped, per dataset and reason; logs skips once per N."""
-
-    def __init__(self, dataset_names: list[str] | None = None, log_every: int = 100) -> None:
-        self.dataset_names = list(dataset_names or [])
-        self.log_every = log_every
-        self.seen: Counter[int] = Counter()
-        self.skipped: Counter[tuple[int, str]] = Counter()
-        self.examples: dict[tuple[int, str], list[str]] = {}
-
-    def _name(self, dataset_index: int) -> str:
-        if dataset_index < len(self.dataset_names):
-            return self.dataset_names[dataset_index]
-        return f"dataset {dataset_index}"
-
-    def record(self, sample: TokenizedSample | SkippedSample) -> None:
-        """Count one result (a TokenizedSample counts as seen, a SkippedSample also as skip)."""
-        self.seen[sample.dataset_index] += 1
-        if not isinstance(sample, SkippedSample):
-            return
-        key = (sample.dataset_index, sample.reason)
-        self.skipped[key] += 1
-        examples = self.examples.setdefault(key, [])
-        if len(examples) < 3:
-            examples.append(f"{sample.source.path}:{sample.source.line} {sample.detail}")
-        count = self.skipped[key]
-        if count == 1 or count % self.log_every == 0:
-            logger.warning("%s [%s #%d]", sample, self._name(sample.dataset_index), count)
-
-    def merge(self, other: SkipCounter) -> None:
-        """Add the counts of `other` (e.g. from another worker)."""
-        self.seen.update(other.seen)
-        self.skipped.update(other.skipped)
-        for key, examples in other.examples.items():
-            mine = self.examples.setdefault(key, [])
-            mine.extend(examples[: max(0, 3 - len(mine))])
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    @property
-    def fraction(self) -> float:
-        """Skipped / seen over all datasets (0 when nothing was seen)."""
-        total = sum(self.seen.values())
-        return self.num_skipped / total if total else 0.0
-
-    def check(self, max_fraction: float) -> None:
-        """Raise TooManySkipsError naming the top reasons if fraction > max_fraction."""
-        if self.fraction > max_fraction:
-            raise TooManySkipsError(
-                f"{self.num_skipped} of {sum(self.seen.values())} records skipped "
-                f"({self.fraction:.2%} > max_skip_fraction {max_fraction:.2%}).\n" + self.summary()
-            )
-
-    def summary(self) -> str:
-        """One line per (dataset, reason), most frequent first, with file:line examples."""
-        lines = [f"skipped {self.num_skipped} of {sum(self.seen.values())} records"]
-        for (index, reason), count in self.skipped.most_common():
-            seen = self.seen[index]
-            lines.append(f"  {self._name(index)}: {reason}: {count} of {seen}")
-            lines.extend(f"      e.g. {ex}" for ex in self.examples.get((index, reason), []))
-        return "\n".join(lines)
+    Raises:
+        ValueError: listing every problem of the meta file, or every dataset whose
+            repeat_time leaves no record.
+    """
+    sources = [DatasetSource(spec, config, facts, tokenizer) for spec in load_meta(meta_path)]
+    empty = [
+        f"dataset {s.name!r}: field 'repeat_time' {s.spec.repeat_time} x {s.num_lines} lines of "
+        f"{s.spec.annotation} leaves int({s.num_lines} * {s.spec.repeat_time}) = 0 records"
+        for s in sources
+        if len(s) == 0
+    ]
+    if empty:
+        raise problems_error(Path(meta_path), empty)
+    return sources

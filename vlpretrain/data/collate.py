@@ -14,7 +14,8 @@ Legend for local names: B rows, L tokens per row, T tiles, S tile side in pixels
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from vlpretrain.data.packing import LossReduction, PackingConfig, PackRow, PieceRef
-from vlpretrain.data.samples import IGNORE_INDEX
+from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample
+from vlpretrain.facts import RunFacts
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class BatchStats:
     """Records skipped since the previous batch (sum of skipped_by_reason)."""
     skipped_by_reason: tuple[tuple[str, int], ...] = ()
     """(reason, count) of the records skipped since the previous batch, sorted by reason."""
+    skipped: tuple[SkippedSample, ...] = ()
+    """The records skipped since the previous batch, in load order (file, line, reason)."""
 
     @property
     def fill_ratio(self) -> float:
@@ -114,10 +118,11 @@ def len2weight(num_supervised: int, reduction: LossReduction) -> float:
 def collate_rows(
     rows: list[PackRow],
     config: PackingConfig,
+    facts: RunFacts,
     *,
     num_datasets: int,
     num_loaded: int = 0,
-    skipped_by_reason: dict[str, int] | None = None,
+    skipped: Sequence[SkippedSample] = (),
 ) -> PackedBatch:
     """Build the tensors of one micro-batch from emitted rows."""
     if not rows:
@@ -125,7 +130,7 @@ def collate_rows(
     longest = max(row.num_tokens for row in rows)
     seq_len = config.max_packed_tokens if config.strict_mode else longest
     num_rows = len(rows)
-    ids_BL = np.full((num_rows, seq_len), config.pad_token_id, dtype=np.int64)
+    ids_BL = np.full((num_rows, seq_len), facts.pad_token_id, dtype=np.int64)
     labels_BL = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int64)
     positions_BL = np.zeros((num_rows, seq_len), dtype=np.int64)
     weight_BL = np.zeros((num_rows, seq_len), dtype=np.float32)
@@ -147,14 +152,15 @@ def collate_rows(
         if offset < seq_len:
             positions_BL[b, offset:] = np.arange(seq_len - offset)
             boundaries.append((b + 1) * seq_len)
-    pixels_TCHW, flags_T = _tiles(rows, config)
+    pixels_TCHW, flags_T = _tiles(rows, config, facts.tile_size)
     segment_lengths = np.diff(np.asarray(boundaries))
     stats = _stats(rows, config, num_datasets, int(seq_len * num_rows), flags_T)
     stats = replace(
         stats,
         num_loaded=num_loaded,
-        num_skipped=sum((skipped_by_reason or {}).values()),
-        skipped_by_reason=tuple(sorted((skipped_by_reason or {}).items())),
+        num_skipped=len(skipped),
+        skipped_by_reason=tuple(sorted(Counter(s.reason for s in skipped).items())),
+        skipped=tuple(skipped),
     )
     return PackedBatch(
         input_ids=torch.from_numpy(ids_BL),
@@ -173,9 +179,8 @@ def collate_rows(
     )
 
 
-def _tiles(rows: list[PackRow], config: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Real tiles in reading order, strict-mode padding per row, or one dummy tile."""
-    side = config.tile_size
+def _tiles(rows: list[PackRow], config: PackingConfig, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real tiles in reading order, strict-mode padding per row, or one dummy tile (S = side)."""
     chunks: list[np.ndarray] = []
     flags: list[np.ndarray] = []
     for row in rows:

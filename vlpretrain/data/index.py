@@ -4,9 +4,17 @@
     AnnotationIndex.read(i) = seek(offsets[i]) + readline()
 
 Blank lines are skipped but the real 1-based line numbers are kept for error messages. The
-cache lives in a cache directory (never next to the user's data) and is keyed by absolute
-path + size + mtime_ns, so editing the file invalidates it; it is written atomically
-(temp file + os.replace), so a killed job never leaves a truncated cache behind.
+cache lives in a cache directory (never next to the user's data) and is keyed by the absolute
+path and a fingerprint of the file: size, mtime_ns, inode, ctime_ns and a hash of its first and
+last FINGERPRINT_BLOCK bytes. Size + mtime alone miss a rewrite of the same size whose mtime
+was restored (`cp -p`, `rsync -t`); the ctime cannot be restored by user tools and a new file
+(rsync's rename) has a new inode. The cache is written atomically (temp file + os.replace) with
+the umask's permissions, so a killed job never leaves a truncated cache behind.
+
+Reading checks that the byte before every indexed line start is a newline, so an index that
+is stale anyway (the file changed during the run, or on a file system without reliable
+ctimes) stops with AnnotationChangedError instead of returning pieces of other lines; and a
+caller can bound the bytes read per record (`max_bytes`) before anything is parsed.
 
 Cache directory: the `cache_dir` argument if given, else `$VLPRETRAIN_CACHE/index`, else
 `~/.cache/vlpretrain/index`.
@@ -17,15 +25,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from vlpretrain.data.records import RecordError
+from vlpretrain.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 22
+FINGERPRINT_BLOCK = 1 << 16
+"""Bytes hashed at each end of an annotation file for its cache key."""
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 
@@ -77,25 +89,33 @@ def build_line_index(path: str | Path) -> np.ndarray:
     return np.stack([np.concatenate(offsets), np.concatenate(numbers)])
 
 
-def cache_file(path: Path, cache_dir: Path) -> Path:
-    """Cache file name for `path` in its current state (absolute path, size, mtime_ns)."""
+class AnnotationChangedError(RuntimeError):
+    """The annotation file no longer matches its index (it changed after indexing)."""
+
+
+def file_fingerprint(path: Path) -> str:
+    """Hex digest of size, mtime_ns, inode, ctime_ns and the first and last blocks of `path`."""
     stat = path.stat()
+    digest = hashlib.sha256(
+        f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}".encode()
+    )
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BLOCK))
+        if stat.st_size > FINGERPRINT_BLOCK:
+            handle.seek(max(FINGERPRINT_BLOCK, stat.st_size - FINGERPRINT_BLOCK))
+            digest.update(handle.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
+def cache_file(path: Path, cache_dir: Path) -> Path:
+    """Cache file name for `path` in its current state (absolute path + file_fingerprint)."""
     path_key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    state_key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir / f"{path.name}.{path_key}.{state_key}.npy"
+    return cache_dir / f"{path.name}.{path_key}.{file_fingerprint(path)[:16]}.npy"
 
 
 def _write_atomic(target: Path, array: np.ndarray) -> None:
-    """Write `array` to `target` through a temp file in the same directory + os.replace."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `array` to `target` atomically, with the umask's permissions."""
+    write_atomic(target, lambda handle: np.save(handle, array))
 
 
 def _remove_stale(target: Path) -> None:
@@ -151,10 +171,34 @@ class AnnotationIndex:
         """1-based line number in the file of record `i`."""
         return int(self._index[1, i])
 
-    def read(self, i: int) -> bytes:
-        """Raw bytes of record `i` (without the line terminator); decoding is the caller's."""
+    def read(self, i: int, max_bytes: int | None = None) -> bytes:
+        """Raw bytes of record `i` (without the line terminator); decoding is the caller's.
+
+        Raises:
+            RecordError: too_long when the record holds more than `max_bytes` bytes (only
+                max_bytes + 1 bytes are read).
+            AnnotationChangedError: the indexed offset is no longer a line start.
+        """
         if self._handle is None or self._pid != os.getpid():
             self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
             self._pid = os.getpid()
-        self._handle.seek(int(self._index[0, i]))
-        return self._handle.readline().rstrip(b"\r\n")
+        offset = int(self._index[0, i])
+        if offset > 0:
+            self._handle.seek(offset - 1)
+            if self._handle.read(1) != b"\n":
+                raise AnnotationChangedError(
+                    f"{self.path}: line {self.line_number(i)} no longer starts at byte {offset}"
+                    " of its index: the file changed after it was indexed. Restart the job so"
+                    " it is indexed again (and keep annotation files unchanged during a run)."
+                )
+        else:
+            self._handle.seek(0)
+        line = self._handle.readline(-1 if max_bytes is None else max_bytes + 1)
+        record = line.rstrip(b"\r\n")
+        if max_bytes is not None and len(record) > max_bytes:
+            raise RecordError(
+                "too_long",
+                f"record is more than data.max_record_bytes = {max_bytes} bytes "
+                "(refused before parsing)",
+            )
+        return record

@@ -10,14 +10,18 @@ whose state (workers included) resumes the stream exactly, without replaying dat
     DatasetMixer (data.mixing; shares from data.sharding)              |
       |  RecordRef(source, record, epoch)                              |
       v                                                                |
-    source.load(record, epoch, seed) --SkippedSample--> SkipCounter   |
-      |  TokenizedSample                  (+ per-reason counts)        |
+    source.load(record, epoch, seed) --SkippedSample--> next batch's  |
+      |  TokenizedSample                  BatchStats.skipped           |
       v                                                                |
     fit_to_budget --too big--> SkippedSample('exceeds_pack_budget')    |
       |  PackItem*                                                     |
       v                                                                |
     BestFitPacker --rows--> rows_per_batch rows --collate--> PackedBatch
       (open rows saved as PieceRefs, re-loaded on restore) <-----------+
+
+Skipped records travel with the next batch (BatchStats.skipped), so that the consumer (the
+training loop) reports exactly the skips of the batches it trained on, once each, also across
+a resume; the stream itself logs nothing.
 
 The stream is endless (next epoch after the last one; training is bounded by max_steps)
 unless `StreamConfig.num_epochs` is set, in which case the open rows are flushed at the end.
@@ -26,7 +30,6 @@ unless `StreamConfig.num_epochs` is set, in which case the open rows are flushed
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,7 +51,8 @@ from vlpretrain.data.packing import (
     rows_from_refs,
     slice_sample,
 )
-from vlpretrain.data.samples import SkippedSample, TokenizedSample
+from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
+from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ class SampleSourceLike(Protocol):
 
 
 class SkipCounterLike(Protocol):
-    """Receives every loaded result exactly once (data.build.SkipCounter satisfies it).
+    """Receives every loaded result exactly once (data.skips.SkipTally satisfies it).
 
     A TokenizedSample counts as seen; a SkippedSample (from the source, or
     'exceeds_pack_budget' from the packer) as seen and skipped.
@@ -123,6 +127,7 @@ class WorkerStream:
         self,
         sources: Sequence[SampleSourceLike],
         packing_config: PackingConfig,
+        facts: RunFacts,
         stream_config: StreamConfig,
         *,
         rank: int,
@@ -134,6 +139,7 @@ class WorkerStream:
         _check_sources(sources)
         self.sources = list(sources)
         self.packing_config = packing_config
+        self.facts = facts
         self.stream_config = stream_config
         self.rank, self.world_size, self.worker = rank, world_size, worker
         self.skip_counter = skip_counter
@@ -155,12 +161,12 @@ class WorkerStream:
             packing_config.max_packed_tokens,
             packing_config.full_row_slack_tokens,
         )
-        self.packer = BestFitPacker(packing_config, balance)
+        self.packer = BestFitPacker(packing_config, facts, balance)
         self._position_of = {s.dataset_index: k for k, s in enumerate(self.sources)}
         self._num_datasets = max(self._position_of) + 1
         self._ready: list[PackRow] = []
         self._num_loaded = 0
-        self._skipped: Counter[str] = Counter()
+        self._skipped: list[SkippedSample] = []
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while (batch := self.next_batch()) is not None:
@@ -181,12 +187,13 @@ class WorkerStream:
         batch = collate_rows(
             rows,
             self.packing_config,
+            self.facts,
             num_datasets=self._num_datasets,
             num_loaded=self._num_loaded,
-            skipped_by_reason=dict(self._skipped),
+            skipped=self._skipped,
         )
         self._num_loaded = 0
-        self._skipped.clear()
+        self._skipped = []
         return batch
 
     def _pack(self, ref: RecordRef) -> list[PackRow]:
@@ -198,7 +205,7 @@ class WorkerStream:
             self._skip(loaded)
             return []
         item = PackItem(PieceRef.whole(loaded, ref.record_index, ref.epoch), loaded)
-        pieces = fit_to_budget(item, self.packing_config)
+        pieces = fit_to_budget(item, self.packing_config, self.facts)
         if pieces is None:
             self._skip(_exceeds_budget(loaded, self.packing_config))
             return []
@@ -210,11 +217,9 @@ class WorkerStream:
         return rows
 
     def _skip(self, skipped: SkippedSample) -> None:
-        self._skipped[skipped.reason] += 1
+        self._skipped.append(skipped)
         if self.skip_counter is not None:
             self.skip_counter.record(skipped)
-        else:
-            logger.warning("%s", skipped)
 
     def load_piece(self, ref: PieceRef) -> TokenizedSample:
         """Re-create a packed piece from its reference (used on restore)."""
@@ -241,7 +246,7 @@ class WorkerStream:
             "packer": self.packer.state_dict(),
             "ready_rows": [[item.ref.as_tuple() for item in row.items] for row in self._ready],
             "num_loaded": self._num_loaded,
-            "skipped": dict(self._skipped),
+            "skipped": [_skip_state(skipped) for skipped in self._skipped],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,7 +256,9 @@ class WorkerStream:
         self.packer.load_state_dict(state["packer"], self.load_piece)
         self._ready = [rows_from_refs(refs, self.load_piece) for refs in state["ready_rows"]]
         self._num_loaded = int(state["num_loaded"])
-        self._skipped = Counter({str(k): int(v) for k, v in state["skipped"].items()})
+        # Always empty between batches; states of version 1 held a dict of counts here.
+        pending = state["skipped"] if isinstance(state["skipped"], list) else []
+        self._skipped = [_skip_from_state(item) for item in pending]
 
 
 class PackedStream(torch.utils.data.IterableDataset):
@@ -261,6 +268,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self,
         sources: Sequence[SampleSourceLike],
         packing_config: PackingConfig,
+        facts: RunFacts,
         stream_config: StreamConfig,
         *,
         rank: int,
@@ -272,6 +280,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         _check_sources(sources)
         self.sources = list(sources)
         self.packing_config = packing_config
+        self.facts = facts
         self.stream_config = stream_config
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
@@ -291,6 +300,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             self._stream = WorkerStream(
                 self.sources,
                 self.packing_config,
+                self.facts,
                 self.stream_config,
                 rank=self.rank,
                 world_size=self.world_size,
@@ -339,6 +349,7 @@ class PackedDataLoader(StatefulDataLoader):
 def build_dataloader(
     sources: Sequence[SampleSourceLike],
     packing_config: PackingConfig,
+    facts: RunFacts,
     stream_config: StreamConfig,
     rank: int,
     world_size: int,
@@ -350,6 +361,7 @@ def build_dataloader(
     dataset = PackedStream(
         sources,
         packing_config,
+        facts,
         stream_config,
         rank=rank,
         world_size=world_size,
@@ -367,6 +379,19 @@ def build_dataloader(
         pin_memory=stream_config.pin_memory,
         **extra,
     )
+
+
+def _skip_state(skipped: SkippedSample) -> list[Any]:
+    """A pending skip as plain JSON-able values (the stream state holds no objects)."""
+    source = skipped.source
+    return [skipped.dataset_index, source.dataset, source.path, source.line, skipped.reason,
+            skipped.detail]  # fmt: skip
+
+
+def _skip_from_state(item: list[Any]) -> SkippedSample:
+    index, dataset, path, line, reason, detail = item
+    source = SampleSource(str(dataset), str(path), int(line))
+    return SkippedSample(int(index), source, str(reason), str(detail))
 
 
 def _pass_through(batch: PackedBatch) -> PackedBatch:

@@ -4,7 +4,10 @@
 
 Every problem in the file is gathered and raised as ONE ValueError, each line naming the
 dataset and the field, so a user fixes the whole file in one go (the reference crashes on the
-first missing key, spec section 11 item 31). Unknown keys are logged, not rejected.
+first missing key, spec section 11 item 31). Unknown keys are logged, not rejected. A dataset
+name (or a field) given twice is an error: JSON parsers keep the last one silently. An
+annotation file without any record is an error here; a dataset whose repeat_time leaves no
+record (int(N * r) == 0) is one in data.build.build_sources, which counts the lines.
 
 Path rule: a relative `root` or `annotation` is taken relative to the current directory if it
 exists there, otherwise relative to the directory of the meta file. Remote roots (s3://) are
@@ -48,6 +51,35 @@ class DatasetSpec:
     """Per-dataset override of SampleConfig.max_dynamic_patch."""
 
 
+class _JSONObject(dict[str, Any]):
+    """A parsed JSON object that remembers the keys it held more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    obj = _JSONObject(pairs)
+    if len(obj) != len(pairs):
+        keys = [key for key, _ in pairs]
+        obj.duplicates = tuple(sorted({key for key in keys if keys.count(key) > 1}))
+    return obj
+
+
+def has_records(path: Path) -> bool:
+    """True if `path` holds a non-whitespace byte (an annotation line that is not blank)."""
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 16):
+            if block.strip():
+                return True
+    return False
+
+
+def problems_error(meta_path: Path, problems: list[str]) -> ValueError:
+    """The one ValueError listing every problem of a meta file."""
+    listing = "\n  - ".join(problems)
+    return ValueError(f"meta file {meta_path} has {len(problems)} problem(s):\n  - {listing}")
+
+
 def resolve_path(value: str, meta_dir: Path) -> Path:
     """Apply the path rule of the module docstring to one path from the meta file."""
     path = Path(value).expanduser()
@@ -65,6 +97,8 @@ def _check_entry(name: str, entry: Any, meta_dir: Path, problems: list[str]) -> 
     if not isinstance(entry, dict):
         problems.append(f"dataset {name!r}: must be a JSON object, got {type(entry).__name__}")
         return {}
+    for key in getattr(entry, "duplicates", ()):
+        problems.append(f"dataset {name!r}: field {key!r} is given more than once")
     for key in REQUIRED_KEYS:
         if key not in entry:
             problems.append(f"dataset {name!r}: missing required field {key!r}")
@@ -92,6 +126,11 @@ def _check_entry(name: str, entry: Any, meta_dir: Path, problems: list[str]) -> 
             if not parsed["annotation"].is_file():
                 problems.append(
                     f"dataset {name!r}: field 'annotation': no file {parsed['annotation']}"
+                )
+            elif not has_records(parsed["annotation"]):
+                problems.append(
+                    f"dataset {name!r}: field 'annotation': {parsed['annotation']} has no "
+                    "records (empty or blank lines only)"
                 )
     rep = entry.get("repeat_time")
     if "repeat_time" in entry:
@@ -127,16 +166,18 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
     """
     meta_path = Path(path)
     try:
-        data = json.loads(meta_path.read_text(encoding="utf-8"))
+        data = json.loads(meta_path.read_text(encoding="utf-8"), object_pairs_hook=_object_pairs)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"meta file {meta_path}: cannot read JSON: {err}") from err
     if not isinstance(data, dict) or not data:
         raise ValueError(f"meta file {meta_path}: must be a non-empty JSON object of datasets")
-    problems: list[str] = []
+    problems = [
+        f"dataset {name!r} is defined more than once (JSON would keep only the last one)"
+        for name in getattr(data, "duplicates", ())
+    ]
     parsed = [_check_entry(name, entry, meta_path.parent, problems) for name, entry in data.items()]
     if problems:
-        listing = "\n  - ".join(problems)
-        raise ValueError(f"meta file {meta_path} has {len(problems)} problem(s):\n  - {listing}")
+        raise problems_error(meta_path, problems)
     return [
         DatasetSpec(name=name, dataset_index=index, **fields)
         for index, (name, fields) in enumerate(zip(data, parsed, strict=True))

@@ -3,9 +3,11 @@
     bytes of one .jsonl line --parse_record--> Record | raises RecordError(reason, detail)
 
 Dispatch as the reference: a non-empty `image` (list -> multi_image, even of one; string ->
-image), else a non-empty `video`, else text. Turns are `{"from": role, "value": text}` with
-roles human/gpt, and system only as the first turn. The docs' `text` key is rejected with a
-message naming it (the reference fails on it silently, spec section 11 item 28).
+image), else a non-empty `video`, else text; but `"image": ""` or `"video": ""` is rejected
+(the reference treats it as a text record, so its `<image>` tag stays literal text). Turns
+are `{"from": role, "value": text}` with roles human/gpt, and system only as the first turn.
+The docs' `text` key is rejected with a message naming it (the reference fails on it silently,
+spec section 11 item 28).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SKIP_REASONS = (
     "placeholder_mismatch",
     "missing_image",
     "corrupt_image",
+    "image_too_large",
     "video_error",
     "too_long",
 )
@@ -121,6 +124,12 @@ def parse_record(line: str | bytes, root: Path) -> Record:
         raise RecordError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
     turns = _parse_conversations(obj)
     image = obj.get("image")
+    for key in ("image", "video"):
+        if obj.get(key) == "":
+            raise RecordError(
+                "missing_field",
+                f"'{key}' is an empty string: name the file, or drop the key for a text record",
+            )
     if isinstance(image, list) and image:
         paths = tuple(_join(root, v, f"image[{i}]") for i, v in enumerate(image))
         return Record("multi_image", turns, images=paths)

@@ -132,6 +132,46 @@ def check_reserved_strings(turns: Turns) -> None:
                 )
 
 
+def check_media_tags(kind: str, turns: Turns, num_images: int) -> None:
+    """Reject a record whose <image>/<video> tags do not match its media (before any decoding).
+
+    image: at most one <image> (none: one is inserted); multi_image: exactly one per image;
+    video: at most one <video> and no <image>; text: no tag at all. Tags count in human turns
+    only; a tag in a system or gpt turn is always an error. The reference leaves surplus tags
+    as literal text instead (DIFFERENCES.md).
+
+    Raises:
+        RecordError: placeholder_mismatch naming both counts or the turn at fault.
+    """
+    for position, (role, value) in enumerate(turns):
+        for tag in (IMAGE_TAG, VIDEO_TAG):
+            if role != "human" and tag in value:
+                raise RecordError(
+                    "placeholder_mismatch",
+                    f"conversations[{position}] ({role}) contains {tag}: "
+                    "tags belong in human turns",
+                )
+    images = sum(value.count(IMAGE_TAG) for _, value in turns)
+    videos = sum(value.count(VIDEO_TAG) for _, value in turns)
+    expected_images, max_images, max_videos = {
+        "text": (0, 0, 0),
+        "image": (0, 1, 0),
+        "multi_image": (num_images, num_images, 0),
+        "video": (0, 0, 1),
+    }[kind]
+    media = f"{kind} record with {num_images} image(s)" if num_images else f"{kind} record"
+    if not expected_images <= images <= max_images:
+        want = str(max_images) if expected_images == max_images else f"at most {max_images}"
+        raise RecordError(
+            "placeholder_mismatch", f"{media} has {images} {IMAGE_TAG} tags, expected {want}"
+        )
+    if videos > max_videos:
+        raise RecordError(
+            "placeholder_mismatch",
+            f"{media} has {videos} {VIDEO_TAG} tags, expected at most {max_videos}",
+        )
+
+
 def _first_human(turns: Turns) -> int:
     for position, (role, _) in enumerate(turns):
         if role == "human":

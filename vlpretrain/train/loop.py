@@ -1,7 +1,8 @@
 """The training loop for every stage: `train()` and `train_step()`.
 
-RunConfig --build_model--> VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
-meta.json --build_sources--> sources --build_dataloader--> packed micro-batches
+RunConfig --build_model--> VLM, tokenizer --run_facts--> RunFacts (tile, tokens per tile, ids)
+VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
+meta.json --build_sources(RunFacts)--> sources --build_dataloader(RunFacts)--> micro-batches
 loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, schedule)
       -> metrics every logging_steps -> DCP checkpoint every save_steps (and at the end)
 end: export the InternVL-layout model into output_dir (the next stage's input)
@@ -15,7 +16,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,10 +27,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vlpretrain.config import RunConfig, to_dict
-from vlpretrain.data.build import SampleConfig, SkipCounter, build_sources
+from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
-from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
@@ -38,10 +38,9 @@ from vlpretrain.distributed.parallel import (
     unwrap,
 )
 from vlpretrain.log import MetricsWriter
-from vlpretrain.model.build import build_model, save_internvl
-from vlpretrain.model.hub import merge_lora_weights
+from vlpretrain.model.build import build_model, run_facts, save_internvl
+from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
-from vlpretrain.tokens import IMG_END, IMG_START, token_id
 from vlpretrain.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -52,6 +51,7 @@ from vlpretrain.train.checkpoint import (
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.skips import SkipRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -129,50 +129,11 @@ def train_step(
     return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised)
 
 
-def image_fields(config: RunConfig) -> dict[str, Any]:
-    """Tiling settings recorded in the exported config.json."""
-    data = config.data
-    return {
-        "dynamic_image_size": data.dynamic_image_size,
-        "use_thumbnail": data.use_thumbnail,
-        "min_dynamic_patch": data.min_dynamic_patch,
-        "max_dynamic_patch": data.max_dynamic_patch,
-        "pad2square": data.pad2square,
-        "normalize_type": data.normalize_type,
-    }
-
-
-def derived_data_configs(
-    config: RunConfig, model: InternVLModel, tokenizer: Any
-) -> tuple[SampleConfig, PackingConfig]:
-    """Sample and packing settings that follow from the model and tokenizer."""
-    sample = replace(
-        config.data,
-        tile_size=model.config.force_image_size,
-        num_image_token=model.num_image_token,
-        conv_style=model.config.template,
-    )
-    packing = replace(
-        config.packing,
-        tile_size=model.config.force_image_size,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        img_start_token_id=token_id(tokenizer, IMG_START),
-        img_end_token_id=token_id(tokenizer, IMG_END),
-    )
-    logger.info(
-        "derived: tile %d px, %d tokens per tile, template %s",
-        sample.tile_size,
-        sample.num_image_token,
-        sample.conv_style,
-    )
-    return sample, packing
-
-
 def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
     """Build, freeze, checkpoint activations, move and parallelise the model; also returns the
     number of trainable parameters."""
     torch.manual_seed(config.train.seed)
-    built = build_model(config.model, image_fields(config))
+    built = build_model(config.model)
     model = built.model
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
@@ -196,19 +157,6 @@ def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
         state.records_seen += stats.num_loaded
         for reason, count in stats.skipped_by_reason:
             state.skipped[reason] = state.skipped.get(reason, 0) + count
-
-
-def check_skips(state: TrainState, max_fraction: float, min_records: int = 100) -> None:
-    """Stop the run when the global skip fraction exceeds `max_fraction`."""
-    counts = torch.tensor([sum(state.skipped.values()), state.records_seen], dtype=torch.float64)
-    skipped, seen = all_reduce_sum(counts).tolist()
-    if seen >= min_records and skipped / seen > max_fraction:
-        top = sorted(state.skipped.items(), key=lambda kv: -kv[1])[:5]
-        raise RuntimeError(
-            f"{int(skipped)} of {int(seen)} records skipped ({skipped / seen:.2%}), above "
-            f"data.max_skip_fraction {max_fraction:.2%}; most common on this rank: {top}. "
-            "Run `vlpretrain data check` on the meta file to see every bad record."
-        )
 
 
 def step_metrics(
@@ -248,15 +196,25 @@ def step_metrics(
 LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_per_second", "mfu")
 
 
-def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: DistEnv) -> None:
-    """Gather full weights (from any wrapper) and write the InternVL layout on rank 0."""
+def export_model(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | Path,
+    env: DistEnv,
+    image_settings: dict[str, Any] | None = None,
+) -> None:
+    """Gather full weights (from any wrapper) and write the InternVL layout on rank 0, with
+    the tiling settings the data used (`SampleConfig.image_settings()`) in its config.json."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # A full state dict holds plain tensors only (no DTensors or non-tensor values).
     state = merge_lora_weights(
-        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options)),
+        lora_scalings(unwrap(model)),
     )
     if env.is_main:
-        save_internvl(unwrap(model), tokenizer, output_dir, state=state)
+        save_internvl(
+            unwrap(model), tokenizer, output_dir, state=state, image_settings=image_settings
+        )
     barrier()
 
 
@@ -276,24 +234,27 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     if env.is_main:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
     model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
+    facts = run_facts(plain_model, tokenizer)
+    logger.info("run facts: %s", facts)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
-    sample_config, packing_config = derived_data_configs(config, plain_model, tokenizer)
-    sources = build_sources(config.train.meta_path, sample_config, tokenizer)
+    sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
     flops = build_flops_counter(plain_model)
     loader = build_dataloader(
         sources,
-        packing_config,
+        config.packing,
+        facts,
         config.stream,
         env.rank,
         env.world_size,
-        SkipCounter(),
         step_flops=flops.step_flops,
     )
     state, rng_state = TrainState(), None
     checkpoint = resume_path(config)
     if checkpoint is not None:
         state, rng_state = load_checkpoint(checkpoint, model, optimizer, scheduler, loader)
+    skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
+                         env, state.step, summary_every=config.train.save_steps)  # fmt: skip
     peak = peak_tflops(env.device, config.train.peak_tflops)
     metrics = MetricsWriter(output_dir, config.train.report_to == "tensorboard", env.is_main)
     iterator = iter(loader)
@@ -318,6 +279,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             scheduler.step()
             state.step += 1
             update_counters(state, batches)
+            skips.add(batches, state.step)
             is_last = state.step == config.train.max_steps
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
@@ -325,9 +287,10 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
-                check_skips(state, config.data.max_skip_fraction)
+                skips.flush(state)  # skipped.jsonl + the skip policy
                 metrics.write(state.step, last, LINE_KEYS)
             if state.step % config.train.save_steps == 0 or is_last:
+                skips.flush(state)  # every skip the checkpoint covers is on disk
                 save_checkpoint(
                     output_dir,
                     model,
@@ -340,7 +303,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
                 )
     bar.close()
     metrics.close()
-    export_model(model, tokenizer, output_dir, env)
+    export_model(model, tokenizer, output_dir, env, config.data.image_settings())
     final = {
         "step": state.step,
         "trainable_params": num_trainable,
@@ -349,9 +312,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         "skipped": state.skipped,
         **last,
     }
-    if state.skipped:
-        logger.warning("skipped records on this rank: %s (see the log above for file:line)",
-                       state.skipped)  # fmt: skip
+    skips.finish(state)
     if env.is_main:
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
     barrier()

@@ -1,0 +1,62 @@
+"""Create files the way the user's shell would: permissions from the process umask, atomically.
+
+    write_atomic(target, write) : temp file in target's directory --write--> chmod --> os.replace
+    apply_umask(path)           : give a file created 0600 by a library the umask's mode
+
+`tempfile.mkstemp` and safetensors (0.8) create files 0600, so
+that a half-written file is private; once complete, the file gets `0o666 & ~umask` like any
+file opened with `open(path, "w")`, so a shared cache or an exported model stays readable by
+the group when the umask says so.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def process_umask() -> int:
+    """The umask of this process, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode() -> int:
+    """Mode of a new regular file under the process umask (0o644 under umask 022)."""
+    return 0o666 & ~process_umask()
+
+
+def apply_umask(path: str | Path) -> None:
+    """chmod `path` to the mode a plain `open(path, 'w')` would have given it."""
+    os.chmod(path, umask_mode())
+
+
+def write_atomic(target: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write `target` through a temp file in its directory, then rename it into place.
+
+    A killed process leaves either the old file or the new one, never a truncated one; the
+    new file has the umask's permissions (not mkstemp's 0600).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        apply_umask(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
