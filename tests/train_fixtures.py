@@ -217,3 +217,26 @@ def run_cli(*args: str, deterministic: bool = False, timeout: float = 300) -> No
     )
     if done.returncode != 0:
         pytest.fail(f"vlpretrain {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> None:
+    """`torchrun --nproc_per_node nproc -m vlpretrain ...` on CPU/gloo; fail with its stderr."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()), "-m", "vlpretrain", *args,
+    ]  # fmt: skip
+    env = cli_env(deterministic=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(
+            f"torchrun vlpretrain {' '.join(args)} exited {done.returncode}:\n{done.stderr[-6000:]}"
+        )

@@ -26,6 +26,7 @@ FLAG_TABLE: dict[str, str] = {
     "ps_version": "model.ps_version",
     "vision_select_layer": "model.vision_select_layer",
     "conv_style": "model.conv_style",
+    "trust_remote_code": "model.trust_remote_code",
     # freeze
     "freeze_llm": "freeze.freeze_llm",
     "freeze_backbone": "freeze.freeze_backbone",
@@ -159,8 +160,14 @@ def split_flags(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def apply_reference_flags(raw: dict[str, Any], argv: list[str]) -> list[str]:
-    """Fold reference flags into the nested config dict; returns notes on ignored flags."""
+    """Fold reference flags into the nested config dict; returns notes on ignored flags.
+
+    A run driven by reference flags trusts remote code as the reference does
+    (model.trust_remote_code, unless the TOML or `--trust_remote_code False` says otherwise).
+    """
     problems, notes = [], []
+    if argv:
+        raw.setdefault("model", {}).setdefault("trust_remote_code", True)
     for name, text in split_flags(argv):
         if name in SPECIAL:
             try:

@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 import torch
 
 from vlpretrain.facts import RunFacts
-from vlpretrain.model import hub
+from vlpretrain.model import hub, internlm2
 from vlpretrain.model.llm import (
     llm_from_config,
     load_llm,
@@ -62,6 +62,10 @@ class ModelConfig:
     """Chat template (None: checkpoint's, or internvl2_5)."""
     attn_implementation: str = "sdpa"
     """LLM attention: sdpa or eager on CPU; flash_attention_2 on GPU when installed."""
+    trust_remote_code: bool = False
+    """Allow a tokenizer that exists only as remote code (auto_map) to run Python from its
+    directory. InternLM2 needs no remote code (native tokenizer and Llama conversion); LLMs
+    themselves never run remote code (model/families.py)."""
 
     def __post_init__(self) -> None:
         if self.model_name_or_path and (self.vision_path or self.llm_path):
@@ -85,6 +89,8 @@ class BuiltModel:
 
 
 PATH_B_DEFAULTS = VLMConfig()
+LLM_PREFIX = "language_model."
+"""Where the LLM's tensors live in the InternVL chat layout."""
 
 
 def _vlm_config(base: VLMConfig, config: ModelConfig) -> VLMConfig:
@@ -151,7 +157,7 @@ def load_vision(directory: str | Path, drop_path_rate: float) -> InternViT:
 
 def _build_path_b(config: ModelConfig) -> BuiltModel:
     vision = load_vision(config.vision_path, config.drop_path_rate)
-    tokenizer, num_added = load_tokenizer(config.llm_path)
+    tokenizer, num_added = load_tokenizer(config.llm_path, config.trust_remote_code)
     llm = load_llm(config.llm_path, config.attn_implementation)
     untie_embeddings(llm)
     resize_for_tokens(llm, len(tokenizer), num_added)
@@ -172,9 +178,7 @@ def _build_path_a(config: ModelConfig) -> BuiltModel:
             f"{directory}/config.json: model_type is {raw.get('model_type')!r}, expected "
             "'internvl_chat' (use vision_path + llm_path for separate components)"
         )
-    model, tokenizer = _instantiate(
-        raw, config.drop_path_rate, config.attn_implementation, directory
-    )
+    model, tokenizer = _instantiate(raw, config, directory)
     checkpoint_config = model.config
     model.config = _vlm_config(checkpoint_config, config)
     if model.config.downsample_ratio != checkpoint_config.downsample_ratio:
@@ -190,19 +194,20 @@ def _build_path_a(config: ModelConfig) -> BuiltModel:
 
 
 def _instantiate(
-    raw: dict[str, Any], drop_path_rate: float, attn_implementation: str, directory: Path
+    raw: dict[str, Any], config: ModelConfig, directory: Path
 ) -> tuple[InternVLModel, Any]:
-    vision = InternViT(
-        replace(VisionConfig.from_dict(raw["vision_config"]), drop_path_rate=drop_path_rate)
-    )
-    llm = llm_from_config(raw["llm_config"], attn_implementation)
-    tokenizer, num_added = load_tokenizer(directory)
+    vision_config = VisionConfig.from_dict(raw["vision_config"])
+    vision = InternViT(replace(vision_config, drop_path_rate=config.drop_path_rate))
+    llm = llm_from_config(raw["llm_config"], config.attn_implementation, code_dir=directory)
+    tokenizer, num_added = load_tokenizer(directory, config.trust_remote_code)
     if num_added:
         raise ValueError(
             f"{directory}: tokenizer lacks the InternVL tokens; not an InternVL export"
         )
     model = InternVLModel(VLMConfig.from_dict(raw), vision, llm, token_id(tokenizer, IMG_CONTEXT))
     state = hub.from_reference_keys(hub.load_weights(directory))
+    if internlm2.is_converted(llm.config):
+        state = internlm2.state_to_llama(state, llm.config, prefix=LLM_PREFIX)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied-embedding export written by the reference has no lm_head: untie from the input.
     head_key = "language_model.lm_head.weight"
@@ -243,9 +248,15 @@ def _load_projector(model: InternVLModel, mlp_path: str) -> None:
 def internvl_config_dict(
     model: InternVLModel, image_settings: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """config.json content of the InternVL chat layout; `image_settings` (VLMConfig tiling
-    fields, e.g. SampleConfig.image_settings()) replace the model's own."""
-    llm_config = model.language_model.config.to_dict()
+    """config.json content of the InternVL chat layout (an InternLM2 back in its own keys);
+    `image_settings` (VLMConfig tiling fields, e.g. SampleConfig.image_settings()) replace the
+    model's own."""
+    config = model.language_model.config
+    llm_config = (
+        internlm2.internlm2_config_from_llama(config)
+        if internlm2.is_converted(config)
+        else config.to_dict()
+    )
     llm_config["tie_word_embeddings"] = False
     input_embeddings = cast(torch.Tensor, model.language_model.get_input_embeddings().weight)
     llm_config["vocab_size"] = input_embeddings.shape[0]
@@ -288,9 +299,14 @@ def save_internvl(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = hub.to_reference_keys(state if state is not None else model.state_dict())
+    llm_config = model.language_model.config
+    if internlm2.is_converted(llm_config):
+        weights = internlm2.state_to_internlm2(weights, llm_config, prefix=LLM_PREFIX)
     hub.save_weights(weights, directory)
     hub.write_config(directory, internvl_config_dict(model, image_settings))
     tokenizer.save_pretrained(str(directory))
+    if internlm2.is_converted(llm_config):
+        internlm2.save_internlm2_files(llm_config, tokenizer, directory)
     generation = {"eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING, InternVLConfig, PreTrainedConfig
 
-from vlpretrain.model import hub
+from vlpretrain.model import hub, internlm2
 from vlpretrain.model.build import chat_config_dict
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.model.vision import VisionConfig
@@ -419,7 +419,9 @@ def export_hf(internvl_dir: str | Path, out_dir: str | Path) -> Path:
     tokenizer, num_added = load_tokenizer(source)
     if num_added:
         raise ValueError(f"{source}: tokenizer lacks the InternVL tokens; not an InternVL export")
-    state = _untie_head(hub.load_weights(source), source)
+    # transformers' InternVL has no InternLM2: it becomes the Llama it computes as.
+    chat, weights = internlm2.chat_to_llama(chat, hub.load_weights(source))
+    state = _untie_head(weights, source)
     config = hf_config_from_chat(chat, token_id(tokenizer, IMG_CONTEXT), _dtype_name(state))
     hf_state = state_to_hf(state)
     out = _prepare_output(source, out_dir)

@@ -1,10 +1,13 @@
-"""Language-model loading for training: any local HF causal LM, untied, with InternVL tokens.
+"""Language-model loading for training: an LLM of a supported family, untied, InternVL tokens.
 
-Jobs: load an `AutoModelForCausalLM` directory or build one from a config dict, give it the
+Jobs: load an LLM directory (and its tokenizer) or build one from a config dict, give it the
 InternVL special tokens (embedding resize with mean-initialised rows), and untie input and
 output embeddings so that saving never drops `lm_head` (the reference loses it, spec 9.5).
-Training always runs with `use_cache=False`: only then does transformers derive the
-block-diagonal mask of packed rows from restarting `position_ids`.
+Every family runs as a transformers-native model (InternLM2 converted to Llama,
+model/internlm2.py; unsupported families refused, model/families.py), and training always
+runs with `use_cache=False`: only then does transformers derive the block-diagonal mask of
+packed rows from restarting `position_ids`. Nothing from a directory executes unless
+`trust_remote_code` is set (model.trust_remote_code).
 """
 
 from __future__ import annotations
@@ -20,22 +23,23 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
+from vlpretrain.model import hub, internlm2
+from vlpretrain.model.families import check_family
+from vlpretrain.model.sentencepiece_tokenizer import (
+    REMOTE_CLASS_NAMES,
+    InternLM2SentencePieceTokenizer,
+)
 from vlpretrain.tokens import add_internvl_tokens
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS: dict[str, list[str]] = {
-    "internlm2": [
-        "attention.wqkv",
-        "attention.wo",
-        "feed_forward.w1",
-        "feed_forward.w2",
-        "feed_forward.w3",
-    ],
     "phi3": ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"],
     "default": [
         "self_attn.q_proj",
@@ -47,45 +51,150 @@ LORA_TARGETS: dict[str, list[str]] = {
         "mlp.down_proj",
     ],
 }
-"""LoRA target modules per LLM family (spec 7.7); Qwen2/Qwen3/Llama use 'default'."""
+"""LoRA target modules per LLM family (spec 7.7); Qwen2/Qwen3/Llama and InternLM2 (which
+trains as a Llama, model/internlm2.py) use 'default'."""
 
 
-def load_tokenizer(path: str | Path) -> tuple[Any, int]:
-    """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A)."""
-    config_path = Path(path) / "config.json"
-    extra = {}
-    if (
-        config_path.exists()
-        and json.loads(config_path.read_text()).get("model_type") == "internvl_chat"
-    ):
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return cast(dict[str, Any], json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+
+
+def _tokenizer_needs_remote_code(directory: Path) -> str | None:
+    """The remote tokenizer class `directory` names (through auto_map), if transformers has no
+    class of that name; None when a native class reads it."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    tokenizer_config = _read_json(config_path)
+    class_name = tokenizer_config.get("tokenizer_class")
+    auto_map = tokenizer_config.get("auto_map", {})
+    if not class_name or "AutoTokenizer" not in auto_map:
+        return None
+    if tokenizer_class_from_name(class_name) is not None:
+        return None
+    return str(class_name)
+
+
+def _is_internlm2_tokenizer(directory: Path) -> bool:
+    config_path = directory / "tokenizer_config.json"
+    if not (config_path.is_file() and (directory / "tokenizer.model").is_file()):
+        return False
+    return _read_json(config_path).get("tokenizer_class") in REMOTE_CLASS_NAMES
+
+
+def require_sentencepiece(directory: Path) -> None:
+    """Raise a clear ImportError naming the packages when sentencepiece is missing."""
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"{directory}/tokenizer.model is an InternLM2 sentencepiece tokenizer, which needs "
+            "the 'sentencepiece' package: pip install 'vlpretrain[internlm2]' "
+            "(sentencepiece, einops)"
+        ) from None
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, int]:
+    """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A).
+
+    InternLM2's remote tokenizer is replaced by InternLM2SentencePieceTokenizer (same ids, no
+    code from the directory). Any other tokenizer that only exists as remote code needs
+    `trust_remote_code` (model.trust_remote_code); without it the error names that setting.
+    """
+    directory = Path(path)
+    extra: dict[str, Any] = {}
+    config_path = directory / "config.json"
+    if config_path.exists() and _read_json(config_path).get("model_type") == "internvl_chat":
         # transformers has no config class for internvl_chat; without this it warns that it
         # is "instantiating a model of another type" while only reading the tokenizer.
         extra["config"] = PretrainedConfig()
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, **extra)
+    if _is_internlm2_tokenizer(directory):
+        require_sentencepiece(directory)
+        tokenizer: Any = InternLM2SentencePieceTokenizer.from_pretrained(str(directory))
+    else:
+        remote_class = _tokenizer_needs_remote_code(directory)
+        if remote_class and not trust_remote_code:
+            raise ValueError(
+                f"{directory}/tokenizer_config.json: tokenizer_class {remote_class} exists only "
+                "as remote code (auto_map); loading it runs Python from that directory. Set "
+                "model.trust_remote_code = true to allow it"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(directory), trust_remote_code=trust_remote_code, **extra
+        )
     added = add_internvl_tokens(tokenizer)
     logger.info("tokenizer %s: %d InternVL tokens added, %d in total", path, added, len(tokenizer))
     return tokenizer, added
 
 
 def load_llm(path: str | Path, attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """A pretrained causal LM from a local directory, in fp32 (autocast handles bf16)."""
+    """A pretrained causal LM from a local directory, in fp32 (autocast handles bf16), as a
+    transformers-native model whose packed rows are isolated (InternLM2 converted to Llama).
+
+    No LLM runs its remote code, whatever trust_remote_code says: the supported families are
+    native or converted, the others are refused before loading (families.py).
+    """
+    directory = Path(path)
+    raw = _read_json(directory / "config.json")
+    check_family(raw, f"{directory}/config.json")
+    if internlm2.is_internlm2(raw):
+        config = internlm2.llama_config_from_internlm2(
+            raw, code_dir=directory, where=f"{directory}/config.json"
+        )
+        state = internlm2.state_to_llama(hub.load_weights(directory), config)
+        return _from_state(config, state, attn_implementation, directory)
     return AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=torch.float32,
-        attn_implementation=attn_implementation,
-        trust_remote_code=True,
+        str(directory), dtype=torch.float32, attn_implementation=attn_implementation
     )
 
 
-def llm_from_config(
-    config_dict: dict[str, Any], attn_implementation: str = "sdpa"
+def _from_state(
+    config: PretrainedConfig,
+    state: dict[str, torch.Tensor],
+    attn_implementation: str,
+    directory: Path,
 ) -> PreTrainedModel:
-    """An LLM shaped like `config_dict` (a saved `llm_config`); weights uninitialised."""
-    config_dict = dict(config_dict)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
+    """LlamaForCausalLM from converted tensors (meta init, then the tensors cast to fp32)."""
+    # output_loading_info makes from_pretrained return (model, info); its stub says model only.
+    loaded: Any = LlamaForCausalLM.from_pretrained(
+        None,
+        config=config,
+        state_dict=state,
+        dtype=torch.float32,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+    )
+    model, info = loaded
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if problems:
+        raise ValueError(f"{directory}: converted InternLM2 weights do not match: {problems}")
+    return cast(PreTrainedModel, model)
+
+
+def llm_from_config(
+    config_dict: dict[str, Any],
+    attn_implementation: str = "sdpa",
+    code_dir: str | Path | None = None,
+) -> PreTrainedModel:
+    """An LLM shaped like `config_dict` (a saved `llm_config`); weights uninitialised.
+
+    An InternLM2 `llm_config` becomes a Llama (`code_dir`: where its remote-code files are,
+    copied again when saving); the weights must then go through internlm2.state_to_llama.
+    """
+    check_family(config_dict, "llm_config")
+    if internlm2.is_internlm2(config_dict):
+        config: PretrainedConfig = internlm2.llama_config_from_internlm2(
+            config_dict, code_dir=code_dir, where="llm_config"
+        )
+    else:
+        config_dict = dict(config_dict)
+        model_type = config_dict.pop("model_type")
+        config = AutoConfig.for_model(model_type, **config_dict)
     config._attn_implementation = attn_implementation
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=True)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def untie_embeddings(llm: PreTrainedModel) -> None:

@@ -39,6 +39,7 @@ from vlpretrain.distributed.parallel import (
 )
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model.build import build_model, run_facts, save_internvl
+from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.train.checkpoint import (
@@ -135,6 +136,7 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
     torch.manual_seed(config.train.seed)
     built = build_model(config.model)
     model = built.model
+    check_packed_isolation(model.language_model.config, config.data.max_seq_length)
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
     enable_activation_checkpointing(model, vision=True, llm=config.train.grad_checkpoint)
