@@ -99,34 +99,48 @@ def run_best_fit(shapes: list[tuple[int, int]], config: PackingConfig) -> Result
     return Result("best-fit (ours)", len(rows), total, config.max_packed_tokens, seconds)
 
 
-def run_reference_first_fit(
+def reference_first_fit_rows(
     shapes: list[tuple[int, int]], max_tokens: int, max_tiles: int, max_buffer_size: int
-) -> Result:
-    """The reference main loop (spec 6.3) on (tokens, tiles) only; no split, no overflow."""
-    start = time.perf_counter()
-    buffers: list[list[int]] = []  # [tokens, tiles], sorted by tiles descending, FIFO on ties
+) -> list[list[int]]:
+    """The reference main loop (spec 6.3) on (tokens, tiles) only; no split, no overflow.
+
+    Returns the emitted rows (flushed open rows last) as lists of indices into `shapes`.
+    """
+    # [tokens, tiles, indices], sorted by tiles descending, FIFO on ties
+    buffers: list[tuple[int, int, list[int]]] = []
     emitted: list[list[int]] = []
-    for tokens, tiles in shapes:
+    for index, (tokens, tiles) in enumerate(shapes):
         found = None
-        for i, (buf_tokens, buf_tiles) in enumerate(buffers):
+        for i, (buf_tokens, buf_tiles, _) in enumerate(buffers):
             if buf_tiles + tiles <= max_tiles and buf_tokens + tokens <= max_tokens:
                 found = buffers.pop(i)
                 break
-        buffer = [tokens, tiles] if found is None else [found[0] + tokens, found[1] + tiles]
+        if found is None:
+            buffer = (tokens, tiles, [index])
+        else:
+            buffer = (found[0] + tokens, found[1] + tiles, [*found[2], index])
         if buffer[0] >= max_tokens:
-            emitted.append(buffer)
+            emitted.append(buffer[2])
         else:
             # insert before the first buffer having fewer tiles
             keys = [-b[1] for b in buffers]
             buffers.insert(bisect.bisect_right(keys, -buffer[1]), buffer)
         while buffers and buffers[0][1] >= max_tiles:
-            emitted.append(buffers.pop(0))
+            emitted.append(buffers.pop(0)[2])
         while len(buffers) > max_buffer_size:
-            emitted.append(buffers.pop(0))
-    emitted.extend(buffers)
-    total = sum(b[0] for b in emitted)
+            emitted.append(buffers.pop(0)[2])
+    emitted.extend(b[2] for b in buffers)
+    return emitted
+
+
+def run_reference_first_fit(
+    shapes: list[tuple[int, int]], max_tokens: int, max_tiles: int, max_buffer_size: int
+) -> Result:
+    start = time.perf_counter()
+    rows = reference_first_fit_rows(shapes, max_tokens, max_tiles, max_buffer_size)
+    total = sum(shapes[i][0] for row in rows for i in row)
     seconds = time.perf_counter() - start
-    return Result("first-fit (reference)", len(emitted), total, max_tokens, seconds)
+    return Result("first-fit (reference)", len(rows), total, max_tokens, seconds)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ BENCHES = (
     "step.py",
     "checkpoint_memory.py",
     "fsdp_memory.py",
+    "balance.py",
 )
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch.utils.data
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlpretrain.data import sharding
+from vlpretrain.data.balance import StepFlops, build_row_balance
 from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.mixing import DatasetMixer, RecordRef
 from vlpretrain.data.packing import (
@@ -133,6 +134,7 @@ class WorkerStream:
         world_size: int,
         worker: int,
         skip_counter: SkipCounterLike | None = None,
+        step_flops: StepFlops | None = None,
     ) -> None:
         _check_sources(sources)
         self.sources = list(sources)
@@ -153,7 +155,13 @@ class WorkerStream:
             replacement=stream_config.replacement,
             num_epochs=stream_config.num_epochs,
         )
-        self.packer = BestFitPacker(packing_config, facts)
+        balance = build_row_balance(
+            packing_config.balance_flops,
+            step_flops,
+            packing_config.max_packed_tokens,
+            packing_config.full_row_slack_tokens,
+        )
+        self.packer = BestFitPacker(packing_config, facts, balance)
         self._position_of = {s.dataset_index: k for k, s in enumerate(self.sources)}
         self._num_datasets = max(self._position_of) + 1
         self._ready: list[PackRow] = []
@@ -266,6 +274,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         rank: int,
         world_size: int,
         skip_counter: SkipCounterLike | None = None,
+        step_flops: StepFlops | None = None,
     ) -> None:
         super().__init__()
         _check_sources(sources)
@@ -275,6 +284,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.stream_config = stream_config
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
+        self.step_flops = step_flops
         self._stream: WorkerStream | None = None
 
     def _worker_stream(self) -> WorkerStream:
@@ -296,6 +306,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 world_size=self.world_size,
                 worker=worker,
                 skip_counter=self.skip_counter,
+                step_flops=self.step_flops,
             )
         return self._stream
 
@@ -343,8 +354,10 @@ def build_dataloader(
     rank: int,
     world_size: int,
     skip_counter: SkipCounterLike | None = None,
+    step_flops: StepFlops | None = None,
 ) -> StatefulDataLoader:
-    """The resumable loader of packed micro-batches for one rank."""
+    """The resumable loader of packed micro-batches for one rank (`step_flops`: the model's
+    FLOPs counter, needed by packing.balance_flops)."""
     dataset = PackedStream(
         sources,
         packing_config,
@@ -353,6 +366,7 @@ def build_dataloader(
         rank=rank,
         world_size=world_size,
         skip_counter=skip_counter,
+        step_flops=step_flops,
     )
     extra: dict[str, Any] = {}
     if stream_config.num_workers > 0:

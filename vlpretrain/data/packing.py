@@ -10,6 +10,8 @@ is full (free tokens <= `full_row_slack_tokens`); when a sample fits nowhere and
 full, the fullest row is emitted first. Samples are never split unless
 `split_at_image_boundary`; a sample over a budget that cannot be split is reported to the
 caller (who counts it as skipped), never dropped silently.
+With `balance_flops` a row also has a FLOPs budget (data.balance) and "room" and "fullest"
+mean the tighter of the two budgets, so every rank's rows cost about the same.
 
 Image-span ids come from RunFacts (the tokenizer's), not from PackingConfig.
 What this module does not do: tensors for the model (data.collate), choosing samples
@@ -22,10 +24,12 @@ Shapes: L = tokens of a sample, T = tiles of a sample.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from vlpretrain.data.balance import RowBalance
 from vlpretrain.data.samples import TokenizedSample
 from vlpretrain.facts import RunFacts
 
@@ -58,6 +62,10 @@ class PackingConfig:
     """Rows per micro-batch (reference per_device_train_batch_size)."""
     full_row_slack_tokens: int = 32
     """A row with at most this many free tokens is full and is emitted at once."""
+    balance_flops: bool = False
+    """Also cap each row's model FLOPs (ViT + LLM with per-sample attention) at a token-full
+    row's mean cost, so every data-parallel rank's step costs about the same (data.balance;
+    figures in bench/balance.py)."""
 
     def __post_init__(self) -> None:
         positive = ("max_packed_tokens", "num_images_expected", "max_buffer_size")
@@ -116,6 +124,8 @@ class PackItem:
 
     ref: PieceRef
     sample: TokenizedSample
+    cost: float = 0.0
+    """Training FLOPs of the piece; set by the packer only when balancing (data.balance)."""
 
 
 @dataclass(eq=False)
@@ -125,11 +135,13 @@ class PackRow:
     items: list[PackItem] = field(default_factory=list)
     num_tokens: int = 0
     num_tiles: int = 0
+    cost: float = 0.0
 
     def append(self, item: PackItem) -> None:
         self.items.append(item)
         self.num_tokens += item.sample.num_tokens
         self.num_tiles += item.sample.num_tiles
+        self.cost += item.cost
 
 
 @dataclass(frozen=True)
@@ -244,11 +256,19 @@ def fit_to_budget(item: PackItem, config: PackingConfig, facts: RunFacts) -> lis
 
 
 class BestFitPacker:
-    """Best-fit packing of pieces into open rows; emits full rows. Stateful (by reference)."""
+    """Best-fit packing of pieces into open rows; emits full rows. Stateful (by reference).
 
-    def __init__(self, config: PackingConfig, facts: RunFacts) -> None:
+    With a `RowBalance` a row is measured by the tighter of its token and FLOPs budgets.
+    """
+
+    def __init__(
+        self, config: PackingConfig, facts: RunFacts, balance: RowBalance | None = None
+    ) -> None:
+        if config.balance_flops and balance is None:
+            raise ValueError("PackingConfig.balance_flops is on: BestFitPacker needs a RowBalance")
         self.config = config
         self.facts = facts
+        self.balance = balance if config.balance_flops else None
         self._rows: list[PackRow] = []
         self.num_rows_emitted = 0
         self.num_tokens_emitted = 0
@@ -275,6 +295,7 @@ class BestFitPacker:
         piece: PackItem | None  # None once _top_up has placed all of it
         while pending:
             piece = pending.pop(0)
+            self._price(piece)
             row = self._best_fit(piece)
             if row is None and len(self._rows) >= config.max_buffer_size:
                 fullest = self._fullest()
@@ -286,7 +307,7 @@ class BestFitPacker:
             if row is None:
                 row = PackRow()
                 self._rows.append(row)
-            row.append(piece)
+            self._append(row, piece)
             if self._is_full(row):
                 emitted.append(self._emit(row))
         return emitted
@@ -298,8 +319,19 @@ class BestFitPacker:
             self._emit(row)
         return rows
 
+    def _price(self, item: PackItem) -> None:
+        if self.balance is not None:
+            item.cost = self.balance.price(item.sample)
+
+    def _append(self, row: PackRow, item: PackItem) -> None:
+        row.append(item)
+        if self.balance is not None:
+            self.balance.observe(item.sample.num_tokens, item.cost)
+
     def _best_fit(self, item: PackItem) -> PackRow | None:
         config = self.config
+        if self.balance is not None:
+            return self._best_balanced_fit(item, self.balance)
         best: PackRow | None = None
         best_free = config.max_packed_tokens + 1
         for row in self._rows:
@@ -309,10 +341,29 @@ class BestFitPacker:
                 best, best_free = row, free
         return best
 
+    def _best_balanced_fit(self, item: PackItem, balance: RowBalance) -> PackRow | None:
+        """The row left with the least room (tighter of tokens and FLOPs) that takes `item`."""
+        config = self.config
+        best: PackRow | None = None
+        best_free = math.inf
+        for row in self._rows:
+            tiles_ok = row.num_tiles + item.sample.num_tiles <= config.num_images_expected
+            free = balance.free_fraction(
+                row.num_tokens + item.sample.num_tokens, row.cost + item.cost
+            )
+            if 0.0 <= free < best_free and tiles_ok:
+                best, best_free = row, free
+        return best
+
     def _fullest(self) -> PackRow:
+        if self.balance is not None:
+            balance = self.balance
+            return min(self._rows, key=lambda row: balance.free_fraction(row.num_tokens, row.cost))
         return max(self._rows, key=lambda row: row.num_tokens)
 
     def _is_full(self, row: PackRow) -> bool:
+        if self.balance is not None:
+            return self.balance.is_full(row.num_tokens, row.cost)
         return self.config.max_packed_tokens - row.num_tokens <= self.config.full_row_slack_tokens
 
     def _top_up(self, row: PackRow, item: PackItem, pending: list[PackItem]) -> PackItem | None:
@@ -326,7 +377,8 @@ class BestFitPacker:
         if cut is None or cut >= item.sample.num_tokens:
             return item
         head, tail = _split_item(item, cut, self.facts)
-        row.append(head)
+        self._price(head)
+        self._append(row, head)
         pending.insert(0, tail)
         return None
 
@@ -338,12 +390,15 @@ class BestFitPacker:
 
     def state_dict(self) -> dict[str, Any]:
         """Open rows as piece references plus counters; no pixel data."""
-        return {
+        state: dict[str, Any] = {
             "version": PACKER_STATE_VERSION,
             "rows": [[item.ref.as_tuple() for item in row.items] for row in self._rows],
             "num_rows_emitted": self.num_rows_emitted,
             "num_tokens_emitted": self.num_tokens_emitted,
         }
+        if self.balance is not None:
+            state["balance"] = self.balance.state_dict()
+        return state
 
     def load_state_dict(
         self, state: dict[str, Any], load_piece: Callable[[PieceRef], TokenizedSample]
@@ -353,9 +408,26 @@ class BestFitPacker:
             raise ValueError(
                 f"packer state version {state.get('version')!r} is not {PACKER_STATE_VERSION}"
             )
+        if ("balance" in state) != (self.balance is not None):
+            raise ValueError(
+                "packer state was saved with packing.balance_flops="
+                f"{'balance' in state} but this run has {self.balance is not None}; the open "
+                "rows would be packed differently (set it as the checkpointed run did)"
+            )
         self._rows = [rows_from_refs(refs, load_piece) for refs in state["rows"]]
         self.num_rows_emitted = int(state["num_rows_emitted"])
         self.num_tokens_emitted = int(state["num_tokens_emitted"])
+        if self.balance is not None:
+            self.balance.load_state_dict(state["balance"])
+            for row in self._rows:
+                self._reprice(row)
+
+    def _reprice(self, row: PackRow) -> None:
+        """Re-create the costs of a restored row (summed in the same order as when packed)."""
+        items, row.items, row.num_tokens, row.num_tiles, row.cost = row.items, [], 0, 0, 0.0
+        for item in items:
+            self._price(item)
+            row.append(item)
 
 
 def rows_from_refs(

@@ -340,12 +340,18 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
+    flops = build_flops_counter(plain_model)
     loader = build_dataloader(
-        sources, config.packing, facts, config.stream, env.rank, env.world_size
+        sources,
+        config.packing,
+        facts,
+        config.stream,
+        env.rank,
+        env.world_size,
+        step_flops=flops.step_flops,
     )
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)
-    flops = build_flops_counter(plain_model)
     peak = peak_tflops(env.device, config.train.peak_tflops)
     if checkpoint is not None:
         load_checkpoint(checkpoint, states)  # restores `state` in place

@@ -1,0 +1,351 @@
+"""Benchmark: straggler ratio of a 512-rank step for three ways of filling the ranks' rows.
+
+    per rank: its own stream of the packing benchmark's mixture (bench/packing.py)
+      --> reference first-fit (spec 6.3; one blank tile per pure-text sample, spec 4.6)
+      --> best-fit on tokens (vlpretrain.data.packing, balance_flops off)
+      --> best-fit on tokens and FLOPs (balance_flops on, vlpretrain.data.balance)
+    per step: each rank runs its next GA rows; cost = train.flops.FlopsCounter.step_flops of
+    each row (ViT + projector + LLM with attention per packed sample + head, forward and the
+    backward the stage's freeze policy implies), the same count the training loop logs.
+    straggler ratio = max over ranks / mean over ranks of the step's FLOPs.
+
+Every rank waits for the slowest at the gradient reduction, so (ratio - 1) / ratio of the
+job's compute idles. The FLOPs counters are built from the published architecture sizes
+(InternViT-300M + internlm2_5-7b for 8B, + Qwen2.5-0.5B for 1B) without building a model.
+Steps are measured after `--warmup-rows` rows per rank (buffers filled, the FLOPs budget's
+running mean settled); the first step of the streams is printed too. Each seed is a new set
+of rank streams; figures are the median over steps per seed, then median [min, max] over
+seeds. Run: `.venv/bin/python bench/balance.py` (about a minute per seed on one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from packing import (  # noqa: E402  (sibling benchmark module)
+    FACTS,
+    IMAGE_OVERHEAD,
+    TEMPLATE_TOKENS,
+    TOKENS_PER_TILE,
+    reference_first_fit_rows,
+    sample_shapes,
+)
+
+from vlpretrain.data.balance import RowBalance, straggler_ratio  # noqa: E402
+from vlpretrain.data.packing import (  # noqa: E402
+    BestFitPacker,
+    PackingConfig,
+    PackItem,
+    PieceRef,
+)
+from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample  # noqa: E402
+from vlpretrain.train.flops import ComponentShape, FlopsCounter  # noqa: E402
+
+MAX_TOKENS, MAX_TILES, MAX_BUFFER = 16384, 48, 20
+
+
+@dataclass(frozen=True)
+class Transformer:
+    """Published sizes of a decoder or ViT (matmul weights only; embeddings excluded)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    mlp_matrices: int
+    """2 for a GELU MLP (fc1, fc2), 3 for a gated SiLU MLP (gate, up, down)."""
+
+    @property
+    def matmul_params(self) -> int:
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        return self.layers * (attention + self.mlp_matrices * self.hidden * self.intermediate)
+
+
+INTERN_VIT_300M = Transformer(
+    layers=24, hidden=1024, intermediate=4096, kv_dim=1024, mlp_matrices=2
+)
+LLMS = {
+    "8B": (Transformer(32, 4096, 14336, 1024, 3), 92553),  # internlm2_5-7b-chat, GQA 8 kv heads
+    "1B": (Transformer(24, 896, 4864, 128, 3), 151674),  # Qwen2.5-0.5B-Instruct, 2 kv heads
+}
+"""LLM sizes and the vocabulary of InternVL 2.5's LLM config (with the added image tokens)."""
+
+STAGES = {"1": (False, False), "1.5": (True, False), "2": (True, True)}
+"""Stage -> (ViT trains, LLM trains); the projector trains in every stage."""
+
+ALL_SCENARIOS = (("8B", "1", 1), ("8B", "1.5", 2), ("8B", "2", 1), ("1B", "1", 1), ("1B", "2", 1))
+"""(model, stage, gradient accumulation) of the reference's InternVL 2.5 stage scripts."""
+SCENARIOS = (("8B", "1.5", 2), ("8B", "2", 1), ("1B", "2", 1))
+"""The default subset (--all-stages runs every one)."""
+
+
+def flops_counter(model: str, stage: str) -> FlopsCounter:
+    llm, vocab = LLMS[model]
+    vit_trains, llm_trains = STAGES[stage]
+    vit = INTERN_VIT_300M
+    shuffled = 4 * vit.hidden  # pixel shuffle 0.5 concatenates 4 patches
+    return FlopsCounter(
+        vision=ComponentShape(
+            vit.matmul_params, float(vit_trains), vit_trains, vit.layers, vit.hidden
+        ),
+        projector=ComponentShape(shuffled * llm.hidden + llm.hidden * llm.hidden, 1.0, True),
+        llm=ComponentShape(
+            llm.matmul_params, float(llm_trains), llm_trains, llm.layers, llm.hidden
+        ),
+        head=ComponentShape(vocab * llm.hidden, float(llm_trains), llm_trains),
+        vision_tokens_per_tile=(448 // 14) ** 2 + 1,
+        image_tokens_per_tile=TOKENS_PER_TILE,
+    )
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    tiles: int
+    supervised: int
+
+    @property
+    def text_only(self) -> bool:
+        return self.tiles == 0
+
+
+def _stream_seed(seed: int, rank: int, chunk: int) -> int:
+    return int(np.random.SeedSequence((seed, rank, chunk)).generate_state(1)[0])
+
+
+def rank_stream(seed: int, rank: int) -> Iterator[Shape]:
+    """One rank's endless share: i.i.d. draws of the mixture (supervised = the text tokens;
+    `<img>`/`</img>` are counted as image tokens, roughly one per tile)."""
+    chunk = 0
+    while True:
+        for tokens, tiles in sample_shapes(256, _stream_seed(seed, rank, chunk)):
+            image_tokens = tiles * (TOKENS_PER_TILE + IMAGE_OVERHEAD)
+            yield Shape(tokens, tiles, max(1, tokens - TEMPLATE_TOKENS - image_tokens))
+        chunk += 1
+
+
+def fake_sample(index: int, shape: Shape) -> TokenizedSample:
+    ids = np.zeros(shape.tokens, dtype=np.int64)
+    labels = np.full(shape.tokens, IGNORE_INDEX, dtype=np.int64)
+    labels[shape.tokens - shape.supervised :] = 0
+    return TokenizedSample(
+        input_ids=ids,
+        labels=labels,
+        pixel_values=np.zeros((shape.tiles, 3, 1, 1), dtype=np.float32),
+        num_tiles_per_image=(shape.tiles,) if shape.tiles else (),
+        dataset_index=0,
+        source=SampleSource("bench", "bench.jsonl", index + 1),
+    )
+
+
+Row = list[Shape]
+
+
+def best_fit_rows(stream: Iterator[Shape], count: int, balance: RowBalance | None) -> list[Row]:
+    config = PackingConfig(
+        max_packed_tokens=MAX_TOKENS,
+        num_images_expected=MAX_TILES,
+        max_buffer_size=MAX_BUFFER,
+        balance_flops=balance is not None,
+    )
+    packer = BestFitPacker(config, FACTS, balance)
+    shapes: list[Shape] = []
+    rows: list[Row] = []
+    while len(rows) < count:
+        shape = next(stream)
+        sample = fake_sample(len(shapes), shape)
+        shapes.append(shape)
+        for row in packer.add(PackItem(PieceRef.whole(sample, len(shapes) - 1, 0), sample)):
+            rows.append([shapes[item.ref.record_index] for item in row.items])
+    return rows[:count]
+
+
+def reference_rows(stream: Iterator[Shape], count: int) -> list[Row]:
+    """The reference packer; pure-text samples carry their blank 448 px tile (spec 4.6)."""
+    shapes: list[Shape] = []
+    while True:
+        shapes += [next(stream) for _ in range(256)]
+        as_reference = [(s.tokens, max(1, s.tiles)) for s in shapes]
+        rows = reference_first_fit_rows(as_reference, MAX_TOKENS, MAX_TILES, MAX_BUFFER)
+        # The open buffers at the end are flushed by the helper; only rows emitted by the main
+        # loop count, so keep sampling until enough rows were emitted before the flush.
+        if len(rows) - MAX_BUFFER >= count:
+            return [[shapes[i] for i in row] for row in rows[:count]]
+
+
+def settled_balance(counter: FlopsCounter, history: list[Shape]) -> RowBalance:
+    """A RowBalance whose running mean has seen `history` (the stream's earlier samples)."""
+    balance = RowBalance(counter.step_flops, MAX_TOKENS, slack_tokens=32)
+    tiles = sum(s.tiles for s in history)
+    supervised = sum(s.supervised for s in history)
+    # step_flops is linear in tiles and supervised tokens and sums attention per segment, so
+    # one call over all segments equals the sum of the per-sample prices.
+    flops = sum(counter.step_flops(tiles, [s.tokens for s in history], supervised).values())
+    balance.observe(sum(s.tokens for s in history), flops)
+    return balance
+
+
+def row_flops(counter: FlopsCounter, row: Row, reference: bool) -> float:
+    """FLOPs of a row as train.loop.step_metrics counts them (ours: one dummy tile in a row
+    without tiles; the reference: one blank tile per pure-text sample)."""
+    tiles = sum(max(1, s.tiles) if reference else s.tiles for s in row)
+    if not reference:
+        tiles = max(1, tiles)
+    segments = [s.tokens for s in row]
+    return sum(counter.step_flops(tiles, segments, sum(s.supervised for s in row)).values())
+
+
+def step_ratios(per_rank_rows: list[list[float]], accumulation: int, first: int) -> list[float]:
+    """Straggler ratio of every full step from row `first` on."""
+    num_steps = (len(per_rank_rows[0]) - first) // accumulation
+    ratios = []
+    for step in range(num_steps):
+        start = first + step * accumulation
+        ratios.append(
+            straggler_ratio([sum(costs[start : start + accumulation]) for costs in per_rank_rows])
+        )
+    return ratios
+
+
+METHODS = ("reference first-fit", "best-fit (tokens)", "balanced (tokens+FLOPs)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    ranks: int
+    steps: int
+    warmup_rows: int
+    settled_samples: int
+    scenarios: tuple[tuple[str, str, int], ...]
+
+
+@dataclass(frozen=True)
+class Figure:
+    steady: float
+    """Median over the measured steps of the step's straggler ratio."""
+    first_step: float
+    token_fill: float
+
+
+def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, int]], Figure]:
+    """Every method and scenario on one set of rank streams."""
+    ranks = range(settings.ranks)
+    max_accumulation = max(ga for _, _, ga in settings.scenarios)
+    rows_needed = settings.warmup_rows + settings.steps * max_accumulation
+    shared = {
+        METHODS[0]: [reference_rows(rank_stream(seed, r), rows_needed) for r in ranks],
+        METHODS[1]: [best_fit_rows(rank_stream(seed, r), rows_needed, None) for r in ranks],
+    }
+    histories = [
+        [next(stream) for _ in range(settings.settled_samples)]
+        for stream in (rank_stream(seed + 1_000_000, r) for r in ranks)
+    ]
+    figures = {}
+    for scenario in settings.scenarios:
+        model, stage, accumulation = scenario
+        counter = flops_counter(model, stage)
+        rows_of = dict(shared)
+        rows_of[METHODS[2]] = [
+            best_fit_rows(rank_stream(seed, r), rows_needed, settled_balance(counter, history))
+            for r, history in enumerate(histories)
+        ]
+        cold = [
+            best_fit_rows(
+                rank_stream(seed, r),
+                max_accumulation,
+                RowBalance(counter.step_flops, MAX_TOKENS, slack_tokens=32),
+            )
+            for r in ranks
+        ]
+        for method, per_rank in rows_of.items():
+            reference = method == METHODS[0]
+            costs = [[row_flops(counter, row, reference) for row in rows] for rows in per_rank]
+            ratios = step_ratios(costs, accumulation, settings.warmup_rows)[: settings.steps]
+            first = cold if method == METHODS[2] else per_rank
+            first_costs = [[row_flops(counter, row, reference) for row in rows] for rows in first]
+            measured = [row for rows in per_rank for row in rows[settings.warmup_rows :]]
+            tokens = sum(s.tokens for row in measured for s in row)
+            figures[(method, scenario)] = Figure(
+                steady=statistics.median(ratios),
+                first_step=step_ratios(first_costs, accumulation, 0)[0],
+                token_fill=tokens / (len(measured) * MAX_TOKENS),
+            )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per seed")
+    parser.add_argument("--warmup-rows", type=int, default=16)
+    parser.add_argument("--all-stages", action="store_true", help="stages 1, 1.5 and 2 of both")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="seeds simulated in parallel")
+    parser.add_argument(
+        "--settled-samples",
+        type=int,
+        default=2000,
+        help="samples the balanced packer's running mean has seen before the measured rows "
+        "(about a stream's 250th step); the first-step figure is a cold start",
+    )
+    args = parser.parse_args()
+    settings = Settings(
+        ranks=args.ranks,
+        steps=args.steps,
+        warmup_rows=args.warmup_rows,
+        settled_samples=args.settled_samples,
+        scenarios=ALL_SCENARIOS if args.all_stages else SCENARIOS,
+    )
+    clock = time.process_time()
+    if args.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            per_seed = pool.starmap(one_seed, [(settings, seed) for seed in args.seeds])
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = children.ru_utime + children.ru_stime + time.process_time() - clock
+    else:
+        per_seed = [one_seed(settings, seed) for seed in args.seeds]
+        cpu = time.process_time() - clock
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+    print(
+        f"{args.ranks} ranks, {args.steps} steps after {args.warmup_rows} rows per rank, "
+        f"seeds {args.seeds}; rows {MAX_TOKENS} tokens / {MAX_TILES} tiles, buffer {MAX_BUFFER}"
+    )
+    print(
+        f"balanced: FLOPs budget's running mean after {args.settled_samples} samples per "
+        "stream; 'first step' is each method's first step from an empty stream"
+    )
+    print("straggler ratio = max/mean per-rank step FLOPs: median [min, max] over seeds")
+    for scenario in settings.scenarios:
+        model, stage, accumulation = scenario
+        print(f"\nInternVL2.5-{model} stage {stage}, GA {accumulation}")
+        medians = {}
+        for method in METHODS:
+            entries = [figures[(method, scenario)] for figures in per_seed]
+            steady = [e.steady for e in entries]
+            medians[method] = statistics.median(steady)
+            print(
+                f"  {method:24s} ratio {spread(steady)}  first step "
+                f"{spread([e.first_step for e in entries])}  token fill "
+                f"{statistics.median(e.token_fill for e in entries):.3f}"
+            )
+        idle = {m: 1 - 1 / medians[m] for m in (METHODS[0], METHODS[2])}
+        print(f"  idle compute: reference {idle[METHODS[0]]:.1%}, balanced {idle[METHODS[2]]:.1%}")
+    print(f"\n{cpu:.0f} s CPU")
+
+
+if __name__ == "__main__":
+    main()
