@@ -330,7 +330,8 @@ def _eval_records(
     rng: np.random.Generator, writer: _Writer, num_eval: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One question (types in rotation) and one caption request per held-out image."""
-    questions, captions = [], []
+    questions: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
     for index in range(num_eval):
         scene = writer.scene(rng)
         image = writer.image(scene)
