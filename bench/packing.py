@@ -20,10 +20,21 @@ import numpy as np
 
 from vlpretrain.data.packing import BestFitPacker, PackingConfig, PackItem, PieceRef
 from vlpretrain.data.samples import SampleSource, TokenizedSample
+from vlpretrain.facts import RunFacts
 
 TOKENS_PER_TILE = 256
 IMAGE_OVERHEAD = 2  # <img> and </img>
 TEMPLATE_TOKENS = 20  # system prompt, role markers
+FACTS = RunFacts(
+    tile_size=448,
+    num_image_token=TOKENS_PER_TILE,
+    template="internvl2_5",
+    pad_token_id=0,
+    img_start_token_id=1,
+    img_end_token_id=2,
+    img_context_token_id=3,
+)
+"""Image-span ids are only read when splitting, which this benchmark does not do."""
 
 
 def sample_shapes(num_samples: int, seed: int) -> Iterator[tuple[int, int]]:
@@ -74,7 +85,7 @@ def _fake_sample(index: int, tokens: int, tiles: int) -> TokenizedSample:
 
 def run_best_fit(shapes: list[tuple[int, int]], config: PackingConfig) -> Result:
     start = time.perf_counter()
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     rows = []
     for index, (tokens, tiles) in enumerate(shapes):
         sample = _fake_sample(index, tokens, tiles)

@@ -46,6 +46,7 @@ from vlpretrain.demo.components import TINY_VISION, build_tiny_components
 from vlpretrain.demo.shapes import caption_corpus
 from vlpretrain.demo.synthetic import make_shapes_dataset
 from vlpretrain.distributed.env import DistEnv
+from vlpretrain.model.build import run_facts
 from vlpretrain.train.loop import prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
 
@@ -88,13 +89,10 @@ def build(root: Path, num_samples: int, max_packed_tokens: int):
     model, plain, tokenizer, _ = prepare_model(config, env)
     optimizer = build_optimizer(model, config.optim)
     sample_config = SampleConfig(
-        max_seq_length=MAX_SEQ_LENGTH,
-        tile_size=TILE,
-        num_image_token=plain.num_image_token,
-        max_dynamic_patch=6,
-        cache_dir=str(root / "cache"),
+        max_seq_length=MAX_SEQ_LENGTH, max_dynamic_patch=6, cache_dir=str(root / "cache")
     )
-    sources = build_sources(config.train.meta_path, sample_config, tokenizer)
+    facts = run_facts(plain, tokenizer)
+    sources = build_sources(config.train.meta_path, sample_config, facts, tokenizer)
     samples: list[TokenizedSample] = []
     for index in range(max(len(s) for s in sources)):  # interleave the datasets
         for source in sources:
@@ -106,19 +104,17 @@ def build(root: Path, num_samples: int, max_packed_tokens: int):
         max_packed_tokens=max_packed_tokens,
         num_images_expected=64,
         loss_reduction="token",
-        tile_size=TILE,
-        pad_token_id=tokenizer.pad_token_id or 0,
     )
-    return config, env, model, plain, optimizer, samples, packing, len(sources)
+    return config, env, model, plain, optimizer, samples, packing, facts, len(sources)
 
 
-def packed_batches(samples, packing, num_datasets, rows_per_batch: int) -> list[PackedBatch]:
-    packer, rows = BestFitPacker(packing), []
+def packed_batches(samples, packing, facts, num_datasets, rows_per_batch: int) -> list[PackedBatch]:
+    packer, rows = BestFitPacker(packing, facts), []
     for index, sample in enumerate(samples):
         rows += packer.add(PackItem(PieceRef.whole(sample, index, 0), sample))
     rows += packer.flush()
     return [
-        collate_rows(rows[i : i + rows_per_batch], packing, num_datasets=num_datasets)
+        collate_rows(rows[i : i + rows_per_batch], packing, facts, num_datasets=num_datasets)
         for i in range(0, len(rows), rows_per_batch)
     ]
 
@@ -171,18 +167,18 @@ def run_variant(root: Path, variant: str, num_samples: int, batch_size: int) -> 
     row_tokens, num_rows = MAX_SEQ_LENGTH, 1
     if variant.startswith("packed"):
         row_tokens, num_rows = (int(v) for v in variant.split("-")[1].split("x"))
-    config, env, model, plain, optimizer, samples, packing, num_datasets = build(
+    config, env, model, plain, optimizer, samples, packing, facts, num_datasets = build(
         root, num_samples, row_tokens
     )
     if variant.startswith("packed"):
-        batches = packed_batches(samples, packing, num_datasets, num_rows)
+        batches = packed_batches(samples, packing, facts, num_datasets, num_rows)
         tokens = [b.stats.num_real_tokens for b in batches]
         slots = [b.input_ids.numel() for b in batches]
 
         def step(batch):
             return train_step(model, optimizer, [batch], config, env).loss
     else:
-        batches = padded_batches(samples, batch_size, packing.pad_token_id)
+        batches = padded_batches(samples, batch_size, facts.pad_token_id)
         tokens = [b["num_tokens"] for b in batches]
         slots = [b["input_ids"].numel() for b in batches]
 

@@ -8,15 +8,14 @@
 
 The prompt is built by the training code paths (data.tiling, data.templates), so the ids a
 model sees at inference equal its training ids up to the first answer token (spec 3.2).
-What it does not do: batch several questions, or read video.
+What it does not do: batch several questions, read video, or parse arguments (`vlpretrain chat`
+lives in cli.py).
 
 Shape legend: N tiles, S tile side, L prompt tokens, D LLM hidden, V vocabulary.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,74 +285,3 @@ def load(model_dir: str | Path, device: str = "cpu") -> ChatModel:
     """A ChatModel from an InternVL chat directory (Path A, settings from its config.json)."""
     built = build_model(ModelConfig(model_name_or_path=str(model_dir)))
     return ChatModel(built.model, built.tokenizer, device)
-
-
-# -- Command line ---------------------------------------------------------------------------
-
-
-def interactive(
-    chat_model: ChatModel, images: list[Image.Image], decode: DecodeConfig, system: str | None
-) -> int:
-    """Answer lines from stdin until EOF or 'exit', keeping the conversation as history."""
-    prompt = "user> " if sys.stdin.isatty() else ""
-    history: History = []
-    while True:
-        try:
-            question = input(prompt).strip()
-        except EOFError:
-            return 0
-        if question in ("exit", "quit"):
-            return 0
-        if not question:
-            continue
-        question = with_image_tags(question, len(images), history)
-        try:
-            answer = chat_model.answer(images, question, decode, history, system)
-        except ValueError as err:  # a bad question; the conversation goes on without it
-            print(f"vlpretrain chat: {err}", file=sys.stderr)
-            continue
-        print(answer, flush=True)
-        history.append((question, answer))
-
-
-def run_chat(args: argparse.Namespace) -> int:
-    """`vlpretrain chat`: one answer for a question argument, else an interactive loop.
-
-    Bad input (decoding values, an unreadable image, a directory that is no InternVL chat
-    model, a reserved token in the question) is reported on stderr with exit code 2.
-    """
-    try:
-        decode = DecodeConfig(
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.sample,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-        images = load_images(args.image)
-        chat_model = load(args.model, args.device)
-        if args.question is None:
-            return interactive(chat_model, images, decode, args.system)
-        print(chat_model.answer(images, args.question, decode, None, args.system))
-    except ValueError as err:
-        print(f"vlpretrain chat: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def add_chat_command(subparsers: Any) -> None:
-    """Register `chat` on an argparse subparsers object."""
-    parser = subparsers.add_parser("chat", help="ask a saved model about images")
-    parser.add_argument("question", nargs="?", help="omit for an interactive prompt on stdin")
-    parser.add_argument("--model", required=True, help="InternVL chat directory")
-    parser.add_argument(
-        "--image", action="append", default=[], metavar="PATH", help="repeat for several"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--system", default=None, help="system message (default: template's)")
-    parser.add_argument("--device", default="cpu")
-    parser.set_defaults(func=run_chat)

@@ -3,6 +3,7 @@
 vlpretrain train [STAGE.toml] [--set a.b=c ...] [--reference_flag value ...]
 vlpretrain show-config [STAGE.toml] [--set ...] [--reference_flag value ...]
 vlpretrain data check|show META.json --tokenizer DIR ...
+vlpretrain chat [QUESTION] --model DIR [--image PATH ...]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpretrain.config import (
     ConfigError,
@@ -23,7 +24,13 @@ from vlpretrain.config import (
     load_toml,
     validate,
 )
+from vlpretrain.facts import RunFacts
 from vlpretrain.log import setup_logging
+
+if TYPE_CHECKING:  # annotations only; each command imports its library code lazily
+    from PIL import Image
+
+    from vlpretrain.chat import ChatModel, DecodeConfig
 
 logger = logging.getLogger("vlpretrain")
 
@@ -91,13 +98,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_distributed(job, args.log_all_ranks)
 
 
+def chat_interactive(
+    chat_model: ChatModel, images: list[Image.Image], decode: DecodeConfig, system: str | None
+) -> int:
+    """Answer lines from stdin until EOF or 'exit', keeping the conversation as history."""
+    from vlpretrain.chat import History, with_image_tags
+
+    prompt = "user> " if sys.stdin.isatty() else ""
+    history: History = []
+    while True:
+        try:
+            question = input(prompt).strip()
+        except EOFError:
+            return 0
+        if question in ("exit", "quit"):
+            return 0
+        if not question:
+            continue
+        question = with_image_tags(question, len(images), history)
+        try:
+            answer = chat_model.answer(images, question, decode, history, system)
+        except ValueError as err:  # a bad question; the conversation goes on without it
+            print(f"vlpretrain chat: {err}", file=sys.stderr)
+            continue
+        print(answer, flush=True)
+        history.append((question, answer))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`vlpretrain chat`: one answer for a question argument, else an interactive loop.
+
+    Bad input (decoding values, an unreadable image, a directory that is no InternVL chat
+    model, a reserved token in the question) is reported on stderr with exit code 2.
+    """
+    from vlpretrain.chat import DecodeConfig, load, load_images
+
+    try:
+        decode = DecodeConfig(
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        images = load_images(args.image)
+        chat_model = load(args.model, args.device)
+        if args.question is None:
+            return chat_interactive(chat_model, images, decode, args.system)
+        print(chat_model.answer(images, args.question, decode, None, args.system))
+    except ValueError as err:
+        print(f"vlpretrain chat: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_chat_command(commands: Any) -> None:
+    """Register `chat` on the subparsers object."""
+    parser = commands.add_parser("chat", help="ask a saved model about images")
+    parser.add_argument("question", nargs="?", help="omit for an interactive prompt on stdin")
+    parser.add_argument("--model", required=True, help="InternVL chat directory")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="repeat for several"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--system", default=None, help="system message (default: template's)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=cmd_chat)
+
+
 def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
-    print(describe(resolve_config(args, extra)))
+    """Print the user settings and the facts derived from the model's config and tokenizer
+    files (no weights are loaded)."""
+    from vlpretrain.model.build import read_run_facts
+
+    config = resolve_config(args, extra)
+    facts: RunFacts | str
+    try:
+        facts = read_run_facts(config.model)
+    except (OSError, ValueError, KeyError) as error:
+        facts = f"{type(error).__name__}: {error}"
+    print(describe(config, facts))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlpretrain.chat import add_chat_command
     from vlpretrain.data.check import add_data_commands
     from vlpretrain.model.export import add_export_command
 

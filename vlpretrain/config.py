@@ -2,10 +2,13 @@
 
     stage.toml --tomllib--> nested dict --(--set a.b=c)--> --(reference flags)--> RunConfig
     RunConfig --validate(world_size)--> one ValueError listing every problem
+    RunConfig + RunFacts --describe--> show-config text (user settings, then derived facts)
 
 Each section is the frozen dataclass that lives next to the code it configures. Unknown keys
 and type mismatches are errors naming the key and the nearest valid ones; all problems of a
-file are reported together.
+file are reported together. Facts that follow from the model and tokenizer (tile size, tokens
+per tile, template, token ids) are not settings: they live in `vlpretrain.facts.RunFacts`, and
+setting one is an error that says what it is derived from.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vlpretrain.data.build import SampleConfig
 from vlpretrain.data.loader import StreamConfig
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.parallel import DistConfig
+from vlpretrain.facts import RunFacts
 from vlpretrain.model.build import ModelConfig
 from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig
@@ -92,20 +96,8 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
 }
 
-DERIVED: dict[str, dict[str, str]] = {
-    "data": {
-        "tile_size": "model.force_image_size",
-        "num_image_token": "the ViT patch size, tile size and model.down_sample_ratio",
-        "conv_style": "model.conv_style",
-    },
-    "packing": {
-        "tile_size": "model.force_image_size",
-        "pad_token_id": "the tokenizer",
-        "img_start_token_id": "the tokenizer",
-        "img_end_token_id": "the tokenizer",
-    },
-}
-"""Fields filled in at run time from the model and tokenizer, never set by users."""
+FACT_ALIASES = {"conv_style": "template"}
+"""Former config keys whose RunFacts field has another name (data.conv_style)."""
 
 
 class ConfigError(ValueError):
@@ -162,6 +154,18 @@ def _nearest(name: str, options: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(options)})"
 
 
+def _unknown_key_problem(section: str, key: str, valid: list[str]) -> str:
+    """'unknown key' with the nearest valid keys, or what a RunFacts field is derived from."""
+    fact = FACT_ALIASES.get(key, key)
+    docs = field_docs(RunFacts)
+    if fact in docs:
+        return (
+            f"{section}.{key} is derived from the model and tokenizer (RunFacts.{fact}: "
+            f"{docs[fact]}); do not set it"
+        )
+    return f"unknown key {section}.{key}{_nearest(key, valid)}"
+
+
 def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"[{name}] must be a table, got {raw!r}")
@@ -169,10 +173,8 @@ def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     types_by_field = _field_types(cls)
     values = {}
     for key, value in raw.items():
-        if key in DERIVED.get(name, {}):
-            problems.append(f"{name}.{key} is derived from {DERIVED[name][key]}; do not set it")
-        elif key not in types_by_field:
-            problems.append(f"unknown key {name}.{key}{_nearest(key, list(types_by_field))}")
+        if key not in types_by_field:
+            problems.append(_unknown_key_problem(name, key, list(types_by_field)))
         else:
             try:
                 values[key] = _coerce(value, types_by_field[key])
@@ -305,16 +307,24 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(config: RunConfig) -> str:
-    """The resolved config as TOML-like text with each field's docstring."""
-    lines = []
-    for name, cls in SECTIONS.items():
-        section = getattr(config, name)
-        docs = field_docs(cls)
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            doc = f"  # {docs[f.name]}" if f.name in docs else ""
-            lines.append(f"{f.name} = {value!r}{doc}")
-        lines.append("")
-    return "\n".join(lines)
+def _describe_fields(title: str, section: Any) -> list[str]:
+    docs = field_docs(type(section))
+    lines = [f"[{title}]"]
+    for f in dataclasses.fields(section):
+        doc = f"  # {docs[f.name]}" if f.name in docs else ""
+        lines.append(f"{f.name} = {getattr(section, f.name)!r}{doc}")
+    return [*lines, ""]
+
+
+def describe(config: RunConfig, facts: RunFacts | str | None = None) -> str:
+    """The resolved config as TOML-like text with each field's docstring, then the derived
+    facts (or, as a string, why they could not be read) in a section of their own."""
+    lines = ["# User settings (TOML, --set, reference flags)", ""]
+    for name in SECTIONS:
+        lines += _describe_fields(name, getattr(config, name))
+    if facts is None:
+        return "\n".join(lines)
+    lines += ["# Derived from the model and tokenizer (RunFacts; not settable)", ""]
+    if isinstance(facts, str):
+        return "\n".join([*lines, "[facts]", f"# unavailable: {facts}", ""])
+    return "\n".join(lines + _describe_fields("facts", facts))

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +47,9 @@ from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackItem, PackRow, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
 from vlpretrain.distributed.env import DistEnv
+from vlpretrain.model.build import run_facts
 from vlpretrain.train.checkpoint import list_checkpoints
-from vlpretrain.train.loop import derived_data_configs, prepare_model, train_step
+from vlpretrain.train.loop import prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -73,14 +73,14 @@ def run_config(train_assets, strategy: str, accumulation: int) -> RunConfig:  # 
     return build_run_config(raw)
 
 
-def text_only_batch(tokenizer, config: RunConfig, packing) -> PackedBatch:
+def text_only_batch(tokenizer, config: RunConfig, facts) -> PackedBatch:
     """A micro-batch of two pure-text samples: no real tile, so collate adds one dummy tile."""
     samples = []
     for index, text in enumerate(["how many shapes are there? three", "is the sky blue? yes"]):
         ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
         labels = ids.copy()
         labels[: len(ids) // 2] = IGNORE_INDEX
-        tile = packing.tile_size
+        tile = facts.tile_size
         samples.append(
             TokenizedSample(
                 input_ids=ids,
@@ -94,7 +94,7 @@ def text_only_batch(tokenizer, config: RunConfig, packing) -> PackedBatch:
     row = PackRow()
     for index, sample in enumerate(samples):
         row.append(PackItem(PieceRef.whole(sample, index, 0), sample))
-    return collate_rows([row], packing, num_datasets=1)
+    return collate_rows([row], config.packing, facts, num_datasets=1)
 
 
 def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  # noqa: F811
@@ -102,11 +102,13 @@ def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  #
     config = run_config(train_assets, "ddp", 1)
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
     _, plain, tokenizer, _ = prepare_model(config, env)
-    sample_config, packing = derived_data_configs(config, plain, tokenizer)
-    sources = build_sources(config.train.meta_path, sample_config, tokenizer)
-    loader = iter(build_dataloader(sources, packing, config.stream, 0, 1, SkipCounter()))
+    facts = run_facts(plain, tokenizer)
+    sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
+    loader = iter(
+        build_dataloader(sources, config.packing, facts, config.stream, 0, 1, SkipCounter())
+    )
     batches = [next(loader) for _ in range(2 * NUM_STEPS)]
-    return batches, text_only_batch(tokenizer, config, packing)
+    return batches, text_only_batch(tokenizer, config, facts)
 
 
 def single_rank(config: RunConfig, steps: list[list[PackedBatch]]) -> dict:
@@ -297,8 +299,7 @@ def test_text_only_batch_shape(train_assets):  # noqa: F811
     config = run_config(train_assets, "ddp", 1)
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
     _, plain, tokenizer, _ = prepare_model(config, env)
-    _, packing = derived_data_configs(config, plain, tokenizer)
-    batch = text_only_batch(tokenizer, config, replace(packing))
+    batch = text_only_batch(tokenizer, config, run_facts(plain, tokenizer))
     assert batch.pixel_values.shape == (1, 3, 28, 28)
     assert batch.image_flags.tolist() == [0]
     assert batch.num_tiles_per_image == ()

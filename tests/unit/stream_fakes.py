@@ -5,10 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, SkippedSample, TokenizedSample
+from vlpretrain.facts import RunFacts
 
 IMG_START, IMG_END, IMG_CONTEXT = 5, 6, 7
 TOKENS_PER_TILE = 4
 TILE_SIZE = 2
+FACTS = RunFacts(
+    tile_size=TILE_SIZE,
+    num_image_token=TOKENS_PER_TILE,
+    template="internvl2_5",
+    pad_token_id=0,
+    img_start_token_id=IMG_START,
+    img_end_token_id=IMG_END,
+    img_context_token_id=IMG_CONTEXT,
+)
+"""The run facts matching these fake samples."""
 
 
 def make_sample(

@@ -15,7 +15,7 @@ from vlpretrain.cli import main
 from vlpretrain.data.build import DatasetSource, SampleConfig
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.data.samples import IGNORE_INDEX
-from vlpretrain.model.build import ModelConfig, build_model, save_internvl
+from vlpretrain.model.build import ModelConfig, build_model, run_facts, save_internvl
 
 TILE = 56
 """Tiny ViT tile: (56 / 14)^2 = 16 patches -> 16 * 0.5^2 = 4 <IMG_CONTEXT> tokens per tile."""
@@ -62,9 +62,6 @@ def _training_sample(chat_model, record, root, tmp_path):
     annotation.write_text(json.dumps(record) + "\n")
     config = chat_model.model.config
     sample_config = SampleConfig(
-        conv_style=config.template,
-        tile_size=config.force_image_size,
-        num_image_token=chat_model.model.num_image_token,
         dynamic_image_size=config.dynamic_image_size,
         use_thumbnail=config.use_thumbnail,
         min_dynamic_patch=config.min_dynamic_patch,
@@ -73,7 +70,8 @@ def _training_sample(chat_model, record, root, tmp_path):
     )
     spec = DatasetSpec(name="t", dataset_index=0, root=root, annotation=annotation,
                        repeat_time=1.0, data_augment=False)  # fmt: skip
-    source = DatasetSource(spec, sample_config, chat_model.tokenizer)
+    facts = run_facts(chat_model.model, chat_model.tokenizer)
+    source = DatasetSource(spec, sample_config, facts, chat_model.tokenizer)
     return source.load_line(0, np.random.default_rng(0))
 
 

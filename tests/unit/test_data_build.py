@@ -20,10 +20,11 @@ from vlpretrain.data.media import sample_frame_indices
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.demo.tokenizer import train_tiny_tokenizer
+from vlpretrain.facts import RunFacts
 from vlpretrain.tokens import IMG_CONTEXT, add_internvl_tokens
 
-SMALL = dict(tile_size=28, num_image_token=4, max_seq_length=4096, min_num_frame=3,
-             max_num_frame=5)  # fmt: skip
+SMALL = dict(max_seq_length=4096, min_num_frame=3, max_num_frame=5)
+SMALL_FACTS = dict(tile_size=28, num_image_token=4, template="internvl2_5")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,12 @@ def conv(question="<image>\nHi", answer="Yo"):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
-def make_source(tmp_path, tokenizer, records, repeat_time=1.0, augment=False, **config):
+def facts_of(tokenizer, **facts):
+    return RunFacts.from_tokenizer(tokenizer, **{**SMALL_FACTS, **facts})
+
+
+def make_source(tmp_path, tokenizer, records, repeat_time=1.0, augment=False, facts=None,
+                **config):  # fmt: skip
     ann = tmp_path / "ann.jsonl"
     ann.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     spec = DatasetSpec(
@@ -45,7 +51,7 @@ def make_source(tmp_path, tokenizer, records, repeat_time=1.0, augment=False, **
         repeat_time=repeat_time, data_augment=augment,
     )  # fmt: skip
     cfg = SampleConfig(**{**SMALL, "cache_dir": str(tmp_path / "cache"), **config})
-    return DatasetSource(spec, cfg, tokenizer)
+    return DatasetSource(spec, cfg, facts or facts_of(tokenizer), tokenizer)
 
 
 def test_single_image_sample(tmp_path, tokenizer):
@@ -77,7 +83,8 @@ def test_multi_image_budget_at_full_tile_size(tmp_path, tokenizer):
     Image.new("RGB", (896, 448)).save(tmp_path / "wide.png")
     Image.new("RGB", (300, 300)).save(tmp_path / "sq.png")
     record = {"image": ["wide.png", "sq.png"], "conversations": conv("<image><image>")}
-    source = make_source(tmp_path, tokenizer, [record], tile_size=448, num_image_token=1)
+    facts = facts_of(tokenizer, tile_size=448, num_image_token=1)
+    source = make_source(tmp_path, tokenizer, [record], facts=facts)
     assert source.load(0, 0, 0).num_tiles_per_image == (3, 1)  # spec Appendix A
 
 
@@ -237,5 +244,5 @@ def test_build_sources_from_meta(tmp_path, tokenizer):
         "two": {"root": ".", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": True},
     }))  # fmt: skip
     cfg = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
-    sources = build_sources(meta, cfg, tokenizer)
+    sources = build_sources(meta, cfg, facts_of(tokenizer), tokenizer)
     assert [(s.name, s.dataset_index, len(s)) for s in sources] == [("one", 0, 3), ("two", 1, 1)]

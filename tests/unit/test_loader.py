@@ -5,7 +5,7 @@ from itertools import islice
 
 import pytest
 import torch
-from stream_fakes import TILE_SIZE, FakeSource
+from stream_fakes import FACTS, FakeSource
 
 from vlpretrain.data.loader import (
     PackedStream,
@@ -16,9 +16,7 @@ from vlpretrain.data.loader import (
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.data.samples import SkippedSample
 
-PACKING = PackingConfig(
-    max_packed_tokens=128, num_images_expected=6, max_buffer_size=4, tile_size=TILE_SIZE
-)
+PACKING = PackingConfig(max_packed_tokens=128, num_images_expected=6, max_buffer_size=4)
 
 
 def _sources():
@@ -73,7 +71,7 @@ def test_one_epoch_over_all_ranks_and_workers_packs_every_record_exactly_once(
     for rank in range(world_size):
         for worker in range(max(1, num_workers)):
             stream = WorkerStream(
-                sources, PACKING, config, rank=rank, world_size=world_size, worker=worker
+                sources, PACKING, FACTS, config, rank=rank, world_size=world_size, worker=worker
             )
             batches.extend(stream)
     _check_one_epoch(batches, sources, seed=3)
@@ -84,7 +82,7 @@ def test_one_epoch_through_stateful_dataloaders_with_two_workers_on_two_ranks():
     config = StreamConfig(seed=3, num_workers=2, num_epochs=1)
     batches = []
     for rank in range(2):
-        batches.extend(build_dataloader(sources, PACKING, config, rank, 2))
+        batches.extend(build_dataloader(sources, PACKING, FACTS, config, rank, 2))
     _check_one_epoch(batches, sources, seed=3)
 
 
@@ -105,16 +103,15 @@ def test_resume_reproduces_the_stream_bit_for_bit(num_workers, resume_at):
         max_packed_tokens=128,
         num_images_expected=6,
         max_buffer_size=4,
-        tile_size=TILE_SIZE,
         rows_per_batch=2,
     )
     config = StreamConfig(seed=5, num_workers=num_workers)  # endless: crosses epochs
     total = 16
-    expected = list(islice(build_dataloader(sources, packing, config, 1, 2), total))
-    first = build_dataloader(sources, packing, config, 1, 2)
+    expected = list(islice(build_dataloader(sources, packing, FACTS, config, 1, 2), total))
+    first = build_dataloader(sources, packing, FACTS, config, 1, 2)
     head = list(islice(iter(first), resume_at))
     state = pickle.loads(pickle.dumps(first.state_dict()))  # must survive serialisation
-    resumed = build_dataloader(sources, packing, config, 1, 2)
+    resumed = build_dataloader(sources, packing, FACTS, config, 1, 2)
     resumed.load_state_dict(state)
     tail = list(islice(iter(resumed), total - resume_at))
     assert len(head + tail) == total
@@ -125,14 +122,18 @@ def test_resume_reproduces_the_stream_bit_for_bit(num_workers, resume_at):
 
 def test_state_from_another_job_shape_is_refused():
     sources = _sources()
-    loader = build_dataloader(sources, PACKING, StreamConfig(num_workers=0), 0, 2)
+    loader = build_dataloader(sources, PACKING, FACTS, StreamConfig(num_workers=0), 0, 2)
     next(iter(loader))
     state = loader.state_dict()
     with pytest.raises(ValueError, match="world_size"):
-        build_dataloader(sources, PACKING, StreamConfig(num_workers=0), 0, 4).load_state_dict(state)
+        build_dataloader(
+            sources, PACKING, FACTS, StreamConfig(num_workers=0), 0, 4
+        ).load_state_dict(state)
     with pytest.raises(ValueError, match="num_workers"):
-        build_dataloader(sources, PACKING, StreamConfig(num_workers=2), 0, 2).load_state_dict(state)
-    stream = WorkerStream(sources, PACKING, StreamConfig(), rank=1, world_size=2, worker=0)
+        build_dataloader(
+            sources, PACKING, FACTS, StreamConfig(num_workers=2), 0, 2
+        ).load_state_dict(state)
+    stream = WorkerStream(sources, PACKING, FACTS, StreamConfig(), rank=1, world_size=2, worker=0)
     with pytest.raises(ValueError, match="rank"):
         stream.load_state_dict(loader.dataset.state_dict())
     with pytest.raises(ValueError, match="version"):
@@ -155,6 +156,7 @@ def test_skips_reach_the_skip_counter_and_the_batch_stats():
     stream = WorkerStream(
         sources,
         PACKING,
+        FACTS,
         StreamConfig(num_epochs=1),
         rank=0,
         world_size=1,
@@ -174,6 +176,7 @@ def test_dummy_tile_only_in_batches_without_real_tiles():
     stream = WorkerStream(
         [FakeSource(0, 40, max_images=0), FakeSource(1, 5)],
         PACKING,
+        FACTS,
         StreamConfig(num_epochs=1),
         rank=0,
         world_size=1,
@@ -191,7 +194,9 @@ def test_dummy_tile_only_in_batches_without_real_tiles():
 
 
 def test_stream_refuses_a_different_worker_count():
-    dataset = PackedStream(_sources(), PACKING, StreamConfig(num_workers=2), rank=0, world_size=1)
+    dataset = PackedStream(
+        _sources(), PACKING, FACTS, StreamConfig(num_workers=2), rank=0, world_size=1
+    )
     with pytest.raises(ValueError, match="num_workers=2"):
         next(iter(dataset))
 
@@ -207,12 +212,12 @@ class _CountingSource(FakeSource):
 def test_resume_does_not_replay_the_stream(monkeypatch):
     sources = [_CountingSource(0, 200), _CountingSource(1, 100, max_images=0)]
     config = StreamConfig(num_workers=0)
-    loader = build_dataloader(sources, PACKING, config, 0, 1)
+    loader = build_dataloader(sources, PACKING, FACTS, config, 0, 1)
     list(islice(iter(loader), 30))
     loads_before = _CountingSource.calls
     state = loader.state_dict()
     monkeypatch.setattr(_CountingSource, "calls", 0)
-    resumed = build_dataloader(sources, PACKING, config, 0, 1)
+    resumed = build_dataloader(sources, PACKING, FACTS, config, 0, 1)
     resumed.load_state_dict(state)
     next(iter(resumed))
     # only the open rows (at most 4 rows of a few samples) and one batch worth are loaded

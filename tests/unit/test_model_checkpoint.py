@@ -266,3 +266,46 @@ def test_rms_norm_qk_norm_vit_has_reference_state_dict_keys():
         "norm2.weight",
     }
     assert keys == VIT_EMBEDDING_KEYS | {f"encoder.layers.0.{k}" for k in layer}
+
+
+def test_merged_lora_export_reproduces_the_unmerged_logits(tiny_model, make_vlm_batch, tmp_path):
+    """The export folds each adapter in with its own alpha / r (PEFT's config), not a constant."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlpretrain.distributed.env import DistEnv
+    from vlpretrain.model.hub import lora_scalings, merge_lora_weights
+    from vlpretrain.model.llm import LORA_TARGETS, llm_family
+    from vlpretrain.train.freeze import VISION_LORA_TARGETS
+    from vlpretrain.train.loop import export_model
+
+    model = tiny_model.model
+    targets = LORA_TARGETS[llm_family(model.language_model)]
+    # alpha / r = 7 / 4 for the LLM and 3 / 2 for the ViT: not the 2.0 of our own set-up.
+    llm_lora = LoraConfig(r=4, lora_alpha=7, target_modules=targets, task_type="CAUSAL_LM")
+    model.language_model = get_peft_model(model.language_model, llm_lora)
+    vit_lora = LoraConfig(r=2, lora_alpha=3, target_modules=VISION_LORA_TARGETS)
+    model.vision_model = get_peft_model(model.vision_model, vit_lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters an effect
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    scalings = lora_scalings(model)
+    assert sorted(set(scalings.values())) == [1.5, 1.75]
+    batch = make_vlm_batch(tiny_model)
+    unmerged = _logits(tiny_model, batch)
+
+    export_model(
+        model,
+        tiny_model.tokenizer,
+        tmp_path / "merged",
+        DistEnv(0, 0, 1, torch.device("cpu"), "gloo"),
+    )
+    merged = build_model(ModelConfig(model_name_or_path=str(tmp_path / "merged")))
+    assert not any("lora" in key for key in merged.model.state_dict())
+    torch.testing.assert_close(_logits(merged, batch), unmerged, rtol=1e-5, atol=1e-5)
+
+    # A hard-coded scaling of 2.0 would not reproduce them.
+    wrong = merge_lora_weights(model.state_dict(), dict.fromkeys(scalings, 2.0))
+    merged.model.load_state_dict(wrong)
+    assert not torch.allclose(_logits(merged, batch), unmerged, rtol=1e-3, atol=1e-3)

@@ -1,9 +1,10 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from stream_fakes import IMG_END, IMG_START, TILE_SIZE, FakeSource, make_sample
+from stream_fakes import FACTS, IMG_END, IMG_START, TILE_SIZE, FakeSource, make_sample
 
 from vlpretrain.data.collate import collate_rows, len2weight
 from vlpretrain.data.packing import (
@@ -19,7 +20,6 @@ from vlpretrain.data.samples import IGNORE_INDEX
 
 
 def _config(**kwargs):
-    kwargs.setdefault("tile_size", TILE_SIZE)
     return PackingConfig(**kwargs)
 
 
@@ -41,7 +41,7 @@ def test_appendix_a_toy_pack_positions_cu_seqlens_and_square_weights():
     row = PackRow()
     for i, (n, s) in enumerate([(25, 13), (30, 15), (20, 10)]):
         row.append(_text(n, s, record=i))
-    batch = collate_rows([row], config, num_datasets=1)
+    batch = collate_rows([row], config, FACTS, num_datasets=1)
     assert batch.cu_seqlens.tolist() == [0, 25, 55, 75]
     assert batch.cu_seqlens.dtype == torch.int32 and batch.max_seqlen == 30
     assert batch.position_ids[0, [0, 24, 25, 54, 55, 74]].tolist() == [0, 24, 0, 29, 0, 19]
@@ -64,7 +64,7 @@ def test_strict_mode_pads_tokens_as_own_segment_and_tiles_with_flag_zero():
         row = PackRow()
         row.append(_item(make_sample(0, (1,), 10, line=r + 1), r))  # 2 + 6 + 10 = 18 tokens
         rows.append(row)
-    batch = collate_rows(rows, config, num_datasets=1)
+    batch = collate_rows(rows, config, FACTS, num_datasets=1)
     assert batch.input_ids.shape == (2, 128)
     assert batch.cu_seqlens.tolist() == [0, 18, 128, 146, 256]
     assert batch.position_ids[0, 18:21].tolist() == [0, 1, 2]  # padding restarts at 0
@@ -80,7 +80,7 @@ def test_first_label_of_every_sample_is_ignored():
     a = make_sample(0, (), 5, num_prompt=0)  # every token supervised before packing
     row.append(_item(a))
     row.append(_item(make_sample(0, (), 5, num_prompt=0, line=2), 1))
-    batch = collate_rows([row], config, num_datasets=1)
+    batch = collate_rows([row], config, FACTS, num_datasets=1)
     assert batch.labels[0, 0] == IGNORE_INDEX and batch.labels[0, 5] == IGNORE_INDEX
     assert batch.labels[0, 1:5].tolist() == a.labels[1:].tolist()
 
@@ -96,7 +96,7 @@ def test_dummy_tile_only_in_tileless_batches():
     config = _config()
     row = PackRow()
     row.append(_item(make_sample(0, (2,), 5)))
-    batch = collate_rows([row], config, num_datasets=1)
+    batch = collate_rows([row], config, FACTS, num_datasets=1)
     assert batch.image_flags.tolist() == [1, 1] and batch.stats.num_dummy_tiles == 0
     assert batch.num_tiles_per_image == (2,)
 
@@ -104,11 +104,11 @@ def test_dummy_tile_only_in_tileless_batches():
 def test_budgets_never_exceeded_and_every_sample_emitted_once():
     config = _config(max_packed_tokens=96, num_images_expected=5, max_buffer_size=4)
     source = FakeSource(0, 400, max_images=3, max_tiles=3, max_text=40)
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     rows, dropped, added = [], 0, 0
     for r in range(len(source)):
         sample = source.load(r, 0, 1)
-        pieces = fit_to_budget(_item(sample, r), config)
+        pieces = fit_to_budget(_item(sample, r), config, FACTS)
         if pieces is None:
             dropped += 1
             assert sample.num_tokens > 96 or sample.num_tiles > 5
@@ -128,7 +128,7 @@ def test_budgets_never_exceeded_and_every_sample_emitted_once():
 
 def test_best_fit_picks_the_row_left_with_least_room():
     config = _config(max_packed_tokens=100, max_buffer_size=3, full_row_slack_tokens=0)
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     for r, n in enumerate([60, 50, 45]):  # 60 and 50 cannot share; 45 goes with 50 (room 5)
         assert packer.add(_text(n, 5, record=r)) == []
     assert [row.num_tokens for row in packer.open_rows] == [60, 95]
@@ -139,7 +139,7 @@ def test_best_fit_picks_the_row_left_with_least_room():
 
 def test_full_row_is_emitted_at_once_and_overflow_emits_fullest():
     config = _config(max_packed_tokens=100, max_buffer_size=2, full_row_slack_tokens=2)
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     assert packer.add(_text(60, 5, 0)) == []
     (full,) = packer.add(_text(39, 5, 1))  # 99 tokens: 1 free <= slack 2
     assert full.num_tokens == 99 and packer.open_rows == []
@@ -152,7 +152,7 @@ def test_full_row_is_emitted_at_once_and_overflow_emits_fullest():
 
 def test_tile_budget_decides_placement():
     config = _config(max_packed_tokens=1000, num_images_expected=3, max_buffer_size=4)
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     packer.add(_item(make_sample(0, (2,), 5), 0))
     packer.add(_item(make_sample(0, (2,), 5, line=2), 1))  # 4 tiles > 3: new row
     assert [row.num_tiles for row in packer.open_rows] == [2, 2]
@@ -160,19 +160,14 @@ def test_tile_budget_decides_placement():
 
 def test_too_big_sample_is_reported_not_packed():
     config = _config(max_packed_tokens=20, num_images_expected=2)
-    assert fit_to_budget(_text(21, 5), config) is None
-    assert fit_to_budget(_item(make_sample(0, (3,), 1)), config) is None
+    assert fit_to_budget(_text(21, 5), config, FACTS) is None
+    assert fit_to_budget(_item(make_sample(0, (3,), 1)), config, FACTS) is None
     with pytest.raises(ValueError, match="fit_to_budget"):
-        BestFitPacker(config).add(_text(21, 5))
+        BestFitPacker(config, FACTS).add(_text(21, 5))
 
 
 def _split_config(**kwargs):
-    return _config(
-        split_at_image_boundary=True,
-        img_start_token_id=IMG_START,
-        img_end_token_id=IMG_END,
-        **kwargs,
-    )
+    return _config(split_at_image_boundary=True, **kwargs)
 
 
 def _spans_whole(sample):
@@ -193,7 +188,7 @@ def test_split_at_image_boundary_keeps_whole_multi_tile_images():
     # 2 + 4 * (image of 3 tiles: 14 tokens, then 6 text) = 82 tokens, 12 tiles.
     sample = make_sample(0, (3, 3, 3, 3), 6, num_prompt=2, interleaved=True)
     config = _split_config(max_packed_tokens=40, num_images_expected=5)
-    pieces = fit_to_budget(_item(sample), config)
+    pieces = fit_to_budget(_item(sample), config, FACTS)
     assert pieces is not None and len(pieces) >= 3
     for piece in pieces:
         assert piece.sample.num_tokens <= 40 and piece.sample.num_tiles <= 5
@@ -209,7 +204,7 @@ def test_split_at_image_boundary_keeps_whole_multi_tile_images():
 
 def test_split_image_larger_than_budget_is_reported():
     sample = make_sample(0, (6,), 5)
-    assert fit_to_budget(_item(sample), _split_config(num_images_expected=4)) is None
+    assert fit_to_budget(_item(sample), _split_config(num_images_expected=4), FACTS) is None
 
 
 def test_allow_overflow_tops_up_the_fullest_row_with_a_head_piece():
@@ -220,7 +215,7 @@ def test_allow_overflow_tops_up_the_fullest_row_with_a_head_piece():
         allow_overflow=True,
         full_row_slack_tokens=0,
     )
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     packer.add(_text(30, 5))
     big = make_sample(0, (2, 2), 20, line=2, num_prompt=2)  # 2 + 10 + 10 + 20 = 42 tokens
     (row,) = packer.add(_item(big, 1))
@@ -237,8 +232,9 @@ def test_allow_overflow_tops_up_the_fullest_row_with_a_head_piece():
 def test_config_validation():
     with pytest.raises(ValueError, match="allow_overflow"):
         PackingConfig(allow_overflow=True)
+    # The image-span ids split_at_image_boundary needs are RunFacts, checked there.
     with pytest.raises(ValueError, match="img_start_token_id"):
-        PackingConfig(split_at_image_boundary=True)
+        replace(FACTS, img_start_token_id=FACTS.img_end_token_id)
     with pytest.raises(ValueError, match="loss_reduction"):
         PackingConfig(loss_reduction="mean")
 
@@ -246,27 +242,27 @@ def test_config_validation():
 def test_packer_state_holds_references_and_restores_rows():
     config = _config(max_packed_tokens=200, max_buffer_size=5)
     source = FakeSource(0, 30)
-    packer = BestFitPacker(config)
+    packer = BestFitPacker(config, FACTS)
     for r in range(8):
         packer.add(_item(source.load(r, 0, 3), r))
     state = packer.state_dict()
     assert state["version"] == 1 and all(
         isinstance(v, int) for row in state["rows"] for ref in row for v in ref
     )
-    restored = BestFitPacker(config)
+    restored = BestFitPacker(config, FACTS)
     restored.load_state_dict(
         state, lambda ref: slice_sample(source.load(ref.record_index, ref.epoch, 3), ref)
     )
     assert [r.num_tokens for r in restored.open_rows] == [r.num_tokens for r in packer.open_rows]
-    a = collate_rows(packer.flush(), config, num_datasets=1)
-    b = collate_rows(restored.flush(), config, num_datasets=1)
+    a = collate_rows(packer.flush(), config, FACTS, num_datasets=1)
+    b = collate_rows(restored.flush(), config, FACTS, num_datasets=1)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
 
 
 def test_to_and_pin_memory_keep_fields():
     row = PackRow()
     row.append(_text(10, 3))
-    batch = collate_rows([row], _config(), num_datasets=1)
+    batch = collate_rows([row], _config(), FACTS, num_datasets=1)
     moved = batch.to("cpu")
     assert moved.stats == batch.stats and torch.equal(moved.labels, batch.labels)
     assert moved.sample_ids == batch.sample_ids

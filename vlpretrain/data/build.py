@@ -5,8 +5,9 @@
       Record --media + tiling--> tiles --templates--> input_ids, labels
       -> TokenizedSample | SkippedSample                   (data/samples.py)
 
-A sample is a pure function of (seed, epoch, dataset_index, record_index): all randomness
-comes from np.random.default_rng((seed, epoch, dataset_index, record_index)).
+Tile side, tokens per tile and template come from RunFacts (the model's), never from
+SampleConfig. A sample is a pure function of (seed, epoch, dataset_index, record_index): all
+randomness comes from np.random.default_rng((seed, epoch, dataset_index, record_index)).
 
 repeat_time r > 0: effective length int(N * r). Record indices [0, int(r) * N) are int(r)
 full copies of the file; the remaining int(N * r) - int(r) * N indices are a random subset of
@@ -40,6 +41,7 @@ from vlpretrain.data.templates import (
     insert_image_tag,
 )
 from vlpretrain.data.tiling import NormalizeType
+from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +53,8 @@ _REPEAT_SALT = 0x5EED
 class SampleConfig:
     """How records become samples (reference flags in brackets)."""
 
-    conv_style: str = "internvl2_5"
-    """Chat template name [--conv_style]."""
     max_seq_length: int = 8192
     """Max tokens of one sample; longer ones are truncated or skipped [--max_seq_length]."""
-    tile_size: int = 448
-    """Tile side in pixels [--force_image_size]."""
-    num_image_token: int = 256
-    """<IMG_CONTEXT> tokens per tile (from the model: (tile/patch * downsample)^2)."""
     dynamic_image_size: bool = True
     """Dynamic tiling of images [--dynamic_image_size]."""
     use_thumbnail: bool = True
@@ -83,10 +79,9 @@ class SampleConfig:
     """Annotation index cache; None -> $VLPRETRAIN_CACHE/index or ~/.cache/vlpretrain/index."""
 
     def __post_init__(self) -> None:
-        get_template(self.conv_style)
         if self.normalize_type not in tiling.NORMALIZE_STATS:
             raise ValueError(f"normalize_type {self.normalize_type!r} not in imagenet/clip/siglip")
-        for name in ("max_seq_length", "tile_size", "num_image_token", "min_dynamic_patch"):
+        for name in ("max_seq_length", "min_dynamic_patch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_dynamic_patch < self.min_dynamic_patch:
@@ -95,6 +90,17 @@ class SampleConfig:
             raise ValueError("need 1 <= min_num_frame <= max_num_frame")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+    def image_settings(self) -> dict[str, Any]:
+        """The tiling settings a trained model records in its config.json (chat reuses them)."""
+        return {
+            "dynamic_image_size": self.dynamic_image_size,
+            "use_thumbnail": self.use_thumbnail,
+            "min_dynamic_patch": self.min_dynamic_patch,
+            "max_dynamic_patch": self.max_dynamic_patch,
+            "pad2square": self.pad2square,
+            "normalize_type": self.normalize_type,
+        }
 
 
 def repeat_length(num_lines: int, repeat_time: float) -> int:
@@ -119,12 +125,14 @@ class DatasetSource:
         self,
         spec: DatasetSpec,
         config: SampleConfig,
+        facts: RunFacts,
         tokenizer: Any,
         index: AnnotationIndex | None = None,
     ) -> None:
         self.spec = spec
         self.config = config
-        self.renderer = TemplateRenderer(get_template(config.conv_style), tokenizer)
+        self.facts = facts
+        self.renderer = TemplateRenderer(get_template(facts.template), tokenizer)
         self.index = index or AnnotationIndex(spec.annotation, config.cache_dir)
         self._subset_key: tuple[int, int] | None = None
         self._subset = np.zeros(0, dtype=np.int64)
@@ -193,11 +201,11 @@ class DatasetSource:
         check_reserved_strings(turns)
         tiles_per_image, tiles, turns = self._media(record, turns, rng)
         turns = expand_image_placeholders(
-            turns, [self.config.num_image_token * n for n in tiles_per_image]
+            turns, [self.facts.num_image_token * n for n in tiles_per_image]
         )
         input_ids, labels = self.renderer.join(self.renderer.render_segments(turns))
         input_ids, labels = self.renderer.truncate(input_ids, labels, self.config.max_seq_length)
-        size = self.config.tile_size
+        size = self.facts.tile_size
         pixels = (
             tiling.normalize(tiles, self.config.normalize_type, size)
             if tiles
@@ -244,7 +252,7 @@ class DatasetSource:
             dynamic=dynamic,
             min_num=min(cfg.min_dynamic_patch, max_num),
             max_num=max_num,
-            tile_size=cfg.tile_size,
+            tile_size=self.facts.tile_size,
             use_thumbnail=cfg.use_thumbnail,
             pad2square=cfg.pad2square,
             normalize_type=cfg.normalize_type,
@@ -253,10 +261,10 @@ class DatasetSource:
 
 
 def build_sources(
-    meta_path: str | Path, config: SampleConfig, tokenizer: Any
+    meta_path: str | Path, config: SampleConfig, facts: RunFacts, tokenizer: Any
 ) -> list[DatasetSource]:
     """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here)."""
-    return [DatasetSource(spec, config, tokenizer) for spec in load_meta(meta_path)]
+    return [DatasetSource(spec, config, facts, tokenizer) for spec in load_meta(meta_path)]
 
 
 class TooManySkipsError(RuntimeError):
@@ -291,14 +299,6 @@ class SkipCounter:
         count = self.skipped[key]
         if count == 1 or count % self.log_every == 0:
             logger.warning("%s [%s #%d]", sample, self._name(sample.dataset_index), count)
-
-    def merge(self, other: SkipCounter) -> None:
-        """Add the counts of `other` (e.g. from another worker)."""
-        self.seen.update(other.seen)
-        self.skipped.update(other.skipped)
-        for key, examples in other.examples.items():
-            mine = self.examples.setdefault(key, [])
-            mine.extend(examples[: max(0, 3 - len(mine))])
 
     @property
     def num_skipped(self) -> int:

@@ -27,6 +27,7 @@ from vlpretrain.data import tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig, SkipCounter, build_sources
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample, TokenizedSample
+from vlpretrain.facts import RunFacts
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, add_internvl_tokens
 
 CHUNK_LINES = 256
@@ -96,10 +97,25 @@ def text_histogram(values: list[int], title: str, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def run_check(meta: str, tokenizer_dir: str, config: SampleConfig, workers: int = 1) -> int:
-    """Validate every record; print the report; return the process exit code."""
+def image_facts(
+    tokenizer: Any, tile_size: int = 448, num_image_token: int = 256, template: str = "internvl2_5"
+) -> RunFacts:
+    """RunFacts for checking data without a model: the image layout given, ids from `tokenizer`
+    (with a model, `model.build.read_run_facts` gives the model's own)."""
+    return RunFacts.from_tokenizer(
+        tokenizer, tile_size=tile_size, num_image_token=num_image_token, template=template
+    )
+
+
+def run_check(
+    meta: str, tokenizer_dir: str, config: SampleConfig, facts: RunFacts | None = None,
+    workers: int = 1,
+) -> int:  # fmt: skip
+    """Validate every record; print the report; return the process exit code. `facts` None:
+    image_facts() of the tokenizer (448-px tiles, 256 tokens per tile, internvl2_5)."""
     try:
-        sources = build_sources(meta, config, load_tokenizer(tokenizer_dir))
+        tokenizer = load_tokenizer(tokenizer_dir)
+        sources = build_sources(meta, config, facts or image_facts(tokenizer), tokenizer)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -172,7 +188,7 @@ def describe_media(source: DatasetSource, line_index: int) -> list[str]:
             lines.append(f"image {k + 1}: {path} (unreadable)")
             continue
         grids = tiling.candidate_grids(min(cfg.min_dynamic_patch, max_num), max_num)
-        cols, rows = tiling.closest_grid(width, height, grids, cfg.tile_size)
+        cols, rows = tiling.closest_grid(width, height, grids, source.facts.tile_size)
         thumb = " + thumbnail" if cfg.use_thumbnail and cols * rows > 1 else ""
         grid = f"grid {cols}x{rows}{thumb}" if cfg.dynamic_image_size else "1 tile"
         lines.append(f"image {k + 1}: {path} {width}x{height} -> {grid}")
@@ -183,11 +199,12 @@ def describe_media(source: DatasetSource, line_index: int) -> list[str]:
 
 def run_show(
     meta: str, tokenizer_dir: str, config: SampleConfig, index: int, dataset: str | None,
-    seed: int = 0,
+    seed: int = 0, facts: RunFacts | None = None,
 ) -> int:  # fmt: skip
-    """Print one rendered sample; returns the exit code."""
+    """Print one rendered sample; returns the exit code (`facts` as in run_check)."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    sources = build_sources(meta, config, tokenizer)
+    facts = facts or image_facts(tokenizer)
+    sources = build_sources(meta, config, facts, tokenizer)
     names = [s.name for s in sources]
     if dataset is not None and dataset not in names:
         print(f"error: no dataset {dataset!r}; known: {', '.join(names)}", file=sys.stderr)
@@ -206,7 +223,7 @@ def run_show(
         return 1
     print(f"tokens {sample.num_tokens}, supervised {sample.num_supervised}, "
           f"tiles {sample.num_tiles} {list(sample.num_tiles_per_image)}")  # fmt: skip
-    print(render_sample(sample, tokenizer, config.num_image_token))
+    print(render_sample(sample, tokenizer, facts.num_image_token))
     return 0
 
 
@@ -220,6 +237,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=f.default)
+
+
+def _add_fact_flags(parser: argparse.ArgumentParser) -> None:
+    """The image layout of the model the data is for (RunFacts, not SampleConfig fields)."""
+    parser.add_argument("--tile-size", type=int, default=448, help="tile side in pixels")
+    parser.add_argument("--num-image-token", type=int, default=256, help="tokens per tile")
+    parser.add_argument("--conv-style", default="internvl2_5", help="chat template")
+
+
+def facts_from_args(args: argparse.Namespace) -> RunFacts:
+    """RunFacts from the flags added by _add_fact_flags and the --tokenizer directory."""
+    return image_facts(
+        load_tokenizer(args.tokenizer), args.tile_size, args.num_image_token, args.conv_style
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
@@ -237,16 +268,25 @@ def add_data_commands(subparsers: Any) -> None:
         parser.add_argument("meta", help="meta JSON file")
         parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
         _add_config_flags(parser)
+        _add_fact_flags(parser)
     check.add_argument("--workers", type=int, default=1)
     check.set_defaults(
-        func=lambda a: run_check(a.meta, a.tokenizer, config_from_args(a), a.workers)
+        func=lambda a: run_check(
+            a.meta, a.tokenizer, config_from_args(a), facts_from_args(a), a.workers
+        )
     )
     show.add_argument("--index", type=int, required=True, help="record index in the dataset")
     show.add_argument("--dataset", default=None, help="dataset name (default: the first)")
     show.add_argument("--seed", type=int, default=0)
     show.set_defaults(
         func=lambda a: run_show(
-            a.meta, a.tokenizer, config_from_args(a), a.index, a.dataset, a.seed
+            a.meta,
+            a.tokenizer,
+            config_from_args(a),
+            a.index,
+            a.dataset,
+            a.seed,
+            facts_from_args(a),
         )
     )
 

@@ -23,6 +23,7 @@ import torch
 
 from vlpretrain.data.packing import LossReduction, PackingConfig, PackRow, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX
+from vlpretrain.facts import RunFacts
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def len2weight(num_supervised: int, reduction: LossReduction) -> float:
 def collate_rows(
     rows: list[PackRow],
     config: PackingConfig,
+    facts: RunFacts,
     *,
     num_datasets: int,
     num_loaded: int = 0,
@@ -125,7 +127,7 @@ def collate_rows(
     longest = max(row.num_tokens for row in rows)
     seq_len = config.max_packed_tokens if config.strict_mode else longest
     num_rows = len(rows)
-    ids_BL = np.full((num_rows, seq_len), config.pad_token_id, dtype=np.int64)
+    ids_BL = np.full((num_rows, seq_len), facts.pad_token_id, dtype=np.int64)
     labels_BL = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int64)
     positions_BL = np.zeros((num_rows, seq_len), dtype=np.int64)
     weight_BL = np.zeros((num_rows, seq_len), dtype=np.float32)
@@ -147,7 +149,7 @@ def collate_rows(
         if offset < seq_len:
             positions_BL[b, offset:] = np.arange(seq_len - offset)
             boundaries.append((b + 1) * seq_len)
-    pixels_TCHW, flags_T = _tiles(rows, config)
+    pixels_TCHW, flags_T = _tiles(rows, config, facts.tile_size)
     segment_lengths = np.diff(np.asarray(boundaries))
     stats = _stats(rows, config, num_datasets, int(seq_len * num_rows), flags_T)
     stats = replace(
@@ -173,9 +175,8 @@ def collate_rows(
     )
 
 
-def _tiles(rows: list[PackRow], config: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Real tiles in reading order, strict-mode padding per row, or one dummy tile."""
-    side = config.tile_size
+def _tiles(rows: list[PackRow], config: PackingConfig, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real tiles in reading order, strict-mode padding per row, or one dummy tile (S = side)."""
     chunks: list[np.ndarray] = []
     flags: list[np.ndarray] = []
     for row in rows:

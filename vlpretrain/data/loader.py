@@ -48,6 +48,7 @@ from vlpretrain.data.packing import (
     slice_sample,
 )
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
+from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class WorkerStream:
         self,
         sources: Sequence[SampleSourceLike],
         packing_config: PackingConfig,
+        facts: RunFacts,
         stream_config: StreamConfig,
         *,
         rank: int,
@@ -132,6 +134,7 @@ class WorkerStream:
         _check_sources(sources)
         self.sources = list(sources)
         self.packing_config = packing_config
+        self.facts = facts
         self.stream_config = stream_config
         self.rank, self.world_size, self.worker = rank, world_size, worker
         self.skip_counter = skip_counter
@@ -147,7 +150,7 @@ class WorkerStream:
             replacement=stream_config.replacement,
             num_epochs=stream_config.num_epochs,
         )
-        self.packer = BestFitPacker(packing_config)
+        self.packer = BestFitPacker(packing_config, facts)
         self._position_of = {s.dataset_index: k for k, s in enumerate(self.sources)}
         self._num_datasets = max(self._position_of) + 1
         self._ready: list[PackRow] = []
@@ -173,6 +176,7 @@ class WorkerStream:
         batch = collate_rows(
             rows,
             self.packing_config,
+            self.facts,
             num_datasets=self._num_datasets,
             num_loaded=self._num_loaded,
             skipped_by_reason=dict(self._skipped),
@@ -190,7 +194,7 @@ class WorkerStream:
             self._skip(loaded)
             return []
         item = PackItem(PieceRef.whole(loaded, ref.record_index, ref.epoch), loaded)
-        pieces = fit_to_budget(item, self.packing_config)
+        pieces = fit_to_budget(item, self.packing_config, self.facts)
         if pieces is None:
             self._skip(_exceeds_budget(loaded, self.packing_config))
             return []
@@ -253,6 +257,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self,
         sources: Sequence[SampleSourceLike],
         packing_config: PackingConfig,
+        facts: RunFacts,
         stream_config: StreamConfig,
         *,
         rank: int,
@@ -263,6 +268,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         _check_sources(sources)
         self.sources = list(sources)
         self.packing_config = packing_config
+        self.facts = facts
         self.stream_config = stream_config
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
@@ -281,6 +287,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             self._stream = WorkerStream(
                 self.sources,
                 self.packing_config,
+                self.facts,
                 self.stream_config,
                 rank=self.rank,
                 world_size=self.world_size,
@@ -328,6 +335,7 @@ class PackedDataLoader(StatefulDataLoader):
 def build_dataloader(
     sources: Sequence[SampleSourceLike],
     packing_config: PackingConfig,
+    facts: RunFacts,
     stream_config: StreamConfig,
     rank: int,
     world_size: int,
@@ -337,6 +345,7 @@ def build_dataloader(
     dataset = PackedStream(
         sources,
         packing_config,
+        facts,
         stream_config,
         rank=rank,
         world_size=world_size,

@@ -11,6 +11,7 @@ full, the fullest row is emitted first. Samples are never split unless
 `split_at_image_boundary`; a sample over a budget that cannot be split is reported to the
 caller (who counts it as skipped), never dropped silently.
 
+Image-span ids come from RunFacts (the tokenizer's), not from PackingConfig.
 What this module does not do: tensors for the model (data.collate), choosing samples
 (data.mixing). Open rows are saved as `PieceRef`s (dataset, record, epoch, slice), never as
 pixels; `load_state_dict` re-loads them through a callback.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from vlpretrain.data.samples import TokenizedSample
+from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +56,12 @@ class PackingConfig:
     """Per-token loss weight: token 1, sample 1/n, square 1/sqrt(n), n = supervised tokens."""
     rows_per_batch: int = 1
     """Rows per micro-batch (reference per_device_train_batch_size)."""
-    tile_size: int = 448
-    """Side in pixels of a tile, for the dummy and padding tiles."""
-    pad_token_id: int = 0
-    """Token id used for padding (labels of padding are always -100)."""
     full_row_slack_tokens: int = 32
     """A row with at most this many free tokens is full and is emitted at once."""
-    img_start_token_id: int | None = None
-    """Id of `<img>`; needed by split_at_image_boundary to find image spans."""
-    img_end_token_id: int | None = None
-    """Id of `</img>`; needed by split_at_image_boundary to find image spans."""
 
     def __post_init__(self) -> None:
         positive = ("max_packed_tokens", "num_images_expected", "max_buffer_size")
-        for name in (*positive, "rows_per_batch", "tile_size"):
+        for name in (*positive, "rows_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.loss_reduction not in ("token", "sample", "square"):
@@ -79,12 +73,6 @@ class PackingConfig:
             raise ValueError(
                 "PackingConfig.allow_overflow only has a meaning with split_at_image_boundary "
                 "(overflowing a row means splitting the sample); set both or neither"
-            )
-        ids = (self.img_start_token_id, self.img_end_token_id)
-        if self.split_at_image_boundary and None in ids:
-            raise ValueError(
-                "PackingConfig.split_at_image_boundary needs img_start_token_id and "
-                f"img_end_token_id to find image spans, got {ids}"
             )
 
 
@@ -209,10 +197,10 @@ def _head_cut(
     return None
 
 
-def _split_item(item: PackItem, cut: int, config: PackingConfig) -> tuple[PackItem, PackItem]:
+def _split_item(item: PackItem, cut: int, facts: RunFacts) -> tuple[PackItem, PackItem]:
     """Split a piece after `cut` tokens (an image boundary) into head and tail pieces."""
     sample, ref = item.sample, item.ref
-    spans = _spans_of(sample, config)
+    spans = _spans_of(sample, facts)
     head_tiles = sum(s.num_tiles for s in spans if s.end <= cut)
     head = _slice(sample, 0, cut, 0, head_tiles)
     tail = _slice(sample, cut, sample.num_tokens, head_tiles, sample.num_tiles)
@@ -223,16 +211,15 @@ def _split_item(item: PackItem, cut: int, config: PackingConfig) -> tuple[PackIt
     return PackItem(head_ref, head), PackItem(tail_ref, tail)
 
 
-def _spans_of(sample: TokenizedSample, config: PackingConfig) -> list[ImageSpan]:
-    assert config.img_start_token_id is not None and config.img_end_token_id is not None
-    return image_spans(sample, config.img_start_token_id, config.img_end_token_id)
+def _spans_of(sample: TokenizedSample, facts: RunFacts) -> list[ImageSpan]:
+    return image_spans(sample, facts.img_start_token_id, facts.img_end_token_id)
 
 
 def _fits(sample: TokenizedSample, max_tokens: int, max_tiles: int) -> bool:
     return sample.num_tokens <= max_tokens and sample.num_tiles <= max_tiles
 
 
-def fit_to_budget(item: PackItem, config: PackingConfig) -> list[PackItem] | None:
+def fit_to_budget(item: PackItem, config: PackingConfig, facts: RunFacts) -> list[PackItem] | None:
     """The pieces to pack for one sample, or None if it exceeds a budget and cannot be split.
 
     Without split_at_image_boundary a sample over a budget is returned as None. With it, the
@@ -247,10 +234,10 @@ def fit_to_budget(item: PackItem, config: PackingConfig) -> list[PackItem] | Non
     pieces: list[PackItem] = []
     rest = item
     while not _fits(rest.sample, *budget):
-        cut = _head_cut(_spans_of(rest.sample, config), rest.sample.num_tokens, *budget)
+        cut = _head_cut(_spans_of(rest.sample, facts), rest.sample.num_tokens, *budget)
         if cut is None:
             return None
-        head, rest = _split_item(rest, cut, config)
+        head, rest = _split_item(rest, cut, facts)
         pieces.append(head)
     pieces.append(rest)
     return pieces
@@ -259,8 +246,9 @@ def fit_to_budget(item: PackItem, config: PackingConfig) -> list[PackItem] | Non
 class BestFitPacker:
     """Best-fit packing of pieces into open rows; emits full rows. Stateful (by reference)."""
 
-    def __init__(self, config: PackingConfig) -> None:
+    def __init__(self, config: PackingConfig, facts: RunFacts) -> None:
         self.config = config
+        self.facts = facts
         self._rows: list[PackRow] = []
         self.num_rows_emitted = 0
         self.num_tokens_emitted = 0
@@ -333,11 +321,11 @@ class BestFitPacker:
         free_tokens = config.max_packed_tokens - row.num_tokens
         free_tiles = config.num_images_expected - row.num_tiles
         cut = _head_cut(
-            _spans_of(item.sample, config), item.sample.num_tokens, free_tokens, free_tiles
+            _spans_of(item.sample, self.facts), item.sample.num_tokens, free_tokens, free_tiles
         )
         if cut is None or cut >= item.sample.num_tokens:
             return item
-        head, tail = _split_item(item, cut, config)
+        head, tail = _split_item(item, cut, self.facts)
         row.append(head)
         pending.insert(0, tail)
         return None

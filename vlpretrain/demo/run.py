@@ -38,11 +38,8 @@ from vlpretrain.demo.report import (
 from vlpretrain.demo.shapes import SQUARE, caption_corpus, majority_by_type
 from vlpretrain.demo.synthetic import ShapesDataset, make_shapes_dataset
 from vlpretrain.distributed.env import DistEnv, barrier
-from vlpretrain.model.build import build_model, save_internvl
-from vlpretrain.model.vision import VisionConfig
-from vlpretrain.model.vlm import num_image_tokens
+from vlpretrain.model.build import build_model, read_run_facts, save_internvl
 from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
-from vlpretrain.train.loop import image_fields
 
 logger = logging.getLogger(__name__)
 
@@ -140,22 +137,18 @@ def untrained_model(stage: Stage, output: Path) -> Path:
     """Stage 1's starting point (fresh projector) saved so it can be evaluated as a baseline."""
     directory = output / "stages" / "stage0_untrained"
     if not (directory / "config.json").exists():
-        built = build_model(stage.config.model, image_fields(stage.config))
-        save_internvl(built.model, built.tokenizer, directory)
+        built = build_model(stage.config.model)
+        save_internvl(built.model, built.tokenizer, directory,
+                      image_settings=stage.config.data.image_settings())  # fmt: skip
     return directory
 
 
 def check_data(stage: Stage, components: Path) -> None:
     """`vlpretrain data check` on stage 1's data: shows the planted bad records being caught."""
-    vision = VisionConfig.from_pretrained(components / "vit")
-    tile = stage.config.model.force_image_size or vision.image_size
-    ratio = stage.config.model.down_sample_ratio or 0.5
-    config = replace(
-        stage.config.data,
-        tile_size=tile,
-        num_image_token=num_image_tokens(tile, vision.patch_size, ratio),
+    facts = read_run_facts(stage.config.model)
+    run_check(
+        stage.config.train.meta_path, str(components / "llm"), stage.config.data, facts, workers=1
     )
-    run_check(stage.config.train.meta_path, str(components / "llm"), config, workers=1)
 
 
 def last_loss(metrics_path: Path) -> float | None:

@@ -6,7 +6,8 @@
             -> everything restored; settings the user does not set explicitly come from the
                checkpoint (the reference overwrote them with its CLI defaults, spec 11.20)
 
-Also saves a model in the InternVL chat layout (`save_internvl`).
+Also saves a model in the InternVL chat layout (`save_internvl`) and derives the RunFacts of
+a built model (`run_facts`) or, without loading weights, of a ModelConfig (`read_run_facts`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal, cast
 
 import torch
 
+from vlpretrain.facts import RunFacts
 from vlpretrain.model import hub
 from vlpretrain.model.llm import (
     llm_from_config,
@@ -28,7 +30,7 @@ from vlpretrain.model.llm import (
     untie_embeddings,
 )
 from vlpretrain.model.vision import InternViT, VisionConfig, init_vision_weights
-from vlpretrain.model.vlm import InternVLModel, VLMConfig
+from vlpretrain.model.vlm import InternVLModel, VLMConfig, num_image_tokens
 from vlpretrain.tokens import IMG_CONTEXT, token_id
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ class BuiltModel:
 PATH_B_DEFAULTS = VLMConfig()
 
 
-def _vlm_config(base: VLMConfig, config: ModelConfig, image_fields: dict[str, Any]) -> VLMConfig:
+def _vlm_config(base: VLMConfig, config: ModelConfig) -> VLMConfig:
     explicit = {
         "force_image_size": config.force_image_size,
         "downsample_ratio": config.down_sample_ratio,
@@ -95,17 +97,47 @@ def _vlm_config(base: VLMConfig, config: ModelConfig, image_fields: dict[str, An
     }
     # Any: replace() checks **changes against every field's type; each value fits its own field.
     changes: dict[str, Any] = {k: v for k, v in explicit.items() if v is not None}
-    return replace(base, **changes, **image_fields)
+    return replace(base, **changes)
 
 
-def build_model(config: ModelConfig, image_fields: dict[str, Any] | None = None) -> BuiltModel:
-    """Build the VLM (fp32, CPU) from `config`; `image_fields` are the tiling settings recorded
-    in the saved config (dynamic_image_size, use_thumbnail, min/max_dynamic_patch, pad2square).
-    """
-    image_fields = image_fields or {}
+def build_model(config: ModelConfig) -> BuiltModel:
+    """Build the VLM (fp32, CPU) from `config`."""
     if config.model_name_or_path:
-        return _build_path_a(config, image_fields)
-    return _build_path_b(config, image_fields)
+        return _build_path_a(config)
+    return _build_path_b(config)
+
+
+def run_facts(model: InternVLModel, tokenizer: Any) -> RunFacts:
+    """The facts data and packing need, from a built model and its tokenizer."""
+    return RunFacts.from_tokenizer(
+        tokenizer,
+        tile_size=model.config.force_image_size,
+        num_image_token=model.num_image_token,
+        template=model.config.template,
+    )
+
+
+def read_run_facts(config: ModelConfig) -> RunFacts:
+    """The RunFacts `build_model(config)` gives, read from config.json and tokenizer files only
+    (no weights are loaded; for show-config and data check)."""
+    if config.model_name_or_path:
+        raw = hub.read_config(config.model_name_or_path)
+        vlm_config = _vlm_config(VLMConfig.from_dict(raw), config)
+        patch_size = VisionConfig.from_dict(raw["vision_config"]).patch_size
+        tokenizer_dir = config.model_name_or_path
+    else:
+        vlm_config = _vlm_config(PATH_B_DEFAULTS, config)
+        patch_size = VisionConfig.from_pretrained(config.vision_path).patch_size
+        tokenizer_dir = config.llm_path
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    return RunFacts.from_tokenizer(
+        tokenizer,
+        tile_size=vlm_config.force_image_size,
+        num_image_token=num_image_tokens(
+            vlm_config.force_image_size, patch_size, vlm_config.downsample_ratio
+        ),
+        template=vlm_config.template,
+    )
 
 
 def load_vision(directory: str | Path, drop_path_rate: float) -> InternViT:
@@ -117,13 +149,13 @@ def load_vision(directory: str | Path, drop_path_rate: float) -> InternViT:
     return vision
 
 
-def _build_path_b(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltModel:
+def _build_path_b(config: ModelConfig) -> BuiltModel:
     vision = load_vision(config.vision_path, config.drop_path_rate)
     tokenizer, num_added = load_tokenizer(config.llm_path)
     llm = load_llm(config.llm_path, config.attn_implementation)
     untie_embeddings(llm)
     resize_for_tokens(llm, len(tokenizer), num_added)
-    vlm_config = _vlm_config(PATH_B_DEFAULTS, config, image_fields)
+    vlm_config = _vlm_config(PATH_B_DEFAULTS, config)
     model = InternVLModel(vlm_config, vision, llm, token_id(tokenizer, IMG_CONTEXT))
     _fit_image_size(model)
     if config.mlp_path:
@@ -132,7 +164,7 @@ def _build_path_b(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltMod
     return BuiltModel(model=model, tokenizer=tokenizer, path="B")
 
 
-def _build_path_a(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltModel:
+def _build_path_a(config: ModelConfig) -> BuiltModel:
     directory = Path(config.model_name_or_path)
     raw = hub.read_config(directory)
     if raw.get("model_type") != "internvl_chat":
@@ -144,7 +176,7 @@ def _build_path_a(config: ModelConfig, image_fields: dict[str, Any]) -> BuiltMod
         raw, config.drop_path_rate, config.attn_implementation, directory
     )
     checkpoint_config = model.config
-    model.config = _vlm_config(checkpoint_config, config, image_fields)
+    model.config = _vlm_config(checkpoint_config, config)
     if model.config.downsample_ratio != checkpoint_config.downsample_ratio:
         raise ValueError(
             f"model.down_sample_ratio {model.config.downsample_ratio} differs from the "
@@ -208,14 +240,18 @@ def _load_projector(model: InternVLModel, mlp_path: str) -> None:
     model.projector.load_state_dict(projector_state, strict=True)
 
 
-def internvl_config_dict(model: InternVLModel) -> dict[str, Any]:
-    """config.json content of the InternVL chat layout."""
+def internvl_config_dict(
+    model: InternVLModel, image_settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """config.json content of the InternVL chat layout; `image_settings` (VLMConfig tiling
+    fields, e.g. SampleConfig.image_settings()) replace the model's own."""
     llm_config = model.language_model.config.to_dict()
     llm_config["tie_word_embeddings"] = False
     input_embeddings = cast(torch.Tensor, model.language_model.get_input_embeddings().weight)
     llm_config["vocab_size"] = input_embeddings.shape[0]
+    vlm_config = replace(model.config, **(image_settings or {}))
     return chat_config_dict(
-        model.config, model.vision_model.config, llm_config, model.llm_hidden_size
+        vlm_config, model.vision_model.config, llm_config, model.llm_hidden_size
     )
 
 
@@ -244,14 +280,16 @@ def save_internvl(
     tokenizer: Any,
     directory: str | Path,
     state: dict[str, torch.Tensor] | None = None,
+    image_settings: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` in the InternVL chat layout; `state` overrides the weights (e.g. gathered
-    from FSDP shards on rank 0)."""
+    from FSDP shards on rank 0); `image_settings` are the tiling settings the model was trained
+    with, recorded in config.json so chat tiles images the same way."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = hub.to_reference_keys(state if state is not None else model.state_dict())
     hub.save_weights(weights, directory)
-    hub.write_config(directory, internvl_config_dict(model))
+    hub.write_config(directory, internvl_config_dict(model, image_settings))
     tokenizer.save_pretrained(str(directory))
     generation = {"eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -97,11 +97,37 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def merge_lora_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+LORA_ADAPTER = "default"
+"""The one PEFT adapter name our LoRA set-up uses (train/freeze.py)."""
+
+
+def lora_scalings(model: torch.nn.Module) -> dict[str, float]:
+    """Scaling of every LoRA layer of `model`, keyed by module name, as PEFT computed it from
+    the adapter's own LoraConfig (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora,
+    rank_pattern and alpha_pattern applied); empty without adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    scalings = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if set(module.scaling) != {LORA_ADAPTER}:
+            raise ValueError(
+                f"{name}: LoRA adapters {sorted(module.scaling)}; only one adapter named "
+                f"{LORA_ADAPTER!r} can be merged"
+            )
+        scalings[name] = float(module.scaling[LORA_ADAPTER])
+    return scalings
+
+
+def merge_lora_weights(
+    state: dict[str, torch.Tensor], scalings: dict[str, float]
+) -> dict[str, torch.Tensor]:
     """Fold PEFT LoRA adapters into their base weights and drop PEFT's key prefixes.
 
-    W = W_base + (alpha / r) * B @ A with alpha = 2r (our LoRA set-up), so the exported
-    directory is a plain InternVL checkpoint. A state without adapters is returned unchanged.
+    W = W_base + scaling * B @ A, with each layer's scaling from `scalings` (lora_scalings()
+    of the model the state came from), so the exported directory is a plain InternVL
+    checkpoint. A state without adapters is returned unchanged.
     """
     if not any(".lora_A." in key for key in state):
         return state
@@ -111,10 +137,12 @@ def merge_lora_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue
         if ".base_layer." in key and key.endswith(".weight"):
             prefix = key[: -len(".base_layer.weight")]
-            lora_a = state[f"{prefix}.lora_A.default.weight"]
-            lora_b = state[f"{prefix}.lora_B.default.weight"]
-            scaling = 2.0  # lora_alpha = 2 * r
-            value = value + scaling * (lora_b.float() @ lora_a.float()).to(value.dtype)
+            if prefix not in scalings:
+                raise ValueError(f"{prefix}: LoRA weights without a scaling; pass lora_scalings()")
+            lora_a = state[f"{prefix}.lora_A.{LORA_ADAPTER}.weight"]
+            lora_b = state[f"{prefix}.lora_B.{LORA_ADAPTER}.weight"]
+            delta = scalings[prefix] * (lora_b.float() @ lora_a.float())
+            value = (value.float() + delta).to(value.dtype)
         clean = key.replace("base_model.model.", "").replace(".base_layer", "")
         merged[clean] = value
     return merged

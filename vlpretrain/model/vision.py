@@ -78,9 +78,6 @@ class VisionConfig:
             "use_flash_attn": False,
         }
 
-    def with_overrides(self, **changes: Any) -> VisionConfig:
-        return replace(self, **changes)
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, cast back, then scaled (InternRMSNorm)."""

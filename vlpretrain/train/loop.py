@@ -1,7 +1,8 @@
 """The training loop for every stage: `train()` and `train_step()`.
 
-RunConfig --build_model--> VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
-meta.json --build_sources--> sources --build_dataloader--> packed micro-batches
+RunConfig --build_model--> VLM, tokenizer --run_facts--> RunFacts (tile, tokens per tile, ids)
+VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
+meta.json --build_sources(RunFacts)--> sources --build_dataloader(RunFacts)--> micro-batches
 loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, schedule)
       -> metrics every logging_steps -> DCP checkpoint every save_steps (and at the end)
 end: export the InternVL-layout model into output_dir (the next stage's input)
@@ -15,7 +16,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,10 +27,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vlpretrain.config import RunConfig, to_dict
-from vlpretrain.data.build import SampleConfig, SkipCounter, build_sources
+from vlpretrain.data.build import SkipCounter, build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
-from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.env import DistEnv, all_reduce_sum, barrier
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
@@ -38,10 +38,9 @@ from vlpretrain.distributed.parallel import (
     unwrap,
 )
 from vlpretrain.log import MetricsWriter
-from vlpretrain.model.build import build_model, save_internvl
-from vlpretrain.model.hub import merge_lora_weights
+from vlpretrain.model.build import build_model, run_facts, save_internvl
+from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
-from vlpretrain.tokens import IMG_END, IMG_START, token_id
 from vlpretrain.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -129,50 +128,11 @@ def train_step(
     return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised)
 
 
-def image_fields(config: RunConfig) -> dict[str, Any]:
-    """Tiling settings recorded in the exported config.json."""
-    data = config.data
-    return {
-        "dynamic_image_size": data.dynamic_image_size,
-        "use_thumbnail": data.use_thumbnail,
-        "min_dynamic_patch": data.min_dynamic_patch,
-        "max_dynamic_patch": data.max_dynamic_patch,
-        "pad2square": data.pad2square,
-        "normalize_type": data.normalize_type,
-    }
-
-
-def derived_data_configs(
-    config: RunConfig, model: InternVLModel, tokenizer: Any
-) -> tuple[SampleConfig, PackingConfig]:
-    """Sample and packing settings that follow from the model and tokenizer."""
-    sample = replace(
-        config.data,
-        tile_size=model.config.force_image_size,
-        num_image_token=model.num_image_token,
-        conv_style=model.config.template,
-    )
-    packing = replace(
-        config.packing,
-        tile_size=model.config.force_image_size,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        img_start_token_id=token_id(tokenizer, IMG_START),
-        img_end_token_id=token_id(tokenizer, IMG_END),
-    )
-    logger.info(
-        "derived: tile %d px, %d tokens per tile, template %s",
-        sample.tile_size,
-        sample.num_image_token,
-        sample.conv_style,
-    )
-    return sample, packing
-
-
 def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
     """Build, freeze, checkpoint activations, move and parallelise the model; also returns the
     number of trainable parameters."""
     torch.manual_seed(config.train.seed)
-    built = build_model(config.model, image_fields(config))
+    built = build_model(config.model)
     model = built.model
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
@@ -248,15 +208,25 @@ def step_metrics(
 LINE_KEYS = ("loss", "lr", "grad_norm", "seconds", "tokens_per_second", "tiles_per_second", "mfu")
 
 
-def export_model(model: nn.Module, tokenizer: Any, output_dir: str | Path, env: DistEnv) -> None:
-    """Gather full weights (from any wrapper) and write the InternVL layout on rank 0."""
+def export_model(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | Path,
+    env: DistEnv,
+    image_settings: dict[str, Any] | None = None,
+) -> None:
+    """Gather full weights (from any wrapper) and write the InternVL layout on rank 0, with
+    the tiling settings the data used (`SampleConfig.image_settings()`) in its config.json."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # A full state dict holds plain tensors only (no DTensors or non-tensor values).
     state = merge_lora_weights(
-        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+        cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options)),
+        lora_scalings(unwrap(model)),
     )
     if env.is_main:
-        save_internvl(unwrap(model), tokenizer, output_dir, state=state)
+        save_internvl(
+            unwrap(model), tokenizer, output_dir, state=state, image_settings=image_settings
+        )
     barrier()
 
 
@@ -276,12 +246,13 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     if env.is_main:
         (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
     model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
+    facts = run_facts(plain_model, tokenizer)
+    logger.info("run facts: %s", facts)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
-    sample_config, packing_config = derived_data_configs(config, plain_model, tokenizer)
-    sources = build_sources(config.train.meta_path, sample_config, tokenizer)
+    sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
     loader = build_dataloader(
-        sources, packing_config, config.stream, env.rank, env.world_size, SkipCounter()
+        sources, config.packing, facts, config.stream, env.rank, env.world_size, SkipCounter()
     )
     state, rng_state = TrainState(), None
     checkpoint = resume_path(config)
@@ -334,7 +305,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
                 )
     bar.close()
     metrics.close()
-    export_model(model, tokenizer, output_dir, env)
+    export_model(model, tokenizer, output_dir, env, config.data.image_settings())
     final = {
         "step": state.step,
         "trainable_params": num_trainable,
