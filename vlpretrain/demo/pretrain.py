@@ -73,12 +73,12 @@ class PretrainConfig:
     vision_lr: float = 2e-3
     held_out_fraction: float = 0.0
     """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
-    llm_hidden: int = 128
+    llm_hidden: int = 64
     llm_layers: int = 2
-    llm_steps: int = 200
+    llm_steps: int = 600
     llm_batch: int = 8
     llm_row_tokens: int = 256
-    llm_lr: float = 3e-3
+    llm_lr: float = 5e-3
     llm_texts: int = 6000
     vocab_size: int = 640
 
