@@ -65,7 +65,13 @@ def build_train_assets(root: str | Path) -> TrainAssets:
         vision_config=replace(TINY_VISION, image_size=TILE),
     )
     data = make_shapes_dataset(
-        root / "data", seed=0, num_caption=NUM_CAPTIONS, num_qa=24, num_eval=0, image_size=TILE
+        root / "data",
+        seed=0,
+        num_caption=NUM_CAPTIONS,
+        num_qa=24,
+        num_eval=0,
+        image_size=TILE,
+        held_out_fraction=0.0,  # no split: the golden loss file's data, drawn as it always was
     )
     return TrainAssets(components, data, root / "index_cache")
 

@@ -94,11 +94,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vlpretrain.demo.run import run_demo
+    from vlpretrain.demo.run import DemoConfig, run_demo
+
+    config = DemoConfig(seed=args.seed, num_eval=args.eval_limit, max_steps=args.max_steps)
 
     def job(env: Any) -> None:
-        run_demo(args.output, env, seed=args.seed, eval_limit=args.eval_limit,
-                 max_steps=args.max_steps, pretrain_steps=args.pretrain_steps)  # fmt: skip
+        run_demo(args.output, env, config, args.pretrain_steps)
 
     return run_distributed(job, args.log_all_ranks)
 
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the three-stage recipe on generated data (CPU)")
     demo.add_argument("--output", default="demo_out", help="where everything is written")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--eval-limit", type=int, default=120, help="held-out questions")
+    demo.add_argument("--eval-limit", type=int, default=300,
+                      help="held-out images (one question and one caption each)")  # fmt: skip
     demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
     demo.add_argument("--pretrain-steps", type=int, default=None,
                       help="override the component pretraining steps (quick runs)")  # fmt: skip

@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlpretrain.demo.shapes import Scene, Shape, caption, question_type
+from vlpretrain.demo.shapes import (
+    SQUARE,
+    Scene,
+    Shape,
+    caption,
+    caption_scores,
+    draw_scene,
+    is_held_out,
+    parse_caption,
+    question_type,
+    sample_scene,
+)
 from vlpretrain.demo.synthetic import (
     CORRUPT_REASONS,
     ShapesDataset,
@@ -63,7 +74,7 @@ def _pixel_hash(path: Path) -> str:
 
 def test_same_seed_writes_identical_files(dataset: ShapesDataset, tmp_path: Path) -> None:
     again = _make(tmp_path / "again")
-    for name in ("captions.jsonl", "qa.jsonl", "eval.jsonl"):
+    for name in ("captions.jsonl", "qa.jsonl", "eval.jsonl", "eval_captions.jsonl"):
         assert _lines(dataset.root / name) == _lines(again.root / name), name
     for image in sorted((dataset.root / "images").iterdir()):
         assert image.read_bytes() == (again.root / "images" / image.name).read_bytes()
@@ -80,7 +91,7 @@ def test_counts_and_corrupt_lines(dataset: ShapesDataset) -> None:
     # Each training file holds its valid records plus one corrupt line per reason.
     assert len(_lines(dataset.captions_path)) == 40 + len(CORRUPT_REASONS)
     assert len(_lines(dataset.qa_path)) == 60 + len(CORRUPT_REASONS)
-    assert len(_lines(dataset.eval_path)) == 30
+    assert len(_lines(dataset.eval_path)) == len(_lines(dataset.eval_captions_path)) == 30
     for name in ("captions.jsonl", "qa.jsonl"):
         reasons = [c.reason for c in dataset.corrupt if c.annotation == name]
         assert reasons == list(CORRUPT_REASONS)
@@ -170,6 +181,15 @@ def test_every_answer_is_in_the_vocabulary(dataset: ShapesDataset) -> None:
                 assert turn["value"] in vocabulary, turn
 
 
+def test_eval_layouts_never_appear_in_training(dataset: ShapesDataset) -> None:
+    # A caption states the layout exactly, so no held-out caption may be a training caption.
+    train_captions = {r["conversations"][1]["value"] for r in _records(dataset.captions_path)}
+    held_out = [r["conversations"][1]["value"] for r in _records(dataset.eval_captions_path)]
+    assert len(held_out) == 30 and not train_captions & set(held_out)
+    questions = _records(dataset.eval_path)
+    assert [r["image"] for r in questions] == [r["image"] for r in _records(dataset.eval_captions_path)]
+
+
 def test_eval_is_held_out_single_question_records(dataset: ShapesDataset) -> None:
     train = _records(dataset.captions_path) + _records(dataset.qa_path)
     train_images = {rel for r in train for rel in _images(r)}
@@ -195,6 +215,7 @@ def test_meta_files_follow_the_reference_format(dataset: ShapesDataset) -> None:
     evaluation = json.loads(dataset.meta_eval_path.read_text())
     assert list(pretrain) == ["shapes_captions"]
     assert list(finetune) == ["shapes_qa", "shapes_captions"]
+    assert list(evaluation) == ["shapes_eval", "shapes_eval_captions"]
     assert finetune["shapes_captions"]["repeat_time"] == 0.5
     for entry in [*pretrain.values(), *finetune.values(), *evaluation.values()]:
         assert set(entry) == {
@@ -290,3 +311,76 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         make_shapes_dataset(tmp_path, seed=0, num_caption=1, num_qa=-1, num_eval=1)
     with pytest.raises(ValueError, match="image_size"):
         make_shapes_dataset(tmp_path, seed=0, num_caption=1, num_qa=1, num_eval=1, image_size=8)
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        make_shapes_dataset(tmp_path, seed=0, num_caption=1, num_qa=1, num_eval=1,
+                            held_out_fraction=0.0)  # fmt: skip
+
+
+def test_square_dataset_with_one_tile_per_image(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path, seed=1, num_caption=5, num_qa=10, num_eval=3,
+                               image_size=48, aspects=SQUARE, max_dynamic_patch=1)  # fmt: skip
+    for rel in {i for r in _records(data.qa_path) + _records(data.eval_path) for i in _images(r)}:
+        if (data.root / rel).is_file() and (data.root / rel).stat().st_size > 40:
+            with Image.open(data.root / rel) as image:
+                assert image.size == (48, 48)
+    meta = json.loads(data.meta_finetune_path.read_text())
+    assert {entry["max_dynamic_patch"] for entry in meta.values()} == {1}
+
+
+def test_held_out_split_is_a_stable_share_of_layouts() -> None:
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, 48) for _ in range(4000)]
+    share = np.mean([is_held_out(s, 0.1) for s in scenes])
+    assert 0.07 < share < 0.13
+    # The layout decides, not the rendering (jitter, background, aspect).
+    moved = Scene(width=96, height=48, background=230, shapes=scenes[0].shapes)
+    assert is_held_out(moved, 0.1) == is_held_out(scenes[0], 0.1)
+    assert all(is_held_out(draw_scene(rng, 48, held_out_fraction=0.1, held_out=True), 0.1)
+               for _ in range(20))  # fmt: skip
+    assert not any(is_held_out(draw_scene(rng, 48, held_out_fraction=0.1), 0.1)
+                   for _ in range(200))  # fmt: skip
+
+
+def test_no_split_draws_exactly_as_sample_scene() -> None:
+    first, second = np.random.default_rng(5), np.random.default_rng(5)
+    assert [draw_scene(first, 28) for _ in range(50)] == [sample_scene(second, 28) for _ in range(50)]
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        draw_scene(first, 28, held_out=True)
+
+
+def test_parse_caption_reads_every_shape() -> None:
+    text = "a large red circle on the left, a small blue square at the top and a small green triangle in the centre."
+    kinds = [(m.kind, m.colour, m.size, m.position) for m in parse_caption(text)]
+    assert kinds == [
+        ("circle", "red", "large", "left"),
+        ("square", "blue", "small", "top"),
+        ("triangle", "green", "small", "centre"),
+    ]
+    assert parse_caption("nothing to see.") == []
+    assert parse_caption("a circle") == [parse_caption("a circle")[0]]
+    assert parse_caption("a circle")[0].colour is None
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        # Exactly right.
+        ("a large red circle on the left and a small blue square at the top.",
+         {"colour": 1.0, "shape": 1.0, "count": 1.0, "position": 1.0}),
+        # One shape missing: half the shapes, colours and places, wrong count.
+        ("a large red circle on the left.",
+         {"colour": 0.5, "shape": 0.5, "count": 0.0, "position": 0.5}),
+        # An extra shape costs shape and count; a wrong colour and place cost those.
+        ("a large red circle at the bottom, a small green square at the top and a large red triangle on the right.",
+         {"colour": 0.5, "shape": 2 / 3, "count": 0.0, "position": 0.5}),
+        ("", {"colour": 0.0, "shape": 0.0, "count": 0.0, "position": 0.0}),
+    ],
+)  # fmt: skip
+def test_caption_scores(prediction: str, expected: dict[str, float]) -> None:
+    truth = "a large red circle on the left and a small blue square at the top."
+    assert caption_scores(prediction, truth) == pytest.approx(expected)
+
+
+def test_caption_scores_needs_a_true_shape() -> None:
+    with pytest.raises(ValueError, match="names no shape"):
+        caption_scores("a red circle", "an empty picture.")

@@ -3,78 +3,142 @@
 InternVL's recipe starts from a pretrained vision encoder and a pretrained LLM. With nothing
 to download, the demo pretrains tiny ones in seconds:
 
-    shapes scenes --render, resize to one tile--> InternViT + linear probe on mean patch
-        features, multi-label targets (colour x kind present, kind x position) --> vit/
-    chat-formatted texts in the shapes grammar --causal LM on packed 256-token rows--> llm/
+    training-side shapes scenes --render as one tile--> InternViT --pixel shuffle--> one
+        feature per cell of the token grid --linear probe--> what the cell holds (shape kind
+        or nothing, colour, size) --> vit/
+    training-side scenes written as text --causal LM on packed rows--> llm/ (+ tokenizer)
 
-Both are saved as the HF-format directories that Path B loads, like real checkpoints.
+The LLM's corpus is the shapes world in words: chat texts whose user turn shows the scene
+as a "picture in words", <img> + one word per cell of the 3x3 layout (CELL_TOKENS, row-major,
+the order of the image tokens) + </img>, followed by a caption request or questions, plus
+pure-text arithmetic. So the LLM knows the concepts and the layout before it sees a pixel,
+the way a real LLM knows "red circle" from text; stage 1 still has to learn the mapping from
+ViT features to those words, and nothing in the corpus is a held-out layout.
+
+Both are saved as the HF-format directories that Path B loads, like real checkpoints. The
+probe is thrown away.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from vlpretrain.data.tiling import normalize
 from vlpretrain.demo.components import TINY_VISION, tiny_llm_config
-from vlpretrain.demo.shapes import COLOURS, KINDS, POSITIONS, Scene, sample_scene
-from vlpretrain.demo.synthetic import render_scene
+from vlpretrain.demo.shapes import (
+    COLOURS,
+    DESCRIBE,
+    KINDS,
+    SIZES,
+    SQUARE,
+    Scene,
+    caption,
+    chat_text,
+    draw_scene,
+    text_question,
+)
+from vlpretrain.demo.synthetic import cell_index, question_pairs, render_scene
 from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.model.build import new_vision, save_vision
+from vlpretrain.model.projector import pixel_shuffle
 from vlpretrain.model.vision import InternViT, VisionConfig
+from vlpretrain.tokens import IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
+
+IGNORE = -100
+"""Target of a cell field that does not apply (the colour of an empty cell)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     seed: int = 0
-    tile_size: int = 56
+    tile_size: int = 48
     vision_layers: int = 2
     vision_hidden: int = 64
-    vision_patch: int = 7
-    """7-px patches: a 56-px tile is 8x8 patches -> 16 LLM tokens after pixel shuffle."""
-    vision_steps: int = 1500
+    vision_patch: int = 8
+    """8-px patches: a 48-px tile is 6x6 patches -> a 3x3 grid of LLM tokens after pixel
+    shuffle, one token per cell of the scene's layout."""
+    vision_steps: int = 200
     vision_batch: int = 32
-    llm_hidden: int = 128
+    vision_lr: float = 2e-3
+    held_out_fraction: float = 0.0
+    """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
+    llm_hidden: int = 64
     llm_layers: int = 2
-    llm_steps: int = 300
-    llm_batch: int = 16
+    llm_steps: int = 600
+    llm_batch: int = 8
     llm_row_tokens: int = 256
-    vocab_size: int = 512
+    llm_lr: float = 5e-3
+    llm_texts: int = 6000
+    vocab_size: int = 640
 
 
-def scene_targets(scene: Scene) -> np.ndarray:
-    """Multi-hot: (colour, kind) present [12], then (kind, position) present [15]."""
-    colour_kind = np.zeros((len(COLOURS), len(KINDS)), dtype=np.float32)
-    kind_position = np.zeros((len(KINDS), len(POSITIONS)), dtype=np.float32)
+def cell_targets(scene: Scene, grid: int) -> np.ndarray:
+    """(grid*grid, 3) int64: per token cell, kind + 1 (0 = empty), colour, size (IGNORE if empty).
+
+    A shape belongs to the cell holding its centre; cells are in row-major order, the order
+    of the pixel-shuffled tokens (ps_version v2).
+    """
+    targets = np.full((grid * grid, 3), IGNORE, dtype=np.int64)
+    targets[:, 0] = 0
     for shape in scene.shapes:
-        colour_kind[COLOURS.index(shape.colour), KINDS.index(shape.kind)] = 1.0
-        kind_position[KINDS.index(shape.kind), POSITIONS.index(shape.position)] = 1.0
-    return np.concatenate([colour_kind.ravel(), kind_position.ravel()])
+        targets[cell_index(shape.position, grid)] = (
+            KINDS.index(shape.kind) + 1, COLOURS.index(shape.colour), SIZES.index(shape.size)
+        )  # fmt: skip
+    return targets
+
+
+class CellProbe(nn.Module):
+    """Linear heads on each pixel-shuffled token: kind-or-empty, colour, size."""
+
+    def __init__(self, vision_hidden: int) -> None:
+        super().__init__()
+        self.heads = nn.Linear(4 * vision_hidden, len(KINDS) + 1 + len(COLOURS) + len(SIZES))
+
+    def forward(self, hidden_NPC: torch.Tensor) -> torch.Tensor:
+        """Logits (N, T, kinds+1 + colours + sizes) from ViT output with CLS first."""
+        patches = hidden_NPC[:, 1:]
+        side = math.isqrt(patches.shape[1])
+        grid = pixel_shuffle(patches.reshape(patches.shape[0], side, side, -1), 0.5, "v2")
+        return self.heads(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+
+
+def probe_loss(logits_NTK: torch.Tensor, targets_NT3: torch.Tensor) -> torch.Tensor:
+    splits = logits_NTK.split([len(KINDS) + 1, len(COLOURS), len(SIZES)], dim=-1)
+    return sum(
+        (F.cross_entropy(part.flatten(0, 1), targets_NT3[..., k].flatten(), ignore_index=IGNORE)
+         for k, part in enumerate(splits)),
+        start=torch.zeros(()),
+    )  # fmt: skip
 
 
 def vision_batch(
-    rng: np.random.Generator, size: int, tile: int
+    rng: np.random.Generator, config: PretrainConfig, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    scenes = [sample_scene(rng, tile) for _ in range(size)]
-    images = [render_scene(s).resize((tile, tile), Image.Resampling.BICUBIC) for s in scenes]
-    pixels = torch.from_numpy(normalize(images, "imagenet"))
-    targets = torch.from_numpy(np.stack([scene_targets(s) for s in scenes]))
-    return pixels, targets
+    """Pixels (size, 3, S, S) of square training-side scenes and their cell targets."""
+    grid = config.tile_size // config.vision_patch // 2
+    scenes = [
+        draw_scene(rng, config.tile_size, aspects=SQUARE,
+                   held_out_fraction=config.held_out_fraction)
+        for _ in range(size)
+    ]  # fmt: skip
+    pixels = normalize([render_scene(s) for s in scenes], "imagenet", config.tile_size)
+    targets = np.stack([cell_targets(s, grid) for s in scenes])
+    return torch.from_numpy(pixels), torch.from_numpy(targets)
 
 
-def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
-    """Train a tiny InternViT with a linear probe; save the ViT alone."""
-    vision_config: VisionConfig = replace(
+def vision_config(config: PretrainConfig) -> VisionConfig:
+    return replace(
         TINY_VISION,
         image_size=config.tile_size,
         patch_size=config.vision_patch,
@@ -82,23 +146,82 @@ def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
         intermediate_size=2 * config.vision_hidden,
         num_hidden_layers=config.vision_layers,
     )
-    vision: InternViT = new_vision(vision_config, config.seed)
-    probe = nn.Linear(
-        config.vision_hidden, len(scene_targets(sample_scene(np.random.default_rng(0), 8)))
+
+
+def probe_accuracy(vision: InternViT, probe: CellProbe, config: PretrainConfig) -> float:
+    """Share of cells whose kind, colour and size the probe all gets right (fresh scenes)."""
+    pixels, targets = vision_batch(np.random.default_rng([config.seed, 12]), config, 256)
+    with torch.no_grad():
+        splits = probe(vision(pixels)).split([len(KINDS) + 1, len(COLOURS), len(SIZES)], -1)
+    right = torch.ones(targets.shape[:2], dtype=torch.bool)
+    for k, part in enumerate(splits):
+        applies = targets[..., k] != IGNORE
+        right &= ~applies | (part.argmax(-1) == targets[..., k])
+    return float(right.float().mean())
+
+
+def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
+    """Train a tiny InternViT with a per-cell linear probe; save the ViT alone."""
+    vision: InternViT = new_vision(vision_config(config), config.seed)
+    probe = CellProbe(config.vision_hidden)
+    optimizer = torch.optim.AdamW([*vision.parameters(), *probe.parameters()],
+                                  lr=config.vision_lr)  # fmt: skip
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.vision_lr, total_steps=config.vision_steps, pct_start=0.1
     )
-    optimizer = torch.optim.AdamW([*vision.parameters(), *probe.parameters()], lr=2e-3)
     rng = np.random.default_rng([config.seed, 11])
     vision.train()
     for step in range(config.vision_steps):
-        pixels, targets = vision_batch(rng, config.vision_batch, config.tile_size)
-        features = vision(pixels)[:, 1:].mean(dim=1)
-        loss = F.binary_cross_entropy_with_logits(probe(features), targets)
+        pixels, targets = vision_batch(rng, config, config.vision_batch)
+        loss = probe_loss(probe(vision(pixels)), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % 100 == 0 or step == config.vision_steps - 1:
             logger.info("vit pretraining step %d: probe loss %.4f", step, loss.item())
-    return save_vision(vision.eval(), output_dir)
+    vision.eval()
+    logger.info("vit pretraining: probe gets %.1f%% of cells fully right on fresh scenes",
+                100 * probe_accuracy(vision, probe, config))  # fmt: skip
+    return save_vision(vision, output_dir)
+
+
+EMPTY_CELL = "<|empty|>"
+CELL_TOKENS: tuple[str, ...] = (
+    EMPTY_CELL,
+    *(f"<|{size} {colour} {kind}|>" for size in SIZES for colour in COLOURS for kind in KINDS),
+)
+"""One word per thing a cell can hold; whole tokens of the tiny tokenizer."""
+
+
+def picture_in_words(scene: Scene, grid: int) -> str:
+    """<img>, the word of each of the grid*grid cells in row-major order, </img>."""
+    cells = [EMPTY_CELL] * (grid * grid)
+    for shape in scene.shapes:
+        cells[cell_index(shape.position, grid)] = f"<|{shape.size} {shape.colour} {shape.kind}|>"
+    return IMG_START + "".join(cells) + IMG_END
+
+
+def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[str]:
+    """config.llm_texts chat texts: a picture in words + its caption (35%) or 1-6 questions
+    (50%), or a pure-text question (15%); held-out layouts never appear."""
+    rng = np.random.default_rng([config.seed, 13])
+    texts = []
+    for _ in range(config.llm_texts):
+        roll = rng.random()
+        if roll < 0.15:
+            texts.append(chat_text([text_question(rng)], system_prompt))
+            continue
+        scene = draw_scene(rng, config.tile_size, aspects=SQUARE,
+                           held_out_fraction=config.held_out_fraction)  # fmt: skip
+        picture = picture_in_words(scene, grid) + "\n"
+        if roll < 0.5:
+            pairs = [(picture + DESCRIBE, caption(scene))]
+        else:
+            pairs = question_pairs(rng, scene, int(rng.integers(1, 7)))
+            pairs[0] = (picture + pairs[0][0], pairs[0][1])
+        texts.append(chat_text(pairs, system_prompt))
+    return texts
 
 
 def packed_rows(token_lists: list[list[int]], row_tokens: int) -> torch.Tensor:
@@ -112,12 +235,15 @@ def pretrain_llm(
     config: PretrainConfig, texts: list[str], tokenizer_corpus: list[str], output_dir: Path
 ) -> Path:
     """Train a BPE tokenizer and a tiny Qwen2 on `texts`; save both in `output_dir`."""
-    tokenizer = train_tiny_tokenizer(output_dir, tokenizer_corpus, config.vocab_size)
+    tokenizer = train_tiny_tokenizer(output_dir, tokenizer_corpus, config.vocab_size,
+                                     (IMG_START, IMG_END, *CELL_TOKENS))  # fmt: skip
     torch.manual_seed(config.seed)
     model = Qwen2ForCausalLM(tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers))
     rows = packed_rows([tokenizer(t)["input_ids"] for t in texts], config.llm_row_tokens)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.llm_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.llm_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.llm_lr, total_steps=config.llm_steps, pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     for step in range(config.llm_steps):

@@ -1,35 +1,42 @@
 """`vlpretrain demo`: the whole three-stage recipe on a generated dataset, on CPU, in minutes.
 
-    make_shapes_dataset --> data/ (captions, QA, eval, meta files, planted bad records)
+    make_shapes_dataset --> data/ (captions, QA, held-out eval, meta files, planted bad records)
     pretrain_vision / pretrain_llm --> components/vit, components/llm (Path B inputs)
     recipes/tiny_cpu.toml (placeholders filled) --> stage1 -> stage1_5 -> stage2
-    after each stage: greedy answers on held-out questions --> accuracy
-    --> summary table, loss_curves.png, accuracy.png, summary.json
+    after each stage (and before the first): captions and answers on held-out images
+        --> caption accuracy per attribute, QA accuracy per question type
+    stage 2 again with blank images (ablation); majority answer per type (image-blind)
+    --> tables, loss_curves.png, accuracy.png, samples.html, summary.json
 
-Rerunning skips finished work (dataset, components and stages are reused).
+Each stage is judged on its own job: stages 1 and 1.5 train on captions, stage 2 on
+questions. Rerunning skips finished work (dataset, components and stages are reused).
+bench/demo_figures.py repeats the demo for several seeds and reports medians with ranges.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vlpretrain.config import load_toml
 from vlpretrain.data.check import run_check
 from vlpretrain.data.templates import get_template
-from vlpretrain.demo.pretrain import PretrainConfig, pretrain_llm, pretrain_vision
-from vlpretrain.demo.report import StageResult, format_table, plot_accuracy, plot_loss_curves
-from vlpretrain.demo.shapes import (
-    caption_corpus,
-    last_question_and_answer,
-    score_answer,
-    text_pretraining_corpus,
+from vlpretrain.demo.evaluate import EvalItem, StageEval, eval_items, evaluate_model, read_jsonl
+from vlpretrain.demo.pretrain import PretrainConfig, llm_corpus, pretrain_llm, pretrain_vision
+from vlpretrain.demo.report import (
+    StageResult,
+    format_tables,
+    plot_accuracy,
+    plot_loss_curves,
+    write_samples_html,
 )
-from vlpretrain.demo.synthetic import chance_accuracy, make_shapes_dataset
+from vlpretrain.demo.shapes import SQUARE, caption_corpus, majority_by_type
+from vlpretrain.demo.synthetic import ShapesDataset, make_shapes_dataset
 from vlpretrain.distributed.env import DistEnv, barrier
 from vlpretrain.model.build import build_model, read_run_facts, save_internvl
 from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
@@ -37,6 +44,26 @@ from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
 logger = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.toml"
+UNTRAINED = "untrained"
+ABLATION = "stage2, blank image"
+BLIND = "image-blind (majority per type)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Sizes of the demo's data and components; the stages' settings live in the recipe."""
+
+    seed: int = 0
+    num_caption: int = 2000
+    num_qa: int = 3000
+    num_eval: int = 300
+    """Held-out images; each gets one question (50 per type) and one caption request."""
+    image_size: int = 48
+    """Square images, one tile each: 6x6 patches of 8 px, a 3x3 grid of LLM tokens."""
+    held_out_fraction: float = 0.1
+    max_steps: int | None = None
+    """Override every stage's steps (quick runs)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def fill_placeholders(value: Any, mapping: dict[str, str]) -> Any:
@@ -51,31 +78,59 @@ def fill_placeholders(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
-def make_components(output: Path, config: PretrainConfig) -> Path:
+def cpu_seconds() -> float:
+    """User + system time of this process and of its finished children (loader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds per phase, in the order the phases ran."""
+
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _start: tuple[float, float] = (0.0, 0.0)
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), cpu_seconds())
+
+    def stop(self, phase: str) -> float:
+        wall, cpu = time.perf_counter() - self._start[0], cpu_seconds() - self._start[1]
+        self.phases[phase] = (wall, cpu)
+        self.start()
+        return wall
+
+
+def make_data(output: Path, config: DemoConfig) -> ShapesDataset:
+    return make_shapes_dataset(
+        output / "data",
+        config.seed,
+        num_caption=config.num_caption,
+        num_qa=config.num_qa,
+        num_eval=config.num_eval,
+        image_size=config.image_size,
+        aspects=SQUARE,
+        held_out_fraction=config.held_out_fraction,
+        max_dynamic_patch=1,
+        max_turns=6,
+    )
+
+
+def make_components(output: Path, config: DemoConfig) -> Path:
     components = output / "components"
+    pretrain = replace(config.pretrain, seed=config.seed, tile_size=config.image_size,
+                       held_out_fraction=config.held_out_fraction)  # fmt: skip
     if not (components / "vit" / "config.json").exists():
-        pretrain_vision(config, components / "vit")
+        pretrain_vision(pretrain, components / "vit")
     if not (components / "llm" / "config.json").exists():
         system = get_template("internvl2_5").default_system
-        texts = text_pretraining_corpus(config.seed, 3000, system)
+        grid = config.image_size // pretrain.vision_patch // 2
+        texts = llm_corpus(pretrain, system, grid)
         system_block = f"<|im_start|>system\n{system}<|im_end|>\n"
         corpus = caption_corpus(config.seed) + [system_block] * 200
-        pretrain_llm(config, texts, corpus, components / "llm")
+        pretrain_llm(pretrain, texts, corpus, components / "llm")
     return components
-
-
-def evaluate(model_dir: Path, eval_path: Path, root: Path, limit: int) -> float:
-    """Greedy accuracy (first word exact match) on held-out single-image questions."""
-    from vlpretrain.chat import load
-
-    chat_model = load(model_dir)
-    records = [json.loads(line) for line in eval_path.read_text().splitlines()[:limit]]
-    correct = 0
-    for record in records:
-        question, gold = last_question_and_answer(record)
-        answer = chat_model.chat([str(root / record["image"])], question, max_new_tokens=4)
-        correct += score_answer(answer, gold)
-    return correct / len(records)
 
 
 def untrained_model(stage: Stage, output: Path) -> Path:
@@ -83,7 +138,8 @@ def untrained_model(stage: Stage, output: Path) -> Path:
     directory = output / "stages" / "stage0_untrained"
     if not (directory / "config.json").exists():
         built = build_model(stage.config.model)
-        save_internvl(built.model, built.tokenizer, directory)
+        save_internvl(built.model, built.tokenizer, directory,
+                      image_settings=stage.config.data.image_settings())  # fmt: skip
     return directory
 
 
@@ -91,7 +147,7 @@ def check_data(stage: Stage, components: Path) -> None:
     """`vlpretrain data check` on stage 1's data: shows the planted bad records being caught."""
     facts = read_run_facts(stage.config.model)
     run_check(
-        stage.config.train.meta_path, str(components / "llm"), stage.config.data, facts, workers=2
+        stage.config.train.meta_path, str(components / "llm"), stage.config.data, facts, workers=1
     )
 
 
@@ -100,66 +156,91 @@ def last_loss(metrics_path: Path) -> float | None:
     return json.loads(lines[-1])["loss"] if lines else None
 
 
-def run_demo(output: str | Path, env: DistEnv, seed: int = 0, eval_limit: int = 120,
-             max_steps: int | None = None,
+def _result(name: str, evaluation: StageEval, *, params: int = 0, steps: int = 0,
+            final_loss: float | None = None, seconds: float = 0.0) -> StageResult:  # fmt: skip
+    return StageResult(
+        stage=name,
+        num_trainable_params=params,
+        num_steps=steps,
+        final_loss=final_loss,
+        qa_by_type=evaluation.qa_by_type,
+        caption_by_attribute=evaluation.caption_by_attribute,
+        seconds=seconds,
+    )
+
+
+def run_demo(output: str | Path, env: DistEnv, config: DemoConfig = DemoConfig(),
              pretrain_steps: int | None = None) -> list[StageResult]:  # fmt: skip
     """Generate data and components, run the recipe, evaluate after each stage, report."""
     output = Path(output).resolve()
-    data = make_shapes_dataset(output / "data", seed, num_caption=1500, num_qa=6000,
-                               num_eval=eval_limit)  # fmt: skip
-    pretrain = PretrainConfig(seed=seed)
+    clock = Clock()
+    clock.start()
+    data = make_data(output, config)
+    clock.stop("dataset")
     if pretrain_steps:
-        pretrain = replace(pretrain, vision_steps=pretrain_steps, llm_steps=pretrain_steps)
-    components = make_components(output, pretrain)
+        pretrain = replace(config.pretrain, vision_steps=pretrain_steps, llm_steps=pretrain_steps)
+        config = replace(config, pretrain=pretrain)
+    components = make_components(output, config)
+    clock.stop("component pretraining")
     mapping = {"data": str(data.root), "components": str(components), "output": str(output)}
     recipe = fill_placeholders(load_toml(RECIPE), mapping)
-    overrides = [f"train.max_steps={max_steps}"] if max_steps else []
+    overrides = [f"train.max_steps={config.max_steps}"] if config.max_steps else []
+    overrides.append(f"train.seed={config.seed}")
     stages = build_stages(recipe, overrides)
-    if env.is_main:
-        check_data(stages[0], components)
     for warning in check_stages(stages, env.world_size):
         logger.warning(warning)
-    results = [_baseline(stages[0], output, data, eval_limit)]
+    items = eval_items(data.eval_path, data.eval_captions_path, data.root)
+    evaluations: dict[str, StageEval] = {}
+    results = []
+    if env.is_main:
+        check_data(stages[0], components)
+        clock.stop("data check")
+        evaluations[UNTRAINED] = evaluate_model(untrained_model(stages[0], output), items)
+        results.append(_result(UNTRAINED, evaluations[UNTRAINED]))
+        clock.stop("eval untrained")
     for stage in stages:
-        start = time.perf_counter()
         final = run_pipeline([stage], env)[stage.name]
         barrier()
+        seconds = clock.stop(stage.name)
+        if not env.is_main:
+            continue
         stage_dir = Path(stage.config.train.output_dir)
-        accuracy = None
-        if env.is_main:
-            accuracy = evaluate(stage_dir, data.eval_path, data.root, eval_limit)
-        result = StageResult(
-            stage=stage.name,
-            num_trainable_params=final["trainable_params"],
-            num_steps=stage.config.train.max_steps,
-            final_loss=last_loss(stage_dir / "metrics.jsonl"),
-            eval_accuracy=accuracy,
-            seconds=time.perf_counter() - start,
-        )
-        results.append(result)
+        evaluations[stage.name] = evaluate_model(stage_dir, items)
+        results.append(
+            _result(stage.name, evaluations[stage.name], params=final["trainable_params"],
+                    steps=stage.config.train.max_steps,
+                    final_loss=last_loss(stage_dir / "metrics.jsonl"), seconds=seconds)
+        )  # fmt: skip
+        clock.stop(f"eval {stage.name}")
     if env.is_main:
-        _report(results, stages, output, chance_accuracy(_eval_records(data.eval_path)))
+        last_dir = Path(stages[-1].config.train.output_dir)
+        ablation = evaluate_model(last_dir, items, captions=False, blank=True)
+        results.append(_result(ABLATION, ablation))
+        blind = StageEval(qa_by_type={kind: right / total for kind, (right, total)
+                                      in majority_by_type(read_jsonl(data.eval_path)).items()})  # fmt: skip
+        results.append(_result(BLIND, blind))
+        clock.stop("eval ablation")
+        _report(results, stages, output, items, evaluations, clock)
     return results
 
 
-def _eval_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _baseline(stage: Stage, output: Path, data: Any, eval_limit: int) -> StageResult:
-    directory = untrained_model(stage, output)
-    accuracy = evaluate(directory, data.eval_path, data.root, eval_limit)
-    return StageResult(stage="untrained", num_trainable_params=0, num_steps=0,
-                       final_loss=None, eval_accuracy=accuracy, seconds=0.0)  # fmt: skip
-
-
-def _report(results: list[StageResult], stages: list[Stage], output: Path, chance: float) -> None:
+def _report(results: list[StageResult], stages: list[Stage], output: Path,
+            items: list[EvalItem], evaluations: dict[str, StageEval], clock: Clock) -> None:  # fmt: skip
     metrics = {s.name: Path(s.config.train.output_dir) / "metrics.jsonl" for s in stages}
     plot_loss_curves(metrics, output / "loss_curves.png")
-    plot_accuracy(results, output / "accuracy.png", chance=chance)
-    table = format_table(results, chance=chance)
-    (output / "summary.json").write_text(
-        json.dumps({"chance_accuracy": chance, "stages": [asdict(r) for r in results]}, indent=2)
-    )
-    print(table)
-    print(f"\nloss curves: {output / 'loss_curves.png'}\naccuracy:    {output / 'accuracy.png'}")
+    plot_accuracy(results, output / "accuracy.png")
+    write_samples_html(items, evaluations, output / "samples.html")
+    total_wall = sum(wall for wall, _ in clock.phases.values())
+    total_cpu = sum(cpu for _, cpu in clock.phases.values())
+    summary = {
+        "stages": [asdict(r) for r in results],
+        "phases": {name: {"wall_s": w, "cpu_s": c} for name, (w, c) in clock.phases.items()},
+        "wall_s": total_wall,
+        "cpu_s": total_cpu,
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_tables(results))
+    phases = ", ".join(f"{name} {w:.0f}s/{c:.0f}s" for name, (w, c) in clock.phases.items())
+    print(f"\ntime (wall/cpu): {phases}; total {total_wall:.0f}s wall, {total_cpu:.0f}s cpu")
+    print(f"loss curves: {output / 'loss_curves.png'}\naccuracy:    {output / 'accuracy.png'}")
+    print(f"samples:     {output / 'samples.html'}")

@@ -7,6 +7,7 @@ answer is one word from answer_vocabulary(), so accuracy is an exact match on th
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from collections import Counter
@@ -86,9 +87,13 @@ SINGLE_IMAGE_QUESTION_TYPES: tuple[QuestionType, ...] = (
     "shape_at",
 )
 
-# (width, height) in half units of `image_size`: square, 3:2, 2:3, 2:1, 1:2 and 4:3, so
-# dynamic tiling yields grids from 1x1 up to 3x2.
-_ASPECTS: tuple[tuple[int, int], ...] = ((2, 2), (3, 2), (2, 3), (4, 2), (2, 4), (4, 3))
+Aspects = tuple[tuple[int, int], ...]
+"""Image shapes a scene may take: (width, height) in half units of the image size."""
+
+ASPECTS: Aspects = ((2, 2), (3, 2), (2, 3), (4, 2), (2, 4), (4, 3))
+"""Square, 3:2, 2:3, 2:1, 1:2 and 4:3, so dynamic tiling yields grids from 1x1 up to 3x2."""
+SQUARE: Aspects = ((2, 2),)
+"""Square images only: one tile each, no thumbnail."""
 # Salt of the text corpora's generators, apart from demo.synthetic's salts 1-4.
 _SALT_TEXT = 5
 # Text corpora never render their scenes; any size gives the same words.
@@ -124,7 +129,12 @@ class Scene:
     shapes: tuple[Shape, ...]
 
 
-def sample_scene(rng: np.random.Generator, image_size: int, num_shapes: int | None = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    image_size: int,
+    num_shapes: int | None = None,
+    aspects: Aspects = ASPECTS,
+) -> Scene:
     """Draw a scene: 1-3 shapes of distinct kinds at distinct positions."""
     n = int(rng.integers(1, 4)) if num_shapes is None else num_shapes
     if not 1 <= n <= len(KINDS):
@@ -134,7 +144,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, num_shapes: int | No
     colours = rng.integers(0, len(COLOURS), n)
     sizes = rng.integers(0, len(SIZES), n)
     jitter = rng.integers(-1, 2, (n, 2))
-    aspect_w, aspect_h = _ASPECTS[int(rng.integers(len(_ASPECTS)))]
+    aspect_w, aspect_h = aspects[int(rng.integers(len(aspects)))]
     shapes = [
         Shape(
             kind=KINDS[kinds[i]],
@@ -160,6 +170,108 @@ def caption(scene: Scene) -> str:
     if len(parts) == 1:
         return parts[0] + "."
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def layout(scene: Scene) -> tuple[tuple[str, str, str, str], ...]:
+    """What a caption states about a scene: (kind, colour, size, position) of each shape."""
+    return tuple((s.kind, s.colour, s.size, s.position) for s in scene.shapes)
+
+
+def is_held_out(scene: Scene, fraction: float) -> bool:
+    """Whether the scene's layout falls in the held-out share `fraction` of all layouts.
+
+    A stable hash of the layout decides, so the split needs no bookkeeping: no training image
+    (dataset, ViT pretraining or text corpus) ever shows a held-out layout, in any rendering.
+    """
+    digest = hashlib.sha256(repr(layout(scene)).encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def draw_scene(
+    rng: np.random.Generator,
+    image_size: int,
+    *,
+    aspects: Aspects = ASPECTS,
+    held_out_fraction: float = 0.0,
+    held_out: bool = False,
+) -> Scene:
+    """sample_scene, redrawn until it lies on the asked-for side of the held-out split.
+
+    With held_out_fraction 0 there is no split: one draw, exactly sample_scene.
+    """
+    if held_out and held_out_fraction <= 0:
+        raise ValueError("held-out scenes need held_out_fraction > 0")
+    scene = sample_scene(rng, image_size, aspects=aspects)
+    if held_out_fraction <= 0:
+        return scene
+    while is_held_out(scene, held_out_fraction) != held_out:
+        scene = sample_scene(rng, image_size, aspects=aspects)
+    return scene
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One shape as a caption names it; None where the caption leaves a field out."""
+
+    kind: str
+    colour: str | None
+    size: str | None
+    position: str | None
+
+
+CAPTION_ATTRIBUTES = ("colour", "shape", "count", "position")
+"""What a generated caption is scored on (caption_scores)."""
+
+_PLACE_NAMES = {phrase: name for name, phrase in PLACES.items()}
+
+
+def parse_caption(text: str) -> list[Mention]:
+    """The shapes a caption names, in order: phrases split at ',' and 'and', one kind each.
+
+    Lenient on purpose (a half-trained model's caption still parses): a phrase without a
+    kind word is ignored, a missing colour, size or place is None.
+    """
+    mentions = []
+    for phrase in re.split(r",| and ", text.lower()):
+        words = re.findall(r"[a-z]+", phrase)
+        kinds = [w for w in words if w in KINDS]
+        if not kinds:
+            continue
+        place = next((name for p, name in _PLACE_NAMES.items() if p in phrase), None)
+        mentions.append(
+            Mention(
+                kind=kinds[0],
+                colour=next((w for w in words if w in COLOURS), None),
+                size=next((w for w in words if w in SIZES), None),
+                position=place,
+            )
+        )
+    return mentions
+
+
+def caption_scores(prediction: str, truth: str) -> dict[str, float]:
+    """Per-attribute accuracy in [0, 1] of a generated caption against the true caption.
+
+    shape: true kinds named / max(true shapes, named shapes), so extra shapes cost too;
+    colour, position: share of the true shapes named with the right colour (position);
+    count: 1 if the caption names as many shapes as there are. Kinds are distinct within a
+    scene, so a named shape is matched to the true one of its kind.
+    """
+    true = parse_caption(truth)
+    if not true:
+        raise ValueError(f"the true caption {truth!r} names no shape")
+    named = parse_caption(prediction)
+    by_kind: dict[str, Mention] = {}
+    for mention in named:
+        by_kind.setdefault(mention.kind, mention)
+    matched = [(t, by_kind.get(t.kind)) for t in true]
+    return {
+        "colour": sum(m is not None and m.colour == t.colour for t, m in matched) / len(true),
+        "shape": sum(m is not None for _, m in matched) / max(len(true), len(named)),
+        "count": float(len(named) == len(true)),
+        "position": sum(m is not None and m.position == t.position for t, m in matched)
+        / len(true),
+    }
 
 
 def human_turn(question: str, num_images: int) -> str:
@@ -271,8 +383,8 @@ def last_question_and_answer(record: Mapping[str, Any]) -> tuple[str, str]:
     return questions[-1], answers[-1]
 
 
-def chance_accuracy(eval_records: Iterable[Mapping[str, Any]]) -> float:
-    """Accuracy of always giving the most common answer of each question type.
+def majority_by_type(eval_records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Per question type: (records whose answer is the type's most common one, records).
 
     The majority answers are taken from `eval_records` themselves, so this is the best any
     image-blind, type-aware constant guesser can score on them.
@@ -282,10 +394,20 @@ def chance_accuracy(eval_records: Iterable[Mapping[str, Any]]) -> float:
         question, answer = last_question_and_answer(record)
         kind = question_type(question) or "other"
         by_type.setdefault(kind, Counter())[_first_word(answer)] += 1
-    total = sum(sum(c.values()) for c in by_type.values())
+    return {
+        kind: (counts.most_common(1)[0][1], sum(counts.values()))
+        for kind, counts in sorted(by_type.items())
+    }
+
+
+def chance_accuracy(eval_records: Iterable[Mapping[str, Any]]) -> float:
+    """Accuracy of always giving the most common answer of each question type (over all
+    records; see majority_by_type)."""
+    counts = majority_by_type(eval_records).values()
+    total = sum(n for _, n in counts)
     if total == 0:
         raise ValueError("chance_accuracy needs at least one eval record")
-    return sum(c.most_common(1)[0][1] for c in by_type.values()) / total
+    return sum(right for right, _ in counts) / total
 
 
 def chat_text(pairs: Iterable[tuple[str, str]], system: str | None = None) -> str:

@@ -7,7 +7,8 @@ tokenize, tile or load anything back. Scenes and their grammar live in demo.shap
     seed --> Scene (size, background, 1-3 shapes) --> PNG under images/
        |            +--> captions.jsonl (stage 1 / 1.5)
        |            +--> qa.jsonl (stage 2: QA, multi-image, pure text, system turn)
-       |            +--> eval.jsonl (held-out QA, scenes never used for training)
+       |            +--> eval.jsonl, eval_captions.jsonl (held-out layouts: a question and
+       |                 a caption request per image, never shown in training)
        +--> a few deliberately corrupt lines in each training file (CorruptRecord)
     --> meta_pretrain.json, meta_finetune.json, meta_eval.json
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,14 +26,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlpretrain.demo.shapes import (
+    ASPECTS,
     DESCRIBE,
     SINGLE_IMAGE_QUESTION_TYPES,
     SYSTEM_PROMPT,
+    Aspects,
     Scene,
     answer_vocabulary,
     caption,
     caption_corpus,
     chance_accuracy,
+    draw_scene,
     human_turn,
     multi_image_question,
     sample_scene,
@@ -48,6 +52,7 @@ __all__ = [
     "ShapesDataset",
     "answer_vocabulary",
     "caption_corpus",
+    "cell_index",
     "chance_accuracy",
     "make_shapes_dataset",
     "render_scene",
@@ -67,7 +72,9 @@ CORRUPT_REASONS: tuple[CorruptReason, ...] = (
 """One deliberately broken line of each kind goes into every training annotation file."""
 
 MAX_DYNAMIC_PATCH = 6
-"""Per-dataset tile cap written into the meta files."""
+"""Per-dataset tile cap written into the meta files (default)."""
+HELD_OUT_FRACTION = 0.1
+"""Share of scene layouts kept out of training for evaluation (default)."""
 
 _RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -109,6 +116,9 @@ class ShapesDataset:
     captions_path: Path
     qa_path: Path
     eval_path: Path
+    """Held-out questions, one per held-out image."""
+    eval_captions_path: Path
+    """Caption requests on the same held-out images, in the same order."""
     meta_pretrain_path: Path
     meta_finetune_path: Path
     meta_eval_path: Path
@@ -125,21 +135,40 @@ class ShapesDataset:
 
 @dataclass
 class _Writer:
-    """Accumulates records of one split and writes their images as they are made."""
+    """Draws the scenes of one split and writes their images as they are made."""
 
     root: Path
     prefix: str
     image_size: int
-    scenes: set[Scene] = field(default_factory=set)
-    """Every scene drawn so far, so held-out data can avoid them."""
+    aspects: Aspects
+    held_out_fraction: float
+    held_out: bool = False
+    """Draw held-out layouts (the eval split) instead of training ones."""
+    max_turns: int = 3
+    """Questions per single-image QA record: 1 to max_turns."""
     num_images: int = 0
+
+    def scene(self, rng: np.random.Generator) -> Scene:
+        return draw_scene(
+            rng,
+            self.image_size,
+            aspects=self.aspects,
+            held_out_fraction=self.held_out_fraction,
+            held_out=self.held_out,
+        )
 
     def image(self, scene: Scene) -> str:
         rel = f"images/{self.prefix}_{self.num_images:06d}.png"
         render_scene(scene).save(self.root / rel, format="PNG")
-        self.scenes.add(scene)
         self.num_images += 1
         return rel
+
+
+def cell_index(position: str, grid: int) -> int:
+    """Row-major index of the cell of a `grid` x `grid` split of the image holding the centre
+    of a shape at `position` (for grid 3: top 1, left 3, centre 4, right 5, bottom 7)."""
+    fx, fy = _CENTRES[position]
+    return min(int(fy * grid), grid - 1) * grid + min(int(fx * grid), grid - 1)
 
 
 def render_scene(scene: Scene) -> Image.Image:
@@ -171,7 +200,7 @@ def _conversation(pairs: list[tuple[str, str]], system: str | None = None) -> li
 
 
 def _caption_record(rng: np.random.Generator, writer: _Writer, index: int) -> dict[str, Any]:
-    scene = sample_scene(rng, writer.image_size)
+    scene = writer.scene(rng)
     pairs = [(human_turn(DESCRIBE, 1), caption(scene))]
     return {
         "id": f"cap-{index:06d}",
@@ -180,17 +209,24 @@ def _caption_record(rng: np.random.Generator, writer: _Writer, index: int) -> di
     }
 
 
-def _qa_pairs(rng: np.random.Generator, scene: Scene, num_turns: int) -> list[tuple[str, str]]:
+def question_pairs(
+    rng: np.random.Generator, scene: Scene, num_turns: int
+) -> list[tuple[str, str]]:
+    """`num_turns` (question, answer) pairs about one scene, each of a different type."""
     picks = rng.permutation(len(SINGLE_IMAGE_QUESTION_TYPES))[:num_turns]
-    pairs = [single_image_question(rng, scene, SINGLE_IMAGE_QUESTION_TYPES[i]) for i in picks]
+    return [single_image_question(rng, scene, SINGLE_IMAGE_QUESTION_TYPES[i]) for i in picks]
+
+
+def _qa_pairs(rng: np.random.Generator, scene: Scene, num_turns: int) -> list[tuple[str, str]]:
+    pairs = question_pairs(rng, scene, num_turns)
     return [(human_turn(q, 1) if i == 0 else q, a) for i, (q, a) in enumerate(pairs)]
 
 
 def _single_qa_record(
     rng: np.random.Generator, writer: _Writer, index: int, system: str | None = None
 ) -> dict[str, Any]:
-    scene = sample_scene(rng, writer.image_size)
-    pairs = _qa_pairs(rng, scene, int(rng.integers(1, 4)))
+    scene = writer.scene(rng)
+    pairs = _qa_pairs(rng, scene, int(rng.integers(1, writer.max_turns + 1)))
     record_id = f"qa-{index:06d}"
     return {
         "id": record_id,
@@ -204,11 +240,11 @@ def _system_qa_record(rng: np.random.Generator, writer: _Writer, index: int) -> 
 
 
 def _multi_image_record(rng: np.random.Generator, writer: _Writer, index: int) -> dict[str, Any]:
-    first = sample_scene(rng, writer.image_size)
-    second = sample_scene(rng, writer.image_size)
+    first = writer.scene(rng)
+    second = writer.scene(rng)
     question, answer = multi_image_question(rng, first, second)
     while not answer:  # no question separates these two scenes; draw another second one
-        second = sample_scene(rng, writer.image_size)
+        second = writer.scene(rng)
         question, answer = multi_image_question(rng, first, second)
     images = [writer.image(first), writer.image(second)]
     pairs = [(human_turn(question, 2), answer)]
@@ -242,7 +278,7 @@ def _corrupt_lines(
     rng: np.random.Generator, writer: _Writer, name: str
 ) -> dict[CorruptReason, str]:
     """One broken JSONL line per reason; writes the truncated PNG and the unknown-role image."""
-    scene = sample_scene(rng, writer.image_size)
+    scene = writer.scene(rng)
     pairs = _conversation([(human_turn(DESCRIBE, 1), caption(scene))])
     truncated = f"images/{writer.prefix}_truncated.png"
     buffer = io.BytesIO()
@@ -291,35 +327,34 @@ def _write_split(
 
 
 def _eval_records(
-    rng: np.random.Generator, writer: _Writer, num_eval: int, seen: set[Scene]
-) -> list[dict[str, Any]]:
-    """Single-question records on scenes that no training image shows (pixel-identical ones)."""
-    records = []
+    rng: np.random.Generator, writer: _Writer, num_eval: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One question (types in rotation) and one caption request per held-out image."""
+    questions: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
     for index in range(num_eval):
-        scene = sample_scene(rng, writer.image_size)
-        while scene in seen:
-            scene = sample_scene(rng, writer.image_size)
-        seen.add(scene)
+        scene = writer.scene(rng)
+        image = writer.image(scene)
         kind = SINGLE_IMAGE_QUESTION_TYPES[index % len(SINGLE_IMAGE_QUESTION_TYPES)]
         question, answer = single_image_question(rng, scene, kind)
-        pairs = [(human_turn(question, 1), answer)]
-        records.append(
-            {
-                "id": f"eval-{index:06d}",
-                "image": writer.image(scene),
-                "conversations": _conversation(pairs),
-            }
-        )
-    return records
+        for records, pair, prefix in (
+            (questions, (question, answer), "eval"),
+            (captions, (DESCRIBE, caption(scene)), "eval-cap"),
+        ):
+            turns = _conversation([(human_turn(pair[0], 1), pair[1])])
+            records.append({"id": f"{prefix}-{index:06d}", "image": image, "conversations": turns})
+    return questions, captions
 
 
-def _meta_entry(root: Path, annotation: Path, repeat_time: float) -> dict[str, Any]:
+def _meta_entry(
+    root: Path, annotation: Path, repeat_time: float, max_dynamic_patch: int
+) -> dict[str, Any]:
     return {
         "root": str(root),
         "annotation": str(annotation),
         "data_augment": False,
         "repeat_time": repeat_time,
-        "max_dynamic_patch": MAX_DYNAMIC_PATCH,
+        "max_dynamic_patch": max_dynamic_patch,
     }
 
 
@@ -335,6 +370,11 @@ def make_shapes_dataset(
     num_qa: int,
     num_eval: int,
     image_size: int = 56,
+    *,
+    aspects: Aspects = ASPECTS,
+    held_out_fraction: float = HELD_OUT_FRACTION,
+    max_dynamic_patch: int = MAX_DYNAMIC_PATCH,
+    max_turns: int = 3,
 ) -> ShapesDataset:
     """Write the whole dataset under `output_dir` (files of the same names are overwritten).
 
@@ -344,16 +384,31 @@ def make_shapes_dataset(
         num_caption: valid caption records; 4 corrupt lines are added on top.
         num_qa: valid QA records (about 10% multi-image, 10% pure text, 2 with a system
             turn); 4 corrupt lines are added on top.
-        num_eval: held-out single-question records, question types in rotation.
+        num_eval: held-out images, each with one question (types in rotation) in eval.jsonl
+            and one caption request in eval_captions.jsonl.
         image_size: shorter image side in pixels; longer sides are 1, 1.5 or 2 times it.
+        aspects: the image shapes drawn (SQUARE: one tile per image).
+        held_out_fraction: share of scene layouts (shapes with their colours, sizes and
+            positions) that only the eval split shows; 0 splits nothing (then num_eval must
+            be 0) and draws exactly as sample_scene.
+        max_dynamic_patch: tile cap of every dataset in the meta files.
+        max_turns: single-image QA records ask 1 to max_turns questions (distinct types).
     """
     if min(num_caption, num_qa, num_eval) < 0:
         raise ValueError(f"counts must be >= 0, got {num_caption=}, {num_qa=}, {num_eval=}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 px to draw shapes, got {image_size}")
+    if not 1 <= max_turns <= len(SINGLE_IMAGE_QUESTION_TYPES):
+        raise ValueError(f"max_turns must be in 1..{len(SINGLE_IMAGE_QUESTION_TYPES)}, got {max_turns}")
+    if num_eval and held_out_fraction <= 0:
+        raise ValueError(f"{num_eval=} held-out images need held_out_fraction > 0")
     root = Path(output_dir).resolve()
     (root / "images").mkdir(parents=True, exist_ok=True)
-    writers = {name: _Writer(root, name, image_size) for name in ("cap", "qa", "eval")}
+    writers = {
+        name: _Writer(root, name, image_size, aspects, held_out_fraction, name == "eval",
+                      max_turns)  # fmt: skip
+        for name in ("cap", "qa", "eval")
+    }
 
     rng = np.random.default_rng([seed, _SALT_CAPTIONS])
     captions = [_caption_record(rng, writers["cap"], i) for i in range(num_caption)]
@@ -363,30 +418,31 @@ def make_shapes_dataset(
         name: _corrupt_lines(np.random.default_rng([seed, _SALT_CORRUPT, k]), writers[name], name)
         for k, name in enumerate(("cap", "qa"))
     }
-    seen = writers["cap"].scenes | writers["qa"].scenes
     rng = np.random.default_rng([seed, _SALT_EVAL])
-    held_out = _eval_records(rng, writers["eval"], num_eval, seen)
+    held_out, held_out_captions = _eval_records(rng, writers["eval"], num_eval)
 
-    paths = {name: root / f"{name}.jsonl" for name in ("captions", "qa", "eval")}
+    names = ("captions", "qa", "eval", "eval_captions")
+    paths = {name: root / f"{name}.jsonl" for name in names}
     corrupt = _write_split(paths["captions"], captions, broken["cap"])
     corrupt += _write_split(paths["qa"], qa, broken["qa"])
     _write_split(paths["eval"], held_out, None)
-    caption_entry = _meta_entry(root, paths["captions"], 1)
-    meta_pretrain = {"shapes_captions": caption_entry}
-    meta_finetune = {
-        "shapes_qa": _meta_entry(root, paths["qa"], 1),
-        "shapes_captions": _meta_entry(root, paths["captions"], 0.5),
-    }
+    _write_split(paths["eval_captions"], held_out_captions, None)
+
+    def entry(name: str, repeat_time: float) -> dict[str, Any]:
+        return _meta_entry(root, paths[name], repeat_time, max_dynamic_patch)
+
+    meta_pretrain = {"shapes_captions": entry("captions", 1)}
+    meta_finetune = {"shapes_qa": entry("qa", 1), "shapes_captions": entry("captions", 0.5)}
+    meta_eval = {"shapes_eval": entry("eval", 1), "shapes_eval_captions": entry("eval_captions", 1)}
     return ShapesDataset(
         root=root,
         captions_path=paths["captions"],
         qa_path=paths["qa"],
         eval_path=paths["eval"],
+        eval_captions_path=paths["eval_captions"],
         meta_pretrain_path=_write_json(root / "meta_pretrain.json", meta_pretrain),
         meta_finetune_path=_write_json(root / "meta_finetune.json", meta_finetune),
-        meta_eval_path=_write_json(
-            root / "meta_eval.json", {"shapes_eval": _meta_entry(root, paths["eval"], 1)}
-        ),
+        meta_eval_path=_write_json(root / "meta_eval.json", meta_eval),
         num_caption_records=len(captions),
         num_qa_records=len(qa),
         num_eval_records=len(held_out),

@@ -6,7 +6,7 @@ where nothing can be downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,15 +23,21 @@ DEFAULT_CORPUS = (
 
 
 def train_tiny_tokenizer(
-    output_dir: str | Path, corpus: Iterable[str] = (DEFAULT_CORPUS,), vocab_size: int = 384
+    output_dir: str | Path,
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    vocab_size: int = 384,
+    extra_special_tokens: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `corpus`, save it to `output_dir`, and return it."""
+    """Train a byte-level BPE on `corpus`, save it to `output_dir`, and return it.
+
+    `extra_special_tokens` are kept whole (never split or merged), after the chatml ones.
+    """
     model = Tokenizer(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(CHATML_TOKENS),
+        special_tokens=[*CHATML_TOKENS, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
