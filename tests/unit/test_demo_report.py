@@ -94,9 +94,18 @@ def test_format_tables() -> None:
     assert [c.strip() for c in lines[1].split("|")[1:-1]] == [
         "stage", "trainable params", "steps", "final loss", "caption acc", "QA acc", "seconds",
     ]  # fmt: skip
-    assert "| untrained   |                0 |     0 |          - |       25.0% |  12.5% |     0.0 |" in lines
-    assert "| stage2      |        1,234,567 |    50 |     0.5000 |       50.0% |  81.2% |    30.0 |" in lines
-    assert "| image-blind |                0 |     0 |          - |           - |  40.0% |     0.0 |" in lines
+    assert (
+        "| untrained   |                0 |     0 |          - |       25.0% |  12.5% |     0.0 |"
+        in lines
+    )
+    assert (
+        "| stage2      |        1,234,567 |    50 |     0.5000 |       50.0% |  81.2% |    30.0 |"
+        in lines
+    )
+    assert (
+        "| image-blind |                0 |     0 |          - |           - |  40.0% |     0.0 |"
+        in lines
+    )
     # The blind baseline has no captions: it is left out of the caption table.
     assert "image-blind" not in captions and "image-blind" in questions
     header = [c.strip() for c in questions.splitlines()[2].split("|")[1:-1]]

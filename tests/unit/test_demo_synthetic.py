@@ -187,7 +187,9 @@ def test_eval_layouts_never_appear_in_training(dataset: ShapesDataset) -> None:
     held_out = [r["conversations"][1]["value"] for r in _records(dataset.eval_captions_path)]
     assert len(held_out) == 30 and not train_captions & set(held_out)
     questions = _records(dataset.eval_path)
-    assert [r["image"] for r in questions] == [r["image"] for r in _records(dataset.eval_captions_path)]
+    assert [r["image"] for r in questions] == [
+        r["image"] for r in _records(dataset.eval_captions_path)
+    ]
 
 
 def test_eval_is_held_out_single_question_records(dataset: ShapesDataset) -> None:
@@ -343,13 +345,18 @@ def test_held_out_split_is_a_stable_share_of_layouts() -> None:
 
 def test_no_split_draws_exactly_as_sample_scene() -> None:
     first, second = np.random.default_rng(5), np.random.default_rng(5)
-    assert [draw_scene(first, 28) for _ in range(50)] == [sample_scene(second, 28) for _ in range(50)]
+    assert [draw_scene(first, 28) for _ in range(50)] == [
+        sample_scene(second, 28) for _ in range(50)
+    ]
     with pytest.raises(ValueError, match="held_out_fraction"):
         draw_scene(first, 28, held_out=True)
 
 
 def test_parse_caption_reads_every_shape() -> None:
-    text = "a large red circle on the left, a small blue square at the top and a small green triangle in the centre."
+    text = (
+        "a large red circle on the left, a small blue square at the top"
+        " and a small green triangle in the centre."
+    )
     kinds = [(m.kind, m.colour, m.size, m.position) for m in parse_caption(text)]
     assert kinds == [
         ("circle", "red", "large", "left"),
@@ -371,7 +378,8 @@ def test_parse_caption_reads_every_shape() -> None:
         ("a large red circle on the left.",
          {"colour": 0.5, "shape": 0.5, "count": 0.0, "position": 0.5}),
         # An extra shape costs shape and count; a wrong colour and place cost those.
-        ("a large red circle at the bottom, a small green square at the top and a large red triangle on the right.",
+        ("a large red circle at the bottom, a small green square at the top"
+         " and a large red triangle on the right.",
          {"colour": 0.5, "shape": 2 / 3, "count": 0.0, "position": 0.5}),
         ("", {"colour": 0.0, "shape": 0.0, "count": 0.0, "position": 0.0}),
     ],

@@ -120,8 +120,8 @@ def generate_batch(
     Equal to ChatModel.chat per prompt: padding is masked out and positions start at 0 at
     each prompt's first real token.
     """
-    inputs = [chat_model.prompt_inputs([image], prompt) for image, prompt in zip(images, prompts,
-                                                                                   strict=True)]  # fmt: skip
+    pairs = zip(images, prompts, strict=True)
+    inputs = [chat_model.prompt_inputs([image], prompt) for image, prompt in pairs]
     length = max(ids.shape[1] for ids, _ in inputs)
     pad_id = chat_model.tokenizer.pad_token_id or 0
     ids_BL = torch.full((len(inputs), length), pad_id, dtype=torch.long)

@@ -230,8 +230,14 @@ def format_seed_tables(per_seed: Sequence[Sequence[StageResult]], seeds: Sequenc
     return "\n\n".join(
         [
             f"Held-out accuracy in %, median [min-max] over seeds {seed_list}:",
-            markdown(("stage", "caption accuracy (mean of 4 attributes)", "QA accuracy (mean of 6 types)"),
-                     summary),  # fmt: skip
+            markdown(
+                (
+                    "stage",
+                    "caption accuracy (mean of 4 attributes)",
+                    "QA accuracy (mean of 6 types)",
+                ),
+                summary,
+            ),  # fmt: skip
             markdown(("caption attribute", *CAPTION_ATTRIBUTES), captions),
             markdown(("QA question type", *SINGLE_IMAGE_QUESTION_TYPES), questions),
         ]

@@ -216,16 +216,24 @@ def run_demo(output: str | Path, env: DistEnv, config: DemoConfig = DemoConfig()
         last_dir = Path(stages[-1].config.train.output_dir)
         ablation = evaluate_model(last_dir, items, captions=False, blank=True)
         results.append(_result(ABLATION, ablation))
-        blind = StageEval(qa_by_type={kind: right / total for kind, (right, total)
-                                      in majority_by_type(read_jsonl(data.eval_path)).items()})  # fmt: skip
+        majority = majority_by_type(read_jsonl(data.eval_path))
+        blind = StageEval(
+            qa_by_type={kind: right / total for kind, (right, total) in majority.items()}
+        )
         results.append(_result(BLIND, blind))
         clock.stop("eval ablation")
         _report(results, stages, output, items, evaluations, clock)
     return results
 
 
-def _report(results: list[StageResult], stages: list[Stage], output: Path,
-            items: list[EvalItem], evaluations: dict[str, StageEval], clock: Clock) -> None:  # fmt: skip
+def _report(
+    results: list[StageResult],
+    stages: list[Stage],
+    output: Path,
+    items: list[EvalItem],
+    evaluations: dict[str, StageEval],
+    clock: Clock,
+) -> None:
     metrics = {s.name: Path(s.config.train.output_dir) / "metrics.jsonl" for s in stages}
     plot_loss_curves(metrics, output / "loss_curves.png")
     plot_accuracy(results, output / "accuracy.png")

@@ -269,8 +269,7 @@ def caption_scores(prediction: str, truth: str) -> dict[str, float]:
         "colour": sum(m is not None and m.colour == t.colour for t, m in matched) / len(true),
         "shape": sum(m is not None for _, m in matched) / max(len(true), len(named)),
         "count": float(len(named) == len(true)),
-        "position": sum(m is not None and m.position == t.position for t, m in matched)
-        / len(true),
+        "position": sum(m is not None and m.position == t.position for t, m in matched) / len(true),
     }
 
 

@@ -209,9 +209,7 @@ def _caption_record(rng: np.random.Generator, writer: _Writer, index: int) -> di
     }
 
 
-def question_pairs(
-    rng: np.random.Generator, scene: Scene, num_turns: int
-) -> list[tuple[str, str]]:
+def question_pairs(rng: np.random.Generator, scene: Scene, num_turns: int) -> list[tuple[str, str]]:
     """`num_turns` (question, answer) pairs about one scene, each of a different type."""
     picks = rng.permutation(len(SINGLE_IMAGE_QUESTION_TYPES))[:num_turns]
     return [single_image_question(rng, scene, SINGLE_IMAGE_QUESTION_TYPES[i]) for i in picks]
@@ -399,14 +397,17 @@ def make_shapes_dataset(
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 px to draw shapes, got {image_size}")
     if not 1 <= max_turns <= len(SINGLE_IMAGE_QUESTION_TYPES):
-        raise ValueError(f"max_turns must be in 1..{len(SINGLE_IMAGE_QUESTION_TYPES)}, got {max_turns}")
+        raise ValueError(
+            f"max_turns must be in 1..{len(SINGLE_IMAGE_QUESTION_TYPES)}, got {max_turns}"
+        )
     if num_eval and held_out_fraction <= 0:
         raise ValueError(f"{num_eval=} held-out images need held_out_fraction > 0")
     root = Path(output_dir).resolve()
     (root / "images").mkdir(parents=True, exist_ok=True)
     writers = {
-        name: _Writer(root, name, image_size, aspects, held_out_fraction, name == "eval",
-                      max_turns)  # fmt: skip
+        name: _Writer(
+            root, name, image_size, aspects, held_out_fraction, name == "eval", max_turns
+        )  # fmt: skip
         for name in ("cap", "qa", "eval")
     }
 
