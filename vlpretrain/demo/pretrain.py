@@ -224,11 +224,53 @@ def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[st
     return texts
 
 
-def packed_rows(token_lists: list[list[int]], row_tokens: int) -> torch.Tensor:
-    """Concatenate token lists and cut into rows of `row_tokens` (the tail is dropped)."""
-    stream = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists])
-    num_rows = len(stream) // row_tokens
-    return torch.from_numpy(stream[: num_rows * row_tokens].reshape(num_rows, row_tokens))
+def answer_labels(ids: list[int], answer_start: list[int], answer_end: int) -> list[int]:
+    """`ids` with every token outside an assistant answer set to IGNORE.
+
+    An answer runs from after the `answer_start` token sequence ("<|im_start|>assistant\\n")
+    up to and including the `answer_end` token (<|im_end|>), as the training code's template
+    supervises it: the LLM learns to answer, not to predict questions or pictures.
+    """
+    labels = [IGNORE] * len(ids)
+    width = len(answer_start)
+    inside = False
+    for k, token in enumerate(ids):
+        if inside:
+            labels[k] = token
+            inside = token != answer_end
+        elif ids[max(0, k - width + 1) : k + 1] == answer_start:
+            inside = True
+    return labels
+
+
+def pack_texts(
+    token_lists: list[list[int]], label_lists: list[list[int]], row_tokens: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy packing of whole texts into rows: ids, labels, position ids (each (R, row_tokens)).
+
+    Positions restart at 0 for every text and for the padding tail, so the LLM's block-diagonal
+    mask keeps texts apart, as packed training does; texts longer than a row are dropped.
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for text_ids, text_labels in zip(token_lists, label_lists, strict=True):
+        if len(text_ids) > row_tokens:
+            continue
+        if len(ids) + len(text_ids) > row_tokens:
+            rows.append((ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids += text_ids
+        labels += text_labels
+        positions += list(range(len(text_ids)))
+    rows.append((ids, labels, positions))
+    padded = [
+        (i + [pad_id] * (row_tokens - len(i)), lab + [IGNORE] * (row_tokens - len(i)),
+         pos + list(range(row_tokens - len(i))))
+        for i, lab, pos in rows if i
+    ]  # fmt: skip
+    return tuple(torch.tensor([row[k] for row in padded]) for k in range(3))  # type: ignore[return-value]
 
 
 def pretrain_llm(
@@ -239,7 +281,13 @@ def pretrain_llm(
                                      (IMG_START, IMG_END, *CELL_TOKENS))  # fmt: skip
     torch.manual_seed(config.seed)
     model = Qwen2ForCausalLM(tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers))
-    rows = packed_rows([tokenizer(t)["input_ids"] for t in texts], config.llm_row_tokens)
+    token_lists = [tokenizer(t)["input_ids"] for t in texts]
+    answer_start = tokenizer("<|im_start|>assistant\n")["input_ids"]
+    answer_end = tokenizer("<|im_end|>")["input_ids"][0]
+    label_lists = [answer_labels(ids, answer_start, answer_end) for ids in token_lists]
+    ids_RL, labels_RL, positions_RL = pack_texts(
+        token_lists, label_lists, config.llm_row_tokens, tokenizer.pad_token_id or 0
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.llm_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, config.llm_lr, total_steps=config.llm_steps, pct_start=0.1
@@ -247,8 +295,9 @@ def pretrain_llm(
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     for step in range(config.llm_steps):
-        batch = rows[torch.randint(len(rows), (config.llm_batch,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        pick = torch.randint(len(ids_RL), (config.llm_batch,), generator=generator)
+        loss = model(input_ids=ids_RL[pick], position_ids=positions_RL[pick],
+                     labels=labels_RL[pick], use_cache=False).loss  # fmt: skip
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
