@@ -39,7 +39,11 @@ class TinyComponents:
     llm_path: Path
 
 
-def tiny_llm_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2) -> Qwen2Config:
+def tiny_llm_config(
+    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, init_std: float = 0.02
+) -> Qwen2Config:
+    """A tiny Qwen2; `init_std` is the weights' initial standard deviation (Qwen2's 0.02 by
+    default: the demo's LLM pretraining starts wider, see demo.pretrain)."""
     # attn_implementation is a PreTrainedConfig kwarg consumed in __post_init__; the
     # dataclass_transform signature mypy sees lists only the Qwen2Config fields.
     return Qwen2Config(  # type: ignore[call-arg]
@@ -51,6 +55,7 @@ def tiny_llm_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2)
         num_key_value_heads=2,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         attn_implementation="sdpa",
     )
 

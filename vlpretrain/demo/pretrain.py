@@ -79,6 +79,10 @@ class PretrainConfig:
     llm_batch: int = 8
     llm_row_tokens: int = 256
     llm_lr: float = 5e-3
+    llm_init_std: float = 0.1
+    """Initial weight std of the LLM. At Qwen2's 0.02 the tiny LLM sits on the plateau where
+    attention is uniform and answers follow the marginal (it never reads the picture in
+    words); starting wider it leaves the plateau within a couple hundred steps."""
     llm_texts: int = 6000
     vocab_size: int = 640
 
@@ -280,7 +284,9 @@ def pretrain_llm(
     tokenizer = train_tiny_tokenizer(output_dir, tokenizer_corpus, config.vocab_size,
                                      (IMG_START, IMG_END, *CELL_TOKENS))  # fmt: skip
     torch.manual_seed(config.seed)
-    model = Qwen2ForCausalLM(tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers))
+    model = Qwen2ForCausalLM(
+        tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers, config.llm_init_std)
+    )
     token_lists = [tokenizer(t)["input_ids"] for t in texts]
     answer_start = tokenizer("<|im_start|>assistant\n")["input_ids"]
     answer_end = tokenizer("<|im_end|>")["input_ids"][0]
