@@ -1,6 +1,7 @@
-"""`vlpretrain demo` end to end at toy step counts: every row, table, plot and page exists.
+"""`vlpretrain demo` end to end on a shortened run: every row, table, plot and page exists, and
+the stage-2 model already answers better than a blind guesser and than itself without images.
 
-It pins the report's structure, not accuracy: a few steps teach nothing.
+The accuracy assertions are invariants of a short run (seeded, CPU), not the README figures.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from vlpretrain.cli import main
 
 pytestmark = pytest.mark.slow
 
+STEPS = 40
+"""Every stage's steps."""
+PRETRAIN_STEPS = 250
+"""ViT and LLM pretraining steps: enough for the LLM to leave its plateau and read."""
+
 
 def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
     output = tmp_path / "demo"
     code = main(
-        ["demo", "--output", str(output), "--max-steps", "2", "--pretrain-steps", "3",
-         "--eval-limit", "12"]
+        ["demo", "--output", str(output), "--max-steps", str(STEPS), "--pretrain-steps",
+         str(PRETRAIN_STEPS), "--eval-limit", "60"]
     )  # fmt: skip
     assert code == 0
     summary = json.loads((output / "summary.json").read_text())
@@ -26,7 +32,7 @@ def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
     assert list(rows) == ["untrained", "stage1", "stage1_5", "stage2", "stage2, blank image",
                           "image-blind (majority per type)"]  # fmt: skip
     for name in ("stage1", "stage1_5", "stage2"):
-        assert rows[name]["num_steps"] == 2
+        assert rows[name]["num_steps"] == STEPS
         assert rows[name]["final_loss"] > 0
         assert set(rows[name]["caption_by_attribute"]) == {"colour", "shape", "count", "position"}
     # Stage 1 trains only the projector; stage 2 trains everything.
@@ -39,8 +45,10 @@ def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
 
     for name in rows:
         assert 0.0 <= qa(name) <= 1.0
-    # 12 held-out images, 2 per question type: the blind guesser gets at least half of each.
-    assert qa("image-blind (majority per type)") >= 0.5
+    # The stage-2 model reads the pixels: above the best image-blind guesser, and above
+    # itself answering the same questions about blank images.
+    assert qa("stage2") > qa("image-blind (majority per type)")
+    assert qa("stage2") > qa("stage2, blank image")
     assert set(summary["phases"]) >= {"dataset", "component pretraining", "stage1", "stage2"}
     for name in ("loss_curves.png", "accuracy.png", "samples.html"):
         assert (output / name).stat().st_size > 0

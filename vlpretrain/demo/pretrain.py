@@ -75,7 +75,7 @@ class PretrainConfig:
     """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
     llm_hidden: int = 64
     llm_layers: int = 2
-    llm_steps: int = 600
+    llm_steps: int = 1000
     llm_batch: int = 8
     llm_row_tokens: int = 256
     llm_lr: float = 5e-3
