@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlpretrain.demo.pretrain import (
     CELL_TOKENS,
@@ -46,3 +47,17 @@ def test_pack_texts_restarts_positions_and_never_splits_a_text() -> None:
     assert targets.tolist() == [[IGNORE, 2, 3, IGNORE, 5, IGNORE],
                                 [IGNORE, 7, 8, 9, IGNORE, IGNORE]]  # fmt: skip
     assert positions.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
+
+
+def test_tiny_llm_init_std_sets_the_initial_weight_scale() -> None:
+    from transformers import Qwen2ForCausalLM
+
+    from vlpretrain.demo.components import tiny_llm_config
+
+    def weight_std(init_std: float) -> float:
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(tiny_llm_config(100, init_std=init_std))
+        return float(model.model.layers[0].self_attn.q_proj.weight.std())
+
+    assert weight_std(0.02) == pytest.approx(0.02, rel=0.1)
+    assert weight_std(0.1) == pytest.approx(0.1, rel=0.1)
