@@ -23,6 +23,7 @@ from vlpretrain.data.loader import StreamConfig, build_dataloader, stream_states
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.data.samples import SkippedSample
 from vlpretrain.train.flops import ComponentShape, FlopsCounter
+from vlpretrain.train.states import TrainState
 
 PACKING = PackingConfig(
     max_packed_tokens=128, num_images_expected=6, max_buffer_size=4, rows_per_batch=2
@@ -243,3 +244,21 @@ def test_incomplete_or_mixed_saved_states_are_refused():
         target.load_resharded_state_dict(newer)
     same_shape = _loaders(sources, PACKING, config, 2)[0]
     assert target.shape_changed(states[0]) and not same_shape.shape_changed(states[0])
+
+
+def test_train_state_counters_keep_their_sums_over_ranks():
+    saved = [
+        TrainState(step=7, tokens_seen=100 + r, records_seen=10, skipped={"a": r}).state_dict()
+        for r in range(3)
+    ]
+    parts = []
+    for rank in range(2):
+        state = TrainState()
+        state.load_resharded_state_dict(saved, rank, 2)
+        parts.append(state)
+    assert [p.step for p in parts] == [7, 7]
+    assert sum(p.tokens_seen for p in parts) == 303 and sum(p.records_seen for p in parts) == 30
+    assert parts[0].skipped == {"a": 2} and parts[1].skipped == {"a": 1}
+    saved[1]["step"] = 8
+    with pytest.raises(ValueError, match="disagree.*step"):
+        TrainState().load_resharded_state_dict(saved, 0, 2)

@@ -402,7 +402,15 @@ class PackedDataLoader(StatefulDataLoader):
                 f"saved streams used seed(s) {sorted(seeds)}, this run has stream.seed "
                 f"{config.seed}; the saved permutations would not be this run's"
             )
-        self.stream.start_from(merge_stream_states(streams, config.replacement))
+        progress = merge_stream_states(streams, config.replacement)
+        saved = _loader_shape(saved_states[0].get(LOADER_STATE_KEY))
+        logger.warning(
+            "data stream saved on %d ranks x %d workers resumes on %d x %d: the rest of each "
+            "epoch is dealt anew (%d loaded but untrained pieces returned to the pool)",
+            saved["world_size"], saved["num_workers"], self._shape["world_size"],
+            self._shape["num_workers"], len(progress.pieces),
+        )  # fmt: skip
+        self.stream.start_from(progress)
 
 
 def build_dataloader(
