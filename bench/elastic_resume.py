@@ -1,0 +1,235 @@
+"""Resume on another world size: DCP resharding checked exactly, and the cost of the data merge.
+
+    python bench/elastic_resume.py [--records 10000000] [--ranks 512] [--workers 4] [--out DIR]
+
+1. reshard: a tiny FSDP2 model + AdamW, three steps on 2 gloo ranks, saved by
+   train.checkpoint.save_checkpoint; loaded by load_checkpoint on 3 ranks and on 1 rank
+   (FSDP2 on 3, a plain module on 1, as the loop runs them). Every full model tensor and
+   every AdamW moment must equal the saved ones bit for bit.
+2. merge: the saved streams of a `--ranks` x `--workers` job half-way through an epoch of a
+   `--records` dataset (each stream at a random position around the middle of its share, with
+   a few open rows). Measures, in CPU seconds, merging them (data.elastic) and building one
+   new stream's share for a job with half the ranks; the peak traced memory of each; and the
+   size of the consumed ranges in a new stream's JSON state.
+
+Prints one JSON summary (also OUT/summary.json). Not part of `make test` (the 2- and 3-rank
+start-ups take about a minute of CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+
+from vlpretrain.data import sharding
+from vlpretrain.data.elastic import merge_stream_states
+from vlpretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from vlpretrain.train.states import LoaderState, ModelState, OptimizerState, RNGState, TrainState
+
+
+class _NoLoader:
+    """The loader part of the states mapping; this check is about the tensors."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def load_resharded_state_dict(self, saved: list[dict[str, Any]]) -> None:
+        pass
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+class _NoSchedule:
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _model(world_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    if world_size > 1:
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, optimizer),
+        "scheduler": _NoSchedule(),
+        "train_state": TrainState(step=3),
+        "loader": LoaderState(_NoLoader()),
+        "rng": RNGState(),
+    }
+
+
+def _rank(rank: int, world_size: int, port: int, out: str, mode: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    timeout = datetime.timedelta(minutes=3)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    model, optimizer = _model(world_size)
+    if mode == "save":
+        for step in range(3):
+            torch.manual_seed(step)
+            model(torch.randn(4, 6)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        save_checkpoint(out, _states(model, optimizer), step=3, config={}, keep=1)
+    else:
+        load_checkpoint(Path(out) / "checkpoints" / "step-00000003", _states(model, optimizer))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = {
+        "model": get_model_state_dict(model, options=options),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options)["state"],
+    }
+    if rank == 0:
+        torch.save(full, Path(out) / f"{mode}-{world_size}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    model = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = all(
+        torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"][name][key]))
+        for name, per_param in a["optimizer"].items()
+        for key, value in per_param.items()
+    )
+    return model and moments and a["model"].keys() == b["model"].keys()
+
+
+def reshard_check(out: Path) -> dict[str, Any]:
+    for mode, world_size in (("save", 2), ("load", 3), ("load", 1)):
+        mp.spawn(_rank, args=(world_size, _free_port(), str(out), mode), nprocs=world_size)
+    saved = torch.load(out / "save-2.pt", weights_only=True)
+    result: dict[str, Any] = {"tensors": len(saved["model"])}
+    for world_size in (3, 1):
+        loaded = torch.load(out / f"load-{world_size}.pt", weights_only=True)
+        result[f"2_to_{world_size}_ranks_bit_equal"] = _equal(saved, loaded)
+    return result
+
+
+def _saved_streams(
+    num_records: int, num_ranks: int, num_workers: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """Stream states of a job half-way through epoch 0 (the fields data.elastic reads)."""
+    num_streams = num_ranks * num_workers
+    share = num_records // num_streams
+    positions = rng.binomial(share, 0.5, size=num_streams)
+    open_row = [[0, 1, 0, 0, 10, 0, 1]] * 8  # 8 pieces in one open row
+    return [
+        {
+            "world_size": num_ranks,
+            "num_workers": num_workers,
+            "rank": s // num_workers,
+            "worker": s % num_workers,
+            "seed": 0,
+            "num_loaded": 0,
+            "skipped": [],
+            "mixer": {
+                "lengths": [num_records],
+                "positions": [int(positions[s])],
+                "epochs": [0],
+                "passes": 0,
+                "consumed": [],
+            },
+            "packer": {"rows": [open_row] * 4, "num_rows_emitted": 1, "num_tokens_emitted": 1},
+            "ready_rows": [],
+        }  # fmt: skip
+        for s in range(num_streams)
+    ]
+
+
+def _measured(function: Any) -> tuple[Any, float, int]:
+    tracemalloc.start()
+    start = time.process_time()
+    value = function()
+    seconds = time.process_time() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return value, seconds, peak
+
+
+def merge_cost(num_records: int, num_ranks: int, num_workers: int) -> dict[str, Any]:
+    streams = _saved_streams(num_records, num_ranks, num_workers, np.random.default_rng(0))
+    progress, merge_seconds, merge_peak = _measured(
+        lambda: merge_stream_states(streams, replacement=False)
+    )
+    mask = progress.consumed[(0, 0)]
+    new_streams = (num_ranks // 2) * num_workers
+    share, share_seconds, share_peak = _measured(
+        lambda: sharding.stream_share(num_records, 0, 0, 0, 0, new_streams, mask)
+    )
+    ranges = sharding.to_ranges(mask)
+    return {
+        "records": num_records,
+        "saved_streams": len(streams),
+        "new_streams": new_streams,
+        "consumed": int(mask.sum()),
+        "pieces_returned": len(progress.pieces),
+        "merge_cpu_seconds": round(merge_seconds, 3),
+        "merge_peak_mib": round(merge_peak / 2**20, 1),
+        "new_share_records": len(share),
+        "new_share_cpu_seconds": round(share_seconds, 3),
+        "new_share_peak_mib": round(share_peak / 2**20, 1),
+        "consumed_ranges": len(ranges),
+        "consumed_json_kib": round(len(json.dumps(ranges)) / 1024, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=10_000_000)
+    parser.add_argument("--ranks", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="elastic_resume_"))
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "reshard": reshard_check(out),
+        "merge": merge_cost(args.records, args.ranks, args.workers),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    summary = main()
+    sys.exit(0 if all(v for k, v in summary["reshard"].items() if k.endswith("equal")) else 1)
