@@ -2,18 +2,23 @@
 
     python bench/elastic_resume.py [--records 10000000] [--ranks 512] [--workers 4] [--out DIR]
 
-1. reshard: a tiny FSDP2 model + AdamW, three steps on 2 gloo ranks, saved by
+1. cli: the tiny stage-2 run of the test suite, `vlpretrain train` under torchrun: 2 ranks
+   (FSDP2) for 2 steps; resumed on 3 ranks for 0 steps (its export must equal the 2-rank
+   export bit for bit); on 3 ranks to step 4; then on 1 rank (DDP, 2 loader workers) to step
+   6. At every checkpoint the records the batches were made of (records_seen, all ranks)
+   must equal the records the data stream counts as read: none loaded twice, none skipped.
+2. reshard: a tiny FSDP2 model + AdamW, three steps on 2 gloo ranks, saved by
    train.checkpoint.save_checkpoint; loaded by load_checkpoint on 3 ranks and on 1 rank
    (FSDP2 on 3, a plain module on 1, as the loop runs them). Every full model tensor and
    every AdamW moment must equal the saved ones bit for bit.
-2. merge: the saved streams of a `--ranks` x `--workers` job half-way through an epoch of a
+3. merge: the saved streams of a `--ranks` x `--workers` job half-way through an epoch of a
    `--records` dataset (each stream at a random position around the middle of its share, with
    a few open rows). Measures, in CPU seconds, merging them (data.elastic) and building one
    new stream's share for a job with half the ranks; the peak traced memory of each; and the
    size of the consumed ranges in a new stream's JSON state.
 
-Prints one JSON summary (also OUT/summary.json). Not part of `make test` (the 2- and 3-rank
-start-ups take about a minute of CPU).
+Prints one JSON summary (also OUT/summary.json). Not part of `make test` (the torchrun
+start-ups take a few minutes of CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import datetime
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,10 +49,68 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from vlpretrain.data import sharding
-from vlpretrain.data.elastic import merge_stream_states
-from vlpretrain.train.checkpoint import load_checkpoint, save_checkpoint
-from vlpretrain.train.states import LoaderState, ModelState, OptimizerState, RNGState, TrainState
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from train_fixtures import (  # noqa: E402
+    build_train_assets,
+    cli_env,
+    read_metrics,
+    records_read,
+    records_seen,
+    stage_raw,
+    write_stage,
+)
+
+from vlpretrain.data import sharding  # noqa: E402
+from vlpretrain.data.elastic import merge_stream_states  # noqa: E402
+from vlpretrain.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
+from vlpretrain.train.states import (  # noqa: E402
+    LoaderState,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    TrainState,
+)
+
+
+def _train(config: Path, num_ranks: int, *overrides: str) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_ranks),
+        "--master_port", str(_free_port()), "-m", "vlpretrain", "train", str(config),
+        *(part for item in overrides for part in ("--set", item)),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=cli_env(deterministic=True), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+
+
+def cli_check(out: Path) -> dict[str, Any]:
+    assets = build_train_assets(out / "assets")
+    run = out / "run"
+    raw = stage_raw(
+        assets, run, stage="stage2", max_steps=2, dist={"strategy": "fsdp"},
+        optim={"learning_rate": 1e-3, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+    )  # fmt: skip
+    config = write_stage(out / "run.toml", raw)
+    allow = 'train.allow_changed_on_resume=["train.max_steps", "dist.strategy"]'
+    _train(config, 2)
+    exported = load_file(str(run / "model.safetensors"))
+    _train(config, 3)  # 0 steps: load on 3 ranks, export
+    reloaded = load_file(str(run / "model.safetensors"))
+    _train(config, 3, "train.max_steps=4", allow)
+    _train(config, 1, "train.max_steps=6", "dist.strategy=ddp", "stream.num_workers=2", allow)
+    checkpoints = [path for _, path in list_checkpoints(run)]
+    return {
+        "2_to_3_ranks_export_bit_equal": all(
+            torch.equal(exported[k], reloaded[k]) for k in exported
+        )
+        and exported.keys() == reloaded.keys(),
+        "steps": [record["step"] for record in read_metrics(run)],
+        "records_seen_equal_records_read": {
+            path.name: [records_seen(path), records_read(path)] for path in checkpoints
+        },
+    }
 
 
 class _NoLoader:
@@ -107,12 +172,12 @@ def _rank(rank: int, world_size: int, port: int, out: str, mode: str) -> None:
         save_checkpoint(out, _states(model, optimizer), step=3, config={}, keep=1)
     else:
         load_checkpoint(Path(out) / "checkpoints" / "step-00000003", _states(model, optimizer))
+    # Full state dicts, gathered on rank 0 (the other ranks get empty ones).
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = {
-        "model": get_model_state_dict(model, options=options),
-        "optimizer": get_optimizer_state_dict(model, optimizer, options=options)["state"],
-    }
+    weights = get_model_state_dict(model, options=options)
+    moments = get_optimizer_state_dict(model, optimizer, options=options)
     if rank == 0:
+        full = {"model": weights, "optimizer": moments["state"]}
         torch.save(full, Path(out) / f"{mode}-{world_size}.pt")
     dist.destroy_process_group()
 
@@ -222,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or Path(tempfile.mkdtemp(prefix="elastic_resume_"))
     out.mkdir(parents=True, exist_ok=True)
     summary = {
+        "cli": cli_check(out),
         "reshard": reshard_check(out),
         "merge": merge_cost(args.records, args.ranks, args.workers),
     }
@@ -232,4 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     summary = main()
-    sys.exit(0 if all(v for k, v in summary["reshard"].items() if k.endswith("equal")) else 1)
+    read = summary["cli"]["records_seen_equal_records_read"].values()
+    exact = [v for k, v in summary["reshard"].items() if k.endswith("equal")]
+    exact += [summary["cli"]["2_to_3_ranks_export_bit_equal"], all(a == b for a, b in read)]
+    sys.exit(0 if all(exact) else 1)

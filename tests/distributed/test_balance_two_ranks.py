@@ -65,7 +65,8 @@ def test_balanced_two_rank_run_resumes_exactly(train_assets, tmp_path):  # noqa:
         balances = _balance_states(_rank_state(checkpoint, rank))
         assert balances and all(b["total_tokens"] > 0 for b in balances)
 
-    wait_ok(torchrun(resumed, "--set", "train.max_steps=4"))
+    allow = 'train.allow_changed_on_resume=["train.max_steps"]'
+    wait_ok(torchrun(resumed, "--set", "train.max_steps=4", "--set", allow))
     assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
     losses = losses_by_step(tmp_path / "resumed")
     assert losses == losses_by_step(tmp_path / "straight")

@@ -16,7 +16,6 @@ relative plus 1e-6 absolute, a thousandth of one step's update at learning rate 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import socket
 import subprocess
@@ -35,6 +34,8 @@ from train_fixtures import (
     cli_env,
     losses_by_step,
     read_metrics,
+    records_read,
+    records_seen,
     stage_raw,
     torch_threads,
     train_assets,  # noqa: F401  (pytest fixture)
@@ -45,8 +46,7 @@ from vlpretrain.cli import main
 from vlpretrain.config import RunConfig, build_run_config
 from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch, collate_rows
-from vlpretrain.data.elastic import merge_stream_states
-from vlpretrain.data.loader import build_dataloader, stream_states
+from vlpretrain.data.loader import build_dataloader
 from vlpretrain.data.packing import PackItem, PackRow, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
 from vlpretrain.data.skips import SKIP_LOG_NAME, SkipLog
@@ -319,7 +319,7 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
 
     # Elastic resume: the 2-rank FSDP2 checkpoint continues on 1 rank with 2 loader workers.
     # Every record the stream marks consumed was loaded once: the job's records_seen equals it.
-    assert records_seen(checkpoint.parent / "step-00000004") == records_consumed(
+    assert records_seen(checkpoint.parent / "step-00000004") == records_read(
         checkpoint.parent / "step-00000004"
     )
     extend_more = ["--set", "train.max_steps=6", "--set", "stream.num_workers=2"]
@@ -328,29 +328,7 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
     last = tmp_path / "resumed" / "checkpoints" / "step-00000006"
     assert sorted(p.name for p in last.glob("rank-*.json")) == ["rank-00000.json"]
     assert (
-        records_seen(last)
-        == records_consumed(last)
-        > records_seen(checkpoint.parent / "step-00000004")
-    )
-
-
-def _rank_states(checkpoint: Path) -> list[dict]:
-    return [json.loads(f.read_text())["states"] for f in sorted(checkpoint.glob("rank-*.json"))]
-
-
-def records_seen(checkpoint: Path) -> int:
-    """Records (samples and skips) the batches trained so far were made of, over all ranks."""
-    return sum(int(s["train_state"]["records_seen"]) for s in _rank_states(checkpoint))
-
-
-def records_consumed(checkpoint: Path) -> int:
-    """Records the data stream counts as read: whole epochs plus the consumed positions."""
-    streams = [s for state in _rank_states(checkpoint) for s in stream_states(state["loader"])]
-    progress = merge_stream_states(streams, replacement=False)
-    return sum(
-        progress.epochs[k] * length
-        + sum(progress.num_consumed(k, e) for (j, e) in progress.consumed if j == k)
-        for k, length in enumerate(progress.lengths)
+        records_seen(last) == records_read(last) > records_seen(checkpoint.parent / "step-00000004")
     )
 
 

@@ -56,9 +56,11 @@ class DataProgress:
     skipped: list[list[Any]] = field(default_factory=list)
     """Skips not yet reported with a batch (normally none between batches)."""
 
-    def num_consumed(self, k: int, epoch: int) -> int:
-        mask = self.consumed.get((k, epoch))
-        return 0 if mask is None else int(np.count_nonzero(mask))
+    def num_read(self) -> int:
+        """Records read over all epochs: the epochs before `epochs[k]` whole, plus the
+        consumed positions of the later ones (each record once, however many streams)."""
+        whole = sum(e * n for e, n in zip(self.epochs, self.lengths, strict=True))
+        return whole + sum(int(np.count_nonzero(m)) for m in self.consumed.values())
 
 
 def deal(total: int, stream_id: int, num_streams: int) -> int:
