@@ -15,14 +15,13 @@ from itertools import islice
 
 import numpy as np
 import pytest
-from stream_fakes import FACTS, FakeSource
+from stream_fakes import COUNTER, FACTS, FakeSource
 
 from vlpretrain.data import sharding
 from vlpretrain.data.elastic import merge_stream_states
 from vlpretrain.data.loader import StreamConfig, build_dataloader, stream_states
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.data.samples import SkippedSample
-from vlpretrain.train.flops import ComponentShape, FlopsCounter
 from vlpretrain.train.states import TrainState
 
 PACKING = PackingConfig(
@@ -30,14 +29,6 @@ PACKING = PackingConfig(
 )
 SPLITTING = PackingConfig(
     max_packed_tokens=96, num_images_expected=5, max_buffer_size=3, split_at_image_boundary=True
-)
-COUNTER = FlopsCounter(
-    vision=ComponentShape(400, 1.0, True, 2, 8),
-    projector=ComponentShape(20, 1.0, True),
-    llm=ComponentShape(100, 1.0, True, 2, 2),
-    head=ComponentShape(30, 1.0, True),
-    vision_tokens_per_tile=5,
-    image_tokens_per_tile=4,
 )
 
 
