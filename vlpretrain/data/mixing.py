@@ -96,10 +96,6 @@ class DatasetMixer:
         return tuple(self._lengths)
 
     @property
-    def replacement(self) -> bool:
-        return self._replacement
-
-    @property
     def epochs(self) -> tuple[int, ...]:
         """Current epoch of every dataset."""
         return tuple(self._epochs)
@@ -176,8 +172,12 @@ class DatasetMixer:
             self._epochs[k] += 1
             self._positions[k] = 0
         self._forget_consumed()
-        self._active = [self.share_size(k, self._epochs[k]) > 0 for k in range(len(self._lengths))]
+        self._active = self._has_records()
         return True
+
+    def _has_records(self) -> list[bool]:
+        """Per dataset: does this stream's share of its current epoch hold a record?"""
+        return [self.share_size(k, epoch) > 0 for k, epoch in enumerate(self._epochs)]
 
     def _forget_consumed(self) -> None:
         self._consumed = {
@@ -190,10 +190,6 @@ class DatasetMixer:
         """Records of dataset k this stream reads in `epoch` (all of them, from the start)."""
         left = sharding.num_left(self._lengths[k], self._consumed.get((k, epoch)))
         return sharding.share_length(left, self._stream_id, self._num_streams)
-
-    def consumed_before(self, k: int, epoch: int) -> np.ndarray | None:
-        """Mask of dataset k's `epoch` consumed before this layout (None: nothing)."""
-        return self._consumed.get((k, epoch))
 
     def start_from(
         self, epochs: Sequence[int], passes: int, consumed: dict[tuple[int, int], np.ndarray]
@@ -209,12 +205,10 @@ class DatasetMixer:
         self._consumed = dict(consumed)
         self._forget_consumed()
         self._share_cache = {}
-        if self._replacement:
-            self._active = [n > 0 for n in self._share_lengths]
-        else:
-            self._active = [
-                self.share_size(k, self._epochs[k]) > 0 for k in range(len(self._lengths))
-            ]
+        # With replacement a dataset is only ever inactive when it has no share at all.
+        self._active = (
+            [n > 0 for n in self._share_lengths] if self._replacement else (self._has_records())
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python snapshot (ints, lists, the generator state)."""
