@@ -13,9 +13,10 @@
    every AdamW moment must equal the saved ones bit for bit.
 3. merge: the saved streams of a `--ranks` x `--workers` job half-way through an epoch of a
    `--records` dataset (each stream at a random position around the middle of its share, with
-   a few open rows). Measures, in CPU seconds, merging them (data.elastic) and building one
-   new stream's share for a job with half the ranks; the peak traced memory of each; and the
-   size of the consumed ranges in a new stream's JSON state.
+   a few open rows). Measures, in CPU seconds (median and range of 3), merging them
+   (data.elastic) and building one new stream's share for a job with half the ranks, beside
+   building a fresh epoch's share (today's cost of every epoch start); the peak traced memory
+   of each; and the size of the consumed ranges in a new stream's JSON state.
 
 Prints one JSON summary (also OUT/summary.json). Not part of `make test` (the torchrun
 start-ups take a few minutes of CPU).
@@ -240,14 +241,22 @@ def _saved_streams(
     ]
 
 
-def _measured(function: Any) -> tuple[Any, float, int]:
+def _measured(function: Any, repeats: int = 3) -> tuple[Any, list[float], int]:
+    """Result, CPU seconds of each repeat (untraced), peak traced bytes of one more run."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.process_time()
+        function()
+        seconds.append(time.process_time() - start)
     tracemalloc.start()
-    start = time.process_time()
     value = function()
-    seconds = time.process_time() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return value, seconds, peak
+    return value, sorted(seconds), peak
+
+
+def _median_range(seconds: list[float]) -> str:
+    return f"{seconds[len(seconds) // 2]:.3f} ({seconds[0]:.3f}-{seconds[-1]:.3f})"
 
 
 def merge_cost(num_records: int, num_ranks: int, num_workers: int) -> dict[str, Any]:
@@ -260,6 +269,9 @@ def merge_cost(num_records: int, num_ranks: int, num_workers: int) -> dict[str, 
     share, share_seconds, share_peak = _measured(
         lambda: sharding.stream_share(num_records, 0, 0, 0, 0, new_streams, mask)
     )
+    _, fresh_seconds, fresh_peak = _measured(
+        lambda: sharding.stream_share(num_records, 0, 0, 0, 0, new_streams)
+    )
     ranges = sharding.to_ranges(mask)
     return {
         "records": num_records,
@@ -267,11 +279,13 @@ def merge_cost(num_records: int, num_ranks: int, num_workers: int) -> dict[str, 
         "new_streams": new_streams,
         "consumed": int(mask.sum()),
         "pieces_returned": len(progress.pieces),
-        "merge_cpu_seconds": round(merge_seconds, 3),
+        "merge_cpu_seconds_median_range": _median_range(merge_seconds),
         "merge_peak_mib": round(merge_peak / 2**20, 1),
         "new_share_records": len(share),
-        "new_share_cpu_seconds": round(share_seconds, 3),
+        "new_share_cpu_seconds_median_range": _median_range(share_seconds),
         "new_share_peak_mib": round(share_peak / 2**20, 1),
+        "fresh_share_cpu_seconds_median_range": _median_range(fresh_seconds),
+        "fresh_share_peak_mib": round(fresh_peak / 2**20, 1),
         "consumed_ranges": len(ranges),
         "consumed_json_kib": round(len(json.dumps(ranges)) / 1024, 1),
     }
