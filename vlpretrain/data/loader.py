@@ -265,9 +265,10 @@ class WorkerStream:
         for values in progress.pieces[stream_id::num_streams]:
             ref = PieceRef.from_tuple(values)
             self._ready.extend(self.packer.add(PackItem(ref, self.load_piece(ref))))
-        # The saved sums already count these pieces: packing them again must not count them
-        # twice (the emitted-row counters, too, describe the saved run's rows).
-        self.packer.start_from(*counters)
+        # The saved FLOPs sums already count these pieces: packing them again must not count
+        # them twice (rows emitted now are counted: they are new rows).
+        packer = self.packer
+        packer.start_from(packer.num_rows_emitted, packer.num_tokens_emitted, counters[2])
 
     def state_dict(self) -> dict[str, Any]:
         """Versioned plain-Python state: mixer, open rows (by reference), pending rows."""
