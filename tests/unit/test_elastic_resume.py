@@ -15,14 +15,17 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import torch
 from stream_fakes import COUNTER, FACTS, FakeSource
+from torch import nn
 
 from vlpretrain.data import sharding
 from vlpretrain.data.elastic import merge_stream_states
 from vlpretrain.data.loader import StreamConfig, build_dataloader, stream_states
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.data.samples import SkippedSample
-from vlpretrain.train.states import TrainState
+from vlpretrain.train.checkpoint import load_checkpoint, save_checkpoint
+from vlpretrain.train.states import TrainState, training_states
 
 PACKING = PackingConfig(
     max_packed_tokens=128, num_images_expected=6, max_buffer_size=4, rows_per_batch=2
@@ -287,3 +290,26 @@ def test_after_a_resize_a_same_shape_resume_is_bit_exact():
     again.load_state_dict(saved)
     tail = list(islice(iter(again), 5))
     assert [b.sample_ids for b in head + tail] == [b.sample_ids for b in expected]
+
+
+def test_a_checkpoint_resumes_with_another_worker_count(tmp_path):
+    """Same world size, 0 -> 2 workers: load_checkpoint hands the loader every saved rank's
+    state (here the one rank's) and the stream continues the epoch."""
+    sources = _sources()
+
+    def run(num_workers):
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        config = StreamConfig(seed=3, num_workers=num_workers, num_epochs=1)
+        loader = build_dataloader(sources, PACKING, FACTS, config, 0, 1)
+        return training_states(model, optimizer, scheduler, loader, TrainState())
+
+    saved = run(0)
+    trained = list(islice(saved["loader"].iterator, 5))
+    path = save_checkpoint(tmp_path, saved, step=5, config={}, keep=1)
+    resumed = run(2)
+    load_checkpoint(path, resumed)
+    after = list(resumed["loader"].iterator)
+    _check_epoch_once(trained + after, sources, PACKING, seed=3)
