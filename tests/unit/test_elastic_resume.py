@@ -232,6 +232,9 @@ def test_incomplete_or_mixed_saved_states_are_refused():
         build_dataloader(
             sources, PACKING, FACTS, StreamConfig(seed=4), 0, 3
         ).load_resharded_state_dict(states)
+    fewer = build_dataloader(sources[:2], PACKING, FACTS, config, 0, 3)
+    with pytest.raises(ValueError, match="dataset lengths changed"):
+        fewer.load_resharded_state_dict(states)
     newer = json.loads(json.dumps(states))
     newer[1]["vlpretrain_stream"]["version"] = 99
     with pytest.raises(ValueError, match="version 99: this vlpretrain reads versions 1, 2"):

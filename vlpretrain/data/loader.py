@@ -244,11 +244,7 @@ class WorkerStream:
     def start_from(self, progress: DataProgress) -> None:
         """Continue a job of another shape: this stream's share of what it left unread, and
         its part of the pieces it had loaded but not trained on (packed first)."""
-        if progress.lengths != list(self.mixer.lengths):
-            raise ValueError(
-                f"dataset lengths changed since the checkpoint: saved {progress.lengths}, now "
-                f"{list(self.mixer.lengths)}; resume needs the same meta file and repeat_time"
-            )
+        _check_lengths(progress, self.sources)
         stream_id, num_streams = self.stream_id, self.num_streams
         self.mixer.start_from(progress.epochs, progress.passes, progress.consumed)
         balance = progress.balance
@@ -404,6 +400,7 @@ class PackedDataLoader(StatefulDataLoader):
                 f"{config.seed}; the saved permutations would not be this run's"
             )
         progress = merge_stream_states(streams, config.replacement)
+        _check_lengths(progress, self.stream.sources)
         saved = _loader_shape(saved_states[0].get(LOADER_STATE_KEY))
         logger.warning(
             "data stream saved on %d ranks x %d workers resumes on %d x %d: the rest of each "
@@ -518,6 +515,15 @@ def stream_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
     for state in states:
         _check_version(state.get("version"), "stream state")
     return states
+
+
+def _check_lengths(progress: DataProgress, sources: Sequence[SampleSourceLike]) -> None:
+    lengths = [len(s) for s in sources]
+    if progress.lengths != lengths:
+        raise ValueError(
+            f"dataset lengths changed since the checkpoint: saved {progress.lengths}, now "
+            f"{lengths}; resume needs the same meta file and repeat_time"
+        )
 
 
 def _check_shape(saved: dict[str, int], current: dict[str, int]) -> None:
