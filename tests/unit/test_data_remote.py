@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from s3_server import BUCKET, s3_server
+from train_fixtures import stage_raw, train_assets, write_stage  # noqa: F401
 
+from vlpretrain.cli import main
 from vlpretrain.data import media, remote
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
 from vlpretrain.data.index import AnnotationIndex
@@ -257,3 +259,22 @@ def test_local_paths_never_go_through_fsspec(tmp_path, tokenizer, monkeypatch):
     config = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
     sample = DatasetSource(spec, config, facts_of(tokenizer), tokenizer).load(0, 0, 0)
     assert isinstance(sample, TokenizedSample)
+
+
+def test_data_check_of_an_s3_meta_names_every_failed_url(s3, tmp_path, train_assets, capsys):  # noqa: F811
+    good = {"image": "a.png", "conversations": conv("what?", "red")}
+    records = [good, good, good, {**good, "image": "gone.png"}, {**good, "image": "broken.png"}]
+    files = {"a.png": png((56, 28), "red"), "broken.png": png((56, 28), "red")}
+    _, meta = upload_dataset(s3, tmp_path, "check", records, files)
+    s3.proxy.plan("check/broken.png", "drop")
+    raw = stage_raw(train_assets, tmp_path / "run", train={"meta_path": meta})
+    stage = write_stage(tmp_path / "stage.toml", raw)
+    sets = ["data.remote_retries=0", f"data.cache_dir={tmp_path / 'cache'}"]
+    code = main(["data", "check", str(stage), *(a for s in sets for a in ("--set", s))])
+    out = capsys.readouterr().out
+    assert code == 1  # 2 of 5 skipped: above the run's 20 %
+    assert "== ds: 5 lines, effective length 5, 3 ok, 2 skipped" in out
+    assert "ds: read_error: 1 of 5" in out and "ds: missing_image: 1 of 5" in out
+    assert f"s3://{BUCKET}/check/ann.jsonl:5" in out  # where the record is
+    assert f"s3://{BUCKET}/check/broken.png: cat_file failed 1 time(s)" in out  # what failed
+    assert f"no image object s3://{BUCKET}/check/gone.png" in out
