@@ -191,6 +191,12 @@ def test_a_stalled_server_times_out_instead_of_hanging(s3):
     assert time.monotonic() - start < 5.0  # 2 attempts of 0.5 s, not the 20 s stall
     assert caught.value.reason == "read_error" and url in caught.value.detail
     assert "0.5 s timeout" in caught.value.detail
+    head = URL(s3.put("stall/head.png", png((8, 8), "red")))
+    s3.proxy.plan("stall/head.png", "stall", method="HEAD")  # the metadata request stalls
+    start = time.monotonic()
+    with pytest.raises(RecordError, match=f"read_error: {head}: info failed 2 time"):
+        media.load_image(head, settings=settings)
+    assert time.monotonic() - start < 5.0
 
 
 def test_missing_objects_are_named(s3, tmp_path):
