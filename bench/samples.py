@@ -1,114 +1,141 @@
-"""Benchmark the sample pipeline and the annotation index (runs in well under 2 minutes).
+"""Benchmark the sample pipeline and the annotation index, in CPU time, side by side.
 
-    (a) samples/s of DatasetSource.load on generated images, one process (= one worker),
-        against a floor measured in the same run: decode + tile + normalise only.
+    (a) Real photos (scikit-image's samples upscaled to 1920x1080 and 4000x3000, JPEG), max 12
+        tiles + thumbnail as the recipes run: CPU time per image of the reference's per-tile
+        path (re-implemented below from its behaviour: Image.open().convert('RGB') ->
+        dynamic_preprocess -> per tile Resize / ToTensor / Normalize -> torch.stack) against
+        ours (data/media.load_image -> data/tiling.dynamic_tiles -> one normalize into an
+        array), and our whole DatasetSource.load (tokenising included) per sample.
     (b) 1M-line annotation: index build time, peak memory (tracemalloc) and random-access
         reads, against reading all lines into a Python list (the reference's way).
-    (c) local paths are not slower for URLs: CPU time per AnnotationIndex.read and per
-        DatasetSource.load of this tree beside a checkout from before URLs (--baseline-tree),
-        alternating fresh processes; then the same data from moto's S3 server on 127.0.0.1
-        (s3fs) for scale. Baseline: git archive ee2f6d2 | tar -x -C /tmp/base.
 
-Run: .venv/bin/python bench/samples.py [--local-vs-remote (only c)] [--baseline-tree DIR]
+Run: .venv/bin/python bench/samples.py [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
-import os
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import fsspec
 import numpy as np
+import torch
 from PIL import Image
 
-from vlpretrain.data import tiling
-from vlpretrain.data.build import DatasetSource, SampleConfig
-from vlpretrain.data.index import AnnotationIndex
-from vlpretrain.data.media import load_image
-from vlpretrain.data.meta import DatasetSpec
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
-from vlpretrain.facts import RunFacts
-from vlpretrain.tokens import add_internvl_tokens
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import write_photo_dataset  # noqa: E402
+
+from vlpretrain.data import tiling  # noqa: E402
+from vlpretrain.data.build import DatasetSource, SampleConfig  # noqa: E402
+from vlpretrain.data.index import AnnotationIndex  # noqa: E402
+from vlpretrain.data.media import load_image  # noqa: E402
+from vlpretrain.data.meta import load_meta  # noqa: E402
+from vlpretrain.demo.tokenizer import train_tiny_tokenizer  # noqa: E402
+from vlpretrain.facts import RunFacts  # noqa: E402
+from vlpretrain.tokens import add_internvl_tokens  # noqa: E402
 
 TILE_SIZE = 448
-SIZES = [(640, 480), (1280, 720), (448, 448), (896, 448), (300, 500)]
-NUM_RECORDS = 40
+MAX_TILES = 12
 NUM_LINES = 1_000_000
 NUM_READS = 20_000
-REMOTE_LINES = 20_000
-"""Lines of (c)'s annotation."""
-ROUNDS = 5
-"""Fresh processes per tree in (c)."""
-Figure = tuple[float, float, float]
-"""Median, min and max CPU microseconds per item."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def make_image_dataset(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for k, size in enumerate(SIZES):
-        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"img{k}.jpg", quality=90)
-    turns = [{"from": "human", "value": "Describe the picture."},
-             {"from": "gpt", "value": "a red circle and a blue square"}]  # fmt: skip
-    ann = root / "images.jsonl"
-    with open(ann, "w") as f:
-        for i in range(NUM_RECORDS):
-            record = {"image": f"img{i % len(SIZES)}.jpg", "conversations": turns}
-            f.write(json.dumps(record) + "\n")
-    return ann
+# ---------------------------------------------------------------- the reference's per-tile path
 
 
-def bench_pipeline(root: Path) -> None:
+def reference_grid(width: int, height: int, max_num: int, size: int) -> tuple[int, int]:
+    """The reference's find_closest_aspect_ratio over its candidate order (min_num 1)."""
+    ratios = {(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1)
+              for j in range(1, n + 1) if 1 <= i * j <= max_num}  # fmt: skip
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for i, j in sorted(ratios, key=lambda r: r[0] * r[1]):
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * size * size * i * j:
+            best = (i, j)
+    return best
+
+
+def reference_pixel_values(path: Path) -> torch.Tensor:
+    """(T, 3, 448, 448) float32 the way the reference's dataset builds them (data_augment off)."""
+    image = Image.open(path).convert("RGB")
+    cols, rows = reference_grid(*image.size, MAX_TILES, TILE_SIZE)
+    resized = image.resize((TILE_SIZE * cols, TILE_SIZE * rows))
+    tiles = [resized.crop(((k % cols) * TILE_SIZE, (k // cols) * TILE_SIZE,
+                           (k % cols + 1) * TILE_SIZE, (k // cols + 1) * TILE_SIZE))
+             for k in range(cols * rows)]  # fmt: skip
+    if len(tiles) > 1:
+        tiles.append(image.resize((TILE_SIZE, TILE_SIZE)))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for tile in tiles:  # T.Compose([RGB, Resize, ToTensor, Normalize]) per tile
+        tile = tile.convert("RGB") if tile.mode != "RGB" else tile
+        tile = tile.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
+        array = torch.from_numpy(np.array(tile, np.uint8, copy=True))
+        tensor = array.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        out.append(tensor.sub_(mean).div_(std))
+    return torch.stack(out)
+
+
+def our_pixel_values(path: Path) -> np.ndarray:
+    image = load_image(path)
+    tiles = tiling.dynamic_tiles(image, 1, MAX_TILES, TILE_SIZE, True)
+    return tiling.normalize(tiles, "imagenet", TILE_SIZE)
+
+
+def cpu_seconds(fn, *args) -> float:  # noqa: ANN001 - tiny local helper
+    start = time.process_time()
+    fn(*args)
+    return time.process_time() - start
+
+
+def bench_pipeline(root: Path, repeats: int) -> None:
+    meta = write_photo_dataset(root / "photos", num_records=12)
+    spec = load_meta(meta)[0]
+    images = sorted((root / "photos" / "images").glob("*.jpg"))
+    print(f"(a) {len(images)} real photos (1920x1080, 4000x3000), max {MAX_TILES} tiles + "
+          f"thumbnail, median [min, max] of {repeats} passes, CPU ms per image")  # fmt: skip
+    for path in images[:2]:  # same pixels both ways (ours normalises in float32 numpy)
+        gap = np.abs(reference_pixel_values(path).numpy() - our_pixel_values(path)).max()
+        print(f"    {path.name}: max |reference - ours| pixel value {gap:.2e}")
     tokenizer = train_tiny_tokenizer(root / "tok")
     add_internvl_tokens(tokenizer)
-    ann = make_image_dataset(root)
-    config = SampleConfig(cache_dir=str(root / "cache"), max_dynamic_patch=6)
     facts = RunFacts.from_tokenizer(
         tokenizer, tile_size=TILE_SIZE, num_image_token=256, template="internvl2_5"
     )
-    print(f"(a) sample pipeline, 1 worker, {NUM_RECORDS} records, sizes {SIZES}, max 6 tiles")
-    floor_rate = None
-    for augment in (False, True):
-        spec = DatasetSpec(name="img", dataset_index=0, root=root, annotation=ann,
-                           repeat_time=1.0, data_augment=augment)  # fmt: skip
-        source = DatasetSource(spec, config, facts, tokenizer)
-        source.load(0, 0, 0)  # warm-up
-        start = time.perf_counter()
-        tiles = sum(source.load(i, 0, 0).num_tiles for i in range(NUM_RECORDS))
-        rate = NUM_RECORDS / (time.perf_counter() - start)
-        if floor_rate is None:
-            floor_rate = _floor_rate(root, config)
-            print(f"    floor (decode+tile+normalise only): {floor_rate:7.1f} samples/s")
-        print(f"    data_augment={augment!s:5}: {rate:7.1f} samples/s, {tiles / NUM_RECORDS:.1f} "
-              f"tiles/sample, ratio to floor {rate / floor_rate:.2f}")  # fmt: skip
+    config = SampleConfig(cache_dir=str(root / "cache"), max_dynamic_patch=MAX_TILES)
+    source = DatasetSource(spec, config, facts, tokenizer)
+    source.load(0, 0, 0)  # warm-up (tokenizer, index)
+    times: dict[str, list[float]] = {"reference": [], "ours": [], "ours, whole sample": []}
+    for _ in range(repeats):  # interleaved passes: neighbours slow all three alike
+        times["reference"].append(sum(cpu_seconds(reference_pixel_values, p) for p in images))
+        times["ours"].append(sum(cpu_seconds(our_pixel_values, p) for p in images))
+        whole = sum(cpu_seconds(source.load, i, 0, 0) for i in range(len(images)))
+        times["ours, whole sample"].append(whole)
+    per_image = {k: [1000 * t / len(images) for t in v] for k, v in times.items()}
+    for name, values in per_image.items():
+        print(f"    {name:19}: {statistics.median(values):7.1f} ms "
+              f"[{min(values):.1f}, {max(values):.1f}]")  # fmt: skip
+    ratios = [r / o for r, o in zip(times["reference"], times["ours"], strict=True)]
+    print(f"    CPU-time ratio reference/ours (pixels): {statistics.median(ratios):.2f} "
+          f"[{min(ratios):.2f}, {max(ratios):.2f}] (> 1: ours faster)")  # fmt: skip
 
 
-def _floor_rate(root: Path, config: SampleConfig) -> float:
-    start = time.perf_counter()
-    for i in range(NUM_RECORDS):
-        image = load_image(root / f"img{i % len(SIZES)}.jpg")
-        tiles = tiling.dynamic_tiles(image, 1, 6, TILE_SIZE, True)
-        tiling.normalize(tiles, "imagenet", TILE_SIZE)
-    return NUM_RECORDS / (time.perf_counter() - start)
-
-
-def write_big_annotation(path: Path, num_lines: int = NUM_LINES) -> None:
+def write_big_annotation(path: Path) -> None:
     line = '{"id": %d, "image": "images/%08d.jpg", "conversations": [{"from": "human", "value": "<image>"}]}\n'  # noqa: E501
     with open(path, "w") as f:
-        for start in range(0, num_lines, 100_000):
-            stop = min(start + 100_000, num_lines)
-            f.write("".join(line % (i, i) for i in range(start, stop)))
+        for start in range(0, NUM_LINES, 100_000):
+            f.write("".join(line % (i, i) for i in range(start, start + 100_000)))
 
 
 def measure(fn):  # noqa: ANN001, ANN201 - tiny local helper
@@ -156,132 +183,14 @@ def bench_index(root: Path) -> None:
           f"list {t_list_reads * us:.1f} us/record, ratio {ratio:.2f}")  # fmt: skip
 
 
-def _cpu_per_item(fn, items, repeats: int = 5) -> Figure:  # noqa: ANN001
-    """Median, min and max over `repeats` runs of CPU microseconds per item of fn(item)."""
-    runs = []
-    for _ in range(repeats):
-        start = time.process_time()
-        for item in items:
-            fn(item)
-        runs.append((time.process_time() - start) * 1e6 / len(items))
-    return float(np.median(runs)), min(runs), max(runs)
-
-
-@contextlib.contextmanager
-def serve_directory(folder: Path, names: list[str]) -> Iterator[str]:
-    """Upload folder/name for each of `names` to a moto S3 server on 127.0.0.1; yields the
-    s3:// prefix. Clients find it as any s3fs user would: AWS_* variables."""
-    from moto.server import ThreadedMotoServer  # dev dependency, as in the tests
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)  # fmt: skip
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    try:
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("bench")
-        for name in names:
-            fs.pipe_file(f"bench/{name}", (folder / name).read_bytes())
-        yield "s3://bench"
-    finally:
-        server.stop()
-
-
-def make_local_vs_remote_data(folder: Path) -> None:
-    """The data of (c): the images dataset of (a) and a 20k-line annotation."""
-    folder.mkdir(exist_ok=True)
-    make_image_dataset(folder)
-    write_big_annotation(folder / "big.jsonl", num_lines=REMOTE_LINES)
-
-
-def _sources(folder: Path, root: object, annotation: object, big: object) -> tuple[Any, Any]:
-    """(AnnotationIndex of `big`, DatasetSource of the images dataset) for (c)."""
-    tokenizer = train_tiny_tokenizer(folder / "tok")
-    add_internvl_tokens(tokenizer)
-    facts = RunFacts.from_tokenizer(tokenizer, tile_size=TILE_SIZE, num_image_token=256,
-                                    template="internvl2_5")  # fmt: skip
-    config = SampleConfig(cache_dir=str(folder / "cache"), max_dynamic_patch=6)
-    spec = DatasetSpec(name="img", dataset_index=0, root=root, annotation=annotation,
-                       repeat_time=1.0, data_augment=False)  # fmt: skip
-    return AnnotationIndex(big, folder / "cache"), DatasetSource(spec, config, facts, tokenizer)
-
-
-def measure_reads(index: Any, source: Any, num_reads: int, repeats: int) -> dict[str, Figure]:
-    """CPU us per AnnotationIndex.read and per DatasetSource.load."""
-    picks = np.random.default_rng(1).integers(0, len(index), num_reads).tolist()
-    return {
-        "AnnotationIndex.read": _cpu_per_item(lambda i: index.read(i, 1 << 20), picks, repeats),
-        "DatasetSource.load": _cpu_per_item(lambda i: source.load(i, 0, 0), range(NUM_RECORDS), 3),
-    }
-
-
-def local_figures(folder: Path) -> dict[str, Figure]:
-    """(c)'s local-path figures with whatever vlpretrain is importable (any version)."""
-    index, source = _sources(folder, folder, folder / "images.jsonl", folder / "big.jsonl")
-    return measure_reads(index, source, REMOTE_LINES, 5)
-
-
-def _local_in_tree(folder: Path, tree: Path) -> dict[str, Figure]:
-    """local_figures of the vlpretrain in `tree`, in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, __file__, "--local-figures", str(folder)]
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return {key: tuple(value) for key, value in json.loads(out.splitlines()[-1]).items()}
-
-
-def bench_local_vs_remote(root: Path, baseline: Path | None) -> None:
-    """(c); `baseline`: a checkout of vlpretrain before URLs (e.g. `git archive ee2f6d2`)."""
-    from vlpretrain.data.remote import URL  # not in the baseline: imported here only
-
-    folder = root / "remote_bench"
-    make_local_vs_remote_data(folder)
-    ours = Path(__file__).resolve().parents[1]
-    trees = {"this tree": ours, **({"baseline": baseline} if baseline else {})}
-    rounds: dict[str, list[dict[str, Figure]]] = {name: [] for name in trees}
-    for _ in range(ROUNDS):  # alternate the trees, so that a neighbour's load hits both alike
-        for name, tree in trees.items():
-            rounds[name].append(_local_in_tree(folder, tree))
-    print(f"(c) local paths, CPU us per record: median of {ROUNDS} fresh processes [min-max]"
-          + (f", this tree / baseline {baseline}" if baseline else ""))  # fmt: skip
-    for key in ("AnnotationIndex.read", "DatasetSource.load"):
-        line = f"    {key:<22}"
-        medians = {}
-        for name in trees:
-            values = [figures[key][0] for figures in rounds[name]]
-            medians[name] = float(np.median(values))
-            line += f" {name}: {medians[name]:9.1f} [{min(values):.1f}-{max(values):.1f}]"
-        if baseline:
-            line += f"  ratio {medians['this tree'] / medians['baseline']:.3f}"
-        print(line)
-    names = ["big.jsonl", "images.jsonl", *(f"img{k}.jpg" for k in range(len(SIZES)))]
-    with serve_directory(folder, names) as url:
-        index, source = _sources(folder, URL(url), URL(f"{url}/images.jsonl"), f"{url}/big.jsonl")
-        remote = measure_reads(index, source, 200, 3)
-    local = rounds["this tree"][0]
-    print("    the same from s3:// (moto on 127.0.0.1; its server threads count in this CPU time):")
-    for key, figure in remote.items():
-        print(f"    {key:<22} {figure[0]:9.1f} [{figure[1]:.1f}-{figure[2]:.1f}], "
-              f"{figure[0] / local[key][0]:.1f}x the local path")  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--local-vs-remote", action="store_true", help="run only (c)")
-    parser.add_argument("--baseline-tree", type=Path, help="(c): vlpretrain before URLs")
-    parser.add_argument("--local-figures", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved passes over photos")
     args = parser.parse_args()
-    if args.local_figures:  # one process of (c), possibly with another vlpretrain
-        print(json.dumps(local_figures(args.local_figures)))
-        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if not args.local_vs_remote:
-            bench_pipeline(root)
-            bench_index(root)
-        bench_local_vs_remote(root, args.baseline_tree)
+        bench_pipeline(root, args.repeats)
+        bench_index(root)
 
 
 if __name__ == "__main__":

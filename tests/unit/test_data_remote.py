@@ -7,9 +7,9 @@ import json
 import multiprocessing
 import time
 
-import av
 import numpy as np
 import pytest
+from media_fixtures import write_video
 from PIL import Image
 from s3_server import BUCKET, s3_server
 from train_fixtures import stage_raw, train_assets, write_stage  # noqa: F401
@@ -71,17 +71,6 @@ def jsonl(records):
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-def write_video(path, num_frames=12, size=32):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for k in range(num_frames):
-            pixels = np.full((size, size, 3), k * 20, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def upload_dataset(s3, tmp_path, prefix, records, files):
     """The same dataset twice: under tmp_path/prefix and under s3://BUCKET/prefix."""
     local = tmp_path / prefix
@@ -99,7 +88,7 @@ def upload_dataset(s3, tmp_path, prefix, records, files):
 
 def test_samples_from_s3_equal_the_same_samples_from_disk(s3, tmp_path, tokenizer):
     video = tmp_path / "clip.mp4"
-    write_video(video)
+    write_video(video, num_frames=12)
     frames = {f"frames/img_{k}.jpg": png((20, 10), (k * 20, 0, 0)) for k in range(1, 7)}
     files = {"a.png": png((56, 28), "red"), "b.png": png((19, 30), "blue"),
              "clip.mp4": video.read_bytes(), **frames}  # fmt: skip
