@@ -178,7 +178,7 @@ def filesystem(protocol: str, settings: RemoteSettings) -> fsspec.AbstractFileSy
             protocol, skip_instance_cache=True, **_backend_options(protocol, settings)
         )
         if protocol in ("s3", "s3a"):
-            fs.retries = 1  # s3fs's retry loop (a documented attribute): ours replaces it
+            fs.retries = 1  # S3FileSystem's own retry loop (its `retries`): ours replaces it
         _FILESYSTEMS[key] = fs
     return fs
 
