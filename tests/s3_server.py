@@ -150,10 +150,15 @@ class S3Server:
     direct: fsspec.AbstractFileSystem
     """s3fs talking to moto directly (uploads, overwrites), not through the proxy."""
 
-    def put(self, key: str, data: bytes) -> str:
-        """Upload `data` as `key` of the test bucket; returns its s3:// URL."""
-        self.direct.pipe_file(f"{BUCKET}/{key}", data)
+    def put(self, key: str, data: bytes, public: bool = False) -> str:
+        """Upload `data` as `key` of the test bucket; returns its s3:// URL. `public`: also
+        readable without credentials, at `http_url(key)`."""
+        self.direct.pipe_file(f"{BUCKET}/{key}", data, **({"ACL": "public-read"} if public else {}))
         return f"s3://{BUCKET}/{key}"
+
+    def http_url(self, key: str) -> str:
+        """The plain-HTTP URL of `key` (path style, through the proxy)."""
+        return f"{self.proxy.url}/{BUCKET}/{key}"
 
 
 @contextmanager

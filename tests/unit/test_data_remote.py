@@ -228,6 +228,17 @@ def test_pixel_cap_is_checked_from_a_ranged_header_read(s3):
     assert media.image_size(url, FAST) == (300, 300)
 
 
+def test_plain_http_urls_work_too(s3, tmp_path):
+    """Any fsspec protocol: the same objects over plain HTTP (Range requests, ETag header)."""
+    s3.put("http/ann.jsonl", jsonl([{"k": k} for k in range(3)]), public=True)
+    s3.put("http/a.png", png((30, 20), "red"), public=True)
+    index = AnnotationIndex(s3.http_url("http/ann.jsonl"), tmp_path / "cache", FAST)
+    assert len(index) == 3 and index.read(2) == b'{"k": 2}'
+    assert media.load_image(URL(s3.http_url("http/a.png")), settings=FAST).size == (30, 20)
+    with pytest.raises(RecordError, match="missing_image: no image object http://"):
+        media.load_image(URL(s3.http_url("http/none.png")), settings=FAST)
+
+
 def _read_in_child(index, i):
     return index.read(i), len(remote._FILESYSTEMS)
 
