@@ -113,9 +113,17 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        try:
+            self._relay(client)
+        except OSError:  # a side went away (the client timed out, the server stopped)
+            pass
+        finally:
+            client.close()
+
+    def _relay(self, client: socket.socket) -> None:
         upstream = socket.create_connection(self.upstream)
         from_client, from_upstream = bytearray(), bytearray()
-        with client, upstream:
+        with upstream:
             while True:
                 head = _read_head(client, from_client)
                 if head is None:
@@ -130,7 +138,8 @@ class FaultProxy:
                     return
                 upstream.sendall(head + body)
                 reply_head = _read_head(upstream, from_upstream)
-                assert reply_head is not None, "upstream closed the connection"
+                if reply_head is None:
+                    return
                 assert "chunked" not in _header(reply_head, "transfer-encoding")
                 length = 0 if method == "HEAD" else int(_header(reply_head, "content-length") or 0)
                 reply = reply_head + _read_exact(upstream, from_upstream, length)
