@@ -198,14 +198,19 @@ def test_missing_objects_are_named(s3, tmp_path):
         media.load_video_frames(URL(f"s3://{BUCKET}/nowhere/clip.mp4"), 2, 2, rng, settings=FAST)
     meta = {
         "gone": {"root": ".", "annotation": "gone.jsonl", "repeat_time": 1, "data_augment": False},
+        "blank": {"root": ".", "annotation": "blank.jsonl", "repeat_time": 1,
+                  "data_augment": False},
         "proto": {"root": "nosuchproto://x/", "annotation": f"s3://{BUCKET}/nowhere/b.jsonl",
                   "repeat_time": 1, "data_augment": False},
     }  # fmt: skip
+    s3.put("missing/blank.jsonl", b"\n   \n")
     url = s3.put("missing/meta.json", json.dumps(meta).encode())
     with pytest.raises(ValueError) as caught:
         load_meta(url, FAST)
     text = str(caught.value)
-    assert f"meta file {url} has 3 problem(s)" in text
+    assert f"meta file {url} has 4 problem(s)" in text
+    blank = f"s3://{BUCKET}/missing/blank.jsonl has no records (empty or blank lines only)"
+    assert f"dataset 'blank': field 'annotation': {blank}" in text
     assert f"dataset 'gone': field 'annotation': no object s3://{BUCKET}/missing/gone.jsonl" in text
     assert (
         "dataset 'proto': field 'root' 'nosuchproto://x/': unknown protocol 'nosuchproto'" in text

@@ -75,17 +75,20 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
 def has_records(path: Location, settings: RemoteSettings = remote.DEFAULT_SETTINGS) -> bool:
     """True if `path` holds a non-whitespace byte (an annotation line that is not blank)."""
     if isinstance(path, URL):
-        size = remote.object_info(path, settings).size
-        step = 1 << 16
-        return any(
-            remote.read_range(path, start, min(start + step, size), settings).strip()
-            for start in range(0, size, step)
-        )
+        return _remote_has_records(path, remote.object_info(path, settings).size, settings)
     with open(path, "rb") as handle:
         while block := handle.read(1 << 16):
             if block.strip():
                 return True
     return False
+
+
+def _remote_has_records(url: URL, size: int, settings: RemoteSettings) -> bool:
+    step = 1 << 16
+    return any(
+        remote.read_range(url, start, min(start + step, size), settings).strip()
+        for start in range(0, size, step)
+    )
 
 
 def problems_error(meta_path: Location, problems: list[str]) -> ValueError:
@@ -117,7 +120,7 @@ def _check_remote_annotation(url: URL, settings: RemoteSettings) -> str | None:
         info = remote.object_info(url, settings)
         if info.is_dir:
             return f"{url} is a prefix (folder), not an object"
-        if not has_records(url, settings):
+        if not _remote_has_records(url, info.size, settings):
             return f"{url} has no records (empty or blank lines only)"
     except remote.ObjectMissingError:
         return f"no object {url}"
