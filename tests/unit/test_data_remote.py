@@ -15,6 +15,7 @@ from s3_server import BUCKET, s3_server
 from train_fixtures import stage_raw, train_assets, write_stage  # noqa: F401
 
 from vlpretrain.cli import main
+from vlpretrain.config import build_run_config, validate
 from vlpretrain.data import media, remote
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
 from vlpretrain.data.index import AnnotationIndex
@@ -289,3 +290,17 @@ def test_data_check_of_an_s3_meta_names_every_failed_url(s3, tmp_path, train_ass
     assert f"s3://{BUCKET}/check/ann.jsonl:5" in out  # where the record is
     assert f"s3://{BUCKET}/check/broken.png: cat_file failed 1 time(s)" in out  # what failed
     assert f"no image object s3://{BUCKET}/check/gone.png" in out
+
+
+def test_remote_settings_come_from_the_data_config(tmp_path):
+    config = build_run_config(
+        {"model": {"model_name_or_path": str(tmp_path)},
+         "train": {"meta_path": f"s3://{BUCKET}/any/meta.json"},
+         "data": {"remote_timeout_seconds": 2.5, "remote_retries": 0}}
+    )  # fmt: skip
+    assert config.data.remote_settings() == RemoteSettings(timeout_seconds=2.5, retries=0)
+    validate(config, world_size=1)  # a URL meta is checked when it is read, not here
+    with pytest.raises(ValueError, match="remote_timeout_seconds must be > 0"):
+        SampleConfig(remote_timeout_seconds=0)
+    with pytest.raises(ValueError, match="remote_retries must be >= 0"):
+        SampleConfig(remote_retries=-1)
