@@ -9,6 +9,7 @@ from pathlib import Path
 BENCHES = (
     "packing.py",
     "samples.py",
+    "remote_reads.py",
     "step.py",
     "checkpoint_memory.py",
     "fsdp_memory.py",

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import torch
 
+from vlpretrain.data.elastic import merge_stream_states
+from vlpretrain.data.loader import stream_states
 from vlpretrain.demo.components import TINY_VISION, TinyComponents, build_tiny_components
 from vlpretrain.demo.shapes import caption_corpus
 from vlpretrain.demo.synthetic import ShapesDataset, make_shapes_dataset
@@ -246,3 +248,20 @@ def run_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> None:
         pytest.fail(
             f"torchrun vlpretrain {' '.join(args)} exited {done.returncode}:\n{done.stderr[-6000:]}"
         )
+
+
+def _rank_states(checkpoint: Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text())["states"] for f in sorted(checkpoint.glob("rank-*.json"))]
+
+
+def records_seen(checkpoint: str | Path) -> int:
+    """Records (samples and skips) of every batch trained up to a checkpoint, over all ranks."""
+    return sum(int(s["train_state"]["records_seen"]) for s in _rank_states(Path(checkpoint)))
+
+
+def records_read(checkpoint: str | Path, replacement: bool = False) -> int:
+    """Records the checkpoint's data stream counts as read (data.elastic); equal to
+    `records_seen` when every record was loaded exactly once."""
+    states = _rank_states(Path(checkpoint))
+    streams = [s for state in states for s in stream_states(state["loader"])]
+    return merge_stream_states(streams, replacement).num_read()

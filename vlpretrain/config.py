@@ -267,7 +267,8 @@ def validate(config: RunConfig, world_size: int) -> None:
     problems = []
     if not config.train.meta_path:
         problems.append("train.meta_path is required (the meta JSON of the training data)")
-    elif not Path(config.train.meta_path).is_file():
+    elif "://" not in config.train.meta_path and not Path(config.train.meta_path).is_file():
+        # a URL (s3://...) is checked when data.meta reads it
         problems.append(f"train.meta_path {config.train.meta_path} does not exist")
     for name in ("model_name_or_path", "vision_path", "llm_path", "mlp_path"):
         value = getattr(config.model, name)

@@ -16,6 +16,7 @@ relative plus 1e-6 absolute, a thousandth of one step's update at learning rate 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,6 +36,8 @@ from train_fixtures import (
     cli_env,
     losses_by_step,
     read_metrics,
+    records_read,
+    records_seen,
     stage_raw,
     torch_threads,
     train_assets,  # noqa: F401  (pytest fixture)
@@ -266,8 +270,23 @@ def wait_ok(process: subprocess.Popen, timeout: float = SPAWN_TIMEOUT) -> None:
         pytest.fail(f"{' '.join(process.args)} exited {process.returncode}:\n{stderr[-6000:]}")
 
 
+def packer_balance_states(state: Any) -> list[dict[str, Any]]:
+    """Every packer 'balance' entry inside a (nested) data-loader state."""
+    found = []
+    if isinstance(state, dict):
+        if "balance" in state and "rows" in state:
+            found.append(state["balance"])
+        for value in state.values():
+            found += packer_balance_states(value)
+    elif isinstance(state, list | tuple):
+        for value in state:
+            found += packer_balance_states(value)
+    return found
+
+
 def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F811
-    """torchrun 2 ranks, FSDP2: 2 steps, then resume to 4, equals 4 straight steps exactly."""
+    """torchrun 2 ranks, FSDP2, FLOPs-balanced packing: 2 steps, then resume to 4, equals 4
+    straight steps exactly (the packer's running FLOPs mean travels in the loader state)."""
 
     def stage(name: str, max_steps: int) -> Path:
         raw = stage_raw(
@@ -279,6 +298,7 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
             optim={"learning_rate": 1e-3, "warmup_steps": 0, "lr_scheduler_type": "constant"},
             dist={"strategy": "fsdp"},
         )
+        raw["packing"]["balance_flops"] = True
         return write_stage(tmp_path / f"{name}.toml", raw)
 
     straight, resumed = stage("straight", 4), stage("resumed", 2)
@@ -298,6 +318,11 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
         "shared.json",
     ]
     assert '"world_size": 2' in (checkpoint / "shared.json").read_text()
+    for rank in (0, 1):
+        balances = packer_balance_states(
+            json.loads((checkpoint / f"rank-{rank:05d}.json").read_text())
+        )
+        assert balances and all(b["total_tokens"] > 0 for b in balances)
 
     extend = (
         "--set",
@@ -315,9 +340,21 @@ def test_two_rank_cli_checkpoint_and_resume(train_assets, tmp_path):  # noqa: F8
     assert skipped == SkipLog(tmp_path / "straight" / SKIP_LOG_NAME).read()
     assert {e["rank"] for e in skipped} == {0, 1}
 
-    # The data stream cannot be resumed exactly on another world size: refused with a message.
-    with pytest.raises(ValueError, match="written by 2 ranks but this run has 1"):
-        main(["train", str(resumed), "--set", "train.max_steps=6"])
+    # Elastic resume: the 2-rank FSDP2 checkpoint continues on 1 rank with 2 loader workers.
+    # Every record the stream marks consumed was loaded once: the job's records_seen equals it.
+    assert records_seen(checkpoint.parent / "step-00000004") == records_read(
+        checkpoint.parent / "step-00000004"
+    )
+    extend_more = ["--set", "train.max_steps=6", "--set", "stream.num_workers=2"]
+    main(["train", str(resumed), *extend_more, *extend[2:]])
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4, 5, 6]
+    last = tmp_path / "resumed" / "checkpoints" / "step-00000006"
+    assert sorted(p.name for p in last.glob("rank-*.json")) == ["rank-00000.json"]
+    balances = packer_balance_states(json.loads((last / "rank-00000.json").read_text()))
+    assert len(balances) == 2 and all(b["total_tokens"] > 0 for b in balances)  # handed over
+    assert (
+        records_seen(last) == records_read(last) > records_seen(checkpoint.parent / "step-00000004")
+    )
 
 
 def test_text_only_batch_shape(train_assets):  # noqa: F811

@@ -120,6 +120,10 @@ def test_golden_losses_are_deterministic_and_match_the_file(train_assets, tmp_pa
     first, second = (losses_by_step(tmp_path / name) for name in ("first", "second"))
     assert list(first) == list(range(1, GOLDEN_STEPS + 1))
     assert first == second
+    for record in read_metrics(tmp_path / "first"):  # data wait is its own figure, within a step
+        assert 0 <= record["data_wait_seconds"] <= record["seconds"], record
+        assert record["tokens_per_second"] > 0 and record["tiles_per_second"] > 0, record
+        assert 0 < record["mfu"] < 1, record
     losses = [first[step] for step in sorted(first)]
     if UPDATE_GOLDEN:
         write_golden(losses)

@@ -6,6 +6,7 @@ import numpy as np
 
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, SkippedSample, TokenizedSample
 from vlpretrain.facts import RunFacts
+from vlpretrain.train.flops import ComponentShape, FlopsCounter
 
 IMG_START, IMG_END, IMG_CONTEXT = 5, 6, 7
 TOKENS_PER_TILE = 4
@@ -20,6 +21,19 @@ FACTS = RunFacts(
     img_context_token_id=IMG_CONTEXT,
 )
 """The run facts matching these fake samples."""
+
+# For packing.balance_flops: a tile costs far more than its tokens (a big ViT beside a small
+# LLM, as in InternVL2.5-1B), and attention is large enough that long samples cost more per
+# token than short ones.
+COUNTER = FlopsCounter(
+    vision=ComponentShape(400, 1.0, True, 2, 8),
+    projector=ComponentShape(20, 1.0, True),
+    llm=ComponentShape(100, 1.0, True, 2, 2),
+    head=ComponentShape(30, 1.0, True),
+    vision_tokens_per_tile=5,
+    image_tokens_per_tile=4,
+)
+"""The model FLOPs counter the balanced-packing tests price samples with."""
 
 
 def make_sample(

@@ -10,7 +10,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from stream_fakes import FACTS, FakeSource, make_sample
+from stream_fakes import COUNTER, FACTS, FakeSource, make_sample
 
 from vlpretrain.data.balance import (
     RowBalance,
@@ -20,18 +20,6 @@ from vlpretrain.data.balance import (
 )
 from vlpretrain.data.loader import StreamConfig, build_dataloader
 from vlpretrain.data.packing import BestFitPacker, PackingConfig, PackItem, PieceRef
-from vlpretrain.train.flops import ComponentShape, FlopsCounter
-
-# A tile costs far more than its tokens (a big ViT beside a small LLM, as in InternVL2.5-1B),
-# and attention is large enough that long samples cost more per token than short ones.
-COUNTER = FlopsCounter(
-    vision=ComponentShape(400, 1.0, True, 2, 8),
-    projector=ComponentShape(20, 1.0, True),
-    llm=ComponentShape(100, 1.0, True, 2, 2),
-    head=ComponentShape(30, 1.0, True),
-    vision_tokens_per_tile=5,
-    image_tokens_per_tile=4,
-)
 
 
 def _config(**kwargs):

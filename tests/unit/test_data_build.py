@@ -3,9 +3,9 @@
 import json
 import pickle
 
-import av
 import numpy as np
 import pytest
+from media_fixtures import write_video
 from PIL import Image
 
 from vlpretrain.data.build import (
@@ -167,18 +167,6 @@ def test_sample_is_pure_function_of_seed_epoch_index(tmp_path, tokenizer):
     assert np.array_equal(a.input_ids, b.input_ids)
     c = source.load(1, 1, 7)  # another epoch -> other JPEG qualities
     assert not np.array_equal(a.pixel_values, c.pixel_values)
-
-
-def write_video(path, num_frames=24, size=32):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for k in range(num_frames):
-            pixels = np.full((size, size, 3), k * 10, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
 
 
 def test_frame_indices_rand_sampling():

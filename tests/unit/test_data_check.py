@@ -6,9 +6,8 @@ The tiny components of tests/train_fixtures.py: 28-px tiles, 1 token per tile (n
 
 import json
 
-import av
-import numpy as np
 import pytest
+from media_fixtures import write_video
 from PIL import Image
 from train_fixtures import stage_raw, train_assets, write_stage  # noqa: F401
 
@@ -16,21 +15,10 @@ from vlpretrain.cli import main
 from vlpretrain.data.check import text_histogram
 
 
-def write_video(path, num_frames=8, size=28):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), np.uint8), "rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-
-
 @pytest.fixture
 def toy(tmp_path, train_assets):  # noqa: F811
     Image.new("RGB", (56, 28), "red").save(tmp_path / "a.png")
-    write_video(tmp_path / "clip.mp4")
+    write_video(tmp_path / "clip.mp4", num_frames=8, size=28)
     turns = [{"from": "human", "value": "what?"}, {"from": "gpt", "value": "red"}]
     lines = [json.dumps({"image": "a.png", "conversations": turns})] * 3 + ["{bad"]
     lines.append(json.dumps({"video": "clip.mp4", "conversations": turns}))

@@ -11,9 +11,8 @@ import struct
 import time
 import zlib
 
-import av
-import numpy as np
 import pytest
+from media_fixtures import write_video
 from PIL import Image
 
 from vlpretrain.data.build import (
@@ -134,19 +133,8 @@ def test_pixel_cap_is_configurable(tmp_path, tokenizer):
     assert source.load(0, 0, 0).reason == "corrupt_image"  # allowed, then fails to decode
 
 
-def write_video(path, size):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(4):
-            frame = av.VideoFrame.from_ndarray(np.zeros((size, size, 3), np.uint8), "rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-
-
 def test_video_frames_obey_the_pixel_cap(tmp_path, tokenizer):
-    write_video(tmp_path / "clip.mp4", 64)
+    write_video(tmp_path / "clip.mp4", num_frames=4, size=64)
     (tmp_path / "frames").mkdir()
     for k in range(3):
         Image.new("RGB", (64, 64)).save(tmp_path / "frames" / f"f{k}.png")

@@ -63,6 +63,11 @@ class RowBalance:
         self.total_flops += flops
         self._update_budget()
 
+    def set_totals(self, num_tokens: int, flops: float) -> None:
+        """Start from running sums handed over by other streams (data.elastic)."""
+        self.total_tokens, self.total_flops = num_tokens, flops
+        self._update_budget()
+
     def _update_budget(self) -> None:
         if self.total_tokens > 0 and self.total_flops > 0.0:
             self.budget = self.max_tokens * (self.total_flops / self.total_tokens)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlpretrain.data import media, tiling
+from vlpretrain.data import media, remote, tiling
 from vlpretrain.data.index import AnnotationIndex
 from vlpretrain.data.meta import DatasetSpec, load_meta, problems_error
 from vlpretrain.data.records import Record, RecordError, parse_record
@@ -80,7 +80,14 @@ class SampleConfig:
     """Annotation lines longer than this are skipped as too_long before they are parsed or
     tokenised; None: RECORD_BYTES_PER_TOKEN (32) bytes per token of max_seq_length."""
     cache_dir: str | None = None
-    """Annotation index cache; None -> $VLPRETRAIN_CACHE/index or ~/.cache/vlpretrain/index."""
+    """Annotation index cache (local and remote annotations); None -> $VLPRETRAIN_CACHE/index
+    or ~/.cache/vlpretrain/index."""
+    remote_timeout_seconds: float = remote.DEFAULT_TIMEOUT_SECONDS
+    """Bound on one request to object storage (meta, annotation or media URL: s3://, gs://,
+    https://); a stalled read fails after this long instead of hanging the loader."""
+    remote_retries: int = remote.DEFAULT_RETRIES
+    """Retries of a failed object-storage request (doubling back-off from 0.25 s); after the
+    last one the record is skipped as read_error, naming the URL."""
 
     def __post_init__(self) -> None:
         if self.normalize_type not in tiling.NORMALIZE_STATS:
@@ -96,8 +103,18 @@ class SampleConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.remote_timeout_seconds > 0:
+            raise ValueError(
+                f"remote_timeout_seconds must be > 0, got {self.remote_timeout_seconds}"
+            )
+        if self.remote_retries < 0:
+            raise ValueError(f"remote_retries must be >= 0, got {self.remote_retries}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+    def remote_settings(self) -> remote.RemoteSettings:
+        """Timeout and retries of object-storage reads."""
+        return remote.RemoteSettings(self.remote_timeout_seconds, self.remote_retries)
 
     def image_settings(self) -> dict[str, Any]:
         """The tiling settings a trained model records in its config.json (chat reuses them)."""
@@ -152,7 +169,8 @@ class DatasetSource:
         self.config = config
         self.facts = facts
         self.renderer = TemplateRenderer(get_template(facts.template), tokenizer)
-        self.index = index or AnnotationIndex(spec.annotation, config.cache_dir)
+        self.remote = config.remote_settings()
+        self.index = index or AnnotationIndex(spec.annotation, config.cache_dir, self.remote)
         self._subset_key: tuple[int, int] | None = None
         self._subset = np.zeros(0, dtype=np.int64)
 
@@ -257,6 +275,7 @@ class DatasetSource:
                 rng,
                 record.clip,
                 max_pixels=cfg.max_image_pixels,
+                settings=self.remote,
             )
             tiles = [t for frame in frames for t in self._tiles(frame, 1, False, rng)]
             return [1] * len(frames), tiles, expand_video_tag(turns, len(frames))
@@ -265,7 +284,7 @@ class DatasetSource:
             turns = insert_image_tag(turns)
         else:
             max_patch = tiling.image_tile_budget(max_patch, len(record.images))
-        images = [media.load_image(path, cfg.max_image_pixels) for path in record.images]
+        images = [media.load_image(p, cfg.max_image_pixels, self.remote) for p in record.images]
         per_image = [self._tiles(img, max_patch, cfg.dynamic_image_size, rng) for img in images]
         return [len(t) for t in per_image], [t for ts in per_image for t in ts], turns
 
@@ -295,7 +314,8 @@ def build_sources(
         ValueError: listing every problem of the meta file, or every dataset whose
             repeat_time leaves no record.
     """
-    sources = [DatasetSource(spec, config, facts, tokenizer) for spec in load_meta(meta_path)]
+    specs = load_meta(meta_path, config.remote_settings())
+    sources = [DatasetSource(spec, config, facts, tokenizer) for spec in specs]
     empty = [
         f"dataset {s.name!r}: field 'repeat_time' {s.spec.repeat_time} x {s.num_lines} lines of "
         f"{s.spec.annotation} leaves int({s.num_lines} * {s.spec.repeat_time}) = 0 records"
@@ -303,5 +323,5 @@ def build_sources(
         if len(s) == 0
     ]
     if empty:
-        raise problems_error(Path(meta_path), empty)
+        raise problems_error(remote.as_location(meta_path), empty)
     return sources

@@ -24,10 +24,9 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from vlpretrain.data import tiling
+from vlpretrain.data import media, tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
 from vlpretrain.data.loader import exceeds_budget
 from vlpretrain.data.packing import PackingConfig, PackItem, PieceRef, fit_to_budget
@@ -233,9 +232,8 @@ def describe_media(source: DatasetSource, line_index: int) -> list[str]:
     lines = []
     for k, path in enumerate(record.images):
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except OSError:
+            width, height = media.image_size(path, source.remote)
+        except (OSError, RecordError):
             lines.append(f"image {k + 1}: {path} (unreadable)")
             continue
         grids = tiling.candidate_grids(min(cfg.min_dynamic_patch, max_num), max_num)

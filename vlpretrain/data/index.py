@@ -16,21 +16,31 @@ is stale anyway (the file changed during the run, or on a file system without re
 ctimes) stops with AnnotationChangedError instead of returning pieces of other lines; and a
 caller can bound the bytes read per record (`max_bytes`) before anything is parsed.
 
-Cache directory: the `cache_dir` argument if given, else `$VLPRETRAIN_CACHE/index`, else
-`~/.cache/vlpretrain/index`.
+Remote annotation objects (a URL: s3://, gs://, https://, see data.remote) are indexed from
+ranged reads of CHUNK_BYTES and cached in the same local directory, keyed by the URL and the
+object's size and ETag (or the backend's version, or with neither a hash of the first and last
+blocks). A record is then one ranged read, from the byte before its line (the newline check)
+to the next indexed line; a read that keeps failing is a read_error skip naming the URL.
+
+Cache directory: the `cache_dir` argument if given (data.cache_dir), else
+`$VLPRETRAIN_CACHE/index`, else `~/.cache/vlpretrain/index`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from vlpretrain.data import remote
 from vlpretrain.data.records import RecordError
+from vlpretrain.data.remote import URL, Location, RemoteSettings
 from vlpretrain.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -62,31 +72,36 @@ def _chunk_lines(buf: np.ndarray, base: int, first_line: int) -> tuple[np.ndarra
     return starts[has_content].astype(np.int64) + base, numbers[has_content]
 
 
-def build_line_index(path: str | Path) -> np.ndarray:
-    """Scan `path` once; returns a (2, N) int64 array: line start offsets and 1-based numbers."""
+def index_blocks(blocks: Iterable[bytes]) -> np.ndarray:
+    """Index the file whose bytes arrive as `blocks` (any split); (2, N) int64 array: line
+    start offsets and 1-based line numbers."""
     offsets: list[np.ndarray] = []
     numbers: list[np.ndarray] = []
     base, line, carry = 0, 1, b""
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(CHUNK_BYTES)
-            data = carry + block
-            if not data:
-                break
-            cut = len(data) if not block else data.rfind(b"\n") + 1
-            if cut == 0:  # no newline yet: keep reading
-                carry = data
-                continue
-            buf = np.frombuffer(data, dtype=np.uint8, count=cut)
-            starts, nums = _chunk_lines(buf, base, line)
-            offsets.append(starts)
-            numbers.append(nums)
-            line += int(np.count_nonzero(buf == 10)) + (0 if buf[-1] == 10 else 1)
-            base += cut
-            carry = data[cut:]
+    for block in itertools.chain(blocks, [b""]):
+        data = carry + block
+        if not data:
+            break
+        cut = len(data) if not block else data.rfind(b"\n") + 1
+        if cut == 0:  # no newline yet: keep reading
+            carry = data
+            continue
+        buf = np.frombuffer(data, dtype=np.uint8, count=cut)
+        starts, nums = _chunk_lines(buf, base, line)
+        offsets.append(starts)
+        numbers.append(nums)
+        line += int(np.count_nonzero(buf == 10)) + (0 if buf[-1] == 10 else 1)
+        base += cut
+        carry = data[cut:]
     if not offsets:
         return np.zeros((2, 0), dtype=np.int64)
     return np.stack([np.concatenate(offsets), np.concatenate(numbers)])
+
+
+def build_line_index(path: str | Path) -> np.ndarray:
+    """Scan the local file `path` once (see index_blocks)."""
+    with open(path, "rb") as handle:
+        return index_blocks(iter(lambda: handle.read(CHUNK_BYTES), b""))
 
 
 class AnnotationChangedError(RuntimeError):
@@ -107,10 +122,28 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_file(path: Path, cache_dir: Path) -> Path:
-    """Cache file name for `path` in its current state (absolute path + file_fingerprint)."""
+def object_fingerprint(url: URL, settings: RemoteSettings) -> tuple[str, int]:
+    """Hex digest of a remote object's size and version (ETag), and its size. Without any
+    version from the backend, the first and last FINGERPRINT_BLOCK bytes are hashed too."""
+    info = remote.object_info(url, settings)
+    if info.is_dir:
+        raise IsADirectoryError(f"{url} is a prefix (folder), not an annotation object")
+    digest = hashlib.sha256(f"{info.size}:{info.version}".encode())
+    if not info.version:
+        digest.update(remote.read_range(url, 0, FINGERPRINT_BLOCK, settings))
+        tail = max(FINGERPRINT_BLOCK, info.size - FINGERPRINT_BLOCK)
+        digest.update(remote.read_range(url, tail, info.size, settings))
+    return digest.hexdigest(), info.size
+
+
+def cache_file(path: Location, cache_dir: Path, fingerprint: str | None = None) -> Path:
+    """Cache file name for `path` in its current state: its absolute path or URL + its
+    fingerprint (file_fingerprint for a local file, computed here unless given)."""
     path_key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return cache_dir / f"{path.name}.{path_key}.{file_fingerprint(path)[:16]}.npy"
+    if fingerprint is None:
+        assert isinstance(path, Path), "remote objects pass their object_fingerprint"
+        fingerprint = file_fingerprint(path)
+    return cache_dir / f"{path.name}.{path_key}.{fingerprint[:16]}.npy"
 
 
 def _write_atomic(target: Path, array: np.ndarray) -> None:
@@ -126,29 +159,55 @@ def _remove_stale(target: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-def load_or_build_index(path: Path, cache_dir: Path | None) -> tuple[np.ndarray, Path | None]:
-    """Return the (2, N) index of `path` (memory-mapped from the cache when possible)."""
-    target = cache_file(path, cache_dir or default_cache_dir())
+def load_or_build_index(
+    path: Location,
+    cache_dir: Path | None,
+    settings: RemoteSettings = remote.DEFAULT_SETTINGS,
+) -> tuple[np.ndarray, Path | None, int]:
+    """The (2, N) index of `path` (memory-mapped from the cache when possible), its cache file
+    and the size of the file it indexes."""
+    if isinstance(path, URL):
+        fingerprint, size = object_fingerprint(path, settings)
+        target = cache_file(path, cache_dir or default_cache_dir(), fingerprint)
+    else:
+        target, size = cache_file(path, cache_dir or default_cache_dir()), path.stat().st_size
     if target.is_file():
-        return np.load(target, mmap_mode="r"), target
-    index = build_line_index(path)
+        return np.load(target, mmap_mode="r"), target, size
+    if isinstance(path, URL):
+        blocks = (
+            remote.read_range(path, start, min(start + CHUNK_BYTES, size), settings)
+            for start in range(0, size, CHUNK_BYTES)
+        )
+        index = index_blocks(blocks)
+    else:
+        index = build_line_index(path)
     try:
         _write_atomic(target, index)
         _remove_stale(target)
     except OSError as err:
         logger.warning("cannot write index cache %s (%s); keeping it in memory", target, err)
-        return index, None
+        return index, None, size
     logger.info("indexed %s: %d records -> %s", path, index.shape[1], target)
-    return np.load(target, mmap_mode="r"), target
+    return np.load(target, mmap_mode="r"), target, size
 
 
 class AnnotationIndex:
-    """Random access to the records of one .jsonl file; picklable, opens files lazily."""
+    """Random access to the records of one .jsonl file or object; picklable, opens files
+    lazily (a remote one through data.remote, one filesystem per process)."""
 
-    def __init__(self, path: str | Path, cache_dir: str | Path | None = None) -> None:
-        self.path = Path(path).resolve()
+    def __init__(
+        self,
+        path: str | Path,
+        cache_dir: str | Path | None = None,
+        remote_settings: RemoteSettings = remote.DEFAULT_SETTINGS,
+    ) -> None:
+        location = remote.as_location(path)
+        self.path: Location = location if isinstance(location, URL) else location.resolve()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self._index, self._cache = load_or_build_index(self.path, self.cache_dir)
+        self.remote_settings = remote_settings
+        self._index, self._cache, self._size = load_or_build_index(
+            self.path, self.cache_dir, remote_settings
+        )
         self._handle: IO[bytes] | None = None
         self._pid = -1
 
@@ -171,30 +230,25 @@ class AnnotationIndex:
         """1-based line number in the file of record `i`."""
         return int(self._index[1, i])
 
+    def _changed(self, i: int, offset: int) -> AnnotationChangedError:
+        return AnnotationChangedError(
+            f"{self.path}: line {self.line_number(i)} no longer starts at byte {offset}"
+            " of its index: the file changed after it was indexed. Restart the job so"
+            " it is indexed again (and keep annotation files unchanged during a run)."
+        )
+
     def read(self, i: int, max_bytes: int | None = None) -> bytes:
         """Raw bytes of record `i` (without the line terminator); decoding is the caller's.
 
         Raises:
             RecordError: too_long when the record holds more than `max_bytes` bytes (only
-                max_bytes + 1 bytes are read).
+                max_bytes + 1 bytes are read); read_error when a remote read kept failing.
             AnnotationChangedError: the indexed offset is no longer a line start.
         """
-        if self._handle is None or self._pid != os.getpid():
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
-            self._pid = os.getpid()
-        offset = int(self._index[0, i])
-        if offset > 0:
-            self._handle.seek(offset - 1)
-            if self._handle.read(1) != b"\n":
-                raise AnnotationChangedError(
-                    f"{self.path}: line {self.line_number(i)} no longer starts at byte {offset}"
-                    " of its index: the file changed after it was indexed. Restart the job so"
-                    " it is indexed again (and keep annotation files unchanged during a run)."
-                )
+        if isinstance(self.path, URL):
+            record = self._read_remote(i, max_bytes)
         else:
-            self._handle.seek(0)
-        line = self._handle.readline(-1 if max_bytes is None else max_bytes + 1)
-        record = line.rstrip(b"\r\n")
+            record = self._read_local(i, max_bytes)
         if max_bytes is not None and len(record) > max_bytes:
             raise RecordError(
                 "too_long",
@@ -202,3 +256,36 @@ class AnnotationIndex:
                 "(refused before parsing)",
             )
         return record
+
+    def _read_local(self, i: int, max_bytes: int | None) -> bytes:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
+            self._pid = os.getpid()
+        offset = int(self._index[0, i])
+        if offset > 0:
+            self._handle.seek(offset - 1)
+            if self._handle.read(1) != b"\n":
+                raise self._changed(i, offset)
+        else:
+            self._handle.seek(0)
+        line = self._handle.readline(-1 if max_bytes is None else max_bytes + 1)
+        return line.rstrip(b"\r\n")
+
+    def _read_remote(self, i: int, max_bytes: int | None) -> bytes:
+        """One ranged read: from the byte before the line (the newline check) to the next
+        indexed line start (or the object's end), at most max_bytes + 1 bytes of the line."""
+        assert isinstance(self.path, URL)
+        offset = int(self._index[0, i])
+        stop = int(self._index[0, i + 1]) if i + 1 < len(self) else self._size
+        if max_bytes is not None:
+            stop = min(stop, offset + max_bytes + 1)
+        first = max(offset - 1, 0)
+        try:
+            data = remote.read_range(self.path, first, stop, self.remote_settings)
+        except OSError as err:  # RemoteReadError, or the object is gone
+            raise RecordError("read_error", f"{self.path}: {err}") from err
+        if offset > 0:
+            if data[:1] != b"\n":
+                raise self._changed(i, offset)
+            data = data[1:]
+        return data.split(b"\n", 1)[0].rstrip(b"\r")

@@ -25,6 +25,10 @@ a resume; the stream itself logs nothing.
 
 The stream is endless (next epoch after the last one; training is bounded by max_steps)
 unless `StreamConfig.num_epochs` is set, in which case the open rows are flushed at the end.
+
+Resume on another shape (W' ranks x K' workers): `PackedDataLoader.load_resharded_state_dict`
+takes the loader state of every saved rank, merges their streams' progress (data.elastic) and
+starts each new stream on its share of what is left, open rows returned to the pool.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from vlpretrain.data import sharding
 from vlpretrain.data.balance import StepFlops, build_row_balance
 from vlpretrain.data.collate import PackedBatch, collate_rows
+from vlpretrain.data.elastic import DataProgress, balance_share, deal, merge_stream_states
 from vlpretrain.data.mixing import DatasetMixer, RecordRef
 from vlpretrain.data.packing import (
     BestFitPacker,
@@ -56,7 +61,9 @@ from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
-STREAM_STATE_VERSION = 1
+STREAM_STATE_VERSION = 2
+"""2: the mixer state holds the consumed masks of an elastic resume (1: it has none)."""
+READABLE_STREAM_VERSIONS = (1, 2)
 LOADER_STATE_KEY = "vlpretrain_stream"
 EXCEEDS_BUDGET = "exceeds_pack_budget"
 
@@ -145,12 +152,13 @@ class WorkerStream:
         self.skip_counter = skip_counter
         num_workers = stream_config.num_workers
         self.stream_id = sharding.stream_index(rank, world_size, worker, num_workers)
+        self.num_streams = sharding.stream_count(world_size, num_workers)
         self.mixer = DatasetMixer(
             [len(s) for s in self.sources],
             [s.dataset_index for s in self.sources],
             seed=stream_config.seed,
             stream_id=self.stream_id,
-            num_streams=sharding.stream_count(world_size, num_workers),
+            num_streams=self.num_streams,
             use_data_resampling=stream_config.use_data_resampling,
             replacement=stream_config.replacement,
             num_epochs=stream_config.num_epochs,
@@ -233,6 +241,31 @@ class WorkerStream:
             )
         return slice_sample(loaded, ref)
 
+    def start_from(self, progress: DataProgress) -> None:
+        """Continue a job of another shape: this stream's share of what it left unread, and
+        its part of the pieces it had loaded but not trained on (packed first)."""
+        _check_lengths(progress, self.sources)
+        stream_id, num_streams = self.stream_id, self.num_streams
+        self.mixer.start_from(progress.epochs, progress.passes, progress.consumed)
+        balance = progress.balance
+        counters = (
+            deal(progress.num_rows_emitted, stream_id, num_streams),
+            deal(progress.num_tokens_emitted, stream_id, num_streams),
+            None if balance is None else balance_share(balance, stream_id, num_streams),
+        )
+        self.packer.start_from(*counters)
+        if stream_id == 0:  # counts not yet reported with a batch: reported once, by one stream
+            self._num_loaded = progress.num_loaded
+            self._skipped = [_skip_from_state(item) for item in progress.skipped]
+        self._ready = []
+        for values in progress.pieces[stream_id::num_streams]:
+            ref = PieceRef.from_tuple(values)
+            self._ready.extend(self.packer.add(PackItem(ref, self.load_piece(ref))))
+        # The saved FLOPs sums already count these pieces: packing them again must not count
+        # them twice (rows emitted now are counted: they are new rows).
+        packer = self.packer
+        packer.start_from(packer.num_rows_emitted, packer.num_tokens_emitted, counters[2])
+
     def state_dict(self) -> dict[str, Any]:
         """Versioned plain-Python state: mixer, open rows (by reference), pending rows."""
         return {
@@ -285,6 +318,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
         self.step_flops = step_flops
+        self.progress: DataProgress | None = None
+        """Set on a resume on another shape: where every new stream starts (data.elastic)."""
         self._stream: WorkerStream | None = None
 
     def _worker_stream(self) -> WorkerStream:
@@ -308,7 +343,14 @@ class PackedStream(torch.utils.data.IterableDataset):
                 skip_counter=self.skip_counter,
                 step_flops=self.step_flops,
             )
+            if self.progress is not None:
+                self._stream.start_from(self.progress)
         return self._stream
+
+    def start_from(self, progress: DataProgress) -> None:
+        """Start every stream (built in its worker) from a job of another shape's progress."""
+        self.progress = progress
+        self._stream = None
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return iter(self._worker_stream())
@@ -325,6 +367,7 @@ class PackedDataLoader(StatefulDataLoader):
 
     def __init__(self, dataset: PackedStream, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
+        self.stream = dataset
         self._shape = _shape(dataset.world_size, dataset.stream_config.num_workers, dataset.rank)
 
     def state_dict(self) -> dict[str, Any]:
@@ -333,17 +376,39 @@ class PackedDataLoader(StatefulDataLoader):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore this rank's own state from a job of the same shape (bit-exact)."""
         state = dict(state_dict)
-        saved = state.pop(LOADER_STATE_KEY, None)
-        if saved is None:
-            raise ValueError("not a vlpretrain data-loader state (no stream metadata)")
-        if saved.get("version") != STREAM_STATE_VERSION:
-            raise ValueError(
-                f"data-loader state version {saved.get('version')!r}, expected "
-                f"{STREAM_STATE_VERSION}"
-            )
-        _check_shape({k: saved[k] for k in self._shape}, self._shape)
+        saved = _loader_shape(state.pop(LOADER_STATE_KEY, None))
+        _check_shape(saved, self._shape)
         super().load_state_dict(state)
+
+    def shape_changed(self, state_dict: dict[str, Any]) -> bool:
+        """Whether `state_dict` (a saved rank's) comes from a job of another world size or
+        worker count, so that resuming needs every saved rank's state."""
+        saved = _loader_shape(state_dict.get(LOADER_STATE_KEY))
+        return any(saved[k] != self._shape[k] for k in ("world_size", "num_workers"))
+
+    def load_resharded_state_dict(self, saved_states: Sequence[dict[str, Any]]) -> None:
+        """Resume from the states of every rank of a job of another shape: nothing read in
+        the current epochs is read again, nothing unread is lost (data.elastic)."""
+        streams = [s for state in saved_states for s in stream_states(state)]
+        config = self.stream.stream_config
+        seeds = {int(s["seed"]) for s in streams}
+        if seeds != {config.seed}:
+            raise ValueError(
+                f"saved streams used seed(s) {sorted(seeds)}, this run has stream.seed "
+                f"{config.seed}; the saved permutations would not be this run's"
+            )
+        progress = merge_stream_states(streams, config.replacement)
+        _check_lengths(progress, self.stream.sources)
+        saved = _loader_shape(saved_states[0].get(LOADER_STATE_KEY))
+        logger.warning(
+            "data stream saved on %d ranks x %d workers resumes on %d x %d: the rest of each "
+            "epoch is dealt anew (%d loaded but untrained pieces returned to the pool)",
+            saved["world_size"], saved["num_workers"], self._shape["world_size"],
+            self._shape["num_workers"], len(progress.pieces),
+        )  # fmt: skip
+        self.stream.start_from(progress)
 
 
 def build_dataloader(
@@ -424,20 +489,54 @@ def _shape(world_size: int, num_workers: int, rank: int) -> dict[str, int]:
     return {"world_size": world_size, "num_workers": num_workers, "rank": rank}
 
 
+def _check_version(version: Any, what: str) -> None:
+    if version not in READABLE_STREAM_VERSIONS:
+        raise ValueError(
+            f"{what} version {version!r}: this vlpretrain reads versions "
+            f"{', '.join(map(str, READABLE_STREAM_VERSIONS))} (a newer vlpretrain wrote it? "
+            "resume with that one)"
+        )
+
+
+def _loader_shape(saved: dict[str, Any] | None) -> dict[str, int]:
+    if saved is None:
+        raise ValueError("not a vlpretrain data-loader state (no stream metadata)")
+    _check_version(saved.get("version"), "data-loader state")
+    return {k: int(saved[k]) for k in ("world_size", "num_workers", "rank")}
+
+
+def stream_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The WorkerStream state of every worker in one rank's saved loader state."""
+    shape = _loader_shape(loader_state.get(LOADER_STATE_KEY))
+    if shape["num_workers"] == 0:
+        return [loader_state["dataset_state"]]
+    workers = loader_state["_snapshot"]["_worker_snapshots"]
+    states = [workers[f"worker_{i}"]["dataset_state"] for i in range(shape["num_workers"])]
+    for state in states:
+        _check_version(state.get("version"), "stream state")
+    return states
+
+
+def _check_lengths(progress: DataProgress, sources: Sequence[SampleSourceLike]) -> None:
+    lengths = [len(s) for s in sources]
+    if progress.lengths != lengths:
+        raise ValueError(
+            f"dataset lengths changed since the checkpoint: saved {progress.lengths}, now "
+            f"{lengths}; resume needs the same meta file and repeat_time"
+        )
+
+
 def _check_shape(saved: dict[str, int], current: dict[str, int]) -> None:
     if saved != current:
         raise ValueError(
-            f"data-loader state was saved with {saved} but this job has {current}; the stream "
-            "can only resume with the same world size, rank and num_workers (each (rank, "
-            "worker) owns its own share of the data)"
+            f"data-loader state was saved with {saved} but this job has {current}; this "
+            "rank's state alone cannot resume it (each (rank, worker) owns its own share of "
+            "the data): load every saved rank's state with load_resharded_state_dict"
         )
 
 
 def _check_state(state: dict[str, Any], stream: WorkerStream) -> None:
-    if state.get("version") != STREAM_STATE_VERSION:
-        raise ValueError(
-            f"stream state version {state.get('version')!r}, expected {STREAM_STATE_VERSION}"
-        )
+    _check_version(state.get("version"), "stream state")
     saved = _shape(state["world_size"], state["num_workers"], state["rank"])
     _check_shape(saved, _shape(stream.world_size, stream.stream_config.num_workers, stream.rank))
     if state["worker"] != stream.worker or state["seed"] != stream.stream_config.seed:

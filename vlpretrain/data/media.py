@@ -8,50 +8,140 @@ No tiling or normalisation here (see data.tiling). Every failure becomes a Recor
 corrupt: we never set Pillow's LOAD_TRUNCATED_IMAGES. Oversized images and videos are refused
 by our own pixel limit, read from the file header before any pixel is decoded: a 12000x12000
 PNG can be 140 KB on disk and take seconds to decode and tile.
+
+Media named by URL (data.remote) are read with ranged requests: an image's header first (a
+prefix of HEADER_BYTES, doubled until Pillow can read the size), so the pixel limit still
+applies before the rest is fetched and decoded; a video object is fetched whole (PyAV then
+reads the header from memory before decoding); a URL prefix stands for a frame folder. A
+missing object is missing_image / video_error, a read that keeps failing is read_error;
+both name the URL. Local paths never go through fsspec.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import IO
 
 import av
 import numpy as np
 from PIL import Image
 
+from vlpretrain.data import remote
 from vlpretrain.data.records import RecordError
+from vlpretrain.data.remote import URL, Location, RemoteSettings
 
+HEADER_BYTES = 1 << 16
+"""First ranged read of a remote image: enough for the header of nearly every file."""
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 """Largest width x height decoded (8000x6000 photos and 8K UHD frames fit; 12000x12000 not)."""
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open `path` fully and convert it to RGB.
+def load_image(
+    path: Location,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    settings: RemoteSettings = remote.DEFAULT_SETTINGS,
+) -> Image.Image:
+    """Open `path` (a local file or a URL) fully and convert it to RGB.
 
     Raises:
         RecordError: missing_image if the file does not exist, corrupt_image if it cannot be
-            decoded completely or has more than `max_pixels` pixels.
+            decoded completely or has more than `max_pixels` pixels, read_error if a remote
+            read kept failing.
     """
+    if isinstance(path, URL):
+        return _decode_image(io.BytesIO(_remote_image_bytes(path, max_pixels, settings)),
+                             path, max_pixels)  # fmt: skip
     if not path.is_file():
         raise RecordError("missing_image", f"no image file {path}")
+    return _decode_image(path, path, max_pixels)
+
+
+def _decode_image(source: Path | IO[bytes], name: Location, max_pixels: int) -> Image.Image:
+    """Header, pixel limit, then the full decode to RGB (`name` for messages)."""
     try:
         with warnings.catch_warnings():
             # our max_pixels replaces Pillow's bomb warning (raised on open, from the header)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
         with image:
-            check_pixels(path, *image.size, max_pixels)
+            check_pixels(name, *image.size, max_pixels)
             image.load()
             return image.convert("RGB")
     except RecordError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise RecordError("corrupt_image", f"{path}: {err}") from err
+        raise RecordError("corrupt_image", f"{name}: {err}") from err
 
 
-def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header in `data` (a prefix of the file), None if cut short."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None
+
+
+def _remote_header(
+    url: URL, size: int, settings: RemoteSettings
+) -> tuple[bytes, tuple[int, int] | None]:
+    """A prefix of the object read from its start (HEADER_BYTES, doubled until Pillow reads a
+    header from it), and the (width, height) found there (None: not an image Pillow knows)."""
+    data = remote.read_range(url, 0, min(HEADER_BYTES, size), settings)
+    found = _header_size(data)
+    while found is None and len(data) < size:
+        data += remote.read_range(url, len(data), min(2 * len(data), size), settings)
+        found = _header_size(data)
+    return data, found
+
+
+def image_size(
+    path: Location, settings: RemoteSettings = remote.DEFAULT_SETTINGS
+) -> tuple[int, int]:
+    """(width, height) from the header alone (a ranged read for a URL).
+
+    Raises:
+        RecordError: as load_image, corrupt_image when no header can be read.
+    """
+    if not isinstance(path, URL):
+        with Image.open(path) as image:
+            return image.size
+    try:
+        info = remote.object_info(path, settings)
+        found = _remote_header(path, info.size, settings)[1]
+    except remote.ObjectMissingError as err:
+        raise RecordError("missing_image", f"no image object {path}") from err
+    except remote.RemoteReadError as err:
+        raise RecordError("read_error", str(err)) from err
+    if found is None:
+        raise RecordError("corrupt_image", f"{path}: no image header Pillow can read")
+    return found
+
+
+def _remote_image_bytes(url: URL, max_pixels: int, settings: RemoteSettings) -> bytes:
+    """The bytes of an image object, fetched only once its header passed the pixel limit."""
+    try:
+        info = remote.object_info(url, settings)
+        if info.is_dir:
+            raise RecordError("missing_image", f"{url} is a prefix (folder), not an image")
+        data, found = _remote_header(url, info.size, settings)
+        if found is not None:
+            check_pixels(url, *found, max_pixels)
+        # a file Pillow cannot read a header from even whole: _decode_image says corrupt_image
+        return data + remote.read_range(url, len(data), info.size, settings)
+    except remote.ObjectMissingError as err:
+        raise RecordError("missing_image", f"no image object {url}") from err
+    except remote.RemoteReadError as err:
+        raise RecordError("read_error", str(err)) from err
+
+
+def check_pixels(path: Location, width: int, height: int, max_pixels: int) -> None:
     """Raise RecordError('image_too_large') when width x height exceeds `max_pixels`."""
     if width * height > max_pixels:
         raise RecordError(
@@ -81,25 +171,34 @@ def draw_num_frames(min_num: int, max_num: int, rng: np.random.Generator) -> int
     return int(rng.integers(min_num, max_num + 1))
 
 
-def _frame_key(path: Path) -> tuple[int, str]:
-    match = re.search(r"(\d+)$", path.stem)
-    return (int(match.group(1)) if match else -1, path.name)
+def _frame_key(path: PurePath | URL) -> tuple[int, str]:
+    name = PurePath(path.name)
+    match = re.search(r"(\d+)$", name.stem)
+    return (int(match.group(1)) if match else -1, name.name)
+
+
+def _is_frame(path: PurePath | URL) -> bool:
+    return PurePath(path.name).suffix.lower() in FRAME_SUFFIXES
 
 
 def _folder_frames(
-    folder: Path, num_wanted: int, rng: np.random.Generator, max_pixels: int
+    folder: Location,
+    num_wanted: int,
+    rng: np.random.Generator,
+    max_pixels: int,
+    settings: RemoteSettings,
 ) -> list[Image.Image]:
-    files = sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_frame_key
-    )
+    listing = remote.list_files(folder, settings) if isinstance(folder, URL) else folder.iterdir()
+    files: list[Location] = sorted((p for p in listing if _is_frame(p)), key=_frame_key)
     if not files:
         raise RecordError("video_error", f"frame folder {folder} has no image files")
     if len(files) > num_wanted:
         files = [files[i] for i in sample_frame_indices(len(files), num_wanted, rng)]
     try:
-        return [load_image(p, max_pixels) for p in files]
+        return [load_image(p, max_pixels, settings) for p in files]
     except RecordError as err:
-        reason = err.reason if err.reason == "image_too_large" else "video_error"
+        kept = ("image_too_large", "read_error")
+        reason = err.reason if err.reason in kept else "video_error"
         raise RecordError(reason, f"frame folder {folder}: {err.detail}") from err
 
 
@@ -113,13 +212,15 @@ def _clip_window(num_frames: int, fps: float, clip: tuple[float, float] | None) 
 
 
 def _decode_frames(
-    path: Path,
+    path: Location,
+    data: bytes | None,
     num_wanted: int,
     rng: np.random.Generator,
     clip: tuple[float, float] | None,
     max_pixels: int,
 ) -> list[Image.Image]:
-    with av.open(str(path)) as container:
+    """Frames of the video file `path`, or of its bytes `data` (read from a URL) if given."""
+    with _open_video(path, data) as container:
         stream = container.streams.video[0]
         check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels)
         fps = float(stream.average_rate or stream.guessed_rate or 1)
@@ -130,7 +231,7 @@ def _decode_frames(
     wanted = [window[i] for i in sample_frame_indices(len(window), num_wanted, rng)]
     decoded: dict[int, Image.Image] = {}
     targets = set(wanted)
-    with av.open(str(path)) as container:
+    with _open_video(path, data) as container:
         for position, frame in enumerate(container.decode(video=0)):
             if position in targets:
                 decoded[position] = frame.to_image().convert("RGB")
@@ -142,27 +243,44 @@ def _decode_frames(
     return [decoded.get(i, last) for i in wanted]
 
 
+def _open_video(path: Location, data: bytes | None) -> av.container.InputContainer:
+    return av.open(io.BytesIO(data) if data is not None else str(path), mode="r")
+
+
 def load_video_frames(
-    path: Path,
+    path: Location,
     min_num_frame: int,
     max_num_frame: int,
     rng: np.random.Generator,
     clip: tuple[float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    settings: RemoteSettings = remote.DEFAULT_SETTINGS,
 ) -> list[Image.Image]:
-    """K frames (K drawn in [min_num_frame, max_num_frame]) of a video file or frame folder.
+    """K frames (K drawn in [min_num_frame, max_num_frame]) of a video file or frame folder
+    (local, or a URL: an object, or a prefix holding frames).
 
     Deterministic given the state of `rng`. Raises RecordError('video_error', ...) on failure,
-    RecordError('image_too_large', ...) for frames of more than `max_pixels` pixels.
+    RecordError('image_too_large', ...) for frames of more than `max_pixels` pixels,
+    RecordError('read_error', ...) when a remote read kept failing.
     """
     num_wanted = draw_num_frames(min_num_frame, max_num_frame, rng)
-    if path.is_dir():
-        return _folder_frames(path, num_wanted, rng, max_pixels)
-    if not path.is_file():
-        raise RecordError("video_error", f"no video file or frame folder {path}")
+    data = None
     try:
-        return _decode_frames(path, num_wanted, rng, clip, max_pixels)
+        if isinstance(path, URL):
+            info = remote.object_info(path, settings)
+            if info.is_dir:
+                return _folder_frames(path, num_wanted, rng, max_pixels, settings)
+            data = remote.read_all(path, info.size, settings)
+        elif path.is_dir():
+            return _folder_frames(path, num_wanted, rng, max_pixels, settings)
+        elif not path.is_file():
+            raise RecordError("video_error", f"no video file or frame folder {path}")
+        return _decode_frames(path, data, num_wanted, rng, clip, max_pixels)
     except RecordError:
         raise
+    except remote.ObjectMissingError as err:
+        raise RecordError("video_error", f"no video object or frame prefix {path}") from err
+    except remote.RemoteReadError as err:
+        raise RecordError("read_error", str(err)) from err
     except (OSError, ValueError, IndexError, av.FFmpegError) as err:
         raise RecordError("video_error", f"{path}: {err}") from err

@@ -10,8 +10,12 @@ annotation file without any record is an error here; a dataset whose repeat_time
 record (int(N * r) == 0) is one in data.build.build_sources, which counts the lines.
 
 Path rule: a relative `root` or `annotation` is taken relative to the current directory if it
-exists there, otherwise relative to the directory of the meta file. Remote roots (s3://) are
-not supported.
+exists there, otherwise relative to the directory of the meta file (a meta file given by URL:
+relative to its URL prefix, never the current directory). The meta file, `root` and
+`annotation` may be URLs of any installed fsspec protocol (s3://, gs://, https://; see
+data.remote): the protocol must be installed and an annotation object must exist and hold a
+record; a URL root is not checked (object stores have no directories: a missing image is a
+counted skip).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
+
+from vlpretrain.data import remote
+from vlpretrain.data.remote import URL, Location, RemoteSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +46,10 @@ class DatasetSpec:
     """Dataset name (the key in the meta file)."""
     dataset_index: int
     """0-based position of the key in the meta file."""
-    root: Path
-    """Directory that relative media paths are joined to."""
-    annotation: Path
-    """The .jsonl annotation file."""
+    root: Location
+    """Directory (or URL prefix) that relative media paths are joined to."""
+    annotation: Location
+    """The .jsonl annotation file (or object URL)."""
     repeat_time: float
     """Effective length = int(num_lines * repeat_time); see data.build.repeat_line_index."""
     data_augment: bool
@@ -65,8 +72,10 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
     return obj
 
 
-def has_records(path: Path) -> bool:
+def has_records(path: Location, settings: RemoteSettings = remote.DEFAULT_SETTINGS) -> bool:
     """True if `path` holds a non-whitespace byte (an annotation line that is not blank)."""
+    if isinstance(path, URL):
+        return _remote_has_records(path, remote.object_info(path, settings).size, settings)
     with open(path, "rb") as handle:
         while block := handle.read(1 << 16):
             if block.strip():
@@ -74,25 +83,70 @@ def has_records(path: Path) -> bool:
     return False
 
 
-def problems_error(meta_path: Path, problems: list[str]) -> ValueError:
+def _remote_has_records(url: URL, size: int, settings: RemoteSettings) -> bool:
+    step = 1 << 16
+    return any(
+        remote.read_range(url, start, min(start + step, size), settings).strip()
+        for start in range(0, size, step)
+    )
+
+
+def problems_error(meta_path: Location, problems: list[str]) -> ValueError:
     """The one ValueError listing every problem of a meta file."""
     listing = "\n  - ".join(problems)
     return ValueError(f"meta file {meta_path} has {len(problems)} problem(s):\n  - {listing}")
 
 
-def resolve_path(value: str, meta_dir: Path) -> Path:
+def resolve_path(value: str, meta_dir: Location) -> Location:
     """Apply the path rule of the module docstring to one path from the meta file."""
+    if remote.is_url(value):
+        return URL(value)
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
+    if path.is_absolute():
+        return path.resolve()
+    if isinstance(meta_dir, URL):
+        return meta_dir / value
+    if path.exists():
         return path.resolve()
     return (meta_dir / path).resolve()
+
+
+def _check_remote_annotation(url: URL, settings: RemoteSettings) -> str | None:
+    """Why the annotation object `url` cannot be used, or None."""
+    problem = remote.check_protocol(url)
+    if problem:
+        return problem
+    try:
+        info = remote.object_info(url, settings)
+        if info.is_dir:
+            return f"{url} is a prefix (folder), not an object"
+        if not _remote_has_records(url, info.size, settings):
+            return f"{url} has no records (empty or blank lines only)"
+    except remote.ObjectMissingError:
+        return f"no object {url}"
+    except remote.RemoteReadError as err:
+        return str(err)
+    return None
+
+
+def _check_annotation(location: Location, settings: RemoteSettings) -> str | None:
+    """Why the annotation file or object cannot be used, or None."""
+    if isinstance(location, URL):
+        return _check_remote_annotation(location, settings)
+    if not location.is_file():
+        return f"no file {location}"
+    if not has_records(location):
+        return f"{location} has no records (empty or blank lines only)"
+    return None
 
 
 def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_entry(name: str, entry: Any, meta_dir: Path, problems: list[str]) -> dict[str, Any]:
+def _check_entry(
+    name: str, entry: Any, meta_dir: Location, problems: list[str], settings: RemoteSettings
+) -> dict[str, Any]:
     """Validate one dataset entry, appending problems; returns the parsed fields."""
     if not isinstance(entry, dict):
         problems.append(f"dataset {name!r}: must be a JSON object, got {type(entry).__name__}")
@@ -109,11 +163,13 @@ def _check_entry(name: str, entry: Any, meta_dir: Path, problems: list[str]) -> 
     if "root" in entry:
         if not isinstance(root, str):
             problems.append(f"dataset {name!r}: field 'root' must be a string, got {root!r}")
-        elif "://" in root:
-            problems.append(f"dataset {name!r}: field 'root' {root!r}: remote roots unsupported")
         else:
             parsed["root"] = resolve_path(root, meta_dir)
-            if not parsed["root"].is_dir():
+            if isinstance(parsed["root"], URL):
+                problem = remote.check_protocol(parsed["root"])
+                if problem:
+                    problems.append(f"dataset {name!r}: field 'root' {root!r}: {problem}")
+            elif not parsed["root"].is_dir():
                 problems.append(f"dataset {name!r}: field 'root': no directory {parsed['root']}")
     ann = entry.get("annotation")
     if "annotation" in entry:
@@ -123,15 +179,9 @@ def _check_entry(name: str, entry: Any, meta_dir: Path, problems: list[str]) -> 
             problems.append(f"dataset {name!r}: field 'annotation' {ann!r} must be a .jsonl file")
         else:
             parsed["annotation"] = resolve_path(ann, meta_dir)
-            if not parsed["annotation"].is_file():
-                problems.append(
-                    f"dataset {name!r}: field 'annotation': no file {parsed['annotation']}"
-                )
-            elif not has_records(parsed["annotation"]):
-                problems.append(
-                    f"dataset {name!r}: field 'annotation': {parsed['annotation']} has no "
-                    "records (empty or blank lines only)"
-                )
+            problem = _check_annotation(parsed["annotation"], settings)
+            if problem:
+                problems.append(f"dataset {name!r}: field 'annotation': {problem}")
     rep = entry.get("repeat_time")
     if "repeat_time" in entry:
         if not _is_number(rep) or not math.isfinite(rep) or rep <= 0:
@@ -157,17 +207,30 @@ def _check_entry(name: str, entry: Any, meta_dir: Path, problems: list[str]) -> 
     return parsed
 
 
-def load_meta(path: str | Path) -> list[DatasetSpec]:
-    """Read and validate a meta JSON file.
+def _read_meta_text(meta_path: Location, settings: RemoteSettings) -> str:
+    if isinstance(meta_path, URL):
+        problem = remote.check_protocol(meta_path)
+        if problem:
+            raise ValueError(f"meta file {meta_path}: {problem}")
+        size = remote.object_info(meta_path, settings).size
+        return remote.read_all(meta_path, size, settings).decode("utf-8")
+    return meta_path.read_text(encoding="utf-8")
+
+
+def load_meta(
+    path: str | Path, settings: RemoteSettings = remote.DEFAULT_SETTINGS
+) -> list[DatasetSpec]:
+    """Read and validate a meta JSON file (a local path or a URL; remote reads use `settings`).
 
     Raises:
         ValueError: listing every problem found (unreadable file, bad JSON, missing or
-            mistyped fields, missing files, non-.jsonl annotation, repeat_time <= 0).
+            mistyped fields, missing files or objects, non-.jsonl annotation, repeat_time <= 0).
     """
-    meta_path = Path(path)
+    meta_path = remote.as_location(path)
     try:
-        data = json.loads(meta_path.read_text(encoding="utf-8"), object_pairs_hook=_object_pairs)
-    except (OSError, json.JSONDecodeError) as err:
+        text = _read_meta_text(meta_path, settings)
+        data = json.loads(text, object_pairs_hook=_object_pairs)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"meta file {meta_path}: cannot read JSON: {err}") from err
     if not isinstance(data, dict) or not data:
         raise ValueError(f"meta file {meta_path}: must be a non-empty JSON object of datasets")
@@ -175,7 +238,10 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
         f"dataset {name!r} is defined more than once (JSON would keep only the last one)"
         for name in getattr(data, "duplicates", ())
     ]
-    parsed = [_check_entry(name, entry, meta_path.parent, problems) for name, entry in data.items()]
+    parsed = [
+        _check_entry(name, entry, meta_path.parent, problems, settings)
+        for name, entry in data.items()
+    ]
     if problems:
         raise problems_error(meta_path, problems)
     return [

@@ -11,6 +11,10 @@ Exhaustion follows the reference's `replacement` flag: True restarts the dataset
 next epoch's permutation; False drops it until every dataset is dropped, which ends the
 stream epoch; the stream then starts the next epoch of every dataset (training is bounded by
 max_steps, not by data), unless `num_epochs` says to stop.
+
+A mixer may start part-way into epochs (`start_from`, after a resume on another number of
+streams, data.elastic): per (dataset, epoch) a mask of the permutation positions consumed
+before, whose rest the streams share (data.sharding); masks of epochs behind are forgotten.
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ class DatasetMixer:
         self._active = [n > 0 for n in self._share_lengths]
         self._passes = 0
         self._share_cache: dict[int, tuple[int, np.ndarray]] = {}
+        self._consumed: dict[tuple[int, int], np.ndarray] = {}
+        """(dataset position, epoch) -> positions consumed before this mixer's layout."""
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(self._lengths)
 
     @property
     def epochs(self) -> tuple[int, ...]:
@@ -109,7 +119,7 @@ class DatasetMixer:
                 if not self._end_stream_epoch():
                     return None
             k = self._choose()
-            if self._positions[k] < self._share_lengths[k]:
+            if self._positions[k] < len(self._share(k)):
                 return self._take(k)
             self._on_exhausted(k)
 
@@ -133,6 +143,7 @@ class DatasetMixer:
                 self._dataset_indices[k],
                 self._stream_id,
                 self._num_streams,
+                self._consumed.get((k, self._epochs[k])),
             )
             cached = (self._epochs[k], share)
             self._share_cache[k] = cached
@@ -143,6 +154,7 @@ class DatasetMixer:
             logger.debug("dataset %d exhausted in epoch %d; restarting", k, self._epochs[k])
             self._epochs[k] += 1
             self._positions[k] = 0
+            self._forget_consumed()
         else:
             logger.debug("dataset %d exhausted in epoch %d; dropped", k, self._epochs[k])
             self._active[k] = False
@@ -156,11 +168,47 @@ class DatasetMixer:
         )
         if self._num_epochs is not None and self._passes >= self._num_epochs:
             return False
-        for k, share_length in enumerate(self._share_lengths):
+        for k in range(len(self._lengths)):
             self._epochs[k] += 1
             self._positions[k] = 0
-            self._active[k] = share_length > 0
+        self._forget_consumed()
+        self._active = self._has_records()
         return True
+
+    def _has_records(self) -> list[bool]:
+        """Per dataset: does this stream's share of its current epoch hold a record?"""
+        return [self.share_size(k, epoch) > 0 for k, epoch in enumerate(self._epochs)]
+
+    def _forget_consumed(self) -> None:
+        self._consumed = {
+            (k, epoch): mask
+            for (k, epoch), mask in self._consumed.items()
+            if epoch >= self._epochs[k]
+        }
+
+    def share_size(self, k: int, epoch: int) -> int:
+        """Records of dataset k this stream reads in `epoch` (all of them, from the start)."""
+        left = sharding.num_left(self._lengths[k], self._consumed.get((k, epoch)))
+        return sharding.share_length(left, self._stream_id, self._num_streams)
+
+    def start_from(
+        self, epochs: Sequence[int], passes: int, consumed: dict[tuple[int, int], np.ndarray]
+    ) -> None:
+        """Start every dataset at the beginning of this stream's share of `epochs[k]`, with
+        the positions of `consumed[(k, epoch)]` already read by an earlier layout."""
+        for (k, epoch), mask in consumed.items():
+            if mask.shape != (self._lengths[k],) or mask.dtype != bool:
+                raise ValueError(f"consumed mask of dataset {k} epoch {epoch} has the wrong shape")
+        self._epochs = [int(e) for e in epochs]
+        self._positions = [0] * len(self._lengths)
+        self._passes = int(passes)
+        self._consumed = dict(consumed)
+        self._forget_consumed()
+        self._share_cache = {}
+        # With replacement a dataset is only ever inactive when it has no share at all.
+        self._active = (
+            [n > 0 for n in self._share_lengths] if self._replacement else (self._has_records())
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python snapshot (ints, lists, the generator state)."""
@@ -171,6 +219,10 @@ class DatasetMixer:
             "active": list(self._active),
             "passes": self._passes,
             "rng": self._rng.bit_generator.state,
+            "consumed": [
+                {"dataset": k, "epoch": epoch, "ranges": sharding.to_ranges(mask)}
+                for (k, epoch), mask in sorted(self._consumed.items())
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -185,3 +237,16 @@ class DatasetMixer:
         self._active = [bool(a) for a in state["active"]]
         self._passes = int(state["passes"])
         self._rng.bit_generator.state = state["rng"]
+        self._consumed = consumed_from_state(state)
+        self._share_cache = {}
+
+
+def consumed_from_state(state: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
+    """The consumed masks of a mixer state (states written before elastic resume have none)."""
+    lengths = [int(n) for n in state["lengths"]]
+    return {
+        (int(item["dataset"]), int(item["epoch"])): sharding.from_ranges(
+            item["ranges"], lengths[int(item["dataset"])]
+        )
+        for item in state.get("consumed", [])
+    }

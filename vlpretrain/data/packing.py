@@ -422,6 +422,21 @@ class BestFitPacker:
             for row in self._rows:
                 self._reprice(row)
 
+    def start_from(
+        self, num_rows_emitted: int, num_tokens_emitted: int, balance: tuple[int, float] | None
+    ) -> None:
+        """Counters and running FLOPs sums handed over from a job of another shape
+        (data.elastic); the open rows are then filled through `add`."""
+        if (balance is not None) != (self.balance is not None):
+            raise ValueError(
+                f"the saved streams ran with packing.balance_flops={balance is not None} but "
+                f"this run has {self.balance is not None} (set it as the checkpointed run did)"
+            )
+        self.num_rows_emitted = num_rows_emitted
+        self.num_tokens_emitted = num_tokens_emitted
+        if self.balance is not None and balance is not None:
+            self.balance.set_totals(*balance)
+
     def _reprice(self, row: PackRow) -> None:
         """Re-create the costs of a restored row (summed in the same order as when packed)."""
         items, row.items, row.num_tokens, row.num_tiles, row.cost = row.items, [], 0, 0, 0.0

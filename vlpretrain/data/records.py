@@ -8,6 +8,11 @@ image), else a non-empty `video`, else text; but `"image": ""` or `"video": ""` 
 are `{"from": role, "value": text}` with roles human/gpt, and system only as the first turn.
 The docs' `text` key is rejected with a message naming it (the reference fails on it silently,
 spec section 11 item 28).
+
+Media paths are joined to the dataset root: `root / value` for a local root, `root + "/" +
+value` for a URL root (s3://...; the reference concatenates root + value for s3:// roots, so
+a root without its trailing slash glues names together); a value that is itself a URL stands
+for itself.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
+
+from vlpretrain.data.remote import URL, Location, is_url
 
 RecordKind = Literal["text", "image", "multi_image", "video"]
 ROLES = ("system", "human", "gpt")
@@ -32,6 +38,7 @@ SKIP_REASONS = (
     "image_too_large",
     "video_error",
     "too_long",
+    "read_error",
 )
 """Every `SkippedSample.reason` the sample builder can produce."""
 
@@ -53,9 +60,9 @@ class Record:
     kind: RecordKind
     conversations: tuple[tuple[str, str], ...]
     """(role, value) pairs; role in ROLES, system only first."""
-    images: tuple[Path, ...] = ()
+    images: tuple[Location, ...] = ()
     """Image paths resolved against the dataset root (kinds image / multi_image)."""
-    video: Path | None = None
+    video: Location | None = None
     """Video file or frame folder (kind video)."""
     clip: tuple[float, float] | None = None
     """Optional [start_sec, end_sec] of the video."""
@@ -94,9 +101,12 @@ def _parse_conversations(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return turns
 
 
-def _join(root: Path, value: Any, field: str) -> Path:
+def _join(root: Location, value: Any, field: str) -> Location:
+    """`value` below `root`; a URL value (s3://...) stands for itself."""
     if not isinstance(value, str) or not value:
         raise RecordError("missing_field", f"{field} must be a non-empty path string")
+    if is_url(value):
+        return URL(value)
     return root / value
 
 
@@ -110,7 +120,7 @@ def _parse_clip(value: Any) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
-def parse_record(line: str | bytes, root: Path) -> Record:
+def parse_record(line: str | bytes, root: Location) -> Record:
     """Validate one annotation line; media paths are joined to `root` (not opened).
 
     Raises:

@@ -8,6 +8,14 @@ Pure functions over ints and numpy arrays; no files, no process group, no torch.
 A stream is one (rank, worker) pair; `stream_id = rank * num_workers + worker`. Shares are
 disjoint, cover every record and differ in size by at most one (the reference drops
 `len % world_size` records and never reshuffles; here every epoch has a new permutation).
+
+After a resume on another number of streams (data.elastic) part of an epoch is already
+consumed: `consumed` is a bool mask over the permutation's positions, and the streams split
+what is left, in permutation order, the same strided way:
+
+    order[~consumed][stream_id :: num_streams]     --> this stream's share of the rest
+
+A mask is stored as half-open [start, stop) ranges of consumed positions (`to_ranges`).
 """
 
 from __future__ import annotations
@@ -46,17 +54,71 @@ def epoch_permutation(num_records: int, seed: int, epoch: int, dataset_index: in
 
 
 def share_length(num_records: int, stream_id: int, num_streams: int) -> int:
-    """Number of records in the share of `stream_id` (strided split, sizes differ by <= 1)."""
+    """Number of records in the share of `stream_id` (strided split, sizes differ by <= 1);
+    after a resize, `num_records` is the number of positions left (see `num_left`)."""
     if stream_id >= num_records:
         return 0
     return (num_records - stream_id + num_streams - 1) // num_streams
 
 
+def num_left(num_records: int, consumed: np.ndarray | None) -> int:
+    """Positions of an epoch not yet consumed."""
+    return num_records if consumed is None else num_records - int(np.count_nonzero(consumed))
+
+
 def stream_share(
-    num_records: int, seed: int, epoch: int, dataset_index: int, stream_id: int, num_streams: int
+    num_records: int,
+    seed: int,
+    epoch: int,
+    dataset_index: int,
+    stream_id: int,
+    num_streams: int,
+    consumed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Record indices one stream reads from one dataset in one epoch, in reading order."""
+    """Record indices one stream reads from one dataset in one epoch, in reading order;
+    with `consumed`, its share of the positions left."""
     order = epoch_permutation(num_records, seed, epoch, dataset_index)
+    if consumed is not None:
+        return order[np.flatnonzero(~consumed)[stream_id::num_streams]]
     # A copy, not a strided view: a view keeps the whole permutation alive in every stream
     # (80 MiB per loader process at 10M records instead of its 1/num_streams share).
     return order[stream_id::num_streams].copy()
+
+
+def mark_consumed(
+    num_records: int, consumed: np.ndarray | None, num_streams: int, counts: list[int]
+) -> np.ndarray:
+    """The mask after stream s of `num_streams` has read the first `counts[s]` records of its
+    share (of what `consumed` left)."""
+    if len(counts) != num_streams:
+        raise ValueError(f"need one count per stream ({num_streams}), got {len(counts)}")
+    mask = np.zeros(num_records, dtype=bool) if consumed is None else consumed.copy()
+    left = np.flatnonzero(~mask)
+    for stream_id, count in enumerate(counts):
+        share = left[stream_id::num_streams]
+        if not 0 <= count <= len(share):
+            raise ValueError(f"stream {stream_id} read {count} records of a share of {len(share)}")
+        mask[share[:count]] = True
+    return mask
+
+
+def to_ranges(mask: np.ndarray) -> list[list[int]]:
+    """[[start, stop), ...] of the True runs of a bool mask (JSON-able, readable)."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [[int(a), int(b)] for a, b in zip(starts, stops, strict=True)]
+
+
+def from_ranges(ranges: list[list[int]], num_records: int) -> np.ndarray:
+    """The bool mask of `to_ranges`; refuses ranges outside [0, num_records) or out of order."""
+    mask = np.zeros(num_records, dtype=bool)
+    previous = 0
+    for pair in ranges:
+        start, stop = (int(v) for v in pair)
+        if not previous <= start < stop <= num_records:
+            raise ValueError(
+                f"consumed range {pair} is not sorted, empty or outside [0, {num_records})"
+            )
+        mask[start:stop] = True
+        previous = stop
+    return mask

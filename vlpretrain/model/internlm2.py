@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -241,45 +242,20 @@ def _split_layer_key(rest: str) -> tuple[str, str, str] | None:
     return parts[1], ".".join(parts[2:-1]), parts[-1]
 
 
-def state_to_llama(
-    state: dict[str, torch.Tensor], config: Any, prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """InternLM2 tensors under `prefix` renamed (wqkv split) to Llama's; others unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            out[key] = value
-            continue
-        rest = key[len(prefix) :]
-        module, _, param = rest.rpartition(".")
-        if module in TOP_RENAMES:
-            out[f"{prefix}{TOP_RENAMES[module]}.{param}"] = value
-            continue
-        layer = _split_layer_key(rest.removeprefix("model."))
-        if layer is None:
-            unknown.append(key)
-            continue
-        index, module, param = layer
-        base = f"{prefix}model.layers.{index}."
-        if module == "attention.wqkv":
-            for name, part in zip(QKV, split_wqkv(value, config), strict=True):
-                out[f"{base}self_attn.{name}.{param}"] = part
-        elif module in LAYER_RENAMES:
-            out[f"{base}{LAYER_RENAMES[module]}.{param}"] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"InternLM2 tensors without a Llama name: {sorted(unknown)}")
-    return out
+FusedHook = Callable[[str, str, str, torch.Tensor, dict[str, torch.Tensor]], bool]
+"""(layer prefix, module, param, tensor, out) -> True when it wrote (or skipped) the tensor."""
 
 
-def state_to_internlm2(
-    state: dict[str, torch.Tensor], config: Any, prefix: str = ""
+def _rename_state(
+    state: dict[str, torch.Tensor],
+    prefix: str,
+    top: dict[str, str],
+    layers: dict[str, str],
+    fused: FusedHook,
+    error: str,
 ) -> dict[str, torch.Tensor]:
-    """Inverse of state_to_llama: Llama tensors under `prefix` in InternLM2's layout."""
-    top = {v: k for k, v in TOP_RENAMES.items()}
-    layer_names = {v: k for k, v in LAYER_RENAMES.items()}
+    """Tensors under `prefix` renamed by the `top` and per-layer `layers` tables; `fused`
+    handles the q/k/v <-> wqkv tensors. Others pass unchanged; an unknown name is an error."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -297,18 +273,54 @@ def state_to_internlm2(
             continue
         index, module, param = layer
         base = f"{prefix}model.layers.{index}."
-        if module == "self_attn.q_proj":
-            q, k, v = (state[f"{base}self_attn.{name}.{param}"] for name in QKV)
-            out[f"{base}attention.wqkv.{param}"] = fuse_wqkv(q, k, v, config)
-        elif module in ("self_attn.k_proj", "self_attn.v_proj"):
-            continue  # fused with q_proj above
-        elif module in layer_names:
-            out[f"{base}{layer_names[module]}.{param}"] = value
+        if fused(base, module, param, value, out):
+            continue
+        if module in layers:
+            out[f"{base}{layers[module]}.{param}"] = value
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"Llama tensors without an InternLM2 name: {sorted(unknown)}")
+        raise ValueError(f"{error}: {sorted(unknown)}")
     return out
+
+
+def state_to_llama(
+    state: dict[str, torch.Tensor], config: Any, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """InternLM2 tensors under `prefix` renamed (wqkv split) to Llama's; others unchanged."""
+
+    def split(
+        base: str, module: str, param: str, value: torch.Tensor, out: dict[str, torch.Tensor]
+    ) -> bool:
+        if module != "attention.wqkv":
+            return False
+        for name, part in zip(QKV, split_wqkv(value, config), strict=True):
+            out[f"{base}self_attn.{name}.{param}"] = part
+        return True
+
+    return _rename_state(
+        state, prefix, TOP_RENAMES, LAYER_RENAMES, split, "InternLM2 tensors without a Llama name"
+    )
+
+
+def state_to_internlm2(
+    state: dict[str, torch.Tensor], config: Any, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Inverse of state_to_llama: Llama tensors under `prefix` in InternLM2's layout."""
+
+    def fuse(
+        base: str, module: str, param: str, value: torch.Tensor, out: dict[str, torch.Tensor]
+    ) -> bool:
+        if module == "self_attn.q_proj":
+            q, k, v = (state[f"{base}self_attn.{name}.{param}"] for name in QKV)
+            out[f"{base}attention.wqkv.{param}"] = fuse_wqkv(q, k, v, config)
+        return module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+    top = {v: k for k, v in TOP_RENAMES.items()}
+    layers = {v: k for k, v in LAYER_RENAMES.items()}
+    return _rename_state(
+        state, prefix, top, layers, fuse, "Llama tensors without an InternLM2 name"
+    )
 
 
 def chat_to_llama(

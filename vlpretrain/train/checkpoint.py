@@ -20,6 +20,11 @@ renamed once every rank has finished, so a crash never leaves a half-written dir
 a final name; resume verifies the manifest and falls back to the newest intact checkpoint.
 What a checkpoint does not hold is the exported model: that is written once at the end of a
 stage (model.build.save_internvl).
+
+Resume on another world size: DCP reshards the model and optimizer tensors (FSDP2 or DDP);
+each `rank` part is `Reshardable` (train.states) and is handed every saved rank's state (also
+the loader on the same world size with another worker count); the RNG of a rank that did
+not exist comes from saved rank `rank % saved world size`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
@@ -47,7 +52,7 @@ from vlpretrain.train.checkpoint_manifest import (
     verify_checkpoint,
     write_json_file,
 )
-from vlpretrain.train.states import Stateful
+from vlpretrain.train.states import Reshardable, Stateful
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +235,7 @@ def _prune(output_dir: str | Path, keep: int) -> None:
 
 
 def read_shared(path: str | Path) -> dict[str, Any]:
-    """shared.json of a checkpoint (version and world size checked): step, config, ..."""
+    """shared.json of a checkpoint (version checked): step, world size, config, ..."""
     path = Path(path)
     shared = read_json_file(path / SHARED_FILE)
     version = shared.get("format_version")
@@ -240,14 +245,24 @@ def read_shared(path: str | Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}. Resume with the version that wrote it, or start a new stage "
             "from the exported weights (model.model_name_or_path)."
         )
-    _, world_size = rank_and_world()
-    if shared["world_size"] != world_size:
-        raise ValueError(
-            f"{path} was written by {shared['world_size']} ranks but this run has {world_size}; "
-            "the data stream cannot be resumed exactly on a different world size. Start a new "
-            "stage from its weights instead (model.model_name_or_path)."
-        )
     return shared
+
+
+def _needs_all_ranks(part: Stateful, own: dict[str, Any]) -> bool:
+    return hasattr(part, "needs_all_ranks") and bool(cast(Reshardable, part).needs_all_ranks(own))
+
+
+def _read_rank_files(path: Path, saved_world: int) -> list[dict[str, Any]]:
+    return [read_json_file(_rank_file(path, r, ".json")) for r in range(saved_world)]
+
+
+def _load_resharded(part: Stateful, name: str, all_saved: list[dict[str, Any]]) -> None:
+    """Restore a `rank` part from every saved rank's file (another job shape)."""
+    if not hasattr(part, "load_resharded_state_dict"):
+        raise CheckpointError(f"the {name!r} state cannot be resumed on another job shape")
+    rank, world_size = rank_and_world()
+    saved = [entry["states"][name] for entry in all_saved]
+    cast(Reshardable, part).load_resharded_state_dict(saved, rank, world_size)
 
 
 def load_checkpoint(path: str | Path, states: Mapping[str, Stateful]) -> dict[str, Any]:
@@ -257,23 +272,39 @@ def load_checkpoint(path: str | Path, states: Mapping[str, Stateful]) -> dict[st
     """
     _check_names(states)
     path = Path(path)
-    rank, _ = rank_and_world()
+    rank, world_size = rank_and_world()
     shared = read_shared(path)
-    local = read_json_file(_rank_file(path, rank, ".json"))
-    tensors_file = _rank_file(path, rank, ".rng.safetensors")
+    saved_world = int(shared["world_size"])
+    resized = saved_world != world_size
+    if resized:
+        logger.warning(
+            "resuming %s, written by %d ranks, on %d ranks: the model and optimizer are "
+            "resharded; the data stream continues each epoch without losing or repeating a "
+            "record but in another order than an uninterrupted run, and the global batch is "
+            "now %d/%d of the saved run's",
+            path, saved_world, world_size, world_size, saved_world,
+        )  # fmt: skip
+    local = read_json_file(_rank_file(path, rank if rank < saved_world else 0, ".json"))
+    tensors_file = _rank_file(path, rank % saved_world, ".rng.safetensors")
     tensors = load_file(str(tensors_file))
     sharded = {n: states[n].state_dict() for n in _names("sharded")}
     reader = MetadataSafeReader(path)
     reader.read_metadata()  # refuses a tampered .metadata here, with our message
     # Model and optimizer come first in the layout, so one DCP read restores both in order.
     dcp.load(sharded, storage_reader=reader)
+    all_saved: list[dict[str, Any]] | None = None  # every saved rank's file, read if needed
     for name, storage in STATE_LAYOUT:
         if storage == "sharded":
             states[name].load_state_dict(sharded[name])
         elif storage == "shared":
             states[name].load_state_dict(shared["states"][name])
         elif storage == "rank":
-            states[name].load_state_dict(local["states"][name])
+            stateful, own = states[name], local["states"][name]
+            if resized or _needs_all_ranks(stateful, own):
+                all_saved = all_saved or _read_rank_files(path, saved_world)
+                _load_resharded(stateful, name, all_saved)
+            else:
+                stateful.load_state_dict(own)
         else:
             prefix = f"{name}."
             part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

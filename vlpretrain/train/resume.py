@@ -33,9 +33,12 @@ RESUME_SAFE_FIELDS = frozenset(
         "data.cache_dir",
         "stream.prefetch_factor",
         "stream.pin_memory",
+        "stream.num_workers",
     }
 )
-"""Fields that do not change what a step computes; they may differ on resume."""
+"""Fields that do not change what a step computes; they may differ on resume. The worker
+count (like the world size) changes the order of the data still to come, never which records
+an epoch holds: the loader re-deals what is left (data.elastic, docs/checkpoints.md)."""
 
 PREVIOUS_RUN_ITEMS = ("checkpoints", "metrics.jsonl", "tensorboard")
 

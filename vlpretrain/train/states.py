@@ -2,11 +2,14 @@
 
 train.checkpoint saves and restores them (in its STATE_LAYOUT order); this module only says
 what each part's state is. TrainState is the progress that is not a tensor.
+
+A per-rank part that can resume on another world size (or, for the loader, another worker
+count) is `Reshardable`: it gets the states of every saved rank and takes its own share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -24,6 +27,22 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any], /) -> None: ...
+
+
+class Reshardable(Protocol):
+    """A per-rank state that a job of another shape can resume from."""
+
+    def needs_all_ranks(self, state_dict: dict[str, Any], /) -> bool:
+        """Whether this rank's saved state alone cannot restore it (besides a world-size
+        change, which always needs every rank's)."""
+        ...
+
+    def load_resharded_state_dict(
+        self, saved: Sequence[dict[str, Any]], rank: int, world_size: int, /
+    ) -> None:
+        """Restore rank `rank` of `world_size` from the state of every saved rank (in rank
+        order)."""
+        ...
 
 
 @dataclass
@@ -52,6 +71,33 @@ class TrainState:
             )
         for name in names:
             setattr(self, name, state_dict[name])
+
+    def needs_all_ranks(self, state_dict: dict[str, Any]) -> bool:
+        return False
+
+    def load_resharded_state_dict(
+        self, saved: Sequence[dict[str, Any]], rank: int, world_size: int
+    ) -> None:
+        """Global fields (step, non-finite counts) from rank 0, which every saved rank agrees
+        on; the counters of saved rank r go to rank r % world_size, so their sums over ranks
+        (what the skip policy and the logs use) are kept."""
+        for state in saved:
+            differing = [n for n in state if n not in RANK_COUNTERS and state[n] != saved[0][n]]
+            if differing:
+                raise ValueError(f"saved ranks disagree on the train state's {differing}")
+        self.load_state_dict(dict(saved[0]))
+        mine = [state for old_rank, state in enumerate(saved) if old_rank % world_size == rank]
+        self.tokens_seen = sum(int(s["tokens_seen"]) for s in mine)
+        self.samples_seen = sum(int(s["samples_seen"]) for s in mine)
+        self.records_seen = sum(int(s["records_seen"]) for s in mine)
+        self.skipped = {}
+        for state in mine:
+            for reason, count in state["skipped"].items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + int(count)
+
+
+RANK_COUNTERS = ("tokens_seen", "samples_seen", "skipped", "records_seen")
+"""TrainState fields counted per rank (the others are the same on every rank)."""
 
 
 class ModelState:
@@ -99,6 +145,19 @@ class LoaderState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loader.load_state_dict(state_dict)
         self._iterator = iter(self.loader)  # draws from the torch RNG: restored after this
+
+    def needs_all_ranks(self, state_dict: dict[str, Any]) -> bool:
+        """A changed worker count (data.loader: each (rank, worker) owns a share)."""
+        shape_changed = getattr(self.loader, "shape_changed", None)
+        return shape_changed is not None and bool(shape_changed(state_dict))
+
+    def load_resharded_state_dict(
+        self, saved: Sequence[dict[str, Any]], rank: int, world_size: int
+    ) -> None:
+        """Every saved rank's loader state: this rank's streams continue the job's epoch
+        (data.elastic); the loader knows its own rank and world size."""
+        self.loader.load_resharded_state_dict(saved)
+        self._iterator = iter(self.loader)
 
 
 class RNGState:
