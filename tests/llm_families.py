@@ -266,6 +266,23 @@ TOKENIZER_CORPUS = (
 # ----------------------------------------------------------------------------- native families
 
 
+def tiny_qwen2(attn_implementation: str) -> Any:
+    """A seeded 2-layer Qwen2 (vocab 128, 32 wide, GQA 4/2) in eval mode, for attention tests."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA: 2 query heads per key/value head
+        attn_implementation=attn_implementation,
+    )
+    return tf.Qwen2ForCausalLM(config).eval()
+
+
 def family_configs() -> dict[str, Callable[[int], Any]]:
     """Tiny transformers configs per native family, with each family's characteristic settings."""
     import transformers as tf

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from llm_families import tiny_qwen2
 
 from vlpretrain.model import attention
 
@@ -23,17 +24,7 @@ exact at these lengths. On CUDA the auto choice prefers a varlen kernel (torch >
 
 def _qwen2(attn_implementation: str) -> transformers.Qwen2ForCausalLM:
     attention.register_kernels()
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: 2 query heads per key/value head
-        attn_implementation=attn_implementation,
-    )
-    return transformers.Qwen2ForCausalLM(config).eval()
+    return tiny_qwen2(attn_implementation)
 
 
 def _rows(
@@ -43,9 +34,7 @@ def _rows(
     samples = [[torch.randint(0, 128, (n,), generator=generator) for n in row] for row in
                lengths]  # fmt: skip
     ids = torch.stack([torch.cat(row) for row in samples])
-    positions = torch.stack(
-        [torch.cat([torch.arange(len(s)) for s in row]) for row in samples]
-    )
+    positions = torch.stack([torch.cat([torch.arange(len(s)) for s in row]) for row in samples])
     return samples, ids, positions
 
 

@@ -7,22 +7,7 @@ first behaviour and pin the second, so an upstream change shows up here.
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-
-
-def _model():
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    return transformers.Qwen2ForCausalLM(config).eval()
+from llm_families import tiny_qwen2
 
 
 def _sequences():
@@ -45,7 +30,7 @@ def _split(logits, sequences):
 
 @torch.no_grad()
 def test_packed_forward_equals_per_sample_forward():
-    model, sequences = _model(), _sequences()
+    model, sequences = tiny_qwen2("sdpa"), _sequences()
     ids, positions = _packed(sequences)
     packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     for seq, got in zip(sequences, _split(packed, sequences), strict=True):
@@ -56,7 +41,7 @@ def test_packed_forward_equals_per_sample_forward():
 @torch.no_grad()
 @pytest.mark.parametrize("case", ["use_cache", "no_position_restart"])
 def test_upstream_leaks_across_samples_with_cache_or_without_restart(case):
-    model, sequences = _model(), _sequences()
+    model, sequences = tiny_qwen2("sdpa"), _sequences()
     ids, positions = _packed(sequences, restart=case != "no_position_restart")
     packed = model(input_ids=ids, position_ids=positions, use_cache=case == "use_cache").logits
     second = _split(packed, sequences)[1]
