@@ -8,11 +8,21 @@ import pytest
 import torch
 
 from vlpretrain.demo.components import TinyComponents, build_tiny_components
+from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.model.build import BuiltModel, ModelConfig, build_model
-from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START
+from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, add_internvl_tokens
 
 TINY_TILE = 56
 """Tile side of the tiny ViT: (56 / 14)^2 = 16 patches -> 16 * 0.5^2 = 4 LLM tokens per tile."""
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a tokenizers object
+    """The tiny BPE tokenizer with InternVL's special tokens; one per test module (tests may
+    add tokens to it)."""
+    tok = train_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    add_internvl_tokens(tok)
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -17,19 +17,11 @@ from vlpretrain.data.build import (
 from vlpretrain.data.media import sample_frame_indices
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.facts import RunFacts
-from vlpretrain.tokens import IMG_CONTEXT, add_internvl_tokens
+from vlpretrain.tokens import IMG_CONTEXT
 
 SMALL = dict(max_seq_length=4096, min_num_frame=3, max_num_frame=5)
 SMALL_FACTS = dict(tile_size=28, num_image_token=4, template="internvl2_5")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = train_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    add_internvl_tokens(tok)
-    return tok
 
 
 def conv(question="<image>\nHi", answer="Yo"):

@@ -25,19 +25,10 @@ from vlpretrain.data.index import AnnotationChangedError, AnnotationIndex, cache
 from vlpretrain.data.meta import DatasetSpec, load_meta
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.facts import RunFacts
 from vlpretrain.files import umask_mode, write_atomic
-from vlpretrain.tokens import add_internvl_tokens
 
 SMALL = dict(max_seq_length=512, min_num_frame=2, max_num_frame=3)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = train_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    add_internvl_tokens(tok)
-    return tok
 
 
 def conv(question="Hi", answer="Yo"):

@@ -24,9 +24,7 @@ from vlpretrain.data.records import RecordError
 from vlpretrain.data.remote import URL, RemoteSettings
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.data.skips import SkipTally, skip_entry
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.facts import RunFacts
-from vlpretrain.tokens import add_internvl_tokens
 
 FAST = RemoteSettings(timeout_seconds=3.0, retries=2, backoff_seconds=0.01)
 SMALL = dict(max_seq_length=4096, min_num_frame=3, max_num_frame=3, remote_timeout_seconds=3.0)
@@ -43,13 +41,6 @@ def s3():
 @pytest.fixture(autouse=True)
 def no_faults(s3):
     s3.proxy.clear()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = train_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    add_internvl_tokens(tok)
-    return tok
 
 
 def facts_of(tokenizer):

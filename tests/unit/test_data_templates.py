@@ -12,17 +12,8 @@ from vlpretrain.data.templates import (
     expand_video_tag,
     insert_image_tag,
 )
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
-from vlpretrain.tokens import add_internvl_tokens
 
 DEFAULT_SYSTEM = TEMPLATES["internvl2_5"].default_system
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = train_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    add_internvl_tokens(tok)
-    return tok
 
 
 def supervised_spans(tokenizer, input_ids, labels):
