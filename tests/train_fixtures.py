@@ -265,3 +265,27 @@ def records_read(checkpoint: str | Path, replacement: bool = False) -> int:
     states = _rank_states(Path(checkpoint))
     streams = [s for state in states for s in stream_states(state["loader"])]
     return merge_stream_states(streams, replacement).num_read()
+
+
+class Interrupted(RuntimeError):
+    """Raised by the patched train_step to end a run abruptly."""
+
+
+def train_until_crash(stage_toml: Path, crash_step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vlpretrain train stage_toml` in this process, ended by an exception in step
+    `crash_step` (the steps before it, and their checkpoints, complete)."""
+    import vlpretrain.train.loop as loop
+    from vlpretrain.cli import main
+
+    real_step, calls = loop.train_step, []
+
+    def step_then_crash(*args: Any, **kwargs: Any) -> Any:
+        if len(calls) == crash_step - 1:
+            raise Interrupted(f"crash in step {crash_step}")
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "train_step", step_then_crash)
+        with pytest.raises(Interrupted):
+            main(["train", str(stage_toml)])

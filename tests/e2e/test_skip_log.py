@@ -15,6 +15,7 @@ from train_fixtures import (
     one_thread,  # noqa: F401  (pytest fixture)
     stage_raw,
     train_assets,  # noqa: F401  (pytest fixture)
+    train_until_crash,
     write_stage,
 )
 
@@ -22,10 +23,6 @@ from vlpretrain.cli import main
 from vlpretrain.data.skips import ENTRY_KEYS, SKIP_LOG_NAME, SkipLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-class Interrupted(RuntimeError):
-    """Raised by the patched train_step to end a run abruptly."""
 
 
 def test_skip_log_is_complete_and_survives_a_crash(train_assets, tmp_path, monkeypatch):  # noqa: F811
@@ -47,20 +44,7 @@ def test_skip_log_is_complete_and_survives_a_crash(train_assets, tmp_path, monke
         assert entry["dataset"] in ("shapes_captions", "shapes_qa") and entry["detail"]
     assert len({(e["file"], e["line"]) for e in expected}) == len(expected)  # each once
 
-    import vlpretrain.train.loop as loop
-
-    real_step, calls = loop.train_step, []
-
-    def step_then_crash(*args, **kwargs):
-        if len(calls) == crash_in - 1:
-            raise Interrupted(f"crash in step {crash_in}")
-        calls.append(1)
-        return real_step(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_step", step_then_crash)
-        with pytest.raises(Interrupted):
-            main(["train", str(crashed)])
+    train_until_crash(crashed, crash_in, monkeypatch)
     before = SkipLog(crashed_dir / SKIP_LOG_NAME).read()
     assert before == [e for e in expected if e["step"] <= crash_in - 1]
     # step 3's skips are on disk but not covered by the step-2 checkpoint: the resumed run

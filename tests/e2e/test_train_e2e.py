@@ -34,6 +34,7 @@ from train_fixtures import (
     run_cli,
     stage_raw,
     train_assets,  # noqa: F401  (pytest fixture)
+    train_until_crash,
     write_stage,
 )
 
@@ -50,10 +51,6 @@ GOLDEN_CHAIN = REPO / "tests" / "assets" / "golden_loss_chain_cpu.txt"
 CHAIN_STEPS = {"stage1": 12, "stage2": 12}
 """Steps of each stage of the golden chain (24 in all)."""
 UPDATE_GOLDEN = os.environ.get("VLPRETRAIN_UPDATE_GOLDEN") == "1"
-
-
-class Interrupted(RuntimeError):
-    """Raised by the patched train_step to end a run abruptly after a checkpoint."""
 
 
 def golden_config(train_assets, output_dir: Path) -> dict:  # noqa: F811
@@ -225,20 +222,7 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     )
     assert main(["train", str(straight)]) == 0
 
-    import vlpretrain.train.loop as loop
-
-    real_step, calls = loop.train_step, []
-
-    def step_then_crash(*args, **kwargs):
-        if len(calls) == k:
-            raise Interrupted(f"crash in step {k + 1}, after the step-{k} checkpoint")
-        calls.append(1)
-        return real_step(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_step", step_then_crash)
-        with pytest.raises(Interrupted):
-            main(["train", str(resumed)])
+    train_until_crash(resumed, k + 1, monkeypatch)  # after the step-k checkpoint
     assert [s for s, _ in list_checkpoints(resumed_dir)] == [k]
     assert not (resumed_dir / FINAL_MARKER).exists()
     assert main(["train", str(resumed)]) == 0  # resume = "auto": continues from step-3
