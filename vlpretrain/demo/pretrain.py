@@ -84,6 +84,10 @@ class PretrainConfig:
     attention is uniform and answers follow the marginal (it never reads the picture in
     words); starting wider it leaves the plateau within a couple hundred steps."""
     llm_texts: int = 6000
+    llm_caption_share: float = 0.35
+    """Share of the LLM's texts that caption a picture in words."""
+    llm_text_share: float = 0.15
+    """Share of pure-text questions; the rest ask 1-6 questions about a picture in words."""
     vocab_size: int = 640
 
 
@@ -207,19 +211,20 @@ def picture_in_words(scene: Scene, grid: int) -> str:
 
 
 def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[str]:
-    """config.llm_texts chat texts: a picture in words + its caption (35%) or 1-6 questions
-    (50%), or a pure-text question (15%); held-out layouts never appear."""
+    """config.llm_texts chat texts: a pure-text question (llm_text_share), a picture in words +
+    its caption (llm_caption_share), or else a picture + 1-6 questions; held-out layouts never
+    appear."""
     rng = np.random.default_rng([config.seed, 13])
     texts = []
     for _ in range(config.llm_texts):
         roll = rng.random()
-        if roll < 0.15:
+        if roll < config.llm_text_share:
             texts.append(chat_text([text_question(rng)], system_prompt))
             continue
         scene = draw_scene(rng, config.tile_size, aspects=SQUARE,
                            held_out_fraction=config.held_out_fraction)  # fmt: skip
         picture = picture_in_words(scene, grid) + "\n"
-        if roll < 0.5:
+        if roll < config.llm_text_share + config.llm_caption_share:
             pairs = [(picture + DESCRIBE, caption(scene))]
         else:
             pairs = question_pairs(rng, scene, int(rng.integers(1, 7)))

@@ -281,6 +281,22 @@ def human_turn(question: str, num_images: int) -> str:
     return labels + question
 
 
+# sample_scene draws 1..len(KINDS) shapes of distinct kinds, uniformly: in a 1/len(KINDS) share
+# of the scenes every kind is present and "exists" can only be answered yes. Asking for an
+# absent kind with this probability in the other scenes makes half of all the answers "no".
+_P_NO = 0.5 / (1 - 1 / len(KINDS))
+
+
+def exists_question(rng: np.random.Generator, scene: Scene, answer: str) -> tuple[str, str]:
+    """'Is there a {kind}?' asking for a present kind (answer 'yes') or an absent one ('no')."""
+    present = [s.kind for s in scene.shapes]
+    pool = present if answer == "yes" else [k for k in KINDS if k not in present]
+    if answer not in YES_NO or not pool:
+        raise ValueError(f"cannot ask an exists question answered {answer!r} about {scene}")
+    kind = pool[int(rng.integers(len(pool)))]
+    return QUESTION_TEMPLATES["exists"].format(kind=kind), answer
+
+
 def single_image_question(
     rng: np.random.Generator, scene: Scene, question_type: QuestionType
 ) -> tuple[str, str]:
@@ -290,12 +306,8 @@ def single_image_question(
     if question_type == "count":
         return template, NUMBER_WORDS[len(scene.shapes)]
     if question_type == "exists":
-        present = [s.kind for s in scene.shapes]
-        absent = [k for k in KINDS if k not in present]
-        # Half yes, half no where possible, so "yes" is not a free win.
-        pool = absent if absent and rng.random() < 0.5 else present
-        kind = pool[int(rng.integers(len(pool)))]
-        return template.format(kind=kind), "yes" if kind in present else "no"
+        can_say_no = len(scene.shapes) < len(KINDS)
+        return exists_question(rng, scene, "no" if can_say_no and rng.random() < _P_NO else "yes")
     if question_type == "shape_at":
         return template.format(place=PLACES[shape.position]), shape.kind
     answers = {"colour": shape.colour, "position": shape.position, "size": shape.size}

@@ -28,8 +28,10 @@ from PIL import Image, ImageDraw
 from vlpretrain.demo.shapes import (
     ASPECTS,
     DESCRIBE,
+    KINDS,
     SINGLE_IMAGE_QUESTION_TYPES,
     SYSTEM_PROMPT,
+    YES_NO,
     Aspects,
     Scene,
     answer_vocabulary,
@@ -37,6 +39,7 @@ from vlpretrain.demo.shapes import (
     caption_corpus,
     chance_accuracy,
     draw_scene,
+    exists_question,
     human_turn,
     multi_image_question,
     sample_scene,
@@ -327,14 +330,25 @@ def _write_split(
 def _eval_records(
     rng: np.random.Generator, writer: _Writer, num_eval: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One question (types in rotation) and one caption request per held-out image."""
+    """One question (types in rotation) and one caption request per held-out image.
+
+    The "exists" questions alternate yes and no (a "no" redraws scenes holding every kind), so
+    that answer is exactly balanced and the majority guess scores half of them.
+    """
     questions: list[dict[str, Any]] = []
     captions: list[dict[str, Any]] = []
+    num_types = len(SINGLE_IMAGE_QUESTION_TYPES)
     for index in range(num_eval):
+        kind = SINGLE_IMAGE_QUESTION_TYPES[index % num_types]
         scene = writer.scene(rng)
+        if kind == "exists":
+            wanted = YES_NO[index // num_types % 2]
+            while wanted == "no" and len(scene.shapes) == len(KINDS):
+                scene = writer.scene(rng)
+            question, answer = exists_question(rng, scene, wanted)
+        else:
+            question, answer = single_image_question(rng, scene, kind)
         image = writer.image(scene)
-        kind = SINGLE_IMAGE_QUESTION_TYPES[index % len(SINGLE_IMAGE_QUESTION_TYPES)]
-        question, answer = single_image_question(rng, scene, kind)
         for records, pair, prefix in (
             (questions, (question, answer), "eval"),
             (captions, (DESCRIBE, caption(scene)), "eval-cap"),
