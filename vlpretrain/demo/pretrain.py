@@ -87,7 +87,7 @@ class PretrainConfig:
     attention is uniform and answers follow the marginal (it never reads the picture in
     words); starting wider it leaves the plateau within a couple hundred steps."""
     llm_texts: int = 6000
-    llm_caption_share: float = 0.15
+    llm_caption_share: float = 0.25
     """Share of the LLM's texts that caption a picture in words."""
     llm_text_share: float = 0.1
     """Share of pure-text questions; the rest ask 1-6 questions about a picture in words."""

@@ -297,6 +297,15 @@ def exists_question(rng: np.random.Generator, scene: Scene, answer: str) -> tupl
     return QUESTION_TEMPLATES["exists"].format(kind=kind), answer
 
 
+def question_about(shape: Shape, question_type: QuestionType) -> tuple[str, str]:
+    """The "shape at" or "position" question (and answer) about one given shape."""
+    if question_type == "shape_at":
+        return QUESTION_TEMPLATES["shape_at"].format(place=PLACES[shape.position]), shape.kind
+    if question_type == "position":
+        return QUESTION_TEMPLATES["position"].format(kind=shape.kind), shape.position
+    raise ValueError(f"question_about asks shape_at or position, not {question_type!r}")
+
+
 def single_image_question(
     rng: np.random.Generator, scene: Scene, question_type: QuestionType
 ) -> tuple[str, str]:
@@ -308,9 +317,9 @@ def single_image_question(
     if question_type == "exists":
         can_say_no = len(scene.shapes) < len(KINDS)
         return exists_question(rng, scene, "no" if can_say_no and rng.random() < _P_NO else "yes")
-    if question_type == "shape_at":
-        return template.format(place=PLACES[shape.position]), shape.kind
-    answers = {"colour": shape.colour, "position": shape.position, "size": shape.size}
+    if question_type in ("shape_at", "position"):
+        return question_about(shape, question_type)
+    answers = {"colour": shape.colour, "size": shape.size}
     if question_type not in answers:
         raise ValueError(f"{question_type!r} is not one of {SINGLE_IMAGE_QUESTION_TYPES}")
     return template.format(kind=shape.kind), answers[question_type]
