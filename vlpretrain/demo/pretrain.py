@@ -1,19 +1,20 @@
 """Make the demo's "pretrained" components: a ViT and an LLM, each trained briefly on its own.
 
 InternVL's recipe starts from a pretrained vision encoder and a pretrained LLM. With nothing
-to download, the demo pretrains tiny ones in seconds:
+to download, the demo pretrains tiny ones in a few minutes:
 
     training-side shapes scenes --render as one tile--> InternViT --pixel shuffle--> one
         feature per cell of the token grid --linear probe--> what the cell holds (shape kind
-        or nothing, colour, size) --> vit/
+        or nothing, colour, size) and which cell it is --> vit/
     training-side scenes written as text --causal LM on packed rows--> llm/ (+ tokenizer)
 
 The LLM's corpus is the shapes world in words: chat texts whose user turn shows the scene
 as a "picture in words", <img> + one word per cell of the 3x3 layout (CELL_TOKENS, row-major,
-the order of the image tokens) + </img>, followed by a caption request or questions, plus
-pure-text arithmetic. So the LLM knows the concepts and the layout before it sees a pixel,
-the way a real LLM knows "red circle" from text; stage 1 still has to learn the mapping from
-ViT features to those words, and nothing in the corpus is a held-out layout.
+the order of the image tokens; a word names the cell's shape and its place) + </img>,
+followed by a caption request or questions, plus pure-text arithmetic. So the LLM knows the
+concepts and the layout before it sees a pixel, the way a real LLM knows "red circle" from
+text; stage 1 still has to learn the mapping from ViT features to those words, and nothing in
+the corpus is a held-out layout.
 
 Both are saved as the HF-format directories that Path B loads, like real checkpoints. The
 probe is thrown away.
