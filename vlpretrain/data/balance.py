@@ -17,6 +17,32 @@ Costs come from the model's own FLOPs counter (`train.flops.FlopsCounter.step_fl
 in as a callable because data/ does not import train/): ViT, projector, LLM with attention
 per packed sample, and the LM head, forward plus the backward the freeze policy implies.
 The running sums are part of the packer state, so a resumed stream is bit-identical.
+
+The cap cannot lift a cheap row. Token-full rows of mostly text (or a long document with no
+room left for images) cost less than the budget, and with one row per rank per step
+(InternVL2.5-1B stage 2, GA 1, where the ViT is most of the cost) a step still waits for the
+ranks that drew a row at the cap while others ran a cheap one. So each stream also holds
+back `packing.balance_queue_rows` = Q finished rows and releases them in a rank-synchronised
+order, with no communication:
+
+    at release t (counted per stream, the same on every rank at a given step), among the
+    Q + 1 candidate rows (the Q held + the newest) release the (t mod (Q + 1))-th cheapest
+
+Every rank draws its rows from the same mixture, so the j-th cheapest of Q + 1 rows costs
+about the same on every rank: the steps on which all ranks release a cheap row are cheap
+steps for everybody instead of idle time for most. Every order position comes up once per
+Q + 1 steps, so rows keep flowing; a row that has waited `max_wait` = 8 (Q + 1) releases
+leaves first (rare: the forced release is the only unsynchronised one). Ties go to the
+earlier row, costs are recomputed bit-identically on restore, and the held rows and the
+release counter are part of the stream state, so a resumed stream is bit-identical. On a
+resume on another shape the held rows are ready rows like any other: data.elastic returns
+their pieces to the pool, and every new stream restarts the counter at 0 (still in step).
+Q = 0 releases rows in packing order (as without balancing).
+
+Cost: Q more packed rows in memory per stream (up to Q x 48 tiles x 2.4 MB of float32
+pixels at 448 px: 0.9 GB at the default Q = 8, beside the packer's 20 open rows), the first
+batch waits for Q + 1 rows instead of one, and a row trains up to 8 (Q + 1) steps after it
+was packed. Steady-state throughput is unchanged (one row packed per row released).
 `bench/balance.py` measures the effect (straggler ratio at 512 ranks).
 """
 
@@ -24,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from vlpretrain.data.samples import TokenizedSample
 
@@ -32,6 +58,9 @@ StepFlops = Callable[[int, list[int], int], Mapping[str, float]]
 """(num_tiles, segment_lengths, num_supervised) -> FLOPs per model component."""
 
 BALANCE_STATE_VERSION = 1
+RELEASE_STATE_VERSION = 1
+MAX_WAIT_CYCLES = 8
+"""A held row is released at the latest this many cycles of Q + 1 releases after it came."""
 
 
 def sample_flops(step_flops: StepFlops, sample: TokenizedSample) -> float:
@@ -114,6 +143,98 @@ def build_row_balance(
             "model's FlopsCounter.step_flops to build_dataloader(step_flops=...)"
         )
     return RowBalance(step_flops, max_tokens, slack_tokens)
+
+
+class Priced(Protocol):
+    @property
+    def cost(self) -> float: ...
+
+
+RowT = TypeVar("RowT", bound=Priced)
+
+
+class SyncedRelease(Generic[RowT]):
+    """Finished rows of one stream, released in the rank-synchronised cost order above.
+
+    Rows are kept in arrival order (the stream saves them as ready rows in that order);
+    `arrived_at[i]` is the release count when row i came, for the wait bound.
+    """
+
+    def __init__(self, hold: int) -> None:
+        if hold < 0:
+            raise ValueError(f"hold must be >= 0, got {hold}")
+        self.hold = hold
+        self.max_wait = MAX_WAIT_CYCLES * (hold + 1)
+        self.rows: list[RowT] = []
+        self.arrived_at: list[int] = []
+        self.num_released = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def wants_more(self) -> bool:
+        """Fewer than Q + 1 candidates: pack more before releasing."""
+        return len(self.rows) <= self.hold
+
+    def push(self, rows: list[RowT]) -> None:
+        self.rows.extend(rows)
+        self.arrived_at.extend([self.num_released] * len(rows))
+
+    def next_row(self, produce: Callable[[], list[RowT] | None]) -> RowT | None:
+        """Call `produce` (the rows one more sample finished; None when nothing is left to
+        pack) until there are Q + 1 candidates, then release one; None when all are out."""
+        while self.wants_more():
+            rows = produce()
+            if rows is None:
+                break
+            self.push(rows)
+        return self.release() if self.rows else None
+
+    def release(self) -> RowT:
+        """The next row to train on (Q + 1 candidates, or fewer at the end of a stream)."""
+        if not self.rows:
+            raise IndexError("no row to release")
+        index = self._choose()
+        self.num_released += 1
+        del self.arrived_at[index]
+        return self.rows.pop(index)
+
+    def _choose(self) -> int:
+        if self.hold == 0 or self.num_released - self.arrived_at[0] >= self.max_wait:
+            return 0  # packing order, or the oldest row has waited long enough
+        position = self.num_released % (self.hold + 1)
+        rows = self.rows
+        by_cost = sorted(range(len(rows)), key=lambda i: (rows[i].cost, i))
+        return by_cost[min(position, len(by_cost) - 1)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counter and arrival times; the rows themselves are saved by the stream."""
+        return {
+            "version": RELEASE_STATE_VERSION,
+            "num_released": self.num_released,
+            "arrived_at": list(self.arrived_at),
+        }
+
+    def restore(self, rows: list[RowT], state: dict[str, Any] | None) -> None:
+        """Rows saved in arrival order and their state (None: a state from before the
+        synchronised release; rows count as just arrived)."""
+        if state is None:
+            state = {"version": RELEASE_STATE_VERSION, "num_released": 0, "arrived_at": None}
+        if state.get("version") != RELEASE_STATE_VERSION:
+            raise ValueError(
+                f"row-release state version {state.get('version')!r} is not {RELEASE_STATE_VERSION}"
+            )
+        self.num_released = int(state["num_released"])
+        arrived = state["arrived_at"]
+        self.arrived_at = (
+            [self.num_released] * len(rows) if arrived is None else [int(a) for a in arrived]
+        )
+        if len(self.arrived_at) != len(rows):
+            raise ValueError(
+                f"row-release state has {len(self.arrived_at)} arrival times for {len(rows)} "
+                "ready rows"
+            )
+        self.rows = list(rows)
 
 
 def straggler_ratio(per_rank_flops: list[float]) -> float:
