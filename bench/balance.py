@@ -47,7 +47,12 @@ from packing import (  # noqa: E402  (sibling benchmark module)
     sample_shapes,
 )
 
-from vlpretrain.data.balance import RowBalance, SyncedRelease, straggler_ratio  # noqa: E402
+from vlpretrain.data.balance import (  # noqa: E402
+    RowBalance,
+    SyncedRelease,
+    job_straggler_ratio,
+    straggler_ratio,
+)
 from vlpretrain.data.packing import (  # noqa: E402
     BestFitPacker,
     PackingConfig,
@@ -236,13 +241,6 @@ def step_costs(
     return steps
 
 
-def job_ratio(steps: list[list[float]]) -> float:
-    """Sum over steps of the slowest rank's FLOPs / sum of the mean rank's: wall over work."""
-    slowest = sum(max(ranks) for ranks in steps)
-    mean = sum(sum(ranks) / len(ranks) for ranks in steps)
-    return slowest / mean
-
-
 METHODS = (
     "reference first-fit",
     "best-fit (tokens)",
@@ -263,7 +261,7 @@ class Settings:
 @dataclass(frozen=True)
 class Figure:
     job: float
-    """The job's straggler ratio over the measured steps (job_ratio)."""
+    """The job's straggler ratio over the measured steps (job_straggler_ratio)."""
     median_step: float
     """Median over the measured steps of the step's max / mean."""
     first_step: float
@@ -318,7 +316,7 @@ def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, i
             measured = [row for rows in per_rank for row in rows[settings.warmup_rows :]]
             tokens = sum(s.tokens for row in measured for s in row)
             figures[(method, scenario)] = Figure(
-                job=job_ratio(steps),
+                job=job_straggler_ratio(steps),
                 median_step=statistics.median(straggler_ratio(ranks) for ranks in steps),
                 first_step=straggler_ratio(step_costs(first_costs, accumulation, 0)[0]),
                 token_fill=tokens / (len(measured) * MAX_TOKENS),

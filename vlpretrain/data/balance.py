@@ -243,3 +243,13 @@ def straggler_ratio(per_rank_flops: list[float]) -> float:
         raise ValueError("straggler_ratio needs at least one rank")
     mean = sum(per_rank_flops) / len(per_rank_flops)
     return max(per_rank_flops) / mean if mean > 0 else 1.0
+
+
+def job_straggler_ratio(steps: list[list[float]]) -> float:
+    """Sum over steps of the slowest rank's FLOPs / sum of the mean rank's ([step][rank]):
+    a job's wall time over its useful work, when every step waits for its slowest rank."""
+    if not steps:
+        raise ValueError("job_straggler_ratio needs at least one step")
+    slowest = sum(max(ranks) for ranks in steps)
+    mean = sum(sum(ranks) / len(ranks) for ranks in steps)
+    return slowest / mean if mean > 0 else 1.0
