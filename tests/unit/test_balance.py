@@ -101,6 +101,17 @@ def test_budget_is_a_token_full_row_at_the_running_mean_cost():
     assert not balance.is_full(94, 280.0)
 
 
+def test_best_fit_distance_counts_both_budgets():
+    balance = RowBalance(COUNTER.step_flops, max_tokens=100, slack_tokens=5)
+    assert balance.distance_to_full(40, 1e9) == pytest.approx(0.36)  # tokens only, before data
+    balance.observe(40, 120.0)  # budget 300
+    assert balance.distance_to_full(40, 150.0) == pytest.approx(0.6**2 + 0.5**2)
+    # A row full of tokens but at half the FLOPs is farther from full than one near both.
+    assert balance.distance_to_full(100, 150.0) > balance.distance_to_full(80, 240.0)
+    assert math.isinf(balance.distance_to_full(101, 0.0))
+    assert math.isinf(balance.distance_to_full(10, 301.0))
+
+
 def test_rows_stay_within_every_budget_and_hold_every_sample_once():
     config = _config(balance_flops=True)
     packer = _packer(config)

@@ -9,8 +9,11 @@ With balancing on, a row also has a FLOPs budget,
     budget = max_packed_tokens * (FLOPs / tokens of every piece this stream has packed so far)
 
 i.e. the cost of a token-full row of average composition. A row is closed when either budget
-is nearly reached; best fit and "emit the fullest row" use the tighter of the two fractions,
-so cheap and costly samples end up mixed and rows stay close to token-full on average.
+is nearly reached. Best fit puts a piece in the row it leaves closest to full in both budgets
+(least sum of the squared free fractions of tokens and FLOPs): a text piece goes where the
+images already filled the FLOPs share, an image piece where text filled the tokens, so rows
+end near both budgets at once instead of token-full and cheap. "Emit the fullest row" uses
+the tighter of the two fractions.
 A piece that alone costs more than the budget (a very long document) still gets a row.
 
 Costs come from the model's own FLOPs counter (`train.flops.FlopsCounter.step_flops`, handed
@@ -110,6 +113,16 @@ class RowBalance:
         if math.isinf(budget):
             return token_room
         return min(token_room, (budget - flops) / budget)
+
+    def distance_to_full(self, num_tokens: int, flops: float) -> float:
+        """How far a row holding `num_tokens` / `flops` is from full in both budgets: the sum
+        of the squared free fractions (inf when over a budget)."""
+        token_room = (self.max_tokens - num_tokens) / self.max_tokens
+        budget = self.budget
+        flops_room = 0.0 if math.isinf(budget) else (budget - flops) / budget
+        if token_room < 0.0 or flops_room < 0.0:
+            return math.inf
+        return token_room * token_room + flops_room * flops_room
 
     def is_full(self, num_tokens: int, flops: float) -> bool:
         return self.free_fraction(num_tokens, flops) <= self.slack_fraction

@@ -10,8 +10,8 @@ is full (free tokens <= `full_row_slack_tokens`); when a sample fits nowhere and
 full, the fullest row is emitted first. Samples are never split unless
 `split_at_image_boundary`; a sample over a budget that cannot be split is reported to the
 caller (who counts it as skipped), never dropped silently.
-With `balance_flops` a row also has a FLOPs budget (data.balance) and "room" and "fullest"
-mean the tighter of the two budgets, so every rank's rows cost about the same; the order in
+With `balance_flops` a row also has a FLOPs budget, and "room" and "fullest"
+mean both budgets (data.balance), so every rank's rows cost about the same; the order in
 which finished rows leave the stream is data.balance.SyncedRelease's, not the packer's.
 
 Image-span ids come from RunFacts (the tokenizer's), not from PackingConfig.
@@ -351,17 +351,17 @@ class BestFitPacker:
         return best
 
     def _best_balanced_fit(self, item: PackItem, balance: RowBalance) -> PackRow | None:
-        """The row left with the least room (tighter of tokens and FLOPs) that takes `item`."""
+        """The row that `item` leaves closest to full in both tokens and FLOPs."""
         config = self.config
         best: PackRow | None = None
-        best_free = math.inf
+        best_distance = math.inf
         for row in self._rows:
             tiles_ok = row.num_tiles + item.sample.num_tiles <= config.num_images_expected
-            free = balance.free_fraction(
+            distance = balance.distance_to_full(
                 row.num_tokens + item.sample.num_tokens, row.cost + item.cost
             )
-            if 0.0 <= free < best_free and tiles_ok:
-                best, best_free = row, free
+            if distance < best_distance and tiles_ok:
+                best, best_distance = row, distance
         return best
 
     def _fullest(self) -> PackRow:
