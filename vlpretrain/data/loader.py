@@ -63,9 +63,10 @@ from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
-STREAM_STATE_VERSION = 2
-"""2: the mixer state holds the consumed masks of an elastic resume (1: it has none)."""
-READABLE_STREAM_VERSIONS = (1, 2)
+STREAM_STATE_VERSION = 3
+"""3: the mixer state's consumed masks are compressed bitmaps; 2: they are [start, stop)
+ranges; 1: there are none (written before elastic resume)."""
+READABLE_STREAM_VERSIONS = (1, 2, 3)
 LOADER_STATE_KEY = "vlpretrain_stream"
 EXCEEDS_BUDGET = "exceeds_pack_budget"
 
