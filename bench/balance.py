@@ -4,8 +4,8 @@
       --> reference first-fit (spec 6.3; one blank tile per pure-text sample, spec 4.6)
       --> best-fit on tokens (vlpretrain.data.packing, balance_flops off)
       --> best-fit on tokens and FLOPs (balance_flops on, balance_queue_rows 0)
-      --> the same rows released in the rank-synchronised cost order (balance_queue_rows 8;
-          data.balance.SyncedRelease.next_row, the loop the training stream runs)
+      --> the same rows released in the rank-synchronised cost order (balance_queue_rows 8
+          or --queue-rows; data.balance.SyncedRelease.next_row, the training stream's loop)
     per step: each rank runs its next GA rows; cost = train.flops.FlopsCounter.step_flops of
     each row (ViT + projector + LLM with attention per packed sample + head, forward and the
     backward the stage's freeze policy implies), the same count the training loop logs.
@@ -64,7 +64,6 @@ from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample 
 from vlpretrain.train.flops import ComponentShape, FlopsCounter  # noqa: E402
 
 MAX_TOKENS, MAX_TILES, MAX_BUFFER = 16384, 48, 20
-QUEUE_ROWS = PackingConfig().balance_queue_rows
 
 
 @dataclass(frozen=True)
@@ -245,7 +244,7 @@ METHODS = (
     "reference first-fit",
     "best-fit (tokens)",
     "balanced (tokens+FLOPs)",
-    f"balanced + synced release (Q={QUEUE_ROWS})",
+    "balanced + synced release",
 )
 
 
@@ -256,6 +255,7 @@ class Settings:
     warmup_rows: int
     settled_samples: int
     scenarios: tuple[tuple[str, str, int], ...]
+    queue_rows: int
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, i
         [next(stream) for _ in range(settings.settled_samples)]
         for stream in (rank_stream(seed + 1_000_000, r) for r in ranks)
     ]
-    holds = (0, QUEUE_ROWS)
+    holds = (0, settings.queue_rows)
     figures = {}
     for scenario in settings.scenarios:
         model, stage, accumulation = scenario
@@ -339,6 +339,12 @@ def main() -> None:
         help="samples the balanced packer's running mean has seen before the measured rows "
         "(about a stream's 250th step); the first-step figure is a cold start",
     )
+    parser.add_argument(
+        "--queue-rows",
+        type=int,
+        default=PackingConfig().balance_queue_rows,
+        help="packing.balance_queue_rows of the synced release (default: the config's)",
+    )
     args = parser.parse_args()
     settings = Settings(
         ranks=args.ranks,
@@ -346,6 +352,7 @@ def main() -> None:
         warmup_rows=args.warmup_rows,
         settled_samples=args.settled_samples,
         scenarios=ALL_SCENARIOS if args.all_stages else SCENARIOS,
+        queue_rows=args.queue_rows,
     )
     clock = time.process_time()
     if args.jobs > 1:
@@ -366,7 +373,8 @@ def main() -> None:
     )
     print(
         f"balanced: FLOPs budget's running mean after {args.settled_samples} samples per "
-        "stream; 'first step' is each method's first step from an empty stream"
+        f"stream; synced release holds {args.queue_rows} rows per stream; 'first step' is "
+        "each method's first step from an empty stream"
     )
     print(
         "job ratio = sum over steps of max / sum of mean per-rank step FLOPs; median step = "

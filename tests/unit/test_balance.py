@@ -288,6 +288,24 @@ def test_every_row_leaves_once_and_within_the_wait_bound():
     assert max(left[k] - arrived[k] for k in left) <= order.max_wait
 
 
+def test_release_state_round_trips_and_older_states_restore():
+    order = SyncedRelease(2)
+    order.push([_Costed(float(k), k) for k in (5, 1, 4)])
+    order.release()
+    order.push([_Costed(2.0, 2)])
+    restored = SyncedRelease(2)
+    restored.restore(list(order.rows), json.loads(json.dumps(order.state_dict())))
+    assert restored.state_dict() == order.state_dict()
+    assert _names([restored.release() for _ in range(3)]) == _names(
+        [order.release() for _ in range(3)]
+    )
+    older = SyncedRelease(2)
+    older.restore([_Costed(1.0, "a")], None)  # a stream state from before the release order
+    assert older.state_dict() == {"version": 1, "num_released": 0, "arrived_at": [0]}
+    with pytest.raises(ValueError, match="2 arrival times for 1 ready rows"):
+        older.restore([_Costed(1.0, "a")], dict(order.state_dict(), arrived_at=[0, 0]))
+
+
 def test_a_row_the_order_never_picks_is_released_at_the_wait_bound():
     """An adversary keeps row 'x' off the released cost rank; the bound still lets it out."""
     order = SyncedRelease(2)
