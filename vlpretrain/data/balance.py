@@ -49,7 +49,10 @@ batch waits for Q + 1 rows instead of one, and a row trains up to 8 (Q + 1) step
 was packed. Steady-state throughput is unchanged (one row packed per row released).
 `bench/balance.py` measures the effect: the job's straggler ratio at 512 simulated ranks
 (sum over steps of the slowest rank's FLOPs / sum of the mean rank's), 1B stage 2: 1.079 for
-the reference's packer, 1.053 with the cap, 1.046 with the cap and the release order.
+the reference's packer, 1.053 with the cap, 1.046 with the cap and the release order at
+Q = 8, and 1.046 at Q = 4 (`--queue-rows 4`): there the spread of the 512 streams' running
+means, not Q, sets the floor. That spread shrinks as a job runs on; Q = 8 keeps the larger
+candidate set for then.
 """
 
 from __future__ import annotations
