@@ -324,12 +324,29 @@ def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, i
     return figures
 
 
+def _scenarios(all_stages: bool, only: list[str] | None) -> tuple[tuple[str, str, int], ...]:
+    if only is None:
+        return ALL_SCENARIOS if all_stages else SCENARIOS
+    chosen = tuple(s for s in ALL_SCENARIOS if f"{s[0]}:{s[1]}" in only)
+    known = {f"{s[0]}:{s[1]}" for s in ALL_SCENARIOS}
+    if unknown := sorted(set(only) - known):
+        raise SystemExit(f"--only: unknown scenario(s) {unknown}; known: {sorted(known)}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=512)
     parser.add_argument("--steps", type=int, default=18, help="measured steps per seed")
     parser.add_argument("--warmup-rows", type=int, default=16)
     parser.add_argument("--all-stages", action="store_true", help="stages 1, 1.5 and 2 of both")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="MODEL:STAGE",
+        help="run only these scenarios, e.g. 1B:2 (default: the subset above)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="seeds simulated in parallel")
     parser.add_argument(
@@ -351,7 +368,7 @@ def main() -> None:
         steps=args.steps,
         warmup_rows=args.warmup_rows,
         settled_samples=args.settled_samples,
-        scenarios=ALL_SCENARIOS if args.all_stages else SCENARIOS,
+        scenarios=_scenarios(args.all_stages, args.only),
         queue_rows=args.queue_rows,
     )
     clock = time.process_time()
