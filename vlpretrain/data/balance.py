@@ -51,8 +51,10 @@ was packed. Steady-state throughput is unchanged (one row packed per row release
 (sum over steps of the slowest rank's FLOPs / sum of the mean rank's), 1B stage 2: 1.079 for
 the reference's packer, 1.053 with the cap, 1.046 with the cap and the release order at
 Q = 8, and 1.046 at Q = 4 (`--queue-rows 4`): there the spread of the 512 streams' running
-means, not Q, sets the floor. That spread shrinks as a job runs on; Q = 8 keeps the larger
-candidate set for then.
+means, not Q, sets the floor (with the means settled over 20000 samples instead of 2000,
+`--settled-samples 20000`: 1.039 with the cap, 1.034 with the release order). Over a longer
+window (`--warmup-rows 40 --steps 45`) Q = 8 gives 1.050, and on seed 0 Q = 4 gives 1.052
+against Q = 8's 1.049 (`--seeds 0 --queue-rows 4`): hence the default Q = 8.
 """
 
 from __future__ import annotations
