@@ -1,21 +1,26 @@
-"""Benchmark: straggler ratio of a 512-rank step for three ways of filling the ranks' rows.
+"""Benchmark: straggler ratio of a 512-rank job for four ways of filling the ranks' rows.
 
     per rank: its own stream of the packing benchmark's mixture (bench/packing.py)
       --> reference first-fit (spec 6.3; one blank tile per pure-text sample, spec 4.6)
       --> best-fit on tokens (vlpretrain.data.packing, balance_flops off)
-      --> best-fit on tokens and FLOPs (balance_flops on, vlpretrain.data.balance)
+      --> best-fit on tokens and FLOPs (balance_flops on, balance_queue_rows 0)
+      --> the same rows released in the rank-synchronised cost order (balance_queue_rows 8
+          or --queue-rows; data.balance.SyncedRelease.next_row, the training stream's loop)
     per step: each rank runs its next GA rows; cost = train.flops.FlopsCounter.step_flops of
     each row (ViT + projector + LLM with attention per packed sample + head, forward and the
     backward the stage's freeze policy implies), the same count the training loop logs.
-    straggler ratio = max over ranks / mean over ranks of the step's FLOPs.
 
-Every rank waits for the slowest at the gradient reduction, so (ratio - 1) / ratio of the
-job's compute idles. The FLOPs counters are built from the published architecture sizes
+Every rank waits for the slowest at the gradient reduction, so a step lasts as long as its
+costliest rank. The figure is the job's straggler ratio, sum over the measured steps of the
+max over ranks / sum of the mean over ranks of the step's FLOPs: wall time over useful work,
+so (ratio - 1) / ratio of the job's compute idles. (The median over steps of each step's
+max / mean is printed too; it flatters the synchronised order, whose cheap steps are cheap
+for every rank.) The FLOPs counters are built from the published architecture sizes
 (InternViT-300M + internlm2_5-7b for 8B, + Qwen2.5-0.5B for 1B) without building a model.
 Steps are measured after `--warmup-rows` rows per rank (buffers filled, the FLOPs budget's
-running mean settled); the first step of the streams is printed too. Each seed is a new set
-of rank streams; figures are the median over steps per seed, then median [min, max] over
-seeds. Run: `.venv/bin/python bench/balance.py` (about a minute per seed on one core).
+running mean settled); `--steps` 18 covers whole cycles of the release order (9 rows). The
+first step of the streams is printed too. Each seed is a new set of rank streams; figures
+are median [min, max] over seeds. Run: `.venv/bin/python bench/balance.py --jobs 3`.
 """
 
 from __future__ import annotations
@@ -42,11 +47,17 @@ from packing import (  # noqa: E402  (sibling benchmark module)
     sample_shapes,
 )
 
-from vlpretrain.data.balance import RowBalance, straggler_ratio  # noqa: E402
+from vlpretrain.data.balance import (  # noqa: E402
+    RowBalance,
+    SyncedRelease,
+    job_straggler_ratio,
+    straggler_ratio,
+)
 from vlpretrain.data.packing import (  # noqa: E402
     BestFitPacker,
     PackingConfig,
     PackItem,
+    PackRow,
     PieceRef,
 )
 from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample  # noqa: E402
@@ -152,7 +163,11 @@ def fake_sample(index: int, shape: Shape) -> TokenizedSample:
 Row = list[Shape]
 
 
-def best_fit_rows(stream: Iterator[Shape], count: int, balance: RowBalance | None) -> list[Row]:
+def best_fit_rows(
+    stream: Iterator[Shape], count: int, balance: RowBalance | None, holds: tuple[int, ...] = (0,)
+) -> list[list[Row]]:
+    """`count` rows of the stream as released with each of `holds` (balance_queue_rows; one
+    packing run: the release order only reorders the packer's rows)."""
     config = PackingConfig(
         max_packed_tokens=MAX_TOKENS,
         num_images_expected=MAX_TILES,
@@ -161,14 +176,21 @@ def best_fit_rows(stream: Iterator[Shape], count: int, balance: RowBalance | Non
     )
     packer = BestFitPacker(config, FACTS, balance)
     shapes: list[Shape] = []
-    rows: list[Row] = []
-    while len(rows) < count:
+    finished: list[list[PackRow]] = []  # rows finished by each sample, in packing order
+    while sum(len(rows) for rows in finished) < count + max(holds) + 1:
         shape = next(stream)
         sample = fake_sample(len(shapes), shape)
         shapes.append(shape)
-        for row in packer.add(PackItem(PieceRef.whole(sample, len(shapes) - 1, 0), sample)):
-            rows.append([shapes[item.ref.record_index] for item in row.items])
-    return rows[:count]
+        finished.append(packer.add(PackItem(PieceRef.whole(sample, len(shapes) - 1, 0), sample)))
+    released = []
+    for hold in holds:
+        order: SyncedRelease[PackRow] = SyncedRelease(hold)
+        produce = iter(finished).__next__
+        rows = [order.next_row(produce) for _ in range(count)]
+        released.append(
+            [[shapes[item.ref.record_index] for item in row.items] for row in rows if row]
+        )
+    return released
 
 
 def reference_rows(stream: Iterator[Shape], count: int) -> list[Row]:
@@ -206,19 +228,24 @@ def row_flops(counter: FlopsCounter, row: Row, reference: bool) -> float:
     return sum(counter.step_flops(tiles, segments, sum(s.supervised for s in row)).values())
 
 
-def step_ratios(per_rank_rows: list[list[float]], accumulation: int, first: int) -> list[float]:
-    """Straggler ratio of every full step from row `first` on."""
+def step_costs(
+    per_rank_rows: list[list[float]], accumulation: int, first: int
+) -> list[list[float]]:
+    """Per-rank FLOPs of every full step from row `first` on: [step][rank]."""
     num_steps = (len(per_rank_rows[0]) - first) // accumulation
-    ratios = []
+    steps = []
     for step in range(num_steps):
         start = first + step * accumulation
-        ratios.append(
-            straggler_ratio([sum(costs[start : start + accumulation]) for costs in per_rank_rows])
-        )
-    return ratios
+        steps.append([sum(costs[start : start + accumulation]) for costs in per_rank_rows])
+    return steps
 
 
-METHODS = ("reference first-fit", "best-fit (tokens)", "balanced (tokens+FLOPs)")
+METHODS = (
+    "reference first-fit",
+    "best-fit (tokens)",
+    "balanced (tokens+FLOPs)",
+    "balanced + synced release",
+)
 
 
 @dataclass(frozen=True)
@@ -228,12 +255,15 @@ class Settings:
     warmup_rows: int
     settled_samples: int
     scenarios: tuple[tuple[str, str, int], ...]
+    queue_rows: int
 
 
 @dataclass(frozen=True)
 class Figure:
-    steady: float
-    """Median over the measured steps of the step's straggler ratio."""
+    job: float
+    """The job's straggler ratio over the measured steps (job_straggler_ratio)."""
+    median_step: float
+    """Median over the measured steps of the step's max / mean."""
     first_step: float
     token_fill: float
 
@@ -245,19 +275,22 @@ def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, i
     rows_needed = settings.warmup_rows + settings.steps * max_accumulation
     shared = {
         METHODS[0]: [reference_rows(rank_stream(seed, r), rows_needed) for r in ranks],
-        METHODS[1]: [best_fit_rows(rank_stream(seed, r), rows_needed, None) for r in ranks],
+        METHODS[1]: [best_fit_rows(rank_stream(seed, r), rows_needed, None)[0] for r in ranks],
     }
     histories = [
         [next(stream) for _ in range(settings.settled_samples)]
         for stream in (rank_stream(seed + 1_000_000, r) for r in ranks)
     ]
+    holds = (0, settings.queue_rows)
     figures = {}
     for scenario in settings.scenarios:
         model, stage, accumulation = scenario
         counter = flops_counter(model, stage)
         rows_of = dict(shared)
-        rows_of[METHODS[2]] = [
-            best_fit_rows(rank_stream(seed, r), rows_needed, settled_balance(counter, history))
+        balanced = [
+            best_fit_rows(
+                rank_stream(seed, r), rows_needed, settled_balance(counter, history), holds
+            )
             for r, history in enumerate(histories)
         ]
         cold = [
@@ -265,31 +298,55 @@ def one_seed(settings: Settings, seed: int) -> dict[tuple[str, tuple[str, str, i
                 rank_stream(seed, r),
                 max_accumulation,
                 RowBalance(counter.step_flops, MAX_TOKENS, slack_tokens=32),
+                holds,
             )
             for r in ranks
         ]
+        for k, method in enumerate(METHODS[2:]):
+            rows_of[method] = [per_hold[k] for per_hold in balanced]
         for method, per_rank in rows_of.items():
             reference = method == METHODS[0]
             costs = [[row_flops(counter, row, reference) for row in rows] for rows in per_rank]
-            ratios = step_ratios(costs, accumulation, settings.warmup_rows)[: settings.steps]
-            first = cold if method == METHODS[2] else per_rank
+            steps = step_costs(costs, accumulation, settings.warmup_rows)[: settings.steps]
+            if method in METHODS[2:]:
+                first = [per_hold[METHODS.index(method) - 2] for per_hold in cold]
+            else:
+                first = per_rank
             first_costs = [[row_flops(counter, row, reference) for row in rows] for rows in first]
             measured = [row for rows in per_rank for row in rows[settings.warmup_rows :]]
             tokens = sum(s.tokens for row in measured for s in row)
             figures[(method, scenario)] = Figure(
-                steady=statistics.median(ratios),
-                first_step=step_ratios(first_costs, accumulation, 0)[0],
+                job=job_straggler_ratio(steps),
+                median_step=statistics.median(straggler_ratio(ranks) for ranks in steps),
+                first_step=straggler_ratio(step_costs(first_costs, accumulation, 0)[0]),
                 token_fill=tokens / (len(measured) * MAX_TOKENS),
             )
     return figures
 
 
+def _scenarios(all_stages: bool, only: list[str] | None) -> tuple[tuple[str, str, int], ...]:
+    if only is None:
+        return ALL_SCENARIOS if all_stages else SCENARIOS
+    chosen = tuple(s for s in ALL_SCENARIOS if f"{s[0]}:{s[1]}" in only)
+    known = {f"{s[0]}:{s[1]}" for s in ALL_SCENARIOS}
+    if unknown := sorted(set(only) - known):
+        raise SystemExit(f"--only: unknown scenario(s) {unknown}; known: {sorted(known)}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=4, help="measured steps per seed")
+    parser.add_argument("--steps", type=int, default=18, help="measured steps per seed")
     parser.add_argument("--warmup-rows", type=int, default=16)
     parser.add_argument("--all-stages", action="store_true", help="stages 1, 1.5 and 2 of both")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="MODEL:STAGE",
+        help="run only these scenarios, e.g. 1B:2 (default: the subset above)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="seeds simulated in parallel")
     parser.add_argument(
@@ -299,13 +356,20 @@ def main() -> None:
         help="samples the balanced packer's running mean has seen before the measured rows "
         "(about a stream's 250th step); the first-step figure is a cold start",
     )
+    parser.add_argument(
+        "--queue-rows",
+        type=int,
+        default=PackingConfig().balance_queue_rows,
+        help="packing.balance_queue_rows of the synced release (default: the config's)",
+    )
     args = parser.parse_args()
     settings = Settings(
         ranks=args.ranks,
         steps=args.steps,
         warmup_rows=args.warmup_rows,
         settled_samples=args.settled_samples,
-        scenarios=ALL_SCENARIOS if args.all_stages else SCENARIOS,
+        scenarios=_scenarios(args.all_stages, args.only),
+        queue_rows=args.queue_rows,
     )
     clock = time.process_time()
     if args.jobs > 1:
@@ -326,24 +390,29 @@ def main() -> None:
     )
     print(
         f"balanced: FLOPs budget's running mean after {args.settled_samples} samples per "
-        "stream; 'first step' is each method's first step from an empty stream"
+        f"stream; synced release holds {args.queue_rows} rows per stream; 'first step' is "
+        "each method's first step from an empty stream"
     )
-    print("straggler ratio = max/mean per-rank step FLOPs: median [min, max] over seeds")
+    print(
+        "job ratio = sum over steps of max / sum of mean per-rank step FLOPs; median step = "
+        "median over steps of max/mean; median [min, max] over seeds"
+    )
     for scenario in settings.scenarios:
         model, stage, accumulation = scenario
         print(f"\nInternVL2.5-{model} stage {stage}, GA {accumulation}")
         medians = {}
         for method in METHODS:
             entries = [figures[(method, scenario)] for figures in per_seed]
-            steady = [e.steady for e in entries]
-            medians[method] = statistics.median(steady)
+            job = [e.job for e in entries]
+            medians[method] = statistics.median(job)
             print(
-                f"  {method:24s} ratio {spread(steady)}  first step "
+                f"  {method:34s} job ratio {spread(job)}  median step "
+                f"{spread([e.median_step for e in entries])}  first step "
                 f"{spread([e.first_step for e in entries])}  token fill "
                 f"{statistics.median(e.token_fill for e in entries):.3f}"
             )
-        idle = {m: 1 - 1 / medians[m] for m in (METHODS[0], METHODS[2])}
-        print(f"  idle compute: reference {idle[METHODS[0]]:.1%}, balanced {idle[METHODS[2]]:.1%}")
+        idle = ", ".join(f"{m} {1 - 1 / medians[m]:.1%}" for m in (METHODS[0], METHODS[-1]))
+        print(f"  idle compute: {idle}")
     print(f"\n{cpu:.0f} s CPU")
 
 

@@ -84,8 +84,10 @@ def main() -> None:
             )  # fmt: skip
             results[(stage, checkpointing)] = json.loads(done.stdout.strip().splitlines()[-1])
     first = results[("stage1", "off")]
-    print(f"one packed row of {args.tokens} tokens ({first['tokens']} real, "
-          f"{first['tiles']} tiles), {SHAPE_NAME}, fp32; activation memory of a step:")
+    print(
+        f"one packed row of {args.tokens} tokens ({first['tokens']} real, "
+        f"{first['tiles']} tiles), {SHAPE_NAME}, fp32; activation memory of a step:"
+    )
     for stage in ("stage1", "stage2"):
         off, on = results[(stage, "off")], results[(stage, "on")]
         ratio = on["activation_mib"] / off["activation_mib"]

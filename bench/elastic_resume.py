@@ -16,7 +16,9 @@
    a few open rows). Measures, in CPU seconds (median and range of 3), merging them
    (data.elastic) and building one new stream's share for a job with half the ranks, beside
    building a fresh epoch's share (today's cost of every epoch start); the peak traced memory
-   of each; and the size of the consumed ranges in a new stream's JSON state.
+   of each; and the size of the consumed mask in a new stream's JSON state, as the bitmap
+   written now (version 3) beside the [start, stop) ranges of version 2, with its encode and
+   decode CPU time.
 
 Prints one JSON summary (also OUT/summary.json). Not part of `make test` (the torchrun
 start-ups take a few minutes of CPU).
@@ -274,6 +276,8 @@ def merge_cost(num_records: int, num_ranks: int, num_workers: int) -> dict[str, 
         lambda: sharding.stream_share(num_records, 0, 0, 0, 0, new_streams)
     )
     ranges = sharding.to_ranges(mask)
+    entry, encode_seconds, _ = _measured(lambda: sharding.encode_mask(mask))
+    _, decode_seconds, _ = _measured(lambda: sharding.decode_mask(entry, num_records))
     return {
         "records": num_records,
         "saved_streams": len(streams),
@@ -288,7 +292,10 @@ def merge_cost(num_records: int, num_ranks: int, num_workers: int) -> dict[str, 
         "fresh_share_cpu_seconds_median_range": _median_range(fresh_seconds),
         "fresh_share_peak_mib": round(fresh_peak / 2**20, 1),
         "consumed_ranges": len(ranges),
-        "consumed_json_kib": round(len(json.dumps(ranges)) / 1024, 1),
+        "consumed_json_kib_version_2_ranges": round(len(json.dumps(ranges)) / 1024, 1),
+        "consumed_json_kib_version_3_bitmap": round(len(json.dumps(entry)) / 1024, 1),
+        "bitmap_encode_cpu_seconds_median_range": _median_range(encode_seconds),
+        "bitmap_decode_cpu_seconds_median_range": _median_range(decode_seconds),
     }
 
 

@@ -323,12 +323,15 @@ def main() -> None:
             if r.get("oom"):
                 print(f"{label}: out of memory (peak {r['peak_gib']:.1f} GiB)", flush=True)
                 continue
-            print(f"{label}: step {r['step']:.3f} s (median, {r['step_min']:.3f}-"
-                  f"{r['step_max']:.3f}), {r['tokens_per_second']:,.0f} tokens/s, "
-                  f"{r['tiles_per_second']:.1f} tiles/s, MFU {r['mfu']:.3f} "
-                  f"(ViT {r['mfu_vit']:.3f} + LLM {r['mfu_llm']:.3f}), "
-                  f"peak memory {r['peak_gib']:.1f} GiB "
-                  f"({r['tokens']:.0f} tokens, {r['tiles']:.0f} tiles/row)", flush=True)
+            print(
+                f"{label}: step {r['step']:.3f} s (median, {r['step_min']:.3f}-"
+                f"{r['step_max']:.3f}), {r['tokens_per_second']:,.0f} tokens/s, "
+                f"{r['tiles_per_second']:.1f} tiles/s, MFU {r['mfu']:.3f} "
+                f"(ViT {r['mfu_vit']:.3f} + LLM {r['mfu_llm']:.3f}), "
+                f"peak memory {r['peak_gib']:.1f} GiB "
+                f"({r['tokens']:.0f} tokens, {r['tiles']:.0f} tiles/row)",
+                flush=True,
+            )
 
     packed, alone, count = packed_equals_per_sample(size, device)
     relative = abs(packed - alone) / abs(alone)

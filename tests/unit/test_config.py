@@ -127,6 +127,16 @@ def test_post_init_errors_of_several_sections_are_collected():
     assert any("optim.learning_rate must be > 0, got -1.0" in p for p in problems)
 
 
+def test_balance_queue_rows_error_is_collected_with_the_others():
+    raw = minimal(train={"max_steps": 0}, packing={"balance_queue_rows": -1})
+    problems = problems_of(raw)
+    assert len(problems) == 2
+    assert any("PackingConfig.balance_queue_rows must be >= 0, got -1" in p for p in problems)
+    assert (
+        build_run_config(minimal(packing={"balance_queue_rows": 0})).packing.balance_queue_rows == 0
+    )
+
+
 @pytest.mark.parametrize(
     ("section", "key", "source"),
     [

@@ -204,10 +204,40 @@ def test_consumed_masks_round_trip_and_bad_ranges_are_refused():
     ranges = sharding.to_ranges(mask)
     assert ranges == [[0, 3], [5, 6], [9, 11], [19, 20]]
     assert np.array_equal(sharding.from_ranges(ranges, 20), mask)
+    assert np.array_equal(sharding.decode_mask({"ranges": ranges}, 20), mask), "version 2"
     with pytest.raises(ValueError, match="outside"):
         sharding.from_ranges([[18, 21]], 20)
     with pytest.raises(ValueError, match="sorted"):
         sharding.from_ranges([[5, 6], [0, 3]], 20)
+
+
+@pytest.mark.parametrize("num_records", [1, 7, 8, 20, 1001])
+def test_consumed_bitmaps_round_trip_through_json(num_records):
+    rng = np.random.default_rng(num_records)
+    for mask in (rng.random(num_records) < 0.5, np.ones(num_records, bool)):
+        entry = json.loads(json.dumps(sharding.encode_mask(mask)))
+        assert np.array_equal(sharding.decode_mask(entry, num_records), mask)
+
+
+def test_a_strided_resume_mask_is_small_in_the_state():
+    """The mask a resize leaves (strided shares, each read to a different depth) costs at
+    most a bit per record, and far less than its run list did in version 2."""
+    num_records, num_streams = 200_000, 64
+    counts = np.random.default_rng(0).integers(1400, 1700, num_streams).tolist()
+    mask = sharding.mark_consumed(num_records, None, num_streams, counts)
+    bitmap = len(json.dumps(sharding.encode_mask(mask)))
+    ranges = len(json.dumps(sharding.to_ranges(mask)))
+    assert bitmap < num_records / 8 and bitmap * 10 < ranges
+
+
+def test_a_damaged_bitmap_is_refused_with_the_reason():
+    entry = sharding.encode_mask(np.arange(30) % 3 == 0)
+    with pytest.raises(ValueError, match="covers 30 records, the dataset has 31"):
+        sharding.decode_mask(entry, 31)
+    with pytest.raises(ValueError, match="has 10 positions set, the state says 11"):
+        sharding.decode_mask(dict(entry, num_consumed=11), 30)
+    with pytest.raises(ValueError, match="not base64 zlib data"):
+        sharding.decode_mask(dict(entry, bitmap="AAAA"), 30)
 
 
 def test_shares_of_what_is_left_cover_it_exactly():
@@ -237,7 +267,7 @@ def test_incomplete_or_mixed_saved_states_are_refused():
         fewer.load_resharded_state_dict(states)
     newer = json.loads(json.dumps(states))
     newer[1]["vlpretrain_stream"]["version"] = 99
-    with pytest.raises(ValueError, match="version 99: this vlpretrain reads versions 1, 2"):
+    with pytest.raises(ValueError, match="version 99: this vlpretrain reads versions 1, 2, 3"):
         target.load_resharded_state_dict(newer)
     same_shape = _loaders(sources, PACKING, config, 2)[0]
     assert target.shape_changed(states[0]) and not same_shape.shape_changed(states[0])
@@ -293,6 +323,25 @@ def test_after_a_resize_a_same_shape_resume_is_bit_exact():
     again.load_state_dict(saved)
     tail = list(islice(iter(again), 5))
     assert [b.sample_ids for b in head + tail] == [b.sample_ids for b in expected]
+    as_version_2 = _with_range_masks(saved)
+    again = build_dataloader(sources, PACKING, FACTS, config, 1, 3)
+    again.load_state_dict(as_version_2)
+    assert [b.sample_ids for b in islice(iter(again), 5)] == [b.sample_ids for b in tail]
+
+
+def _with_range_masks(loader_state):
+    """The state as version 2 wrote it: consumed masks as [start, stop) ranges."""
+    state = json.loads(json.dumps(loader_state))
+    state["vlpretrain_stream"]["version"] = 2
+    for stream in stream_states(state):
+        stream["version"] = 2
+        lengths = stream["mixer"]["lengths"]
+        for item in stream["mixer"]["consumed"]:
+            mask = sharding.decode_mask(item, lengths[item["dataset"]])
+            for key in ("num_records", "num_consumed", "bitmap"):
+                del item[key]
+            item["ranges"] = sharding.to_ranges(mask)
+    return state
 
 
 def test_a_checkpoint_resumes_with_another_worker_count(tmp_path):

@@ -16,8 +16,11 @@ whose state (workers included) resumes the stream exactly, without replaying dat
     fit_to_budget --too big--> SkippedSample('exceeds_pack_budget')    |
       |  PackItem*                                                     |
       v                                                                |
-    BestFitPacker --rows--> rows_per_batch rows --collate--> PackedBatch
-      (open rows saved as PieceRefs, re-loaded on restore) <-----------+
+    BestFitPacker --rows--> SyncedRelease --rows_per_batch rows--> collate --> PackedBatch
+      (open and held rows saved as PieceRefs, re-loaded on restore) <--+
+
+SyncedRelease (data.balance) passes rows on in packing order, or with packing.balance_flops
+holds back balance_queue_rows of them and releases them in a cost order every rank follows.
 
 Skipped records travel with the next batch (BatchStats.skipped), so that the consumer (the
 training loop) reports exactly the skips of the batches it trained on, once each, also across
@@ -42,7 +45,7 @@ import torch.utils.data
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlpretrain.data import sharding
-from vlpretrain.data.balance import StepFlops, build_row_balance
+from vlpretrain.data.balance import StepFlops, SyncedRelease, build_row_balance
 from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.elastic import DataProgress, balance_share, deal, merge_stream_states
 from vlpretrain.data.mixing import DatasetMixer, RecordRef
@@ -53,7 +56,6 @@ from vlpretrain.data.packing import (
     PackRow,
     PieceRef,
     fit_to_budget,
-    rows_from_refs,
     slice_sample,
 )
 from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
@@ -61,9 +63,10 @@ from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger(__name__)
 
-STREAM_STATE_VERSION = 2
-"""2: the mixer state holds the consumed masks of an elastic resume (1: it has none)."""
-READABLE_STREAM_VERSIONS = (1, 2)
+STREAM_STATE_VERSION = 3
+"""3: the mixer state's consumed masks are compressed bitmaps; 2: they are [start, stop)
+ranges; 1: there are none (written before elastic resume)."""
+READABLE_STREAM_VERSIONS = (1, 2, 3)
 LOADER_STATE_KEY = "vlpretrain_stream"
 EXCEEDS_BUDGET = "exceeds_pack_budget"
 
@@ -170,9 +173,10 @@ class WorkerStream:
             packing_config.full_row_slack_tokens,
         )
         self.packer = BestFitPacker(packing_config, facts, balance)
+        self._hold = packing_config.balance_queue_rows if balance is not None else 0
         self._position_of = {s.dataset_index: k for k, s in enumerate(self.sources)}
         self._num_datasets = max(self._position_of) + 1
-        self._ready: list[PackRow] = []
+        self._ready: SyncedRelease[PackRow] = SyncedRelease(self._hold)
         self._num_loaded = 0
         self._skipped: list[SkippedSample] = []
 
@@ -182,16 +186,14 @@ class WorkerStream:
 
     def next_batch(self) -> PackedBatch | None:
         """The next micro-batch, or None when a finite stream is exhausted."""
-        rows_per_batch = self.packing_config.rows_per_batch
-        while len(self._ready) < rows_per_batch:
-            ref = self.mixer.next()
-            if ref is None:
-                self._ready.extend(self.packer.flush())
+        rows: list[PackRow] = []
+        while len(rows) < self.packing_config.rows_per_batch:
+            row = self._next_row()
+            if row is None:
                 break
-            self._ready.extend(self._pack(ref))
-        if not self._ready:
+            rows.append(row)
+        if not rows:
             return None
-        rows, self._ready = self._ready[:rows_per_batch], self._ready[rows_per_batch:]
         batch = collate_rows(
             rows,
             self.packing_config,
@@ -203,6 +205,18 @@ class WorkerStream:
         self._num_loaded = 0
         self._skipped = []
         return batch
+
+    def _next_row(self) -> PackRow | None:
+        """The next row the release order lets go (None: a finite stream is exhausted)."""
+        return self._ready.next_row(self._pack_next)
+
+    def _pack_next(self) -> list[PackRow] | None:
+        """Rows finished by packing the next record; at the end of a finite stream the open
+        rows, then None."""
+        ref = self.mixer.next()
+        if ref is None:
+            return self.packer.flush() or None
+        return self._pack(ref)
 
     def _pack(self, ref: RecordRef) -> list[PackRow]:
         """Load one record, drop or split it to the budget, hand it to the packer."""
@@ -257,17 +271,18 @@ class WorkerStream:
         if stream_id == 0:  # counts not yet reported with a batch: reported once, by one stream
             self._num_loaded = progress.num_loaded
             self._skipped = [_skip_from_state(item) for item in progress.skipped]
-        self._ready = []
+        self._ready = SyncedRelease(self._hold)  # every new stream's release count starts at 0
         for values in progress.pieces[stream_id::num_streams]:
             ref = PieceRef.from_tuple(values)
-            self._ready.extend(self.packer.add(PackItem(ref, self.load_piece(ref))))
+            self._ready.push(self.packer.add(PackItem(ref, self.load_piece(ref))))
         # The saved FLOPs sums already count these pieces: packing them again must not count
         # them twice (rows emitted now are counted: they are new rows).
         packer = self.packer
         packer.start_from(packer.num_rows_emitted, packer.num_tokens_emitted, counters[2])
 
     def state_dict(self) -> dict[str, Any]:
-        """Versioned plain-Python state: mixer, open rows (by reference), pending rows."""
+        """Versioned plain-Python state: mixer, open rows (by reference), ready rows in
+        arrival order and their release order's counter."""
         return {
             "version": STREAM_STATE_VERSION,
             "world_size": self.world_size,
@@ -277,7 +292,8 @@ class WorkerStream:
             "seed": self.stream_config.seed,
             "mixer": self.mixer.state_dict(),
             "packer": self.packer.state_dict(),
-            "ready_rows": [[item.ref.as_tuple() for item in row.items] for row in self._ready],
+            "ready_rows": [[item.ref.as_tuple() for item in row.items] for row in self._ready.rows],
+            "release": self._ready.state_dict(),
             "num_loaded": self._num_loaded,
             "skipped": [_skip_state(skipped) for skipped in self._skipped],
         }
@@ -287,7 +303,8 @@ class WorkerStream:
         _check_state(state, self)
         self.mixer.load_state_dict(state["mixer"])
         self.packer.load_state_dict(state["packer"], self.load_piece)
-        self._ready = [rows_from_refs(refs, self.load_piece) for refs in state["ready_rows"]]
+        ready = self.packer.restore_rows(state["ready_rows"], self.load_piece)
+        self._ready.restore(ready, state.get("release"))  # states before it: none
         self._num_loaded = int(state["num_loaded"])
         # Always empty between batches; states of version 1 held a dict of counts here.
         pending = state["skipped"] if isinstance(state["skipped"], list) else []

@@ -90,6 +90,9 @@ class DatasetMixer:
         self._share_cache: dict[int, tuple[int, np.ndarray]] = {}
         self._consumed: dict[tuple[int, int], np.ndarray] = {}
         """(dataset position, epoch) -> positions consumed before this mixer's layout."""
+        self._encoded_consumed: dict[tuple[int, int], dict[str, Any]] = {}
+        """The JSON form of each mask, made once: a mask never changes, a state is taken
+        every step."""
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -203,6 +206,7 @@ class DatasetMixer:
         self._positions = [0] * len(self._lengths)
         self._passes = int(passes)
         self._consumed = dict(consumed)
+        self._encoded_consumed = {}
         self._forget_consumed()
         self._share_cache = {}
         # With replacement a dataset is only ever inactive when it has no share at all.
@@ -220,10 +224,16 @@ class DatasetMixer:
             "passes": self._passes,
             "rng": self._rng.bit_generator.state,
             "consumed": [
-                {"dataset": k, "epoch": epoch, "ranges": sharding.to_ranges(mask)}
-                for (k, epoch), mask in sorted(self._consumed.items())
+                {"dataset": k, "epoch": epoch, **self._encoded_mask(k, epoch)}
+                for k, epoch in sorted(self._consumed)
             ],
         }
+
+    def _encoded_mask(self, k: int, epoch: int) -> dict[str, Any]:
+        key = (k, epoch)
+        if key not in self._encoded_consumed:
+            self._encoded_consumed[key] = sharding.encode_mask(self._consumed[key])
+        return self._encoded_consumed[key]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a snapshot taken by `state_dict` on a mixer over the same datasets."""
@@ -238,6 +248,7 @@ class DatasetMixer:
         self._passes = int(state["passes"])
         self._rng.bit_generator.state = state["rng"]
         self._consumed = consumed_from_state(state)
+        self._encoded_consumed = {}
         self._share_cache = {}
 
 
@@ -245,8 +256,8 @@ def consumed_from_state(state: dict[str, Any]) -> dict[tuple[int, int], np.ndarr
     """The consumed masks of a mixer state (states written before elastic resume have none)."""
     lengths = [int(n) for n in state["lengths"]]
     return {
-        (int(item["dataset"]), int(item["epoch"])): sharding.from_ranges(
-            item["ranges"], lengths[int(item["dataset"])]
+        (int(item["dataset"]), int(item["epoch"])): sharding.decode_mask(
+            item, lengths[int(item["dataset"])]
         )
         for item in state.get("consumed", [])
     }

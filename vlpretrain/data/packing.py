@@ -10,8 +10,9 @@ is full (free tokens <= `full_row_slack_tokens`); when a sample fits nowhere and
 full, the fullest row is emitted first. Samples are never split unless
 `split_at_image_boundary`; a sample over a budget that cannot be split is reported to the
 caller (who counts it as skipped), never dropped silently.
-With `balance_flops` a row also has a FLOPs budget (data.balance) and "room" and "fullest"
-mean the tighter of the two budgets, so every rank's rows cost about the same.
+With `balance_flops` a row also has a FLOPs budget, and "room" and "fullest"
+mean both budgets (data.balance), so every rank's rows cost about the same; the order in
+which finished rows leave the stream is data.balance.SyncedRelease's, not the packer's.
 
 Image-span ids come from RunFacts (the tokenizer's), not from PackingConfig.
 What this module does not do: tensors for the model (data.collate), choosing samples
@@ -66,12 +67,20 @@ class PackingConfig:
     """Also cap each row's model FLOPs (ViT + LLM with per-sample attention) at a token-full
     row's mean cost, so every data-parallel rank's step costs about the same (data.balance;
     figures in bench/balance.py)."""
+    balance_queue_rows: int = 8
+    """With balance_flops: finished rows each stream holds back so that at every step all
+    ranks release the row of the same cost rank among their own (data.balance); costs Q rows
+    of memory per stream. 0: rows go out in packing order."""
 
     def __post_init__(self) -> None:
         positive = ("max_packed_tokens", "num_images_expected", "max_buffer_size")
         for name in (*positive, "rows_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.balance_queue_rows < 0:
+            raise ValueError(
+                f"PackingConfig.balance_queue_rows must be >= 0, got {self.balance_queue_rows}"
+            )
         if self.loss_reduction not in ("token", "sample", "square"):
             raise ValueError(
                 f"PackingConfig.loss_reduction must be 'token', 'sample' or 'square', "
@@ -342,17 +351,17 @@ class BestFitPacker:
         return best
 
     def _best_balanced_fit(self, item: PackItem, balance: RowBalance) -> PackRow | None:
-        """The row left with the least room (tighter of tokens and FLOPs) that takes `item`."""
+        """The row that `item` leaves closest to full in both tokens and FLOPs."""
         config = self.config
         best: PackRow | None = None
-        best_free = math.inf
+        best_distance = math.inf
         for row in self._rows:
             tiles_ok = row.num_tiles + item.sample.num_tiles <= config.num_images_expected
-            free = balance.free_fraction(
+            distance = balance.distance_to_full(
                 row.num_tokens + item.sample.num_tokens, row.cost + item.cost
             )
-            if 0.0 <= free < best_free and tiles_ok:
-                best, best_free = row, free
+            if distance < best_distance and tiles_ok:
+                best, best_distance = row, distance
         return best
 
     def _fullest(self) -> PackRow:
@@ -436,6 +445,15 @@ class BestFitPacker:
         self.num_tokens_emitted = num_tokens_emitted
         if self.balance is not None and balance is not None:
             self.balance.set_totals(*balance)
+
+    def restore_rows(
+        self, rows: list[list[Any]], load_piece: Callable[[PieceRef], TokenizedSample]
+    ) -> list[PackRow]:
+        """Finished rows re-created from saved piece references, priced as when packed."""
+        restored = [rows_from_refs(refs, load_piece) for refs in rows]
+        for row in restored:
+            self._reprice(row)
+        return restored
 
     def _reprice(self, row: PackRow) -> None:
         """Re-create the costs of a restored row (summed in the same order as when packed)."""

@@ -15,10 +15,17 @@ what is left, in permutation order, the same strided way:
 
     order[~consumed][stream_id :: num_streams]     --> this stream's share of the rest
 
-A mask is stored as half-open [start, stop) ranges of consumed positions (`to_ranges`).
+In a state file a mask is a zlib-compressed bitmap in base64 (`encode_mask`): at most one bit
+per record however the consumed positions interleave, a few KiB when they form long runs.
+States of version 2 stored half-open [start, stop) ranges instead (`from_ranges` reads them);
+a strided resume leaves a run boundary every few records there, ~800 KiB per stream at 10M.
 """
 
 from __future__ import annotations
+
+import base64
+import zlib
+from typing import Any
 
 import numpy as np
 
@@ -121,4 +128,40 @@ def from_ranges(ranges: list[list[int]], num_records: int) -> np.ndarray:
             )
         mask[start:stop] = True
         previous = stop
+    return mask
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A JSON-able form of a consumed mask: its length, its count of True positions (a check
+    on decoding) and its bits packed 8 per byte, zlib-compressed, in base64."""
+    packed = np.packbits(mask.astype(bool), bitorder="little").tobytes()
+    return {
+        "num_records": int(mask.size),
+        "num_consumed": int(np.count_nonzero(mask)),
+        "bitmap": base64.b64encode(zlib.compress(packed, 6)).decode("ascii"),
+    }
+
+
+def decode_mask(entry: dict[str, Any], num_records: int) -> np.ndarray:
+    """The mask of `encode_mask` (or of a version-2 entry with "ranges"); refuses one whose
+    length or count disagrees with what was written."""
+    if "ranges" in entry:
+        return from_ranges(entry["ranges"], num_records)
+    if int(entry["num_records"]) != num_records:
+        raise ValueError(
+            f"consumed mask covers {entry['num_records']} records, the dataset has {num_records}"
+        )
+    try:
+        packed = zlib.decompress(base64.b64decode(entry["bitmap"], validate=True))
+    except (ValueError, zlib.error) as error:
+        raise ValueError(f"consumed mask bitmap is not base64 zlib data: {error}") from None
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")
+    if bits.size != -(-num_records // 8) * 8:
+        raise ValueError(f"consumed mask bitmap holds {bits.size} bits for {num_records} records")
+    mask = bits[:num_records].astype(bool)
+    if bits[num_records:].any() or int(np.count_nonzero(mask)) != int(entry["num_consumed"]):
+        raise ValueError(
+            f"consumed mask bitmap has {int(np.count_nonzero(bits))} positions set, "
+            f"the state says {entry['num_consumed']}: the state file is damaged"
+        )
     return mask

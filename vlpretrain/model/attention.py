@@ -38,6 +38,7 @@ VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3", TORCH_VARLEN)
 """Kernels that take one flattened sequence plus cumulative sample lengths."""
 KNOWN_KERNELS = ("auto", "sdpa", "eager", "flex_attention", *VARLEN_KERNELS)
 
+
 def torch_has_varlen() -> bool:
     """torch.nn.attention.varlen.varlen_attn exists (torch >= 2.10)."""
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None

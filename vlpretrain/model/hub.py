@@ -56,7 +56,8 @@ def save_weights(
     """Write safetensors shards (+ index when more than one) of contiguous, unaliased tensors;
     floating tensors are cast to `dtype` when given (one tensor at a time)."""
     state = {
-        k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype)
+        k: v.detach()
+        .to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype)
         .contiguous()
         .clone()
         for k, v in state.items()
