@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vlpretrain.demo.shapes import (
+    BALANCED_NO,
     KINDS,
     SQUARE,
     Scene,
@@ -300,7 +301,8 @@ def test_exists_is_answered_no_half_the_time(tmp_path: Path) -> None:
                if question_type(r["conversations"][0]["value"]) == "exists"]  # fmt: skip
     assert sorted(answers) == ["no"] * 4 + ["yes"] * 4
     rng = np.random.default_rng(0)
-    drawn = [single_image_question(rng, sample_scene(rng, 56), "exists")[1] for _ in range(4000)]
+    scenes = [sample_scene(rng, 56) for _ in range(4000)]
+    drawn = [single_image_question(rng, s, "exists", BALANCED_NO)[1] for s in scenes]
     assert 0.46 < drawn.count("no") / len(drawn) < 0.54
     places = ("left", "right", "top")
     shapes = tuple(Shape(k, "red", "small", p) for k, p in zip(KINDS, places, strict=True))

@@ -275,7 +275,7 @@ def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[st
         if roll < config.llm_text_share + config.llm_caption_share:
             pairs = [(picture + DESCRIBE, caption(scene))]
         else:
-            pairs = question_pairs(rng, scene, int(rng.integers(1, 7)))
+            pairs = question_pairs(rng, scene, int(rng.integers(1, 7)), balanced=True)
             pairs[0] = (picture + pairs[0][0], pairs[0][1])
         texts.append(chat_text(pairs, system_prompt))
     return texts

@@ -116,6 +116,7 @@ def make_data(output: Path, config: DemoConfig) -> ShapesDataset:
         held_out_fraction=config.held_out_fraction,
         max_dynamic_patch=1,
         max_turns=6,
+        balanced_questions=True,
     )
 
 

@@ -284,7 +284,7 @@ def human_turn(question: str, num_images: int) -> str:
 # sample_scene draws 1..len(KINDS) shapes of distinct kinds, uniformly: in a 1/len(KINDS) share
 # of the scenes every kind is present and "exists" can only be answered yes. Asking for an
 # absent kind with this probability in the other scenes makes half of all the answers "no".
-_P_NO = 0.5 / (1 - 1 / len(KINDS))
+BALANCED_NO = 0.5 / (1 - 1 / len(KINDS))
 
 
 def exists_question(rng: np.random.Generator, scene: Scene, answer: str) -> tuple[str, str]:
@@ -307,16 +307,22 @@ def question_about(shape: Shape, question_type: QuestionType) -> tuple[str, str]
 
 
 def single_image_question(
-    rng: np.random.Generator, scene: Scene, question_type: QuestionType
+    rng: np.random.Generator, scene: Scene, question_type: QuestionType, no_share: float = 0.5
 ) -> tuple[str, str]:
-    """A (question, answer) pair of the given type about one scene."""
+    """A (question, answer) pair of the given type about one scene.
+
+    An "exists" question asks for an absent kind with probability `no_share` where one is
+    absent (BALANCED_NO: half of all answers "no"; 0.5, the default, as the golden files' data).
+    """
     template = QUESTION_TEMPLATES[question_type]
     shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
     if question_type == "count":
         return template, NUMBER_WORDS[len(scene.shapes)]
     if question_type == "exists":
         can_say_no = len(scene.shapes) < len(KINDS)
-        return exists_question(rng, scene, "no" if can_say_no and rng.random() < _P_NO else "yes")
+        return exists_question(
+            rng, scene, "no" if can_say_no and rng.random() < no_share else "yes"
+        )
     if question_type in ("shape_at", "position"):
         return question_about(shape, question_type)
     answers = {"colour": shape.colour, "size": shape.size}
