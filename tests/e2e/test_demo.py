@@ -48,7 +48,8 @@ def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
 
     for name in rows:
         assert 0.0 <= qa(name) <= 1.0
-    # Measured at these settings: captions 21.3% untrained -> 39.0% after stage 1; stage 2
+    # Measured at these settings (commit 5ca6f5f): captions 21.3% untrained -> 39.0% after
+    # stage 1; stage 2
     # answers 43.3% with the images, 38.3% with blank ones.
     captions = {name: sum(rows[name]["caption_by_attribute"].values()) / 4
                 for name in ("untrained", "stage1")}  # fmt: skip
