@@ -11,16 +11,20 @@ import pytest
 from PIL import Image
 
 from vlpretrain.demo.shapes import (
+    BALANCED_NO,
+    KINDS,
     SQUARE,
     Scene,
     Shape,
     caption,
     caption_scores,
     draw_scene,
+    exists_question,
     is_held_out,
     parse_caption,
     question_type,
     sample_scene,
+    single_image_question,
 )
 from vlpretrain.demo.synthetic import (
     CORRUPT_REASONS,
@@ -287,6 +291,24 @@ def test_chance_accuracy_is_majority_per_question_type() -> None:
     ]
     # exists: majority "yes" gets 2 of 3; count: either word gets 1 of 2 -> (2 + 1) / 5.
     assert chance_accuracy(records) == pytest.approx(3 / 5)
+
+
+def test_exists_is_answered_no_half_the_time(tmp_path: Path) -> None:
+    # The eval split alternates yes and no exactly; training questions are balanced on average
+    # although a scene holding every kind can only say yes.
+    data = make_shapes_dataset(tmp_path, seed=2, num_caption=0, num_qa=0, num_eval=48)
+    answers = [r["conversations"][1]["value"] for r in _records(data.eval_path)
+               if question_type(r["conversations"][0]["value"]) == "exists"]  # fmt: skip
+    assert sorted(answers) == ["no"] * 4 + ["yes"] * 4
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, 56) for _ in range(4000)]
+    drawn = [single_image_question(rng, s, "exists", BALANCED_NO)[1] for s in scenes]
+    assert 0.46 < drawn.count("no") / len(drawn) < 0.54
+    places = ("left", "right", "top")
+    shapes = tuple(Shape(k, "red", "small", p) for k, p in zip(KINDS, places, strict=True))
+    full = Scene(56, 56, 240, shapes)
+    with pytest.raises(ValueError, match="answered 'no'"):
+        exists_question(rng, full, "no")
 
 
 def test_chance_accuracy_of_generated_eval_is_well_below_one(dataset: ShapesDataset) -> None:

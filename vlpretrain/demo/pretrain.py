@@ -1,19 +1,20 @@
 """Make the demo's "pretrained" components: a ViT and an LLM, each trained briefly on its own.
 
 InternVL's recipe starts from a pretrained vision encoder and a pretrained LLM. With nothing
-to download, the demo pretrains tiny ones in seconds:
+to download, the demo pretrains tiny ones in a few minutes:
 
     training-side shapes scenes --render as one tile--> InternViT --pixel shuffle--> one
         feature per cell of the token grid --linear probe--> what the cell holds (shape kind
-        or nothing, colour, size) --> vit/
+        or nothing, colour, size) and which cell it is --> vit/
     training-side scenes written as text --causal LM on packed rows--> llm/ (+ tokenizer)
 
 The LLM's corpus is the shapes world in words: chat texts whose user turn shows the scene
 as a "picture in words", <img> + one word per cell of the 3x3 layout (CELL_TOKENS, row-major,
-the order of the image tokens) + </img>, followed by a caption request or questions, plus
-pure-text arithmetic. So the LLM knows the concepts and the layout before it sees a pixel,
-the way a real LLM knows "red circle" from text; stage 1 still has to learn the mapping from
-ViT features to those words, and nothing in the corpus is a held-out layout.
+the order of the image tokens; a word names the cell's shape and its place) + </img>,
+followed by a caption request or questions, plus pure-text arithmetic. So the LLM knows the
+concepts and the layout before it sees a pixel, the way a real LLM knows "red circle" from
+text; stage 1 still has to learn the mapping from ViT features to those words, and nothing in
+the corpus is a held-out layout.
 
 Both are saved as the HF-format directories that Path B loads, like real checkpoints. The
 probe is thrown away.
@@ -21,6 +22,7 @@ probe is thrown away.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -38,9 +40,11 @@ from vlpretrain.demo.shapes import (
     COLOURS,
     DESCRIBE,
     KINDS,
+    POSITIONS,
     SIZES,
     SQUARE,
     Scene,
+    Shape,
     caption,
     chat_text,
     draw_scene,
@@ -73,7 +77,7 @@ class PretrainConfig:
     vision_lr: float = 2e-3
     held_out_fraction: float = 0.0
     """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
-    llm_hidden: int = 64
+    llm_hidden: int = 128
     llm_layers: int = 2
     llm_steps: int = 1000
     llm_batch: int = 8
@@ -84,44 +88,52 @@ class PretrainConfig:
     attention is uniform and answers follow the marginal (it never reads the picture in
     words); starting wider it leaves the plateau within a couple hundred steps."""
     llm_texts: int = 6000
-    vocab_size: int = 640
+    llm_caption_share: float = 0.25
+    """Share of the LLM's texts that caption a picture in words."""
+    llm_text_share: float = 0.1
+    """Share of pure-text questions; the rest ask 1-6 questions about a picture in words."""
+    vocab_size: int = 768
+    """BPE vocabulary with the 121 cell words and chat tokens: room for whole answer words."""
 
 
 def cell_targets(scene: Scene, grid: int) -> np.ndarray:
-    """(grid*grid, 3) int64: per token cell, kind + 1 (0 = empty), colour, size (IGNORE if empty).
+    """(grid*grid, 4) int64: per token cell, kind + 1 (0 = empty), colour, size (IGNORE if
+    empty) and the cell's own index (so the features say where they are, as cell words do).
 
     A shape belongs to the cell holding its centre; cells are in row-major order, the order
     of the pixel-shuffled tokens (ps_version v2).
     """
-    targets = np.full((grid * grid, 3), IGNORE, dtype=np.int64)
+    targets = np.full((grid * grid, 4), IGNORE, dtype=np.int64)
     targets[:, 0] = 0
+    targets[:, 3] = np.arange(grid * grid)
     for shape in scene.shapes:
-        targets[cell_index(shape.position, grid)] = (
+        targets[cell_index(shape.position, grid), :3] = (
             KINDS.index(shape.kind) + 1, COLOURS.index(shape.colour), SIZES.index(shape.size)
         )  # fmt: skip
     return targets
 
 
 class CellProbe(nn.Module):
-    """Linear heads on each pixel-shuffled token: kind-or-empty, colour, size."""
+    """Linear heads on each pixel-shuffled token: kind-or-empty, colour, size, which cell."""
 
-    def __init__(self, vision_hidden: int) -> None:
+    def __init__(self, vision_hidden: int, num_cells: int) -> None:
         super().__init__()
-        self.heads = nn.Linear(4 * vision_hidden, len(KINDS) + 1 + len(COLOURS) + len(SIZES))
+        self.sizes = [len(KINDS) + 1, len(COLOURS), len(SIZES), num_cells]
+        self.heads = nn.Linear(4 * vision_hidden, sum(self.sizes))
 
-    def forward(self, hidden_NPC: torch.Tensor) -> torch.Tensor:
-        """Logits (N, T, kinds+1 + colours + sizes) from ViT output with CLS first."""
+    def forward(self, hidden_NPC: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits (N, T, k) per head from ViT output with CLS first."""
         patches = hidden_NPC[:, 1:]
         side = math.isqrt(patches.shape[1])
         grid = pixel_shuffle(patches.reshape(patches.shape[0], side, side, -1), 0.5, "v2")
-        return self.heads(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+        logits_NTK = self.heads(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+        return logits_NTK.split(self.sizes, dim=-1)
 
 
-def probe_loss(logits_NTK: torch.Tensor, targets_NT3: torch.Tensor) -> torch.Tensor:
-    splits = logits_NTK.split([len(KINDS) + 1, len(COLOURS), len(SIZES)], dim=-1)
+def probe_loss(logits: tuple[torch.Tensor, ...], targets_NT4: torch.Tensor) -> torch.Tensor:
     return sum(
-        (F.cross_entropy(part.flatten(0, 1), targets_NT3[..., k].flatten(), ignore_index=IGNORE)
-         for k, part in enumerate(splits)),
+        (F.cross_entropy(part.flatten(0, 1), targets_NT4[..., k].flatten(), ignore_index=IGNORE)
+         for k, part in enumerate(logits)),
         start=torch.zeros(()),
     )  # fmt: skip
 
@@ -153,10 +165,11 @@ def vision_config(config: PretrainConfig) -> VisionConfig:
 
 
 def probe_accuracy(vision: InternViT, probe: CellProbe, config: PretrainConfig) -> float:
-    """Share of cells whose kind, colour and size the probe all gets right (fresh scenes)."""
+    """Share of cells whose kind, colour, size and index the probe all gets right (fresh
+    scenes)."""
     pixels, targets = vision_batch(np.random.default_rng([config.seed, 12]), config, 256)
     with torch.no_grad():
-        splits = probe(vision(pixels)).split([len(KINDS) + 1, len(COLOURS), len(SIZES)], -1)
+        splits = probe(vision(pixels))
     right = torch.ones(targets.shape[:2], dtype=torch.bool)
     for k, part in enumerate(splits):
         applies = targets[..., k] != IGNORE
@@ -167,7 +180,8 @@ def probe_accuracy(vision: InternViT, probe: CellProbe, config: PretrainConfig) 
 def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
     """Train a tiny InternViT with a per-cell linear probe; save the ViT alone."""
     vision: InternViT = new_vision(vision_config(config), config.seed)
-    probe = CellProbe(config.vision_hidden)
+    grid = config.tile_size // config.vision_patch // 2
+    probe = CellProbe(config.vision_hidden, grid * grid)
     optimizer = torch.optim.AdamW([*vision.parameters(), *probe.parameters()],
                                   lr=config.vision_lr)  # fmt: skip
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -191,38 +205,77 @@ def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
 
 
 EMPTY_CELL = "<|empty|>"
-CELL_TOKENS: tuple[str, ...] = (
-    EMPTY_CELL,
-    *(f"<|{size} {colour} {kind}|>" for size in SIZES for colour in COLOURS for kind in KINDS),
-)
-"""One word per thing a cell can hold; whole tokens of the tiny tokenizer."""
+CELL_ATTRIBUTES: tuple[tuple[str, ...], ...] = (SIZES, COLOURS, KINDS, POSITIONS)
+"""What a cell word names, in its order: size, colour, kind, place."""
+CELL_WORDS: tuple[tuple[str, ...], ...] = tuple(itertools.product(*CELL_ATTRIBUTES))
+CELL_TOKENS: tuple[str, ...] = (EMPTY_CELL, *(f"<|{' '.join(word)}|>" for word in CELL_WORDS))
+"""One word per thing a cell can hold and where: whole tokens of the tiny tokenizer. The place
+is part of the word, as a ViT token carries where it is: with only rotary positions a 2-layer
+LLM reads "which of the 9 cells" poorly (position and shape-at questions from perfect words
+near 60%)."""
+
+
+def cell_word(shape: Shape) -> str:
+    return f"<|{shape.size} {shape.colour} {shape.kind} {shape.position}|>"
 
 
 def picture_in_words(scene: Scene, grid: int) -> str:
     """<img>, the word of each of the grid*grid cells in row-major order, </img>."""
     cells = [EMPTY_CELL] * (grid * grid)
     for shape in scene.shapes:
-        cells[cell_index(shape.position, grid)] = f"<|{shape.size} {shape.colour} {shape.kind}|>"
+        cells[cell_index(shape.position, grid)] = cell_word(shape)
     return IMG_START + "".join(cells) + IMG_END
 
 
+class CellWordEmbedding(nn.Module):
+    """Pretraining's embedding of the cell words: the sum of one vector per attribute value.
+
+    120 whole words, each seen a few hundred times, would each learn alone; summed from shared
+    parts, what is learnt about "red" holds for every red word. export() writes the sums into
+    the LLM's embedding table, so the saved LLM is a plain Qwen2.
+    """
+
+    def __init__(self, token_ids: list[int], hidden: int, std: float) -> None:
+        super().__init__()
+        if len(token_ids) != len(CELL_WORDS):
+            raise ValueError(f"need {len(CELL_WORDS)} cell word ids, got {len(token_ids)}")
+        self.token_ids = torch.tensor(token_ids)
+        parts = [[values.index(v) for values, v in zip(CELL_ATTRIBUTES, word, strict=True)]
+                 for word in CELL_WORDS]  # fmt: skip
+        offsets = np.cumsum([0, *(len(values) for values in CELL_ATTRIBUTES[:-1])])
+        self.parts_W4 = torch.tensor(parts) + torch.tensor(offsets)
+        total = sum(len(values) for values in CELL_ATTRIBUTES)
+        # Each word sums 4 parts: std/2 each keeps the word at the other tokens' scale.
+        self.parts = nn.Parameter(torch.randn(total, hidden) * std / 2)
+
+    def table(self, embedding_VD: torch.Tensor) -> torch.Tensor:
+        """The embedding table with the cell words' rows replaced by their sums."""
+        words_WD = self.parts[self.parts_W4].sum(1)
+        return embedding_VD.index_copy(0, self.token_ids, words_WD)
+
+    @torch.no_grad()
+    def export(self, embedding: nn.Embedding) -> None:
+        embedding.weight.copy_(self.table(embedding.weight))
+
+
 def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[str]:
-    """config.llm_texts chat texts: a picture in words + its caption (35%) or 1-6 questions
-    (50%), or a pure-text question (15%); held-out layouts never appear."""
+    """config.llm_texts chat texts: a pure-text question (llm_text_share), a picture in words +
+    its caption (llm_caption_share), or else a picture + 1-6 questions; held-out layouts never
+    appear."""
     rng = np.random.default_rng([config.seed, 13])
     texts = []
     for _ in range(config.llm_texts):
         roll = rng.random()
-        if roll < 0.15:
+        if roll < config.llm_text_share:
             texts.append(chat_text([text_question(rng)], system_prompt))
             continue
         scene = draw_scene(rng, config.tile_size, aspects=SQUARE,
                            held_out_fraction=config.held_out_fraction)  # fmt: skip
         picture = picture_in_words(scene, grid) + "\n"
-        if roll < 0.5:
+        if roll < config.llm_text_share + config.llm_caption_share:
             pairs = [(picture + DESCRIBE, caption(scene))]
         else:
-            pairs = question_pairs(rng, scene, int(rng.integers(1, 7)))
+            pairs = question_pairs(rng, scene, int(rng.integers(1, 7)), balanced=True)
             pairs[0] = (picture + pairs[0][0], pairs[0][1])
         texts.append(chat_text(pairs, system_prompt))
     return texts
@@ -294,21 +347,37 @@ def pretrain_llm(
     ids_RL, labels_RL, positions_RL = pack_texts(
         token_lists, label_lists, config.llm_row_tokens, tokenizer.pad_token_id or 0
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.llm_lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed)
+    embedding = model.model.embed_tokens
+    vocabulary = tokenizer.get_vocab()
+    cells = CellWordEmbedding([vocabulary[token] for token in CELL_TOKENS[1:]],
+                              config.llm_hidden, config.llm_init_std)  # fmt: skip
+    optimizer = torch.optim.AdamW([*model.parameters(), *cells.parameters()], lr=config.llm_lr,
+                                  weight_decay=0.01)  # fmt: skip
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, config.llm_lr, total_steps=config.llm_steps, pct_start=0.1
     )
-    generator = torch.Generator().manual_seed(config.seed)
     model.train()
     for step in range(config.llm_steps):
         pick = torch.randint(len(ids_RL), (config.llm_batch,), generator=generator)
-        loss = model(input_ids=ids_RL[pick], position_ids=positions_RL[pick],
-                     labels=labels_RL[pick], use_cache=False).loss  # fmt: skip
+        # The tied output head reads the same table, as the exported model will.
+        table_VD = cells.table(embedding.weight)
+        hidden_RLD = model.model(
+            inputs_embeds=F.embedding(ids_RL[pick], table_VD),
+            position_ids=positions_RL[pick],
+            use_cache=False,
+        ).last_hidden_state
+        # Logits only where a label is (a tenth of the tokens): the rest would be thrown away.
+        targets_RL = labels_RL[pick][:, 1:]
+        supervised = targets_RL != IGNORE
+        logits_SV = hidden_RLD[:, :-1][supervised] @ table_VD.T
+        loss = F.cross_entropy(logits_SV, targets_RL[supervised])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == config.llm_steps - 1:
             logger.info("llm pretraining step %d: loss %.4f", step, loss.item())
+    cells.export(embedding)
     model.save_pretrained(str(output_dir))
     return output_dir

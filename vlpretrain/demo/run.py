@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlpretrain.config import load_toml
 from vlpretrain.data.check import run_check
 from vlpretrain.data.templates import get_template
@@ -114,6 +116,7 @@ def make_data(output: Path, config: DemoConfig) -> ShapesDataset:
         held_out_fraction=config.held_out_fraction,
         max_dynamic_patch=1,
         max_turns=6,
+        balanced_questions=True,
     )
 
 
@@ -137,6 +140,7 @@ def untrained_model(stage: Stage, output: Path) -> Path:
     """Stage 1's starting point (fresh projector) saved so it can be evaluated as a baseline."""
     directory = output / "stages" / "stage0_untrained"
     if not (directory / "config.json").exists():
+        torch.manual_seed(stage.config.train.seed)  # as the training loop seeds its build
         built = build_model(stage.config.model)
         save_internvl(built.model, built.tokenizer, directory,
                       image_settings=stage.config.data.image_settings())  # fmt: skip

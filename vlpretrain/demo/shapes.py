@@ -281,24 +281,51 @@ def human_turn(question: str, num_images: int) -> str:
     return labels + question
 
 
+# sample_scene draws 1..len(KINDS) shapes of distinct kinds, uniformly: in a 1/len(KINDS) share
+# of the scenes every kind is present and "exists" can only be answered yes. Asking for an
+# absent kind with this probability in the other scenes makes half of all the answers "no".
+BALANCED_NO = 0.5 / (1 - 1 / len(KINDS))
+
+
+def exists_question(rng: np.random.Generator, scene: Scene, answer: str) -> tuple[str, str]:
+    """'Is there a {kind}?' asking for a present kind (answer 'yes') or an absent one ('no')."""
+    present = [s.kind for s in scene.shapes]
+    pool = present if answer == "yes" else [k for k in KINDS if k not in present]
+    if answer not in YES_NO or not pool:
+        raise ValueError(f"cannot ask an exists question answered {answer!r} about {scene}")
+    kind = pool[int(rng.integers(len(pool)))]
+    return QUESTION_TEMPLATES["exists"].format(kind=kind), answer
+
+
+def question_about(shape: Shape, question_type: QuestionType) -> tuple[str, str]:
+    """The "shape at" or "position" question (and answer) about one given shape."""
+    if question_type == "shape_at":
+        return QUESTION_TEMPLATES["shape_at"].format(place=PLACES[shape.position]), shape.kind
+    if question_type == "position":
+        return QUESTION_TEMPLATES["position"].format(kind=shape.kind), shape.position
+    raise ValueError(f"question_about asks shape_at or position, not {question_type!r}")
+
+
 def single_image_question(
-    rng: np.random.Generator, scene: Scene, question_type: QuestionType
+    rng: np.random.Generator, scene: Scene, question_type: QuestionType, no_share: float = 0.5
 ) -> tuple[str, str]:
-    """A (question, answer) pair of the given type about one scene."""
+    """A (question, answer) pair of the given type about one scene.
+
+    An "exists" question asks for an absent kind with probability `no_share` where one is
+    absent (BALANCED_NO: half of all answers "no"; 0.5, the default, as the golden files' data).
+    """
     template = QUESTION_TEMPLATES[question_type]
     shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
     if question_type == "count":
         return template, NUMBER_WORDS[len(scene.shapes)]
     if question_type == "exists":
-        present = [s.kind for s in scene.shapes]
-        absent = [k for k in KINDS if k not in present]
-        # Half yes, half no where possible, so "yes" is not a free win.
-        pool = absent if absent and rng.random() < 0.5 else present
-        kind = pool[int(rng.integers(len(pool)))]
-        return template.format(kind=kind), "yes" if kind in present else "no"
-    if question_type == "shape_at":
-        return template.format(place=PLACES[shape.position]), shape.kind
-    answers = {"colour": shape.colour, "position": shape.position, "size": shape.size}
+        can_say_no = len(scene.shapes) < len(KINDS)
+        return exists_question(
+            rng, scene, "no" if can_say_no and rng.random() < no_share else "yes"
+        )
+    if question_type in ("shape_at", "position"):
+        return question_about(shape, question_type)
+    answers = {"colour": shape.colour, "size": shape.size}
     if question_type not in answers:
         raise ValueError(f"{question_type!r} is not one of {SINGLE_IMAGE_QUESTION_TYPES}")
     return template.format(kind=shape.kind), answers[question_type]

@@ -27,9 +27,12 @@ from PIL import Image, ImageDraw
 
 from vlpretrain.demo.shapes import (
     ASPECTS,
+    BALANCED_NO,
     DESCRIBE,
+    KINDS,
     SINGLE_IMAGE_QUESTION_TYPES,
     SYSTEM_PROMPT,
+    YES_NO,
     Aspects,
     Scene,
     answer_vocabulary,
@@ -37,8 +40,10 @@ from vlpretrain.demo.shapes import (
     caption_corpus,
     chance_accuracy,
     draw_scene,
+    exists_question,
     human_turn,
     multi_image_question,
+    question_about,
     sample_scene,
     score_answer,
     single_image_question,
@@ -145,7 +150,9 @@ class _Writer:
     held_out: bool = False
     """Draw held-out layouts (the eval split) instead of training ones."""
     max_turns: int = 3
-    """Questions per single-image QA record: 1 to max_turns."""
+    """Question types per single-image QA record: 1 to max_turns (see question_pairs)."""
+    balanced: bool = False
+    """Training questions drawn by question_pairs(balanced=True)."""
     num_images: int = 0
 
     def scene(self, rng: np.random.Generator) -> Scene:
@@ -209,14 +216,33 @@ def _caption_record(rng: np.random.Generator, writer: _Writer, index: int) -> di
     }
 
 
-def question_pairs(rng: np.random.Generator, scene: Scene, num_turns: int) -> list[tuple[str, str]]:
-    """`num_turns` (question, answer) pairs about one scene, each of a different type."""
-    picks = rng.permutation(len(SINGLE_IMAGE_QUESTION_TYPES))[:num_turns]
-    return [single_image_question(rng, scene, SINGLE_IMAGE_QUESTION_TYPES[i]) for i in picks]
+def question_pairs(
+    rng: np.random.Generator, scene: Scene, num_types: int, balanced: bool = False
+) -> list[tuple[str, str]]:
+    """(question, answer) pairs about one scene, of `num_types` different types.
+
+    balanced (the demo): "exists" is answered no half the time, and "shape at" and "position"
+    are asked about every shape (in random order): "shape at" is the only type that picks its
+    shape by place, and one question per scene left that skill the least trained of all
+    (held-out "shape at" answers stuck near 60%). Without it, one question per type, drawn as
+    the golden files' data was.
+    """
+    picks = rng.permutation(len(SINGLE_IMAGE_QUESTION_TYPES))[:num_types]
+    pairs = []
+    no_share = BALANCED_NO if balanced else 0.5
+    for kind in (SINGLE_IMAGE_QUESTION_TYPES[i] for i in picks):
+        if balanced and kind in ("shape_at", "position"):
+            order = rng.permutation(len(scene.shapes))
+            pairs += [question_about(scene.shapes[k], kind) for k in order]
+        else:
+            pairs.append(single_image_question(rng, scene, kind, no_share))
+    return pairs
 
 
-def _qa_pairs(rng: np.random.Generator, scene: Scene, num_turns: int) -> list[tuple[str, str]]:
-    pairs = question_pairs(rng, scene, num_turns)
+def _qa_pairs(
+    rng: np.random.Generator, scene: Scene, num_turns: int, balanced: bool
+) -> list[tuple[str, str]]:
+    pairs = question_pairs(rng, scene, num_turns, balanced)
     return [(human_turn(q, 1) if i == 0 else q, a) for i, (q, a) in enumerate(pairs)]
 
 
@@ -224,7 +250,7 @@ def _single_qa_record(
     rng: np.random.Generator, writer: _Writer, index: int, system: str | None = None
 ) -> dict[str, Any]:
     scene = writer.scene(rng)
-    pairs = _qa_pairs(rng, scene, int(rng.integers(1, writer.max_turns + 1)))
+    pairs = _qa_pairs(rng, scene, int(rng.integers(1, writer.max_turns + 1)), writer.balanced)
     record_id = f"qa-{index:06d}"
     return {
         "id": record_id,
@@ -327,14 +353,25 @@ def _write_split(
 def _eval_records(
     rng: np.random.Generator, writer: _Writer, num_eval: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One question (types in rotation) and one caption request per held-out image."""
+    """One question (types in rotation) and one caption request per held-out image.
+
+    The "exists" questions alternate yes and no (a "no" redraws scenes holding every kind), so
+    that answer is exactly balanced and the majority guess scores half of them.
+    """
     questions: list[dict[str, Any]] = []
     captions: list[dict[str, Any]] = []
+    num_types = len(SINGLE_IMAGE_QUESTION_TYPES)
     for index in range(num_eval):
+        kind = SINGLE_IMAGE_QUESTION_TYPES[index % num_types]
         scene = writer.scene(rng)
+        if kind == "exists":
+            wanted = YES_NO[index // num_types % 2]
+            while wanted == "no" and len(scene.shapes) == len(KINDS):
+                scene = writer.scene(rng)
+            question, answer = exists_question(rng, scene, wanted)
+        else:
+            question, answer = single_image_question(rng, scene, kind)
         image = writer.image(scene)
-        kind = SINGLE_IMAGE_QUESTION_TYPES[index % len(SINGLE_IMAGE_QUESTION_TYPES)]
-        question, answer = single_image_question(rng, scene, kind)
         for records, pair, prefix in (
             (questions, (question, answer), "eval"),
             (captions, (DESCRIBE, caption(scene)), "eval-cap"),
@@ -373,6 +410,7 @@ def make_shapes_dataset(
     held_out_fraction: float = HELD_OUT_FRACTION,
     max_dynamic_patch: int = MAX_DYNAMIC_PATCH,
     max_turns: int = 3,
+    balanced_questions: bool = False,
 ) -> ShapesDataset:
     """Write the whole dataset under `output_dir` (files of the same names are overwritten).
 
@@ -390,7 +428,8 @@ def make_shapes_dataset(
             positions) that only the eval split shows; 0 splits nothing (then num_eval must
             be 0) and draws exactly as sample_scene.
         max_dynamic_patch: tile cap of every dataset in the meta files.
-        max_turns: single-image QA records ask 1 to max_turns questions (distinct types).
+        max_turns: single-image QA records ask 1 to max_turns question types (question_pairs).
+        balanced_questions: QA records drawn by question_pairs(balanced=True) (the demo).
     """
     if min(num_caption, num_qa, num_eval) < 0:
         raise ValueError(f"counts must be >= 0, got {num_caption=}, {num_qa=}, {num_eval=}")
@@ -406,7 +445,14 @@ def make_shapes_dataset(
     (root / "images").mkdir(parents=True, exist_ok=True)
     writers = {
         name: _Writer(
-            root, name, image_size, aspects, held_out_fraction, name == "eval", max_turns
+            root,
+            name,
+            image_size,
+            aspects,
+            held_out_fraction,
+            name == "eval",
+            max_turns,
+            balanced_questions,
         )  # fmt: skip
         for name in ("cap", "qa", "eval")
     }
