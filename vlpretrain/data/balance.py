@@ -114,20 +114,23 @@ class RowBalance:
         else:
             self.budget = math.inf
 
-    def free_fraction(self, num_tokens: int, flops: float) -> float:
-        """Room left in a row holding `num_tokens` / `flops`: the tighter of the two budgets."""
+    def _rooms(self, num_tokens: int, flops: float) -> tuple[float, float | None]:
+        """Free fractions of a row holding `num_tokens` / `flops`: of the token budget, and
+        of the FLOPs budget (None before any piece has set one)."""
         token_room = (self.max_tokens - num_tokens) / self.max_tokens
         budget = self.budget
-        if math.isinf(budget):
-            return token_room
-        return min(token_room, (budget - flops) / budget)
+        return token_room, None if math.isinf(budget) else (budget - flops) / budget
+
+    def free_fraction(self, num_tokens: int, flops: float) -> float:
+        """Room left in a row holding `num_tokens` / `flops`: the tighter of the two budgets."""
+        token_room, flops_room = self._rooms(num_tokens, flops)
+        return token_room if flops_room is None else min(token_room, flops_room)
 
     def distance_to_full(self, num_tokens: int, flops: float) -> float:
         """How far a row holding `num_tokens` / `flops` is from full in both budgets: the sum
         of the squared free fractions (inf when over a budget)."""
-        token_room = (self.max_tokens - num_tokens) / self.max_tokens
-        budget = self.budget
-        flops_room = 0.0 if math.isinf(budget) else (budget - flops) / budget
+        token_room, flops_room = self._rooms(num_tokens, flops)
+        flops_room = 0.0 if flops_room is None else flops_room
         if token_room < 0.0 or flops_room < 0.0:
             return math.inf
         return token_room * token_room + flops_room * flops_room
@@ -189,9 +192,6 @@ class SyncedRelease(Generic[RowT]):
         self.rows: list[RowT] = []
         self.arrived_at: list[int] = []
         self.num_released = 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def wants_more(self) -> bool:
         """Fewer than Q + 1 candidates: pack more before releasing."""
