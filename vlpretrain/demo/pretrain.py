@@ -208,7 +208,14 @@ EMPTY_CELL = "<|empty|>"
 CELL_ATTRIBUTES: tuple[tuple[str, ...], ...] = (SIZES, COLOURS, KINDS, POSITIONS)
 """What a cell word names, in its order: size, colour, kind, place."""
 CELL_WORDS: tuple[tuple[str, ...], ...] = tuple(itertools.product(*CELL_ATTRIBUTES))
-CELL_TOKENS: tuple[str, ...] = (EMPTY_CELL, *(f"<|{' '.join(word)}|>" for word in CELL_WORDS))
+
+
+def _word_token(word: tuple[str, ...]) -> str:
+    """The token of a cell word: its attribute values, in CELL_ATTRIBUTES order."""
+    return f"<|{' '.join(word)}|>"
+
+
+CELL_TOKENS: tuple[str, ...] = (EMPTY_CELL, *(_word_token(word) for word in CELL_WORDS))
 """One word per thing a cell can hold and where: whole tokens of the tiny tokenizer. The place
 is part of the word, as a ViT token carries where it is: with only rotary positions a 2-layer
 LLM reads "which of the 9 cells" poorly (position and shape-at questions from perfect words
@@ -216,7 +223,7 @@ near 60%)."""
 
 
 def cell_word(shape: Shape) -> str:
-    return f"<|{shape.size} {shape.colour} {shape.kind} {shape.position}|>"
+    return _word_token((shape.size, shape.colour, shape.kind, shape.position))
 
 
 def picture_in_words(scene: Scene, grid: int) -> str:
