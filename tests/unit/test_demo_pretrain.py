@@ -1,4 +1,5 @@
-"""Demo component pretraining: the LLM's answer-only labels, isolated packing."""
+"""Demo component pretraining: cell words built from the words they name, the LLM's answer-only
+labels, isolated packing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from vlpretrain.demo.pretrain import (
     CELL_TOKENS,
     IGNORE,
+    CellWordEmbedding,
     answer_labels,
+    attribute_value_ids,
     pack_texts,
 )
 from vlpretrain.demo.shapes import caption_corpus, chat_text
@@ -24,6 +27,44 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return train_tiny_tokenizer(
         directory, caption_corpus(0), 640, (IMG_START, IMG_END, *CELL_TOKENS)
     )
+
+
+def test_cell_word_is_its_marker_plus_the_words_it_names(tokenizer) -> None:
+    vocabulary = tokenizer.get_vocab()
+    cells = CellWordEmbedding([vocabulary[token] for token in CELL_TOKENS[1:]],
+                              attribute_value_ids(tokenizer), hidden=8)  # fmt: skip
+    with torch.no_grad():
+        cells.marker.copy_(torch.arange(8.0))
+    embedding_VD = torch.randn(len(tokenizer), 8, requires_grad=True)
+    table_VD = cells.table(embedding_VD)
+
+    def row(word: str) -> torch.Tensor:
+        (token,) = tokenizer(word)["input_ids"]
+        return embedding_VD[token]
+
+    cell = vocabulary["<|large red circle left|>"]
+    expected = row("large") + row("red") + row("circle") + row("left") + cells.marker
+    assert torch.allclose(table_VD[cell], expected)
+    # Every other row is the embedding's own, and the answer words learn through the cells.
+    cell_rows = set(cells.word_ids.tolist())
+    others = [k for k in range(len(tokenizer)) if k not in cell_rows]
+    assert torch.equal(table_VD[others], embedding_VD[others])
+    table_VD[cell].sum().backward()
+    assert embedding_VD.grad is not None
+    (red,) = tokenizer("red")["input_ids"]
+    assert torch.equal(embedding_VD.grad[red], torch.ones(8))
+    # export() writes the same sums into a plain embedding table.
+    plain = torch.nn.Embedding(len(tokenizer), 8)
+    with torch.no_grad():
+        plain.weight.copy_(embedding_VD)
+    cells.export(plain)
+    assert torch.allclose(plain.weight, table_VD)
+
+
+def test_attribute_words_must_be_whole_tokens(tmp_path: Path) -> None:
+    bytes_only = train_tiny_tokenizer(tmp_path, ["ab"], 260)
+    with pytest.raises(ValueError, match="splits the answer word 'small'"):
+        attribute_value_ids(bytes_only)
 
 
 def test_answer_labels_keep_only_the_answers_and_their_end(tokenizer) -> None:
