@@ -83,7 +83,8 @@ class PretrainConfig:
     llm_batch: int = 8
     llm_row_tokens: int = 256
     llm_lr: float = 2e-3
-    """At 5e-3 the loss stalled near 0.15 and "shape at" answers from perfect words near 60%."""
+    """Set with CellWordEmbedding's word-built cells; before them, at 5e-3, the loss stalled near
+    0.15 and "shape at" answers from perfect words near 60% (bench/demo_llm_probe.py)."""
     llm_init_std: float = 0.1
     """Initial weight std of the LLM. At Qwen2's 0.02 the tiny LLM sits on the plateau where
     attention is uniform and answers follow the marginal (it never reads the picture in
@@ -243,10 +244,10 @@ class CellWordEmbedding(nn.Module):
     table's own row of that answer word. 120 whole words, each seen a few hundred times, would
     each learn alone; built from the words, what is learnt about "red" holds for every red cell,
     and answering "red" about a red cell is copying part of what the cell says, through the tied
-    output head. With a free vector per attribute value instead, the 2-layer LLM answered from
-    perfect words only 71% of colour and 59% of "shape at" questions, picking another shape's
-    colour or kind (measured, seed 0). export() writes the sums into the table, so the saved LLM
-    is a plain Qwen2.
+    output head. With a free vector per attribute value instead (and lr 5e-3), the 2-layer LLM
+    answered from perfect words only 65% of colour and 58% of "shape at" questions on seed 0,
+    picking another shape's colour or kind (bench/demo_llm_probe.py). export() writes the sums
+    into the table, so the saved LLM is a plain Qwen2.
     """
 
     def __init__(self, word_ids: list[int], value_ids: list[int], hidden: int) -> None:
