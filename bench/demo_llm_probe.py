@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from vlpretrain.data.templates import get_template
 from vlpretrain.demo.pretrain import picture_in_words
-from vlpretrain.demo.run import DemoConfig
+from vlpretrain.demo.run import DemoConfig, cell_grid
 from vlpretrain.demo.shapes import (
     BALANCED_NO,
     SINGLE_IMAGE_QUESTION_TYPES,
@@ -33,9 +33,6 @@ from vlpretrain.demo.shapes import (
     single_image_question,
 )
 
-GRID = 3
-"""Cells per side of the demo's 48-px tile (9 LLM tokens)."""
-
 
 @torch.no_grad()
 def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
@@ -45,6 +42,7 @@ def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
     system = get_template("internvl2_5").default_system
     config = DemoConfig()
     held_out = config.held_out_fraction
+    grid = cell_grid(config)
     rng = np.random.default_rng([seed, 99])
     scores = {}
     for kind in SINGLE_IMAGE_QUESTION_TYPES:
@@ -53,7 +51,7 @@ def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
             scene = draw_scene(rng, config.image_size, aspects=SQUARE,
                                held_out_fraction=held_out, held_out=True)  # fmt: skip
             question, answer = single_image_question(rng, scene, kind, BALANCED_NO)
-            text = chat_text([(picture_in_words(scene, GRID) + "\n" + question, "")], system)
+            text = chat_text([(picture_in_words(scene, grid) + "\n" + question, "")], system)
             prompt = text.removesuffix("<|im_end|>\n")
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             generated = model.generate(ids, max_new_tokens=3, do_sample=False)
@@ -69,18 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe's scenes")
     args = parser.parse_args(argv)
     results = {str(d): probe(d, args.per_type, args.seed) for d in args.llm_dirs}
-    kinds = SINGLE_IMAGE_QUESTION_TYPES
-    print("| LLM | " + " | ".join(kinds) + " | mean |")
-    print("|---" * (len(kinds) + 2) + "|")
+    for scores in results.values():
+        scores["mean"] = sum(scores.values()) / len(scores)
+    columns = (*SINGLE_IMAGE_QUESTION_TYPES, "mean")
+    print("| LLM | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, scores in results.items():
-        mean = sum(scores.values()) / len(scores)
-        print(f"| {name} | " + " | ".join(f"{100 * scores[k]:.0f}" for k in kinds)
-              + f" | {100 * mean:.1f} |")  # fmt: skip
+        print(f"| {name} | " + " | ".join(f"{100 * scores[k]:.0f}" for k in columns) + " |")
     if len(results) > 1:
         cells = []
-        for kind in (*kinds, "mean"):
-            values = [100 * (sum(s.values()) / len(s) if kind == "mean" else s[kind])
-                      for s in results.values()]  # fmt: skip
+        for column in columns:
+            values = [100 * scores[column] for scores in results.values()]
             cells.append(f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]")
         print("| median [min-max] | " + " | ".join(cells) + " |")
     return 0
