@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from vlpretrain.data.templates import get_template
 from vlpretrain.demo.pretrain import picture_in_words
-from vlpretrain.demo.run import DemoConfig, cell_grid
+from vlpretrain.demo.run import DemoConfig, component_config
 from vlpretrain.demo.shapes import (
     BALANCED_NO,
     SINGLE_IMAGE_QUESTION_TYPES,
@@ -42,7 +42,7 @@ def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
     system = get_template("internvl2_5").default_system
     config = DemoConfig()
     held_out = config.held_out_fraction
-    grid = cell_grid(config)
+    grid = component_config(config).cell_grid
     rng = np.random.default_rng([seed, 99])
     scores = {}
     for kind in SINGLE_IMAGE_QUESTION_TYPES:

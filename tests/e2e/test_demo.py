@@ -48,8 +48,8 @@ def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
     for name in rows:
         assert 0.0 <= qa(name) <= 1.0
     # Measured at these settings (one torch thread): captions 30.1% untrained -> 69.4% after
-    # stage 1; stage 2 answers 63.3% with the images,
-    # 33.3% with blank ones, against the blind guesser's 46.7%.
+    # stage 1; stage 2 answers 63.3% with the images, 33.3% with blank ones, against the
+    # blind guesser's 46.7%.
     captions = {name: sum(rows[name]["caption_by_attribute"].values()) / 4
                 for name in ("untrained", "stage1")}  # fmt: skip
     assert captions["stage1"] > captions["untrained"] + 0.1

@@ -100,6 +100,11 @@ class PretrainConfig:
     vocab_size: int = 768
     """BPE vocabulary with the 121 cell words and chat tokens: room for whole answer words."""
 
+    @property
+    def cell_grid(self) -> int:
+        """Cells per side of a tile: one LLM token each, after 2x2 pixel shuffle of the patches."""
+        return self.tile_size // self.vision_patch // 2
+
 
 def cell_targets(scene: Scene, grid: int) -> np.ndarray:
     """(grid*grid, 4) int64: per token cell, kind + 1 (0 = empty), colour, size (IGNORE if
@@ -147,14 +152,13 @@ def vision_batch(
     rng: np.random.Generator, config: PretrainConfig, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels (size, 3, S, S) of square training-side scenes and their cell targets."""
-    grid = config.tile_size // config.vision_patch // 2
     scenes = [
         draw_scene(rng, config.tile_size, aspects=SQUARE,
                    held_out_fraction=config.held_out_fraction)
         for _ in range(size)
     ]  # fmt: skip
     pixels = normalize([render_scene(s) for s in scenes], "imagenet", config.tile_size)
-    targets = np.stack([cell_targets(s, grid) for s in scenes])
+    targets = np.stack([cell_targets(s, config.cell_grid) for s in scenes])
     return torch.from_numpy(pixels), torch.from_numpy(targets)
 
 
@@ -185,8 +189,7 @@ def probe_accuracy(vision: InternViT, probe: CellProbe, config: PretrainConfig) 
 def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
     """Train a tiny InternViT with a per-cell linear probe; save the ViT alone."""
     vision: InternViT = new_vision(vision_config(config), config.seed)
-    grid = config.tile_size // config.vision_patch // 2
-    probe = CellProbe(config.vision_hidden, grid * grid)
+    probe = CellProbe(config.vision_hidden, config.cell_grid**2)
     optimizer = torch.optim.AdamW([*vision.parameters(), *probe.parameters()],
                                   lr=config.vision_lr)  # fmt: skip
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -293,7 +296,7 @@ def attribute_value_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[str]:
+def llm_corpus(config: PretrainConfig, system_prompt: str) -> list[str]:
     """config.llm_texts chat texts: a pure-text question (llm_text_share), a picture in words +
     its caption (llm_caption_share), or else a picture + 1-6 questions; held-out layouts never
     appear."""
@@ -306,7 +309,7 @@ def llm_corpus(config: PretrainConfig, system_prompt: str, grid: int) -> list[st
             continue
         scene = draw_scene(rng, config.tile_size, aspects=SQUARE,
                            held_out_fraction=config.held_out_fraction)  # fmt: skip
-        picture = picture_in_words(scene, grid) + "\n"
+        picture = picture_in_words(scene, config.cell_grid) + "\n"
         if roll < config.llm_text_share + config.llm_caption_share:
             pairs = [(picture + DESCRIBE, caption(scene))]
         else:

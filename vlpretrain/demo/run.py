@@ -120,20 +120,20 @@ def make_data(output: Path, config: DemoConfig) -> ShapesDataset:
     )
 
 
-def cell_grid(config: DemoConfig) -> int:
-    """Cells per side of a tile: one LLM token each, after 2x2 pixel shuffle of the patches."""
-    return config.image_size // config.pretrain.vision_patch // 2
+def component_config(config: DemoConfig) -> PretrainConfig:
+    """The component pretraining settings, with the demo's seed, tile size and held-out split."""
+    return replace(config.pretrain, seed=config.seed, tile_size=config.image_size,
+                   held_out_fraction=config.held_out_fraction)  # fmt: skip
 
 
 def make_components(output: Path, config: DemoConfig) -> Path:
     components = output / "components"
-    pretrain = replace(config.pretrain, seed=config.seed, tile_size=config.image_size,
-                       held_out_fraction=config.held_out_fraction)  # fmt: skip
+    pretrain = component_config(config)
     if not (components / "vit" / "config.json").exists():
         pretrain_vision(pretrain, components / "vit")
     if not (components / "llm" / "config.json").exists():
         system = get_template("internvl2_5").default_system
-        texts = llm_corpus(pretrain, system, cell_grid(config))
+        texts = llm_corpus(pretrain, system)
         system_block = f"<|im_start|>system\n{system}<|im_end|>\n"
         corpus = caption_corpus(config.seed) + [system_block] * 200
         pretrain_llm(pretrain, texts, corpus, components / "llm")
