@@ -79,14 +79,15 @@ class PretrainConfig:
     """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
     llm_hidden: int = 128
     llm_layers: int = 2
-    llm_steps: int = 2000
+    llm_steps: int = 1500
     """The place lookup behind "shape at" is the last thing the LLM learns, and when depends on
-    the CPU's kernels: at lr 2e-3 and 1500 steps it answered "shape at" from perfect words 98,
-    100, 84% (seeds 0-2) on one machine and 72, 70, 92% on an AVX-512 one; there, 2000 steps
-    gave 87, 86 (seeds 0, 1) and lr 3e-3 at 1500 steps 94, 87 (bench/demo_llm_probe.py)."""
+    the CPU's kernels: at 1500 steps it answered "shape at" from perfect words 98, 100, 84%
+    (seeds 0-2) on one machine and 72, 70, 92% on an AVX-512 one (bench/demo_llm_probe.py).
+    There, 2000 steps gave 87, 86 (seeds 0, 1) and lr 3e-3 at 1500 steps 94, 87, but both
+    together 98, 71, 93 with stage-2 "shape at" 76% [72-82]: not kept."""
     llm_batch: int = 8
     llm_row_tokens: int = 256
-    llm_lr: float = 3e-3
+    llm_lr: float = 2e-3
     """Set with CellWordEmbedding's word-built cells; before them, at 5e-3, the loss stalled near
     0.15 and "shape at" answers from perfect words near 60%; with them, 4e-3 at 1500 steps
     left seed 0's colour answers at 73% (bench/demo_llm_probe.py)."""
