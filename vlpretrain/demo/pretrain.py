@@ -381,7 +381,7 @@ def pretrain_llm(
     model = Qwen2ForCausalLM(
         tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers, config.llm_init_std)
     )
-    token_lists = tokenizer(texts)["input_ids"]
+    token_lists = [tokenizer(t)["input_ids"] for t in texts]
     answer_start = tokenizer("<|im_start|>assistant\n")["input_ids"]
     answer_end = tokenizer("<|im_end|>")["input_ids"][0]
     label_lists = [answer_labels(ids, answer_start, answer_end) for ids in token_lists]
