@@ -9,6 +9,13 @@ from stage 1's export). Regenerate them after an intended numeric change with
         tests/e2e/test_train_e2e.py -k golden
 
 and commit it together with the change (house style rule 30).
+
+Within a machine the losses repeat bit for bit (two processes at once, same losses). Across
+machines the deterministic environment pins ATen's and oneDNN's kernels, but not everything
+under them (glibc picks its own exp/log per CPU): one loss of the chain's 24 came out 2.3e-7
+apart (relative) on an AVX-512 Xeon from the file made elsewhere. The files are therefore
+matched to GOLDEN_RELATIVE_TOLERANCE, a few float32 ulps' worth of agreement a real numeric
+change (a wrong mask, a lost token, another lr) would break by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -51,6 +58,21 @@ GOLDEN_CHAIN = REPO / "tests" / "assets" / "golden_loss_chain_cpu.txt"
 CHAIN_STEPS = {"stage1": 12, "stage2": 12}
 """Steps of each stage of the golden chain (24 in all)."""
 UPDATE_GOLDEN = os.environ.get("VLPRETRAIN_UPDATE_GOLDEN") == "1"
+GOLDEN_RELATIVE_TOLERANCE = 1e-5
+"""How far a loss may sit from its golden value across machines (module docstring)."""
+
+
+def assert_matches_golden(losses: list[float], golden: list[float], what: str) -> None:
+    """Same number of losses, each within GOLDEN_RELATIVE_TOLERANCE of the file's."""
+    assert len(losses) == len(golden), f"{what}: {len(losses)} losses, the file has {len(golden)}"
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, golden, strict=True))
+    assert worst <= GOLDEN_RELATIVE_TOLERANCE, (
+        f"{what} no longer reproduces the golden losses (worst relative gap {worst:.2e}):\n"
+        + "\n".join(f"  step {k + 1}: {a!r} vs golden {b!r}"
+                     for k, (a, b) in enumerate(zip(losses, golden, strict=True)))
+        + "\nif the change is intended, regenerate with VLPRETRAIN_UPDATE_GOLDEN=1 and give a "
+        "reason (module docstring)"
+    )  # fmt: skip
 
 
 def golden_config(train_assets, output_dir: Path) -> dict:  # noqa: F811
@@ -125,10 +147,7 @@ def test_golden_losses_are_deterministic_and_match_the_file(train_assets, tmp_pa
     if UPDATE_GOLDEN:
         write_golden(losses)
     assert GOLDEN.is_file(), f"{GOLDEN} is missing; create it with VLPRETRAIN_UPDATE_GOLDEN=1"
-    assert losses == read_golden(), (
-        "the tiny run no longer reproduces the golden losses; if the change is intended, "
-        "regenerate with VLPRETRAIN_UPDATE_GOLDEN=1 and give a reason (module docstring)"
-    )
+    assert_matches_golden(losses, read_golden(), "the tiny run")
 
 
 def chain_configs(train_assets, root: Path) -> list[dict]:  # noqa: F811
@@ -166,18 +185,20 @@ def read_chain_golden() -> list[str]:
 
 def test_golden_chain_stage1_to_stage2_matches_the_file(train_assets, tmp_path):  # noqa: F811
     lines = []
+    losses = []
     for name, raw in zip(CHAIN_STEPS, chain_configs(train_assets, tmp_path), strict=True):
         run_cli("train", str(write_stage(tmp_path / f"{name}.toml", raw)), deterministic=True)
-        losses = losses_by_step(tmp_path / name)
-        assert list(losses) == list(range(1, CHAIN_STEPS[name] + 1))
-        lines += [f"{name} {step} {losses[step]!r}" for step in sorted(losses)]
+        by_step = losses_by_step(tmp_path / name)
+        assert list(by_step) == list(range(1, CHAIN_STEPS[name] + 1))
+        lines += [f"{name} {step} {by_step[step]!r}" for step in sorted(by_step)]
+        losses += [by_step[step] for step in sorted(by_step)]
     if UPDATE_GOLDEN:
         write_chain_golden(lines)
     assert GOLDEN_CHAIN.is_file(), f"{GOLDEN_CHAIN} is missing; create it with UPDATE_GOLDEN=1"
-    assert lines == read_chain_golden(), (
-        "the tiny stage-1 -> stage-2 chain no longer reproduces the golden losses; if the "
-        "change is intended, regenerate with VLPRETRAIN_UPDATE_GOLDEN=1 and give a reason"
-    )
+    golden_rows = [line.split() for line in read_chain_golden()]
+    assert [row[:2] for row in golden_rows] == [line.split()[:2] for line in lines]
+    golden = [float(row[2]) for row in golden_rows]
+    assert_matches_golden(losses, golden, "the tiny stage-1 -> stage-2 chain")
 
 
 def test_golden_chain_file_has_header_and_one_loss_per_step():
