@@ -13,6 +13,7 @@ from PIL import Image
 from vlpretrain.demo.shapes import (
     BALANCED_NO,
     KINDS,
+    SINGLE_IMAGE_QUESTION_TYPES,
     SQUARE,
     Scene,
     Shape,
@@ -33,6 +34,7 @@ from vlpretrain.demo.synthetic import (
     caption_corpus,
     chance_accuracy,
     make_shapes_dataset,
+    question_pairs,
     render_scene,
     score_answer,
     text_pretraining_corpus,
@@ -309,6 +311,26 @@ def test_exists_is_answered_no_half_the_time(tmp_path: Path) -> None:
     full = Scene(56, 56, 240, shapes)
     with pytest.raises(ValueError, match="answered 'no'"):
         exists_question(rng, full, "no")
+
+
+def test_balanced_place_questions_cannot_be_answered_by_naming_what_is_left() -> None:
+    # Asked about every shape once, in turn, the last "shape at" answer of a scene is the one
+    # kind not yet named, a shortcut the demo's LLM learnt instead of reading the place.
+    rng = np.random.default_rng(0)
+    repeats = last_is_what_is_left = conversations = 0
+    while conversations < 400:
+        scene = sample_scene(rng, 56)
+        if len(scene.shapes) < 2:
+            continue
+        pairs = question_pairs(rng, scene, len(SINGLE_IMAGE_QUESTION_TYPES), balanced=True)
+        answers = [a for q, a in pairs if question_type(q) == "shape_at"]
+        assert len(answers) == len(scene.shapes)
+        conversations += 1
+        repeats += len(set(answers)) < len(answers)
+        left = [s.kind for s in scene.shapes if s.kind not in answers[:-1]]
+        last_is_what_is_left += left == [answers[-1]]
+    assert 0.3 < repeats / conversations < 0.9
+    assert last_is_what_is_left / conversations < 0.7
 
 
 def test_chance_accuracy_of_generated_eval_is_well_below_one(dataset: ShapesDataset) -> None:

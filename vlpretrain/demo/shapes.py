@@ -297,13 +297,19 @@ def exists_question(rng: np.random.Generator, scene: Scene, answer: str) -> tupl
     return QUESTION_TEMPLATES["exists"].format(kind=kind), answer
 
 
+SHAPE_QUESTION_TYPES: tuple[QuestionType, ...] = ("colour", "position", "size", "shape_at")
+"""The question types that ask about one shape of the scene."""
+
+
 def question_about(shape: Shape, question_type: QuestionType) -> tuple[str, str]:
-    """The "shape at" or "position" question (and answer) about one given shape."""
+    """The question (and answer) of one of SHAPE_QUESTION_TYPES about one given shape."""
+    template = QUESTION_TEMPLATES[question_type]
     if question_type == "shape_at":
-        return QUESTION_TEMPLATES["shape_at"].format(place=PLACES[shape.position]), shape.kind
-    if question_type == "position":
-        return QUESTION_TEMPLATES["position"].format(kind=shape.kind), shape.position
-    raise ValueError(f"question_about asks shape_at or position, not {question_type!r}")
+        return template.format(place=PLACES[shape.position]), shape.kind
+    answers = {"colour": shape.colour, "size": shape.size, "position": shape.position}
+    if question_type not in answers:
+        raise ValueError(f"question_about asks {SHAPE_QUESTION_TYPES}, not {question_type!r}")
+    return template.format(kind=shape.kind), answers[question_type]
 
 
 def single_image_question(
@@ -323,12 +329,9 @@ def single_image_question(
         return exists_question(
             rng, scene, "no" if can_say_no and rng.random() < no_share else "yes"
         )
-    if question_type in ("shape_at", "position"):
-        return question_about(shape, question_type)
-    answers = {"colour": shape.colour, "size": shape.size}
-    if question_type not in answers:
+    if question_type not in SHAPE_QUESTION_TYPES:
         raise ValueError(f"{question_type!r} is not one of {SINGLE_IMAGE_QUESTION_TYPES}")
-    return template.format(kind=shape.kind), answers[question_type]
+    return question_about(shape, question_type)
 
 
 def multi_image_question(rng: np.random.Generator, first: Scene, second: Scene) -> tuple[str, str]:
