@@ -185,20 +185,18 @@ def read_chain_golden() -> list[str]:
 
 def test_golden_chain_stage1_to_stage2_matches_the_file(train_assets, tmp_path):  # noqa: F811
     lines = []
-    losses = []
     for name, raw in zip(CHAIN_STEPS, chain_configs(train_assets, tmp_path), strict=True):
         run_cli("train", str(write_stage(tmp_path / f"{name}.toml", raw)), deterministic=True)
-        by_step = losses_by_step(tmp_path / name)
-        assert list(by_step) == list(range(1, CHAIN_STEPS[name] + 1))
-        lines += [f"{name} {step} {by_step[step]!r}" for step in sorted(by_step)]
-        losses += [by_step[step] for step in sorted(by_step)]
+        losses = losses_by_step(tmp_path / name)
+        assert list(losses) == list(range(1, CHAIN_STEPS[name] + 1))
+        lines += [f"{name} {step} {losses[step]!r}" for step in sorted(losses)]
     if UPDATE_GOLDEN:
         write_chain_golden(lines)
     assert GOLDEN_CHAIN.is_file(), f"{GOLDEN_CHAIN} is missing; create it with UPDATE_GOLDEN=1"
-    golden_rows = [line.split() for line in read_chain_golden()]
-    assert [row[:2] for row in golden_rows] == [line.split()[:2] for line in lines]
-    golden = [float(row[2]) for row in golden_rows]
-    assert_matches_golden(losses, golden, "the tiny stage-1 -> stage-2 chain")
+    rows, golden_rows = ([line.split() for line in found] for found in (lines, read_chain_golden()))
+    assert [row[:2] for row in rows] == [row[:2] for row in golden_rows]
+    assert_matches_golden([float(row[2]) for row in rows], [float(row[2]) for row in golden_rows],
+                          "the tiny stage-1 -> stage-2 chain")  # fmt: skip
 
 
 def test_golden_chain_file_has_header_and_one_loss_per_step():

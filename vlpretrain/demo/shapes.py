@@ -303,13 +303,14 @@ SHAPE_QUESTION_TYPES: tuple[QuestionType, ...] = ("colour", "position", "size", 
 
 def question_about(shape: Shape, question_type: QuestionType) -> tuple[str, str]:
     """The question (and answer) of one of SHAPE_QUESTION_TYPES about one given shape."""
-    template = QUESTION_TEMPLATES[question_type]
-    if question_type == "shape_at":
-        return template.format(place=PLACES[shape.position]), shape.kind
-    answers = {"colour": shape.colour, "size": shape.size, "position": shape.position}
-    if question_type not in answers:
-        raise ValueError(f"question_about asks {SHAPE_QUESTION_TYPES}, not {question_type!r}")
-    return template.format(kind=shape.kind), answers[question_type]
+    if question_type not in SHAPE_QUESTION_TYPES:
+        raise ValueError(f"{question_type!r} is not one of {SHAPE_QUESTION_TYPES}")
+    answers = {"colour": shape.colour, "position": shape.position, "size": shape.size,
+               "shape_at": shape.kind}  # fmt: skip
+    # A template names the shape by kind or by place; format() ignores the field it lacks.
+    question = QUESTION_TEMPLATES[question_type].format(kind=shape.kind,
+                                                        place=PLACES[shape.position])  # fmt: skip
+    return question, answers[question_type]
 
 
 def single_image_question(
@@ -329,8 +330,6 @@ def single_image_question(
         return exists_question(
             rng, scene, "no" if can_say_no and rng.random() < no_share else "yes"
         )
-    if question_type not in SHAPE_QUESTION_TYPES:
-        raise ValueError(f"{question_type!r} is not one of {SINGLE_IMAGE_QUESTION_TYPES}")
     return question_about(shape, question_type)
 
 
