@@ -1,75 +1,164 @@
 """How well the demo's pretrained LLM answers from perfect "pictures in words", per question type.
 
     python bench/demo_llm_probe.py DEMO_OUT/components/llm [MORE_LLM_DIRS ...] [--per-type 100]
+    python bench/demo_llm_probe.py --pretrain 0 1 2 3 [--set llm_lr=3e-3 ...] [--jobs 2]
+                                   [--output llm_probe] [--two-turn]
 
 Each directory is an LLM that `vlpretrain demo` pretrained (bench/demo_figures.py leaves one per
-seed under OUTPUT/seed_K/components/llm). It is asked held-out questions whose user turn shows
-the scene as its exact cell words (demo.pretrain.picture_in_words), the way its pretraining
-corpus does: greedy answers, scored as the demo scores stage 2. This is the ceiling stage 2 starts
-from: a question type the LLM misses from perfect words, the VLM will miss from pixels. Prints
-the accuracy per type for each directory, then the median and min-max over them.
+seed under OUTPUT/seed_K/components/llm). With --pretrain, the LLM of each seed is pretrained
+first, as the demo does it, into OUTPUT/seed_K (`--jobs` at a time, one thread each; about four
+minutes per seed on this project's 2-core machine), with PretrainConfig fields changed by --set.
+
+It is asked held-out questions whose user turn shows the scene as its exact cell words
+(demo.pretrain.picture_in_words), the way its pretraining corpus does: greedy answers, scored as
+the demo scores stage 2. This is the ceiling stage 2 starts from: a question type the LLM misses
+from perfect words, the VLM will miss from pixels. Prints the accuracy per type for each
+directory, then the median and min-max over them.
+
+--two-turn adds the test for the "shape at" shortcut: in 2-shape scenes, the second of two
+"shape at" questions after a first answer that was right, that named the other shape, or that
+answered the same question. An LLM that reads the place answers all three alike; one that learnt
+"name the kind not yet named" fails after the other shape's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import fields, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+from vlpretrain.config import parse_override_value
 from vlpretrain.data.templates import get_template
-from vlpretrain.demo.pretrain import picture_in_words
-from vlpretrain.demo.run import DemoConfig, component_config
+from vlpretrain.demo.pretrain import PretrainConfig, picture_in_words
+from vlpretrain.demo.run import DemoConfig, component_config, make_llm
 from vlpretrain.demo.shapes import (
     BALANCED_NO,
     SINGLE_IMAGE_QUESTION_TYPES,
     SQUARE,
+    Scene,
     chat_text,
     draw_scene,
+    question_about,
     score_answer,
     single_image_question,
 )
 
+TWO_TURN_CASES = ("alone", "after a right answer", "after the other shape", "same question twice")
 
-@torch.no_grad()
-def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
-    """Share of right greedy answers per question type on `per_type` held-out scenes each."""
+Answerer = Callable[[list[tuple[str, str]]], str]
+
+
+def answerer(llm_dir: Path) -> Answerer:
+    """Greedy answer of the LLM in `llm_dir` to a conversation whose last answer is empty."""
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     model = Qwen2ForCausalLM.from_pretrained(llm_dir).eval()
     system = get_template("internvl2_5").default_system
+
+    @torch.no_grad()
+    def answer(pairs: list[tuple[str, str]]) -> str:
+        prompt = chat_text(pairs, system).removesuffix("<|im_end|>\n")
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+        return tokenizer.decode(generated[0, ids.shape[1] :])
+
+    return answer
+
+
+def draw_held_out(rng: np.random.Generator) -> tuple[Scene, str]:
+    """A held-out demo scene and its picture in words (the line before the question)."""
     config = DemoConfig()
-    held_out = config.held_out_fraction
-    grid = component_config(config).cell_grid
+    scene = draw_scene(rng, config.image_size, aspects=SQUARE,
+                       held_out_fraction=config.held_out_fraction, held_out=True)  # fmt: skip
+    return scene, picture_in_words(scene, component_config(config).cell_grid) + "\n"
+
+
+def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
+    """Share of right greedy answers per question type on `per_type` held-out scenes each."""
+    answer = answerer(llm_dir)
     rng = np.random.default_rng([seed, 99])
     scores = {}
     for kind in SINGLE_IMAGE_QUESTION_TYPES:
         right = 0
         for _ in range(per_type):
-            scene = draw_scene(rng, config.image_size, aspects=SQUARE,
-                               held_out_fraction=held_out, held_out=True)  # fmt: skip
-            question, answer = single_image_question(rng, scene, kind, BALANCED_NO)
-            text = chat_text([(picture_in_words(scene, grid) + "\n" + question, "")], system)
-            prompt = text.removesuffix("<|im_end|>\n")
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            generated = model.generate(ids, max_new_tokens=3, do_sample=False)
-            right += score_answer(tokenizer.decode(generated[0, ids.shape[1] :]), answer)
+            scene, picture = draw_held_out(rng)
+            question, gold = single_image_question(rng, scene, kind, BALANCED_NO)
+            right += score_answer(answer([(picture + question, "")]), gold)
         scores[kind] = right / per_type
     return scores
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("llm_dirs", type=Path, nargs="+")
-    parser.add_argument("--per-type", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the probe's scenes")
-    args = parser.parse_args(argv)
-    results = {str(d): probe(d, args.per_type, args.seed) for d in args.llm_dirs}
-    for scores in results.values():
-        scores["mean"] = sum(scores.values()) / len(scores)
-    columns = (*SINGLE_IMAGE_QUESTION_TYPES, "mean")
+def probe_two_turns(llm_dir: Path, scenes: int, seed: int) -> dict[str, float]:
+    """Share of right second "shape at" answers in 2-shape scenes, per TWO_TURN_CASES first turn."""
+    answer = answerer(llm_dir)
+    rng = np.random.default_rng([seed, 98])
+    right = dict.fromkeys(TWO_TURN_CASES, 0)
+    asked = 0
+    while asked < scenes:
+        scene, picture = draw_held_out(rng)
+        if len(scene.shapes) != 2:
+            continue
+        asked += 1
+        (first, right_first), (second, gold) = (question_about(s, "shape_at") for s in scene.shapes)
+        conversations = {
+            "alone": [(picture + second, "")],
+            "after a right answer": [(picture + first, right_first), (second, "")],
+            "after the other shape": [(picture + first, gold), (second, "")],
+            "same question twice": [(picture + second, gold), (second, "")],
+        }
+        for case, pairs in conversations.items():
+            right[case] += score_answer(answer(pairs), gold)
+    return {case: count / scenes for case, count in right.items()}
+
+
+def pretrain_overrides(assignments: list[str]) -> dict[str, object]:
+    """PretrainConfig fields from `key=value` strings; every unknown key is reported at once."""
+    known = {field.name for field in fields(PretrainConfig)} - {"seed"}  # --pretrain sets it
+    overrides, problems = {}, []
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator or key.strip() not in known:
+            problems.append(f"--set {assignment!r}: expected FIELD=VALUE, FIELD one of "
+                            + ", ".join(sorted(known)))  # fmt: skip
+            continue
+        value = parse_override_value(text.strip())
+        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
+    if problems:
+        raise SystemExit("\n".join(problems))
+    return overrides
+
+
+def pretrain_seed(seed: int, overrides: dict[str, object], directory: Path) -> Path:
+    """The demo's LLM for `seed`, pretrained as `vlpretrain demo --seed` does, with `overrides`."""
+    if not (directory / "config.json").exists():
+        start = time.perf_counter()
+        make_llm(replace(component_config(DemoConfig(seed=seed)), **overrides), directory)
+        print(f"seed {seed}: pretrained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return directory
+
+
+def pretrain_all(seeds: list[int], overrides: dict[str, object], output: Path,
+                 jobs: int) -> list[Path]:  # fmt: skip
+    """One LLM per seed, `jobs` processes at a time, one thread each when more than one."""
+    if jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers' torch
+    directories = [output / f"seed_{seed}" for seed in seeds]
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(pretrain_seed, seeds, [overrides] * len(seeds), directories))
+
+
+def print_table(results: dict[str, dict[str, float]], columns: tuple[str, ...]) -> None:
+    """Markdown table in percent, one row per LLM, then the median and min-max over them."""
     print("| LLM | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, scores in results.items():
@@ -80,6 +169,35 @@ def main(argv: list[str] | None = None) -> int:
             values = [100 * scores[column] for scores in results.values()]
             cells.append(f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]")
         print("| median [min-max] | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("llm_dirs", type=Path, nargs="*")
+    parser.add_argument("--pretrain", type=int, nargs="+", default=[], metavar="SEED",
+                        help="pretrain these seeds' LLMs first and probe them too")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a PretrainConfig field for --pretrain, e.g. llm_lr=3e-3")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=2, help="--pretrain seeds at the same time")
+    parser.add_argument("--output", type=Path, default=Path("llm_probe"))
+    parser.add_argument("--per-type", type=int, default=100)
+    parser.add_argument("--two-turn", action="store_true", help="also the 'shape at' shortcut test")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe's scenes")
+    args = parser.parse_args(argv)
+    overrides = pretrain_overrides(args.set)
+    if not args.llm_dirs and not args.pretrain:
+        parser.error("give LLM directories, --pretrain seeds, or both")
+    directories = [*args.llm_dirs, *pretrain_all(args.pretrain, overrides, args.output, args.jobs)]
+    if args.pretrain:
+        print(f"pretrained with {overrides or 'the demo settings'}", file=sys.stderr)
+    results = {str(d): probe(d, args.per_type, args.seed) for d in directories}
+    for scores in results.values():
+        scores["mean"] = sum(scores.values()) / len(scores)
+    print_table(results, (*SINGLE_IMAGE_QUESTION_TYPES, "mean"))
+    if args.two_turn:
+        print("\nSecond 'shape at' answer in 2-shape scenes, by first turn:")
+        print_table({str(d): probe_two_turns(d, 150, args.seed) for d in directories},
+                    TWO_TURN_CASES)  # fmt: skip
     return 0
 
 

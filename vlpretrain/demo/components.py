@@ -40,10 +40,15 @@ class TinyComponents:
 
 
 def tiny_llm_config(
-    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, init_std: float = 0.02
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    init_std: float = 0.02,
+    heads: tuple[int, int] = (4, 2),
 ) -> Qwen2Config:
     """A tiny Qwen2; `init_std` is the weights' initial standard deviation (Qwen2's 0.02 by
-    default: the demo's LLM pretraining starts wider, see demo.pretrain)."""
+    default: the demo's LLM pretraining starts wider, see demo.pretrain); `heads` is
+    (attention heads, key/value heads)."""
     # attn_implementation is a PreTrainedConfig kwarg consumed in __post_init__; the
     # dataclass_transform signature mypy sees lists only the Qwen2Config fields.
     return Qwen2Config(  # type: ignore[call-arg]
@@ -51,8 +56,8 @@ def tiny_llm_config(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         initializer_range=init_std,

@@ -79,12 +79,18 @@ class PretrainConfig:
     """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
     llm_hidden: int = 128
     llm_layers: int = 2
+    llm_heads: tuple[int, int] = (4, 2)
+    """(attention heads, key/value heads). From perfect words on seeds 0-3 (below), 8 and 2
+    answered colour 80, 99, 85, 93; 8 and 4 colour 100, 100, 100, 86 but "shape at" 90, 93, 83,
+    84, and with 2000 steps as well stage 2 answered "shape at" 66% on seed 1 at 40% more CPU
+    time (bench/demo_figures.py). Not kept."""
     llm_steps: int = 1500
     """The place lookup behind "shape at" is the last thing the LLM learns, and when depends on
-    the CPU's kernels: at 1500 steps it answered "shape at" from perfect words 98, 100, 84%
-    (seeds 0-2) on one machine and 72, 70, 92% on an AVX-512 one (bench/demo_llm_probe.py).
-    There, 2000 steps gave 87, 86 (seeds 0, 1) and lr 3e-3 at 1500 steps 94, 87, but both
-    together 98, 71, 93 with stage-2 "shape at" 76% [72-82]: not kept."""
+    the CPU's kernels. On an AVX-512 Xeon at 1500 steps, from perfect words
+    (`bench/demo_llm_probe.py --pretrain 0 1 2 3`): "shape at" 98, 96, 89, 98 and every other
+    type at least 86, except seed 1's colour: 75, naming another shape's colour. For seed 1,
+    2000 steps gave colour 74; lr 3e-3 colour 70 and "shape at" 84; batch 16 colour 70 and
+    position 75; a 192-wide LLM colour 100 but "shape at" 69."""
     llm_batch: int = 8
     llm_row_tokens: int = 256
     llm_lr: float = 2e-3
@@ -378,9 +384,9 @@ def pretrain_llm(
     tokenizer = train_tiny_tokenizer(output_dir, tokenizer_corpus, config.vocab_size,
                                      (IMG_START, IMG_END, *CELL_TOKENS))  # fmt: skip
     torch.manual_seed(config.seed)
-    model = Qwen2ForCausalLM(
-        tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers, config.llm_init_std)
-    )
+    llm_config = tiny_llm_config(len(tokenizer), config.llm_hidden, config.llm_layers,
+                                 config.llm_init_std, config.llm_heads)  # fmt: skip
+    model = Qwen2ForCausalLM(llm_config)
     token_lists = [tokenizer(t)["input_ids"] for t in texts]
     answer_start = tokenizer("<|im_start|>assistant\n")["input_ids"]
     answer_end = tokenizer("<|im_end|>")["input_ids"][0]

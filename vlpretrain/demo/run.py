@@ -132,12 +132,17 @@ def make_components(output: Path, config: DemoConfig) -> Path:
     if not (components / "vit" / "config.json").exists():
         pretrain_vision(pretrain, components / "vit")
     if not (components / "llm" / "config.json").exists():
-        system = get_template("internvl2_5").default_system
-        texts = llm_corpus(pretrain, system)
-        system_block = f"<|im_start|>system\n{system}<|im_end|>\n"
-        corpus = caption_corpus(config.seed) + [system_block] * 200
-        pretrain_llm(pretrain, texts, corpus, components / "llm")
+        make_llm(pretrain, components / "llm")
     return components
+
+
+def make_llm(pretrain: PretrainConfig, directory: Path) -> None:
+    """Pretrain the demo's LLM (BPE tokenizer, then weights) from its seed's corpus."""
+    system = get_template("internvl2_5").default_system
+    texts = llm_corpus(pretrain, system)
+    system_block = f"<|im_start|>system\n{system}<|im_end|>\n"
+    corpus = caption_corpus(pretrain.seed) + [system_block] * 200
+    pretrain_llm(pretrain, texts, corpus, directory)
 
 
 def untrained_model(stage: Stage, output: Path) -> Path:
