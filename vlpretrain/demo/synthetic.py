@@ -226,10 +226,11 @@ def question_pairs(
     shape by place, and one question per scene left that skill the least trained of all
     (held-out "shape at" answers stuck near 60%). Each of those questions picks its shape
     afresh (with replacement): asked about every shape once, in turn, an LLM learns to name a
-    kind not yet named instead of looking the place up (seed 0's pretrained LLM answered the
-    second "shape at" question of a 2-shape scene 150/150 right after a right first answer,
-    0/150 after a first answer naming the second shape's kind, and 62% alone). Without
-    balanced, one question per type, drawn as the golden files' data was.
+    kind not yet named instead of looking the place up (seed 0's LLM pretrained that way, at
+    127b8a6, answers the second "shape at" question of a 2-shape scene 100% right after a right
+    first answer but 13% after a first answer naming the second shape's kind:
+    bench/demo_llm_probe.py --two-turn). Without balanced, one question per type, drawn as the
+    golden files' data was.
     """
     picks = rng.permutation(len(SINGLE_IMAGE_QUESTION_TYPES))[:num_types]
     pairs = []
