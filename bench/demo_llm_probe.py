@@ -54,6 +54,8 @@ from vlpretrain.demo.shapes import (
     single_image_question,
 )
 
+DEMO = DemoConfig()
+CELL_GRID = component_config(DEMO).cell_grid
 TWO_TURN_CASES = ("alone", "after a right answer", "after the other shape", "same question twice")
 
 Answerer = Callable[[list[tuple[str, str]]], str]
@@ -77,15 +79,13 @@ def answerer(llm_dir: Path) -> Answerer:
 
 def draw_held_out(rng: np.random.Generator) -> tuple[Scene, str]:
     """A held-out demo scene and its picture in words (the line before the question)."""
-    config = DemoConfig()
-    scene = draw_scene(rng, config.image_size, aspects=SQUARE,
-                       held_out_fraction=config.held_out_fraction, held_out=True)  # fmt: skip
-    return scene, picture_in_words(scene, component_config(config).cell_grid) + "\n"
+    scene = draw_scene(rng, DEMO.image_size, aspects=SQUARE,
+                       held_out_fraction=DEMO.held_out_fraction, held_out=True)  # fmt: skip
+    return scene, picture_in_words(scene, CELL_GRID) + "\n"
 
 
-def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
+def probe(answer: Answerer, per_type: int, seed: int) -> dict[str, float]:
     """Share of right greedy answers per question type on `per_type` held-out scenes each."""
-    answer = answerer(llm_dir)
     rng = np.random.default_rng([seed, 99])
     scores = {}
     for kind in SINGLE_IMAGE_QUESTION_TYPES:
@@ -98,9 +98,8 @@ def probe(llm_dir: Path, per_type: int, seed: int) -> dict[str, float]:
     return scores
 
 
-def probe_two_turns(llm_dir: Path, scenes: int, seed: int) -> dict[str, float]:
+def probe_two_turns(answer: Answerer, scenes: int, seed: int) -> dict[str, float]:
     """Share of right second "shape at" answers in 2-shape scenes, per TWO_TURN_CASES first turn."""
-    answer = answerer(llm_dir)
     rng = np.random.default_rng([seed, 98])
     right = dict.fromkeys(TWO_TURN_CASES, 0)
     asked = 0
@@ -190,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     directories = [*args.llm_dirs, *pretrain_all(args.pretrain, overrides, args.output, args.jobs)]
     if args.pretrain:
         print(f"pretrained with {overrides or 'the demo settings'}", file=sys.stderr)
-    results = {str(d): probe(d, args.per_type, args.seed) for d in directories}
+    answerers = {str(d): answerer(d) for d in directories}  # each LLM loaded once for both probes
+    results = {name: probe(answer, args.per_type, args.seed) for name, answer in answerers.items()}
     for scores in results.values():
         scores["mean"] = sum(scores.values()) / len(scores)
     print_table(results, (*SINGLE_IMAGE_QUESTION_TYPES, "mean"))
     if args.two_turn:
         print("\nSecond 'shape at' answer in 2-shape scenes, by first turn:")
-        print_table({str(d): probe_two_turns(d, 150, args.seed) for d in directories},
-                    TWO_TURN_CASES)  # fmt: skip
+        two_turns = {name: probe_two_turns(answer, 150, args.seed)
+                     for name, answer in answerers.items()}  # fmt: skip
+        print_table(two_turns, TWO_TURN_CASES)
     return 0
 
 
