@@ -75,3 +75,15 @@ def test_default_is_off_and_reference_flags_turn_it_on(tmp_path):
     raw = {"model": {"trust_remote_code": False}}
     apply_reference_flags(raw, paths)  # a TOML's explicit choice wins over the flag default
     assert build_run_config(raw).model.trust_remote_code is False
+
+
+def test_loaded_llm_uses_no_hub_kernels_in_train_mode(tmp_path):
+    # transformers 5.25 turned Hub kernels on by default: code fetched from the Hub that
+    # replaces layers, and a kernelize() in train() that fails on FSDP's meta-device init.
+    from vlpretrain.demo.components import build_tiny_components
+    from vlpretrain.model.llm import load_llm
+
+    model = load_llm(build_tiny_components(tmp_path).llm_path)
+    model.train()
+    assert model.use_kernels is False
+    assert getattr(model, "_kernels_mode", None) is None

@@ -170,7 +170,9 @@ def load_llm(path: str | Path, attn_implementation: str = "sdpa") -> PreTrainedM
     transformers-native model whose packed rows are isolated (InternLM2 converted to Llama).
 
     No LLM runs its remote code, whatever trust_remote_code says: the supported families are
-    native or converted, the others are refused before loading (families.py).
+    native or converted, the others are refused before loading (families.py). Nor Hub kernels:
+    transformers 5.25 turns them on by default (code fetched from the Hub replaces layers), and
+    its kernelize() then fails in train() on the meta device that FSDP's init builds on.
     """
     directory = Path(path)
     raw = _read_json(directory / "config.json")
@@ -182,8 +184,9 @@ def load_llm(path: str | Path, attn_implementation: str = "sdpa") -> PreTrainedM
         state = internlm2.state_to_llama(hub.load_weights(directory), config)
         return _from_state(config, state, attn_implementation, directory)
     return AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, attn_implementation=attn_implementation
-    )
+        str(directory), dtype=torch.float32, attn_implementation=attn_implementation,
+        use_kernels=False,
+    )  # fmt: skip
 
 
 def _from_state(
@@ -201,6 +204,7 @@ def _from_state(
         dtype=torch.float32,
         attn_implementation=attn_implementation,
         output_loading_info=True,
+        use_kernels=False,  # see load_llm
     )
     model, info = loaded
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
