@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoTokenizer
 
 from vlpretrain.config import parse_override_value
 from vlpretrain.data.templates import get_template
@@ -53,6 +53,7 @@ from vlpretrain.demo.shapes import (
     score_answer,
     single_image_question,
 )
+from vlpretrain.model.llm import load_llm
 
 DEMO = DemoConfig()
 CELL_GRID = component_config(DEMO).cell_grid
@@ -64,7 +65,7 @@ Answerer = Callable[[list[tuple[str, str]]], str]
 def answerer(llm_dir: Path) -> Answerer:
     """Greedy answer of the LLM in `llm_dir` to a conversation whose last answer is empty."""
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-    model = Qwen2ForCausalLM.from_pretrained(llm_dir).eval()
+    model = load_llm(llm_dir).eval()
     system = get_template("internvl2_5").default_system
 
     @torch.no_grad()
