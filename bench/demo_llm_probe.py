@@ -1,13 +1,14 @@
 """How well the demo's pretrained LLM answers from perfect "pictures in words", per question type.
 
     python bench/demo_llm_probe.py DEMO_OUT/components/llm [MORE_LLM_DIRS ...] [--per-type 100]
-    python bench/demo_llm_probe.py --pretrain 0 1 2 3 [--set llm_lr=3e-3 ...] [--jobs 2]
+    python bench/demo_llm_probe.py --pretrain 0 1 2 3 [--set pretrain.llm_lr=3e-3 ...] [--jobs 2]
                                    [--output llm_probe] [--two-turn]
 
 Each directory is an LLM that `vlpretrain demo` pretrained (bench/demo_figures.py leaves one per
 seed under OUTPUT/seed_K/components/llm). With --pretrain, the LLM of each seed is pretrained
 first, as the demo does it, into OUTPUT/seed_K (`--jobs` at a time, one thread each; about four
-minutes per seed on this project's 2-core machine), with PretrainConfig fields changed by --set.
+minutes per seed on this project's 2-core machine), with component pretraining settings changed
+by --set as `vlpretrain demo --set` changes them.
 
 It is asked held-out questions whose user turn shows the scene as its exact cell words
 (demo.pretrain.picture_in_words), the way its pretraining corpus does: greedy answers, scored as
@@ -30,7 +31,6 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from vlpretrain.config import parse_override_value
+from vlpretrain.config import ConfigError
 from vlpretrain.data.templates import get_template
 from vlpretrain.demo.pretrain import PretrainConfig, picture_in_words
-from vlpretrain.demo.run import DemoConfig, component_config, make_llm
+from vlpretrain.demo.run import DemoConfig, component_config, make_llm, pretrain_settings
 from vlpretrain.demo.shapes import (
     BALANCED_NO,
     SINGLE_IMAGE_QUESTION_TYPES,
@@ -121,40 +121,23 @@ def probe_two_turns(answer: Answerer, scenes: int, seed: int) -> dict[str, float
     return {case: count / scenes for case, count in right.items()}
 
 
-def pretrain_overrides(assignments: list[str]) -> dict[str, object]:
-    """PretrainConfig fields from `key=value` strings; every unknown key is reported at once."""
-    known = {field.name for field in fields(PretrainConfig)} - {"seed"}  # --pretrain sets it
-    overrides, problems = {}, []
-    for assignment in assignments:
-        key, separator, text = assignment.partition("=")
-        if not separator or key.strip() not in known:
-            problems.append(f"--set {assignment!r}: expected FIELD=VALUE, FIELD one of "
-                            + ", ".join(sorted(known)))  # fmt: skip
-            continue
-        value = parse_override_value(text.strip())
-        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
-    if problems:
-        raise SystemExit("\n".join(problems))
-    return overrides
-
-
-def pretrain_seed(seed: int, overrides: dict[str, object], directory: Path) -> Path:
-    """The demo's LLM for `seed`, pretrained as `vlpretrain demo --seed` does, with `overrides`."""
+def pretrain_seed(seed: int, settings: PretrainConfig, directory: Path) -> Path:
+    """The demo's LLM for `seed`, pretrained as `vlpretrain demo --seed K --set ...` does."""
     if not (directory / "config.json").exists():
         start = time.perf_counter()
-        make_llm(replace(component_config(DemoConfig(seed=seed)), **overrides), directory)
+        make_llm(component_config(DemoConfig(seed=seed, pretrain=settings)), directory)
         print(f"seed {seed}: pretrained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return directory
 
 
-def pretrain_all(seeds: list[int], overrides: dict[str, object], output: Path,
+def pretrain_all(seeds: list[int], settings: PretrainConfig, output: Path,
                  jobs: int) -> list[Path]:  # fmt: skip
     """One LLM per seed, `jobs` processes at a time, one thread each when more than one."""
     if jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers' torch
     directories = [output / f"seed_{seed}" for seed in seeds]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(pretrain_seed, seeds, [overrides] * len(seeds), directories))
+        return list(pool.map(pretrain_seed, seeds, [settings] * len(seeds), directories))
 
 
 def print_table(results: dict[str, dict[str, float]], columns: tuple[str, ...]) -> None:
@@ -176,20 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("llm_dirs", type=Path, nargs="*")
     parser.add_argument("--pretrain", type=int, nargs="+", default=[], metavar="SEED",
                         help="pretrain these seeds' LLMs first and probe them too")  # fmt: skip
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a PretrainConfig field for --pretrain, e.g. llm_lr=3e-3")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="pretrain.FIELD=VALUE",
+                        help="a component pretraining setting for --pretrain, as for "
+                        "`vlpretrain demo --set`, e.g. pretrain.llm_lr=3e-3")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="--pretrain seeds at the same time")
     parser.add_argument("--output", type=Path, default=Path("llm_probe"))
     parser.add_argument("--per-type", type=int, default=100)
     parser.add_argument("--two-turn", action="store_true", help="also the 'shape at' shortcut test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe's scenes")
     args = parser.parse_args(argv)
-    overrides = pretrain_overrides(args.set)
+    try:
+        settings = pretrain_settings(args.set)
+    except ConfigError as error:
+        parser.error(str(error))
     if not args.llm_dirs and not args.pretrain:
         parser.error("give LLM directories, --pretrain seeds, or both")
-    directories = [*args.llm_dirs, *pretrain_all(args.pretrain, overrides, args.output, args.jobs)]
+    directories = [*args.llm_dirs, *pretrain_all(args.pretrain, settings, args.output, args.jobs)]
     if args.pretrain:
-        print(f"pretrained with {overrides or 'the demo settings'}", file=sys.stderr)
+        print(f"pretrained with {args.set or 'the demo settings'}", file=sys.stderr)
     answerers = {str(d): answerer(d) for d in directories}  # each LLM loaded once for both probes
     results = {name: probe(answer, args.per_type, args.seed) for name, answer in answerers.items()}
     for scores in results.values():

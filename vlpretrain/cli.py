@@ -94,9 +94,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vlpretrain.demo.run import DemoConfig, run_demo
+    from vlpretrain.demo.run import DemoConfig, pretrain_settings, run_demo
 
-    config = DemoConfig(seed=args.seed, num_eval=args.eval_limit, max_steps=args.max_steps)
+    config = DemoConfig(seed=args.seed, num_eval=args.eval_limit, max_steps=args.max_steps,
+                        pretrain=pretrain_settings(args.set or []))  # fmt: skip
 
     def job(env: Any) -> None:
         run_demo(args.output, env, config, args.pretrain_steps)
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
     demo.add_argument("--pretrain-steps", type=int, default=None,
                       help="override the component pretraining steps (quick runs)")  # fmt: skip
+    demo.add_argument("--set", action="append", metavar="pretrain.FIELD=VALUE",
+                      help="a component pretraining setting (demo.pretrain.PretrainConfig), "
+                      "e.g. pretrain.llm_steps=2000")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     add_data_commands(commands)
     add_chat_command(commands)

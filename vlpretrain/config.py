@@ -20,7 +20,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import tomllib
 
@@ -32,6 +32,8 @@ from vlpretrain.facts import RunFacts
 from vlpretrain.model.build import ModelConfig
 from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,10 +197,8 @@ def _unknown_key_problem(section: str, key: str, valid: list[str]) -> str:
     return f"unknown key {section}.{key}{_nearest(key, valid)}"
 
 
-def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
-    if not isinstance(raw, dict):
-        problems.append(f"[{name}] must be a table, got {raw!r}")
-        return None
+def _section_values(name: str, cls: type, raw: dict[str, Any], problems: list[str]) -> dict:
+    """The fields of `cls` in `raw`, type-checked; unknown keys and bad values go to problems."""
     types_by_field = _field_types(cls)
     values = {}
     for key, value in raw.items():
@@ -209,6 +209,14 @@ def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
                 values[key] = _coerce(value, types_by_field[key])
             except TypeError as error:
                 problems.append(f"{name}.{key} {error}")
+    return values
+
+
+def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"[{name}] must be a table, got {raw!r}")
+        return None
+    values = _section_values(name, cls, raw, problems)
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
@@ -249,6 +257,30 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             [f"--set {assignment!r}: the key must be section.key, e.g. optim.learning_rate"]
         )
     raw.setdefault(parts[0], {})[parts[1]] = parse_override_value(text.strip())
+
+
+def override_dataclass(instance: T, section: str, assignments: Sequence[str]) -> T:
+    """`instance` with `section.key=value` assignments (--set) applied, as TOML values.
+
+    For configs outside RunConfig (the demo's PretrainConfig); every malformed assignment,
+    unknown key and mistyped value is reported at once in one ConfigError.
+    """
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    for assignment in assignments:
+        path, separator, text = assignment.partition("=")
+        prefix, dot, key = path.strip().partition(".")
+        if not separator or prefix != section or not dot or not key:
+            problems.append(f"--set {assignment!r}: expected {section}.key=value")
+            continue
+        raw[key] = parse_override_value(text.strip())
+    values = _section_values(section, type(instance), raw, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return dataclasses.replace(instance, **values)  # type: ignore[type-var]
+    except (ValueError, TypeError) as error:
+        raise ConfigError([str(error)]) from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

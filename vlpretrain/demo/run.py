@@ -19,13 +19,14 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlpretrain.config import load_toml
+from vlpretrain.config import ConfigError, load_toml, override_dataclass
 from vlpretrain.data.check import run_check
 from vlpretrain.data.templates import get_template
 from vlpretrain.demo.evaluate import EvalItem, StageEval, eval_items, evaluate_model, read_jsonl
@@ -120,6 +121,33 @@ def make_data(output: Path, config: DemoConfig) -> ShapesDataset:
     )
 
 
+DEMO_SET_PRETRAIN_FIELDS = ("seed", "tile_size", "held_out_fraction")
+"""PretrainConfig fields that component_config takes from the DemoConfig."""
+
+
+def pretrain_settings(assignments: Sequence[str]) -> PretrainConfig:
+    """PretrainConfig with `pretrain.FIELD=VALUE` assignments (`vlpretrain demo --set`) applied.
+
+    The fields component_config overwrites are refused rather than silently ignored; every
+    problem is reported at once (ConfigError).
+    """
+    derived = {f"pretrain.{name}" for name in DEMO_SET_PRETRAIN_FIELDS}
+    problems, kept = [], []
+    for assignment in assignments:
+        if assignment.partition("=")[0].strip() in derived:
+            problems.append(f"--set {assignment!r}: the demo sets it from --seed and its images")
+        else:
+            kept.append(assignment)
+    settings = PretrainConfig()
+    try:
+        settings = override_dataclass(settings, "pretrain", kept)
+    except ConfigError as error:
+        problems += error.problems
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
 def component_config(config: DemoConfig) -> PretrainConfig:
     """The component pretraining settings, with the demo's seed, tile size and held-out split."""
     return replace(config.pretrain, seed=config.seed, tile_size=config.image_size,
@@ -127,8 +155,23 @@ def component_config(config: DemoConfig) -> PretrainConfig:
 
 
 def make_components(output: Path, config: DemoConfig) -> Path:
+    """components/vit and components/llm, pretrained unless a rerun finds them already made.
+
+    components/pretrain.json records the settings; a rerun with other settings is refused
+    instead of silently reusing components made another way.
+    """
     components = output / "components"
     pretrain = component_config(config)
+    record = components / "pretrain.json"
+    settings = json.loads(json.dumps(asdict(pretrain)))  # tuples as JSON lists, as read back
+    if record.exists() and (made := json.loads(record.read_text())) != settings:
+        changed = ", ".join(f"{key} {made.get(key)!r} -> {value!r}"
+                            for key, value in settings.items()
+                            if made.get(key) != value)  # fmt: skip
+        raise ConfigError([f"{components} was pretrained with other settings ({changed}); "
+                           "give another --output or delete it"])  # fmt: skip
+    components.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
     if not (components / "vit" / "config.json").exists():
         pretrain_vision(pretrain, components / "vit")
     if not (components / "llm" / "config.json").exists():
