@@ -102,3 +102,23 @@ def test_tiny_llm_init_std_sets_the_initial_weight_scale() -> None:
 
     assert weight_std(0.02) == pytest.approx(0.02, rel=0.1)
     assert weight_std(0.1) == pytest.approx(0.1, rel=0.1)
+
+
+def test_llm_snapshots_are_the_llm_at_those_steps_and_leave_training_alone(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vlpretrain.demo.pretrain import PretrainConfig
+    from vlpretrain.demo.run import make_llm
+
+    def weights(directory: Path) -> dict[str, torch.Tensor]:
+        return load_file(directory / "model.safetensors")
+
+    settings = PretrainConfig(llm_steps=4, llm_texts=40, llm_hidden=32, llm_snapshot_steps=(2, 4))
+    make_llm(settings, tmp_path / "llm")
+    make_llm(PretrainConfig(llm_steps=4, llm_texts=40, llm_hidden=32), tmp_path / "plain")
+    final, plain = weights(tmp_path / "llm"), weights(tmp_path / "plain")
+    at_2, at_4 = weights(tmp_path / "llm_step2"), weights(tmp_path / "llm_step4")
+    assert all(torch.equal(final[name], plain[name]) for name in final)  # training unchanged
+    assert all(torch.equal(final[name], at_4[name]) for name in final)
+    assert not all(torch.equal(final[name], at_2[name]) for name in final)
+    assert (tmp_path / "llm_step2" / "tokenizer.json").exists()

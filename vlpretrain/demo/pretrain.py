@@ -22,6 +22,7 @@ probe is thrown away.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -97,11 +98,21 @@ class PretrainConfig:
     """Set with CellWordEmbedding's word-built cells; before them, at 5e-3, the loss stalled near
     0.15 and "shape at" answers from perfect words near 60%; with them, 4e-3 at 1500 steps
     left seed 0's colour answers at 73% (bench/demo_llm_probe.py)."""
+    llm_weight_decay: float = 0.01
+    """AdamW weight decay of the LLM. At 0.3, from perfect words, seeds 1 and 3 answered colour
+    87 and 69 and "shape at" 68 and 71 (`bench/demo_llm_probe.py --pretrain 1 3 --set
+    pretrain.llm_weight_decay=0.3`): worse than at 0.01."""
     llm_init_std: float = 0.1
     """Initial weight std of the LLM. At Qwen2's 0.02 the tiny LLM sits on the plateau where
     attention is uniform and answers follow the marginal (it never reads the picture in
     words); starting wider it leaves the plateau within a couple hundred steps."""
     llm_texts: int = 6000
+    """Texts of the LLM's corpus, each seen about 12 times. Seeds 1 and 3 from perfect words:
+    at 48000 (nearly every text fresh) colour 66 and 76, position 69 and 76; at 2500 colour 69
+    and 92, "shape at" 100 and 80 (bench/demo_llm_probe.py)."""
+    llm_snapshot_steps: tuple[int, ...] = ()
+    """Also save the LLM (and tokenizer) after these steps, as OUTPUT_stepN beside OUTPUT, to
+    see when each skill appears (bench/demo_llm_probe.py takes the directories)."""
     llm_caption_share: float = 0.25
     """Share of the LLM's texts that caption a picture in words."""
     llm_text_share: float = 0.1
@@ -400,7 +411,7 @@ def pretrain_llm(
     cells = CellWordEmbedding([vocabulary[token] for token in CELL_TOKENS[1:]],
                               attribute_value_ids(tokenizer), config.llm_hidden)  # fmt: skip
     optimizer = torch.optim.AdamW([*model.parameters(), *cells.parameters()], lr=config.llm_lr,
-                                  weight_decay=0.01)  # fmt: skip
+                                  weight_decay=config.llm_weight_decay)  # fmt: skip
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, config.llm_lr, total_steps=config.llm_steps, pct_start=0.1
     )
@@ -425,6 +436,19 @@ def pretrain_llm(
         schedule.step()
         if step % 100 == 0 or step == config.llm_steps - 1:
             logger.info("llm pretraining step %d: loss %.4f", step, loss.item())
+        if step + 1 in config.llm_snapshot_steps:
+            save_llm(
+                model, cells, tokenizer, output_dir.parent / f"{output_dir.name}_step{step + 1}"
+            )
     cells.export(embedding)
     model.save_pretrained(str(output_dir))
     return output_dir
+
+
+def save_llm(model: Qwen2ForCausalLM, cells: CellWordEmbedding,
+             tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:  # fmt: skip
+    """A copy of the LLM in training, cell words exported, saved with its tokenizer."""
+    snapshot = copy.deepcopy(model)
+    cells.export(snapshot.model.embed_tokens)
+    snapshot.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
