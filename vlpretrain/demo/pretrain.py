@@ -209,6 +209,7 @@ def probe_accuracy(vision: InternViT, probe: CellProbe, config: PretrainConfig) 
 def pretrain_vision(config: PretrainConfig, output_dir: Path) -> Path:
     """Train a tiny InternViT with a per-cell linear probe; save the ViT alone."""
     vision: InternViT = new_vision(vision_config(config), config.seed)
+    torch.manual_seed(config.seed)  # the probe's init: a pure function of the seed, as the ViT's
     probe = CellProbe(config.vision_hidden, config.cell_grid**2)
     optimizer = torch.optim.AdamW([*vision.parameters(), *probe.parameters()],
                                   lr=config.vision_lr)  # fmt: skip
