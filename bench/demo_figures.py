@@ -1,16 +1,19 @@
 """README's demo figures: `vlpretrain demo` once per seed, then medians and ranges.
 
-    python bench/demo_figures.py [--seeds 0 1 2] [--jobs 3] [--output demo_figures]
+    python bench/demo_figures.py [--seeds 0 1 2] [--jobs 1] [--output demo_figures]
                                  [--set pretrain.FIELD=VALUE ...]
 
-Each seed runs as `vlpretrain demo --seed K --output OUTPUT/seed_K` in its own process
-(`--jobs` at a time, torch threads split between them), exactly as `make demo` runs seed 0;
-`--set` passes component pretraining settings on to each run (`vlpretrain demo --set`).
-Their summary.json files give the tables in OUTPUT/figures.md (also printed): held-out
-caption accuracy per attribute and QA accuracy per question type for every stage and
-baseline, as the median and min-max over the seeds, and each run's wall and CPU seconds.
-Accuracies do not depend on --jobs; the seconds do (parallel runs share the cores), so
-time `make demo` alone for the wall-clock figure.
+Each seed runs as `vlpretrain demo --seed K --output OUTPUT/seed_K` in its own process,
+`--jobs` at a time with the cores' torch threads split between them; `--set` passes
+component pretraining settings on to each run (`vlpretrain demo --set`). Their summary.json
+files give the tables in OUTPUT/figures.md (also printed): held-out caption accuracy per
+attribute and QA accuracy per question type for every stage and baseline, as the median and
+min-max over the seeds, each run's wall and CPU seconds, and the CPU and thread count.
+
+The default, one run at a time, runs every seed exactly as `make demo` runs seed 0. With
+more jobs each run has fewer threads, and the accuracies change too, not only the seconds:
+a reduction's float order follows the thread count, and 1,500 steps of component
+pretraining turn that into another model (docs/demo-notes.md, "CPU and thread count").
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -55,10 +59,21 @@ def seconds_line(summaries: list[dict]) -> str:
     return f"Per run: wall {spread('wall_s')}, CPU (user+sys) {spread('cpu_s')}."
 
 
+def machine_line(threads: int) -> str:
+    """Which CPU ran the figures, and with how many torch threads per run."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        model = names[0] if names else model
+    return f"Machine: {model}, {os.cpu_count()} cores, {threads} torch thread(s) per run."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=3, help="seeds run at the same time")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at the same time")
     parser.add_argument("--output", type=Path, default=Path("demo_figures"))
     parser.add_argument("--set", action="append", default=[], metavar="pretrain.FIELD=VALUE",
                         help="a component pretraining setting for every run")  # fmt: skip
@@ -73,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries = list(pool.map(lambda s: run_seed(s, args.output.resolve(), threads, args.set),
                                   args.seeds))  # fmt: skip
     per_seed = [[StageResult(**row) for row in s["stages"]] for s in summaries]
-    text = format_seed_tables(per_seed, args.seeds) + "\n\n" + seconds_line(summaries)
+    text = "\n\n".join([format_seed_tables(per_seed, args.seeds), seconds_line(summaries),
+                        machine_line(threads)])  # fmt: skip
     (args.output / "figures.md").write_text(text + "\n")
     print(text)
     return 0
