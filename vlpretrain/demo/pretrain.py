@@ -85,9 +85,9 @@ class PretrainConfig:
     words (bench/demo_llm_probe.py --pretrain 0 1 2 --jobs 1): every type at least 79 (seed 1's
     colour), "shape at" 98, 90, 91; with 4 and 2 colour 100, 70, 99 and "shape at" 77, 100, 93.
     Stage 2 then meets issue 12's targets on seeds 0 and 1 (seed 2's "shape at" 72), against
-    seed 2 alone with 4 and 2, at 170 s wall rather than about 220. On the Xeon, 8 and 2
-    answered colour 80, 99, 85, 93; 8 and 4 colour 100, 100, 100, 86 but "shape at" 90, 93, 83,
-    84 (docs/demo-notes.md)."""
+    seed 2 alone with 4 and 2 (bench/demo_figures.py). On the Xeon, 8 and 2 answered colour 80,
+    99, 85, 93; 8 and 4 colour 100, 100, 100, 86 but "shape at" 90, 93, 83, 84
+    (docs/demo-notes.md)."""
     llm_steps: int = 1500
     """The place lookup behind "shape at" is the last thing the LLM learns, and when depends on
     the CPU's kernels. On an AVX-512 Xeon at 1500 steps, from perfect words
