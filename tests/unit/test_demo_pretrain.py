@@ -61,6 +61,31 @@ def test_cell_word_is_its_marker_plus_the_words_it_names(tokenizer) -> None:
     assert torch.allclose(plain.weight, table_VD)
 
 
+def test_cell_word_gradient_is_the_same_bits_with_one_or_two_threads(tokenizer) -> None:
+    # Indexing's backward on CPU adds repeated rows in a thread-dependent order; the demo's
+    # LLM then differed run to run with two threads (docs/demo-notes.md, "CPU and thread count").
+    vocabulary = tokenizer.get_vocab()
+    cells = CellWordEmbedding([vocabulary[token] for token in CELL_TOKENS[1:]],
+                              attribute_value_ids(tokenizer), hidden=128)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    embedding_VD = torch.randn(len(tokenizer), 128, generator=generator, requires_grad=True)
+    upstream_VD = torch.randn(len(tokenizer), 128, generator=generator)
+    threads = torch.get_num_threads()
+
+    def gradient(num_threads: int) -> torch.Tensor:
+        torch.set_num_threads(num_threads)
+        embedding_VD.grad = None
+        (cells.table(embedding_VD) * upstream_VD).sum().backward()
+        assert embedding_VD.grad is not None
+        return embedding_VD.grad.clone()
+
+    try:
+        one = gradient(1)
+        assert all(torch.equal(one, gradient(2)) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_attribute_words_must_be_whole_tokens(tmp_path: Path) -> None:
     bytes_only = train_tiny_tokenizer(tmp_path, ["ab"], 260)
     with pytest.raises(ValueError, match="splits the answer word 'small'"):

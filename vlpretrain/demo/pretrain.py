@@ -299,8 +299,11 @@ class CellWordEmbedding(nn.Module):
 
     def table(self, embedding_VD: torch.Tensor) -> torch.Tensor:
         """The embedding table with the cell words' rows replaced by their sums."""
-        values_AD = embedding_VD[self.value_ids]
-        words_WD = values_AD[self.parts_W4].sum(1) + self.marker
+        # Gathers by F.embedding, not by indexing: on CPU with several threads, indexing's
+        # backward (index_put_ with accumulate) adds repeated rows in an order that changes run
+        # to run, and 1,500 steps turn that last bit into another LLM.
+        values_AD = F.embedding(self.value_ids, embedding_VD)
+        words_WD = F.embedding(self.parts_W4, values_AD).sum(1) + self.marker
         return embedding_VD.index_copy(0, self.word_ids, words_WD)
 
     @torch.no_grad()
