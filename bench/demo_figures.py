@@ -10,10 +10,10 @@ files give the tables in OUTPUT/figures.md (also printed): held-out caption accu
 attribute and QA accuracy per question type for every stage and baseline, as the median and
 min-max over the seeds, each run's wall and CPU seconds, and the CPU and thread count.
 
-The default, one run at a time, runs every seed exactly as `make demo` runs seed 0. With
-more jobs each run has fewer threads, and the accuracies change too, not only the seconds:
-a reduction's float order follows the thread count, and 1,500 steps of component
-pretraining turn that into another model (docs/demo-notes.md, "CPU and thread count").
+The default, one run at a time, runs every seed exactly as `make demo` runs seed 0. Since
+06b1ea0 the LLM's pretraining gives the same bits with one or two threads (the 30-step check
+in docs/demo-notes.md, "CPU and thread count"), so `--jobs` should change only the seconds;
+the figures still depend on the CPU.
 """
 
 from __future__ import annotations
