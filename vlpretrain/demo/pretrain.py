@@ -82,19 +82,19 @@ class PretrainConfig:
     llm_layers: int = 2
     llm_heads: tuple[int, int] = (4, 4)
     """(attention heads, key/value heads). 4 and 4 on this EPYC with two threads, from perfect
-    words (bench/demo_llm_probe.py --pretrain 0 1 2 --jobs 1): every type at least 79 (seed 1's
-    colour), "shape at" 98, 90, 91; with 4 and 2 colour 100, 70, 99 and "shape at" 77, 100, 93.
-    Stage 2 then meets issue 12's targets on seeds 0 and 1 (seed 2's "shape at" 72), against
-    seed 2 alone with 4 and 2 (bench/demo_figures.py). On the Xeon, 8 and 2 answered colour 80,
-    99, 85, 93; 8 and 4 colour 100, 100, 100, 86 but "shape at" 90, 93, 83, 84
-    (docs/demo-notes.md)."""
-    llm_steps: int = 1500
+    words (bench/demo_llm_probe.py --pretrain 0 1 2 --jobs 1, at 1500 steps): every type at
+    least 79, "shape at" 98, 90, 91; with 4 and 2 colour 100, 70, 99 and "shape at" 77, 100,
+    93. On the Xeon, 8 and 2 answered colour 80, 99, 85, 93; 8 and 4 colour 100, 100, 100, 86
+    but "shape at" 90, 93, 83, 84 (docs/demo-notes.md)."""
+    llm_steps: int = 2500
     """The place lookup behind "shape at" is the last thing the LLM learns, and when depends on
-    the CPU's kernels. On an AVX-512 Xeon at 1500 steps, from perfect words
-    (`bench/demo_llm_probe.py --pretrain 0 1 2 3`): "shape at" 98, 96, 89, 98 and every other
-    type at least 86, except seed 1's colour: 75, naming another shape's colour. For seed 1,
-    2000 steps gave colour 74; lr 3e-3 colour 70 and "shape at" 84; batch 16 colour 70 and
-    position 75; a 192-wide LLM colour 100 but "shape at" 69."""
+    the CPU's kernels. On this EPYC with two threads (bench/demo_figures.py, stage 2 at 700
+    steps), 2500 steps rather than 1500 lifted stage 2's QA from 93.7 [86.7-95.0] to 96.0
+    [95.3-97.7] over seeds 0-2 and the weakest type from 72 (seed 0's colour) to 78 (seed 2's
+    "shape at"), for about 90 s more per run; stage 2 at 1000 steps then took seed 2's "shape
+    at" to 82. On an AVX-512 Xeon at 1500 steps, seed 1's colour answered 75 from perfect
+    words; 2000 steps gave 74, lr 3e-3 colour 70 and a 192-wide LLM "shape at" 69
+    (docs/demo-notes.md)."""
     llm_batch: int = 8
     llm_row_tokens: int = 256
     llm_lr: float = 2e-3
