@@ -104,15 +104,21 @@ def test_answer_labels_keep_only_the_answers_and_their_end(tokenizer) -> None:
     assert all(label in (IGNORE, token) for label, token in zip(labels, ids, strict=True))
 
 
-def test_pack_texts_restarts_positions_and_never_splits_a_text() -> None:
-    texts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], list(range(20))]
-    labels = [[IGNORE, 2, 3], [IGNORE, 5], [IGNORE, 7, 8, 9], list(range(20))]
+def test_pack_texts_fits_best_longest_first_and_restarts_positions() -> None:
+    texts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    labels = [[IGNORE, 2, 3], [IGNORE, 5], [IGNORE, 7, 8, 9]]
     ids, targets, positions = pack_texts(texts, labels, row_tokens=6, pad_id=0)
-    # The 20-token text does not fit a row and is dropped; the others pack greedily.
-    assert ids.tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0]]
-    assert targets.tolist() == [[IGNORE, 2, 3, IGNORE, 5, IGNORE],
-                                [IGNORE, 7, 8, 9, IGNORE, IGNORE]]  # fmt: skip
-    assert positions.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
+    # Longest first: 4 tokens open row 0, 3 do not fit its 2 free ones and open row 1, and 2
+    # fill row 0 exactly (in corpus order the rows would be 5 + 4 tokens, and 3 would go on).
+    assert ids.tolist() == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]]
+    assert targets.tolist() == [[IGNORE, 7, 8, 9, IGNORE, 5],
+                                [IGNORE, 2, 3, IGNORE, IGNORE, IGNORE]]  # fmt: skip
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+
+
+def test_pack_texts_refuses_a_text_longer_than_a_row() -> None:
+    with pytest.raises(ValueError, match=r"text 1, 7 tokens.*llm_row_tokens"):
+        pack_texts([[1], list(range(7))], [[1], list(range(7))], row_tokens=6, pad_id=0)
 
 
 def test_tiny_llm_init_std_sets_the_initial_weight_scale() -> None:
