@@ -121,6 +121,11 @@ def test_pack_texts_refuses_a_text_longer_than_a_row() -> None:
         pack_texts([[1], list(range(7))], [[1], list(range(7))], row_tokens=6, pad_id=0)
 
 
+def test_pack_texts_refuses_labels_for_other_texts() -> None:
+    with pytest.raises(ValueError, match="2 texts but 1 label lists"):
+        pack_texts([[1], [2]], [[1]], row_tokens=6, pad_id=0)
+
+
 def test_tiny_llm_init_std_sets_the_initial_weight_scale() -> None:
     from transformers import Qwen2ForCausalLM
 

@@ -90,8 +90,9 @@ class PretrainConfig:
     """The place lookup behind "shape at" is the last thing the LLM learns, and when depends on
     the CPU's kernels. On this EPYC with two threads (bench/demo_figures.py), rows packed in
     corpus order (78% real tokens) needed 2500 steps and stage 2 at 1000 for seed 2's "shape
-    at" to reach 82 (1500 steps: 74); rows packed best fit (97% real, pack_texts) see the same
-    tokens in 2000 steps, and seed 2's "shape at" answered 94, 55 s sooner. On an AVX-512 Xeon
+    at" to reach 82 (1500 steps with stage 2 at 700: 74); rows packed best fit (97% real,
+    pack_texts) see the same tokens in 2000 steps, and seed 2's "shape at" answered 94, at
+    244 s [226-246] per run against 270 s [266-278]. On an AVX-512 Xeon
     at 1500 steps, seed 1's colour answered 75 from perfect words; 2000 steps gave 74, lr 3e-3
     colour 70 and a 192-wide LLM "shape at" 69 (docs/demo-notes.md)."""
     llm_batch: int = 8
@@ -376,6 +377,8 @@ def pack_texts(
     keeps texts apart, as packed training does. Rows are drawn at random in training, so their
     order does not matter; a text longer than a row is an error, not dropped.
     """
+    if len(label_lists) != len(token_lists):
+        raise ValueError(f"{len(token_lists)} texts but {len(label_lists)} label lists")
     too_long = [k for k, ids in enumerate(token_lists) if len(ids) > row_tokens]
     if too_long:
         raise ValueError(f"{len(too_long)} texts are longer than a {row_tokens}-token row (the "
@@ -426,6 +429,10 @@ def pretrain_llm(
     ids_RL, labels_RL, positions_RL = pack_texts(
         token_lists, label_lists, config.llm_row_tokens, tokenizer.pad_token_id or 0
     )
+    real_tokens = sum(len(ids) for ids in token_lists)
+    logger.info("llm pretraining: %d texts in %d rows of %d tokens, %.1f%% of them real",
+                len(token_lists), len(ids_RL), config.llm_row_tokens,
+                100 * real_tokens / ids_RL.numel())  # fmt: skip
     generator = torch.Generator().manual_seed(config.seed)
     embedding = model.model.embed_tokens
     vocabulary = tokenizer.get_vocab()
