@@ -250,7 +250,8 @@ def attention_timing(size: Size, kernel: str, device: torch.device) -> dict[str,
                            requires_grad=True) for _ in range(3))  # fmt: skip
 
     def varlen() -> None:
-        attention.torch_varlen_kernel(q, k, v, cu, max(lengths), None).sum().backward()
+        function = attention.torch_varlen_function()
+        attention.varlen_call(function, q, k, v, cu, max(lengths), None).sum().backward()
 
     def per_sample() -> None:
         outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)),

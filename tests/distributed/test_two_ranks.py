@@ -67,7 +67,13 @@ SPAWN_TIMEOUT = 420
 skipping a collective) fails the test."""
 
 
-def run_config(train_assets, strategy: str, accumulation: int) -> RunConfig:  # noqa: F811
+def run_config(
+    train_assets,  # noqa: F811
+    strategy: str,
+    accumulation: int,
+    attention: str = "auto",
+    precision: str = "fp32",
+) -> RunConfig:
     """Stage-2 style (everything trains) so DDP / FSDP sync every part of the model."""
     raw = stage_raw(
         train_assets,
@@ -75,8 +81,10 @@ def run_config(train_assets, strategy: str, accumulation: int) -> RunConfig:  # 
         stage="stage2",
         optim={"learning_rate": 1e-3, "warmup_steps": 0, "lr_scheduler_type": "constant"},
         dist={"strategy": strategy},
+        model={"attn_implementation": attention},
     )
     raw["train"]["gradient_accumulation_steps"] = accumulation
+    raw["train"]["precision"] = precision
     return build_run_config(raw)
 
 
@@ -195,6 +203,13 @@ def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
     # full model on both ranks, the path it must reproduce bit for bit.
     full_build = replace(config, dist=replace(config.dist, meta_init=False))
     jobs.append(("fsdp_full_build_images", full_build, image_steps))
+    # The varlen path under bf16 autocast: DDP keeps fp32 weights (q/k fp32 after RoPE, v
+    # bf16), FSDP gathers bf16 ones and builds on rank 0 only. The FSDP job runs first: rank
+    # 1 receives its model from rank 0 and has built none before in this process.
+    for strategy in ("fsdp", "ddp"):
+        varlen = run_config(train_assets, strategy, 1, "torch_varlen_reference", "bf16")
+        jobs.insert(0 if strategy == "fsdp" else len(jobs), (f"{strategy}_varlen_bf16", varlen,
+                                                             image_steps))  # fmt: skip
     result_dir = tmp_path_factory.mktemp("two_ranks")
     spawn_two_ranks(jobs, result_dir)
 
@@ -203,6 +218,9 @@ def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
         results = {
             "single_images": single_rank(reference_config, image_steps),
             "single_imageless": single_rank(reference_config, imageless_steps),
+            "single_sdpa_bf16": single_rank(
+                run_config(train_assets, "ddp", 2, "sdpa", "bf16"), image_steps
+            ),
         }
     for name, _, _ in jobs:
         results[name] = torch.load(result_dir / f"{name}.pt", weights_only=True)
@@ -237,6 +255,17 @@ def test_fsdp_meta_init_equals_building_the_full_model_on_every_rank(two_rank_re
     assert got["state"].keys() == expected["state"].keys()
     for key, value in expected["state"].items():
         assert torch.equal(got["state"][key], value), key
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_varlen_kernel_under_bf16_autocast_matches_one_rank_sdpa(two_rank_results, strategy):
+    """Both ranks find the varlen kernel (also the FSDP rank that received its model from
+    rank 0), its inputs reach it in one dtype, and the losses equal one rank's per-row sdpa
+    in bf16 within bf16 rounding (8 mantissa bits: 0.4 % per rounding, over 3 steps)."""
+    got = two_rank_results[f"{strategy}_varlen_bf16"]["losses"]
+    expected = two_rank_results["single_sdpa_bf16"]["losses"]
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=0)
+    assert got[0] != got[-1]
 
 
 def test_global_loss_normalisation_weights_ranks_by_tokens(two_rank_results):

@@ -5,6 +5,8 @@ flattened, sample boundaries reaching every layer, GQA layout, output layout) wi
 reference kernel in place of torch.nn.attention.varlen. bench/gpu.py runs the real kernel.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,21 @@ def test_cuda_only_and_unknown_kernels_are_refused():
         attention.select_attention("flash", CPU)
 
 
+def test_fp32_training_gets_no_half_precision_kernel(monkeypatch):
+    """Flash kernels take only fp16/bf16: with fp32 training auto picks flex on CUDA, and a
+    varlen kernel named in the config is refused before the model is built."""
+    monkeypatch.setattr(attention, "torch_has_varlen", lambda: True)
+    assert attention.select_attention("auto", CUDA, half_precision=False)[0] == "flex_attention"
+    assert attention.select_attention("auto", CUDA, half_precision=True)[0] == "torch_varlen"
+    for kernel in ("torch_varlen", "torch_varlen_reference"):
+        with pytest.raises(ValueError, match="train.precision = 'bf16'"):
+            attention.select_attention(kernel, CUDA, half_precision=False)
+    assert attention.select_attention("torch_varlen_reference", CPU, half_precision=True) == (
+        "torch_varlen_reference",
+        "set in the config",
+    )
+
+
 def test_only_varlen_kernels_flatten_rows():
     assert [attention.is_varlen(k) for k in ("sdpa", "eager", "flex_attention")] == [False] * 3
     assert attention.is_varlen("torch_varlen") and attention.is_varlen("flash_attention_2")
@@ -88,39 +105,137 @@ def test_flex_forward_equals_per_sample_sdpa():
     assert (flex.logits - _per_sample_logits(samples)).abs().max() < 1e-5
 
 
-def _reference_kernel(calls: list[int]):
-    """Per-sample causal sdpa with the varlen kernel's signature: (N, H, K) layout."""
+def _counting_reference(calls: list[int]):
+    """reference_varlen_attn, recording each call's max_q (one call per layer)."""
 
-    def kernel(query_NHK, key_NHK, value_NHK, cu_seqlens, max_length, scale):
-        calls.append(max_length)
-        bounds = cu_seqlens.tolist()
-        outs = []
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            q, k, v = (t[start:end].transpose(0, 1) for t in (query_NHK, key_NHK, value_NHK))
-            outs.append(
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                               enable_gqa=True).transpose(0, 1)
-            )  # fmt: skip
-        return torch.cat(outs)
+    reference = attention.reference_varlen_attn
+
+    @functools.wraps(reference)
+    def kernel(*args, **kwargs):
+        calls.append(args[5])
+        return reference(*args, **kwargs)
 
     return kernel
+
+
+BF16_LOGITS_TOLERANCE = 0.05
+"""Packed varlen vs per-sample sdpa logits, both under bf16 autocast: the two paths round
+differently in bf16 (8 mantissa bits, 0.4 % relative) through two layers; the logits of the
+tiny model are within about +-5. A leak across samples or a wrong mask differs by ~1."""
 
 
 @torch.no_grad()
 def test_varlen_path_on_flattened_rows_equals_per_sample(monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(attention, "torch_varlen_kernel", _reference_kernel(calls))
+    monkeypatch.setattr(attention, "reference_varlen_attn", _counting_reference(calls))
     samples, ids, positions = _rows()
     flat_positions = positions.reshape(1, -1)
-    out = _qwen2("torch_varlen")(
-        input_ids=ids.reshape(1, -1),
-        position_ids=flat_positions,
-        use_cache=False,
-        **attention.varlen_kwargs(flat_positions),
-    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _qwen2(attention.TORCH_VARLEN_REFERENCE)(
+            input_ids=ids.reshape(1, -1),
+            position_ids=flat_positions,
+            use_cache=False,
+            **attention.varlen_kwargs(flat_positions),
+        )
+        expected = _per_sample_logits(samples).reshape(1, -1, 128)
     assert calls == [15, 15]  # every layer got the boundaries; the longest sample is 15
-    expected = _per_sample_logits(samples).reshape(1, -1, 128)
-    assert (out.logits - expected).abs().max() < 1e-5
+    assert (out.logits.float() - expected.float()).abs().max() < BF16_LOGITS_TOLERANCE
+
+
+@torch.no_grad()
+def test_autocast_over_fp32_weights_reaches_the_kernel_in_one_dtype(monkeypatch):
+    """RoPE returns q and k in fp32 under autocast while v_proj returns bf16: the wrapper
+    casts all three to bf16, as the flash kernel (and its reference's checks) require."""
+    seen: list[tuple[torch.dtype, ...]] = []
+    reference = attention.reference_varlen_attn
+
+    @functools.wraps(reference)
+    def recording(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return reference(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "reference_varlen_attn", recording)
+    _, ids, positions = _rows()
+    flat_positions = positions.reshape(1, -1)
+    model = _qwen2(attention.TORCH_VARLEN_REFERENCE)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(
+            input_ids=ids.reshape(1, -1),
+            position_ids=flat_positions,
+            use_cache=False,
+            **attention.varlen_kwargs(flat_positions),
+        )
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
+def test_reference_kernel_checks_what_the_flash_kernel_checks():
+    q = torch.randn(6, 4, 8, dtype=torch.bfloat16)
+    kv = torch.randn(6, 2, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        attention.reference_varlen_attn(q.float(), kv, kv, cu, cu, 4, 4, enable_gqa=True)
+    with pytest.raises(RuntimeError, match="int32"):
+        attention.reference_varlen_attn(q, kv, kv, cu.long(), cu.long(), 4, 4, enable_gqa=True)
+    with pytest.raises(RuntimeError, match="enable_gqa"):
+        attention.reference_varlen_attn(q, kv, kv, cu, cu, 4, 4)
+    out = attention.reference_varlen_attn(q, kv, kv, cu, cu, 4, 4, enable_gqa=True)
+    assert out.shape == (6, 4, 8) and out.dtype == torch.bfloat16
+
+
+def _signature_standins(calls: list[dict]):
+    """Functions with varlen_attn's signature in each torch release that has it, computing
+    through the reference kernel (which also checks dtypes, int32 lengths and GQA).
+
+    2.9 has no torch.nn.attention.varlen (auto then picks flex_attention)."""
+    reference = attention.reference_varlen_attn
+
+    def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                   return_aux=None):  # fmt: skip
+        calls.append({"is_causal": is_causal})
+        window = (-1, 0) if is_causal else (-1, -1)
+        return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window)
+
+    def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                   scale=None, window_size=(-1, -1)):  # fmt: skip
+        calls.append({"scale": scale, "window_size": window_size})
+        return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                         window_size=window_size)  # fmt: skip
+
+    def torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                   scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+                   block_table=None, num_splits=None):  # fmt: skip
+        calls.append({"scale": scale, "window_size": window_size, "enable_gqa": enable_gqa})
+        return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                         window_size=window_size, enable_gqa=enable_gqa)  # fmt: skip
+
+    return {"2.10": torch_2_10, "2.11": torch_2_11, "2.13": torch_2_13}
+
+
+@pytest.mark.parametrize("release", ["2.10", "2.11", "2.13"])
+def test_varlen_call_fits_each_torch_signature(release):
+    """Same output on every signature: GQA (4 query heads, 2 key/value heads) and a scale
+    other than 1/sqrt(head_dim) (2.10 has no scale: the query is pre-scaled)."""
+    calls: list[dict] = []
+    function = _signature_standins(calls)[release]
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(9, 4, 8, generator=generator).to(torch.bfloat16)
+    k, v = (torch.randn(9, 2, 8, generator=generator).to(torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = attention.varlen_call(function, q, k, v, cu, 5, scale=0.5)
+    expected = torch.cat([
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1).float() for t in (q, k, v)),
+                                       is_causal=True, scale=0.5, enable_gqa=True).transpose(0, 1)
+        for a, b in ((0, 4), (4, 9))
+    ])  # fmt: skip
+    # bf16 output of an fp32 computation; 2.10's pre-scaled query adds one bf16 rounding.
+    assert (out.float() - expected).abs().max() < 0.02
+    expected_call = {
+        "2.10": {"is_causal": True},
+        "2.11": {"scale": 0.5, "window_size": (-1, 0)},
+        "2.13": {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True},
+    }[release]
+    assert calls == [expected_call]
 
 
 @torch.no_grad()
@@ -136,7 +251,7 @@ def test_varlen_function_without_boundaries_runs_sdpa():
 def test_vlm_flattens_rows_only_for_a_varlen_kernel(tiny_model, make_vlm_batch, monkeypatch):
     """Two packed rows: the sdpa loss (rows kept apart) equals the varlen loss (one sequence)."""
     calls: list[int] = []
-    monkeypatch.setattr(attention, "torch_varlen_kernel", _reference_kernel(calls))
+    monkeypatch.setattr(attention, "reference_varlen_attn", _counting_reference(calls))
     attention.register_kernels()
     model = tiny_model.model.eval()
     row = make_vlm_batch(tiny_model)
@@ -144,10 +259,11 @@ def test_vlm_flattens_rows_only_for_a_varlen_kernel(tiny_model, make_vlm_batch, 
              for k, v in row.items()}  # fmt: skip
     batch["pixel_values"] = torch.cat([row["pixel_values"], row["pixel_values"]])
     batch["image_flags"] = torch.cat([row["image_flags"], row["image_flags"]])
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         sdpa = model(**batch)
-        model.language_model.set_attn_implementation("torch_varlen")
+        model.language_model.set_attn_implementation(attention.TORCH_VARLEN_REFERENCE)
         varlen = model(**batch)
     assert len(calls) == model.language_model.config.num_hidden_layers
-    assert abs(float(sdpa.loss_sum) - float(varlen.loss_sum)) < 1e-5
+    # Both in bf16 (8 mantissa bits): the same loss sum up to bf16 rounding.
+    assert float(varlen.loss_sum) == pytest.approx(float(sdpa.loss_sum), rel=2e-2)
     assert float(sdpa.loss_sum) > 0

@@ -39,11 +39,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch.utils.data
-from torchdata.stateful_dataloader import StatefulDataLoader
 
+from vlpretrain import packages
 from vlpretrain.data import sharding
 from vlpretrain.data.balance import StepFlops, SyncedRelease, build_row_balance
 from vlpretrain.data.collate import PackedBatch, collate_rows
@@ -379,16 +379,33 @@ class PackedStream(torch.utils.data.IterableDataset):
         self._worker_stream().load_state_dict(state)
 
 
-class PackedDataLoader(StatefulDataLoader):
-    """StatefulDataLoader whose state also records the job shape, checked on load."""
+def stateful_dataloader_class() -> type[Any]:
+    """torchdata's StatefulDataLoader (its state covers the worker processes), imported only
+    when a loader is built, so that commands which load no data run without torchdata."""
+    module = packages.require(
+        "torchdata.stateful_dataloader", "the resumable data loader", "torchdata"
+    )
+    return cast(type[Any], module.StatefulDataLoader)
+
+
+class PackedDataLoader:
+    """A StatefulDataLoader over a PackedStream, whose state also records the job shape,
+    checked on load."""
 
     def __init__(self, dataset: PackedStream, **kwargs: Any) -> None:
-        super().__init__(dataset, **kwargs)
+        self.loader = stateful_dataloader_class()(dataset, **kwargs)
         self.stream = dataset
         self._shape = _shape(dataset.world_size, dataset.stream_config.num_workers, dataset.rank)
 
+    @property
+    def dataset(self) -> PackedStream:
+        return self.stream
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        return iter(self.loader)
+
     def state_dict(self) -> dict[str, Any]:
-        state = dict(super().state_dict())
+        state = dict(self.loader.state_dict())
         state[LOADER_STATE_KEY] = dict(self._shape, version=STREAM_STATE_VERSION)
         return state
 
@@ -397,7 +414,7 @@ class PackedDataLoader(StatefulDataLoader):
         state = dict(state_dict)
         saved = _loader_shape(state.pop(LOADER_STATE_KEY, None))
         _check_shape(saved, self._shape)
-        super().load_state_dict(state)
+        self.loader.load_state_dict(state)
 
     def shape_changed(self, state_dict: dict[str, Any]) -> bool:
         """Whether `state_dict` (a saved rank's) comes from a job of another world size or
@@ -437,7 +454,7 @@ def build_dataloader(
     world_size: int,
     skip_counter: SkipCounterLike | None = None,
     step_flops: StepFlops | None = None,
-) -> StatefulDataLoader:
+) -> PackedDataLoader:
     """The resumable loader of packed micro-batches for one rank (`step_flops`: the model's
     FLOPs counter, needed by packing.balance_flops)."""
     dataset = PackedStream(

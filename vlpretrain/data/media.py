@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import warnings
 from pathlib import Path, PurePath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import av
 import numpy as np
 from PIL import Image
 
+from vlpretrain import packages
 from vlpretrain.data import remote
 from vlpretrain.data.records import RecordError
 from vlpretrain.data.remote import URL, Location, RemoteSettings
+
+if TYPE_CHECKING:
+    import av
 
 HEADER_BYTES = 1 << 16
 """First ranged read of a remote image: enough for the header of nearly every file."""
@@ -244,7 +248,14 @@ def _decode_frames(
 
 
 def _open_video(path: Location, data: bytes | None) -> av.container.InputContainer:
-    return av.open(io.BytesIO(data) if data is not None else str(path), mode="r")
+    pyav = packages.require("av", f"decoding the video {path}", "av")
+    return pyav.open(io.BytesIO(data) if data is not None else str(path), mode="r")
+
+
+def _decoding_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged video raises: PyAV's own errors once PyAV was imported to decode it."""
+    pyav = sys.modules.get("av")
+    return (OSError, ValueError, IndexError) + ((pyav.FFmpegError,) if pyav else ())
 
 
 def load_video_frames(
@@ -282,5 +293,5 @@ def load_video_frames(
         raise RecordError("video_error", f"no video object or frame prefix {path}") from err
     except remote.RemoteReadError as err:
         raise RecordError("read_error", str(err)) from err
-    except (OSError, ValueError, IndexError, av.FFmpegError) as err:
+    except _decoding_errors() as err:
         raise RecordError("video_error", f"{path}: {err}") from err

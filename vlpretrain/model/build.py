@@ -64,7 +64,8 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """LLM attention kernel: auto (CUDA: flash_attention_2 if flash-attn is installed, else
     torch_varlen, else flex_attention; CPU: sdpa), or one of sdpa, eager, flex_attention,
-    flash_attention_2, torch_varlen (model/attention.py)."""
+    flash_attention_2, torch_varlen; torch_varlen_reference runs the varlen path on CPU with a
+    slow per-sample kernel, for tests (model/attention.py)."""
     trust_remote_code: bool = False
     """Allow a tokenizer that exists only as remote code (auto_map) to run Python from its
     directory. InternLM2 needs no remote code (native tokenizer and Llama conversion); LLMs
@@ -118,11 +119,14 @@ def _vlm_config(base: VLMConfig, config: ModelConfig) -> VLMConfig:
     return replace(base, **changes)
 
 
-def build_model(config: ModelConfig, device: torch.device | None = None) -> BuiltModel:
-    """Build the VLM (fp32, CPU) from `config`; `device` is where it will run: it decides the
-    LLM attention kernel of "auto"."""
+def build_model(
+    config: ModelConfig, device: torch.device | None = None, half_precision: bool | None = None
+) -> BuiltModel:
+    """Build the VLM (fp32, CPU) from `config`; `device` is where it will run and
+    `half_precision` whether it trains in bf16 (None: unknown): they decide the LLM attention
+    kernel of "auto"."""
     kernel, reason = attention.select_attention(
-        config.attn_implementation, device or torch.device("cpu")
+        config.attn_implementation, device or torch.device("cpu"), half_precision
     )
     attention.register_kernels()
     attention.log_choice(kernel, reason)

@@ -49,6 +49,7 @@ from vlpretrain.distributed.parallel import (
     uses_meta_init,
 )
 from vlpretrain.log import MetricsWriter
+from vlpretrain.model import attention
 from vlpretrain.model.build import build_model, run_facts, save_internvl
 from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
@@ -159,7 +160,9 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
     torch.manual_seed(config.train.seed)
     uses_lora = bool(config.freeze.use_backbone_lora or config.freeze.use_llm_lora)
     meta = uses_meta_init(config.dist, env, uses_lora)
-    build = partial(build_model, config.model, env.device)
+    # Ranks that receive the model from rank 0 never build it: register the kernels here.
+    attention.register_kernels()
+    build = partial(build_model, config.model, env.device, config.train.precision == "bf16")
     built, weights = build_from_rank0(build, env) if meta else (build(), None)
     model = built.model
     check_packed_isolation(model.language_model.config, config.data.max_seq_length)
