@@ -7,6 +7,7 @@ import pytest
 import torch
 from stream_fakes import FACTS, FakeSource
 
+from vlpretrain.data.collate import PackedLayout
 from vlpretrain.data.loader import (
     PackedStream,
     StreamConfig,
@@ -91,6 +92,8 @@ def _assert_same_batch(a, b):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, torch.Tensor):
             assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        elif isinstance(x, PackedLayout):
+            _assert_same_batch(x, y)
         else:
             assert x == y, f.name
 

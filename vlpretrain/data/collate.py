@@ -59,6 +59,72 @@ class BatchStats:
 
 
 @dataclass(frozen=True)
+class PackedLayout:
+    """What the host knows about a micro-batch's layout when it collates it, so that the
+    model never reads it back from the device: each field stands for one device-to-host
+    sync per micro-batch (a data-dependent size or a count) in the forward. Tensors travel
+    with the batch; plain values stay on the host."""
+
+    cu_seqlens: torch.Tensor
+    """(segments + 1,) int32 boundaries over the flattened B*L tokens, padding included."""
+    max_seqlen: int
+    """Longest segment (varlen kernels take it as a host int)."""
+    segment_lengths: tuple[int, ...]
+    """Every segment's length, padding segments included, in order."""
+    padding_segments: tuple[bool, ...]
+    """Whether each segment is a row's padding (not a sample)."""
+    real_tiles: torch.Tensor
+    """(T_real,) int64 indices of the tiles with image flag 1, in order."""
+    num_image_slots: int
+    """<IMG_CONTEXT> tokens in input_ids (must be T_real x tokens per tile)."""
+    supervised: torch.Tensor
+    """(K,) int64 flat indices into (B, L) of the positions whose next token is trained
+    (label not -100 and weight > 0), in row-major order."""
+    weight_sum: float
+    """Sum of loss_weight[:, 1:] (as a float32 torch sum, like the model's)."""
+
+    @property
+    def num_supervised(self) -> int:
+        return int(self.supervised.shape[0])
+
+    def varlen_kwargs(self) -> dict[str, Any]:
+        """Sample boundaries as transformers' varlen attention functions name them."""
+        return {
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_seqlen,
+            "max_length_k": self.max_seqlen,
+        }
+
+
+def packed_layout(
+    input_ids_BL: torch.Tensor,
+    labels_BL: torch.Tensor,
+    loss_weight_BL: torch.Tensor,
+    image_flags_T: torch.Tensor,
+    boundaries: Sequence[int],
+    padding_segments: Sequence[bool],
+    img_context_token_id: int,
+) -> PackedLayout:
+    """The layout of a micro-batch from its CPU tensors (no device involved)."""
+    segment_lengths = tuple(int(n) for n in np.diff(np.asarray(boundaries)))
+    length = labels_BL.shape[1]
+    targets_BL, weights_BL = labels_BL[:, 1:], loss_weight_BL[:, 1:]
+    keep_BK = (targets_BL != IGNORE_INDEX) & (weights_BL > 0)  # K = L - 1 predictions per row
+    rows, predictions = torch.nonzero(keep_BK, as_tuple=True)
+    return PackedLayout(
+        cu_seqlens=torch.tensor(list(boundaries), dtype=torch.int32),
+        max_seqlen=max(segment_lengths),
+        segment_lengths=segment_lengths,
+        padding_segments=tuple(padding_segments),
+        real_tiles=torch.nonzero(image_flags_T == 1).reshape(-1),
+        num_image_slots=int((input_ids_BL == img_context_token_id).sum()),
+        supervised=rows * length + predictions,
+        weight_sum=float(weights_BL.sum()),
+    )
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     """One micro-batch ready for the model; tensors are on CPU until `to()`."""
 
@@ -83,23 +149,30 @@ class PackedBatch:
     sample_ids: tuple[PieceRef, ...]
     """Which record (and slice) every packed sample is, in order."""
     stats: BatchStats
+    layout: PackedLayout | None = None
+    """Host-side layout (set by collate_rows); None: the model works it out on the device."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """Copy of the batch with every tensor moved to `device`."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """Copy of the batch with every tensor moved to `device` (`non_blocking` overlaps
+        the copy with compute when the batch is in pinned memory)."""
+        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedBatch:
         """Copy with pinned tensors (called by the DataLoader when pin_memory=True)."""
-        return self._map(lambda t: t.pin_memory())
+        return _map_tensors(self, lambda t: t.pin_memory())
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBatch:
-        # Any: replace() checks **kwargs against every field type, not just the tensor ones.
-        moved: dict[str, Any] = {
-            f.name: fn(getattr(self, f.name))
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **moved)
+
+def _map_tensors(instance: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Copy of a dataclass with `fn` applied to its tensors, and to those of its layout."""
+    # Any: replace() checks **kwargs against every field type, not just the tensor ones.
+    moved: dict[str, Any] = {}
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        if isinstance(value, torch.Tensor):
+            moved[f.name] = fn(value)
+        elif isinstance(value, PackedLayout):
+            moved[f.name] = _map_tensors(value, fn)
+    return replace(instance, **moved)
 
 
 def len2weight(num_supervised: int, reduction: LossReduction) -> float:
@@ -135,6 +208,7 @@ def collate_rows(
     positions_BL = np.zeros((num_rows, seq_len), dtype=np.int64)
     weight_BL = np.zeros((num_rows, seq_len), dtype=np.float32)
     boundaries = [0]
+    padding_segments: list[bool] = []
     for b, row in enumerate(rows):
         offset = 0
         for item in row.items:
@@ -149,9 +223,11 @@ def collate_rows(
             weight_BL[b, offset : offset + n] = np.where(supervised_L, weight, 0.0)
             offset += n
             boundaries.append(b * seq_len + offset)
+            padding_segments.append(False)
         if offset < seq_len:
             positions_BL[b, offset:] = np.arange(seq_len - offset)
             boundaries.append((b + 1) * seq_len)
+            padding_segments.append(True)
     pixels_TCHW, flags_T = _tiles(rows, config, facts.tile_size)
     segment_lengths = np.diff(np.asarray(boundaries))
     stats = _stats(rows, config, num_datasets, int(seq_len * num_rows), flags_T)
@@ -162,20 +238,25 @@ def collate_rows(
         skipped_by_reason=tuple(sorted(Counter(s.reason for s in skipped).items())),
         skipped=tuple(skipped),
     )
+    input_ids, labels = torch.from_numpy(ids_BL), torch.from_numpy(labels_BL)
+    loss_weight, image_flags = torch.from_numpy(weight_BL), torch.from_numpy(flags_T)
+    layout = packed_layout(input_ids, labels, loss_weight, image_flags, boundaries,
+                           padding_segments, facts.img_context_token_id)  # fmt: skip
     return PackedBatch(
-        input_ids=torch.from_numpy(ids_BL),
-        labels=torch.from_numpy(labels_BL),
+        input_ids=input_ids,
+        labels=labels,
         position_ids=torch.from_numpy(positions_BL),
-        cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
+        cu_seqlens=layout.cu_seqlens,
         max_seqlen=int(segment_lengths.max()),
-        loss_weight=torch.from_numpy(weight_BL),
+        loss_weight=loss_weight,
         pixel_values=torch.from_numpy(pixels_TCHW),
-        image_flags=torch.from_numpy(flags_T),
+        image_flags=image_flags,
         num_tiles_per_image=tuple(
             t for row in rows for item in row.items for t in item.sample.num_tiles_per_image
         ),
         sample_ids=tuple(item.ref for row in rows for item in row.items),
         stats=stats,
+        layout=layout,
     )
 
 

@@ -177,3 +177,9 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def all_reduce_host_sum(value: torch.Tensor) -> float:
+    """Sum of a CPU scalar across ranks, as a float. CPU tensors go over gloo (the CPU half of
+    the process group), so no device is involved: reading the result stalls no GPU."""
+    return float(all_reduce_sum(value))

@@ -13,9 +13,11 @@ the flash-attn package is installed, else torch_varlen when the installed torch 
 flex_attention; on CPU sdpa (the varlen kernels are CUDA-only and flex has no CPU backward).
 Varlen kernels take one flattened sequence with cumulative sample lengths (`varlen_kwargs`).
 
-`torch_varlen` is registered under its name in transformers' `AttentionInterface` (and the
-mask interface, as "no mask": the kernel gets the sample boundaries instead), which is the
-extension point transformers offers for new kernels, so any native HF family can use it.
+`torch_varlen` is registered under its name in transformers' `AttentionInterface`, the
+extension point transformers offers for new kernels, so any native HF family can use it. It
+is deliberately absent from the mask interface: transformers then builds no mask and does not
+look for packed samples in position_ids (a device-to-host read per forward); the kernel gets
+the sample boundaries instead.
 Every process registers it before it builds or receives a model (a rank that gets its model
 from rank 0 never ran the build).
 
@@ -47,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
 
 logger = logging.getLogger(__name__)
 
@@ -319,19 +320,12 @@ def reference_attention_forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor
     return varlen_attention_forward(*args, varlen_function=lambda: reference_varlen_attn, **kwargs)
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The varlen kernel gets sample boundaries, not a mask."""
-    return None
-
-
 def register_kernels() -> None:
     """Make `torch_varlen` and `torch_varlen_reference` valid attn_implementations in this
     process (idempotent): before building a model, and before using one received from rank 0.
     """
     AttentionInterface.register(TORCH_VARLEN, varlen_attention_forward)
     AttentionInterface.register(TORCH_VARLEN_REFERENCE, reference_attention_forward)
-    for name in (TORCH_VARLEN, TORCH_VARLEN_REFERENCE):
-        AttentionMaskInterface.register(name, _no_mask)
 
 
 def log_choice(name: str, reason: str) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from vlpretrain.data.collate import PackedLayout
 from vlpretrain.model.attention import is_varlen, varlen_kwargs
 from vlpretrain.model.loss import weighted_cross_entropy_sum
 from vlpretrain.model.projector import PixelShuffleVersion, Projector, pixel_shuffle
@@ -115,23 +116,31 @@ class InternVLModel(nn.Module):
         input_ids_BL: torch.Tensor,
         pixel_values_N3SS: torch.Tensor,
         image_flags_N: torch.Tensor,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features written into the <IMG_CONTEXT> slots."""
+        """Token embeddings with image features written into the <IMG_CONTEXT> slots.
+
+        With the host's `layout` no count is read back from the device."""
         embeds_BLD = self.language_model.get_input_embeddings()(input_ids_BL)
         features_NTD = self.image_features(pixel_values_N3SS)
-        rows_MD = features_NTD[image_flags_N == 1].reshape(-1, features_NTD.shape[-1])
         slots_BL = input_ids_BL == self.image_context_token_id
-        num_slots = int(slots_BL.sum())
+        if layout is None:
+            real_tiles = features_NTD[image_flags_N == 1]
+            num_slots, num_real = int(slots_BL.sum()), int((image_flags_N == 1).sum())
+            # Dummy tiles (flag 0) stay in the graph with a zero contribution so every rank
+            # runs the same modules and every vision parameter gets a (zero) gradient.
+            dummy = features_NTD[image_flags_N == 0].sum() * 0.0
+        else:
+            real_tiles = features_NTD.index_select(0, layout.real_tiles)
+            num_slots, num_real = layout.num_image_slots, int(layout.real_tiles.shape[0])
+            dummy = features_NTD.sum() * 0.0  # the whole tower is in the graph either way
+        rows_MD = real_tiles.reshape(-1, features_NTD.shape[-1])
         if num_slots != rows_MD.shape[0]:
             raise ImageTokenMismatchError(
                 f"{num_slots} <IMG_CONTEXT> tokens but {rows_MD.shape[0]} image feature rows "
-                f"({int((image_flags_N == 1).sum())} real tiles x {features_NTD.shape[1]} tokens); "
-                "a sample was truncated inside an image span or its text contains a literal "
-                "<IMG_CONTEXT>"
+                f"({num_real} real tiles x {features_NTD.shape[1]} tokens); a sample was "
+                "truncated inside an image span or its text contains a literal <IMG_CONTEXT>"
             )
-        # Dummy tiles (flag 0) stay in the graph with a zero contribution so every rank runs
-        # the same modules and frozen-or-not, every vision parameter gets a (zero) gradient.
-        dummy = features_NTD[image_flags_N == 0].sum() * 0.0
         embeds_BLD = embeds_BLD.masked_scatter(slots_BL.unsqueeze(-1), rows_MD.to(embeds_BLD.dtype))
         return embeds_BLD + dummy.to(embeds_BLD.dtype)
 
@@ -141,6 +150,7 @@ class InternVLModel(nn.Module):
         position_ids_BL: torch.Tensor,
         pixel_values_N3SS: torch.Tensor,
         image_flags_N: torch.Tensor,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
         """Decoder output (B, L, D).
 
@@ -156,8 +166,8 @@ class InternVLModel(nn.Module):
         if is_varlen(self.language_model.config._attn_implementation):
             input_ids_BL = input_ids_BL.reshape(1, -1)
             position_ids_BL = position_ids_BL.reshape(1, -1)
-            extra = varlen_kwargs(position_ids_BL)
-        embeds_BLD = self.embed(input_ids_BL, pixel_values_N3SS, image_flags_N)
+            extra = layout.varlen_kwargs() if layout else varlen_kwargs(position_ids_BL)
+        embeds_BLD = self.embed(input_ids_BL, pixel_values_N3SS, image_flags_N, layout)
         out = decoder(
             inputs_embeds=embeds_BLD, position_ids=position_ids_BL, use_cache=False, **extra
         )
@@ -171,19 +181,28 @@ class InternVLModel(nn.Module):
         image_flags: torch.Tensor,
         labels: torch.Tensor,
         loss_weight: torch.Tensor,
+        layout: PackedLayout | None = None,
     ) -> LossOutput:
-        """Weighted loss sum of a packed micro-batch; labels and weights align with input_ids."""
-        hidden_BLD = self.hidden_states(input_ids, position_ids, pixel_values, image_flags)
+        """Weighted loss sum of a packed micro-batch; labels and weights align with input_ids.
+
+        `layout` (from collate_rows): the same result without reading anything back from the
+        device (sizes and counts come from the host)."""
+        hidden_BLD = self.hidden_states(input_ids, position_ids, pixel_values, image_flags, layout)
         # Position t predicts token t+1.
         targets_BL = labels[:, 1:]
         weights_BL = loss_weight[:, 1:].float()
-        keep_BL = (targets_BL != -100) & (weights_BL > 0)
-        hidden_KD = hidden_BLD[:, :-1][keep_BL]
+        if layout is None:
+            keep_BL = (targets_BL != -100) & (weights_BL > 0)
+            hidden_KD, targets_K = hidden_BLD[:, :-1][keep_BL], targets_BL[keep_BL]
+            weights_K, num_supervised = weights_BL[keep_BL], int(keep_BL.sum())
+        else:  # the same positions, in the same order, found on the host
+            kept, targets_at = layout.supervised, layout.supervised + 1
+            hidden_KD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1]).index_select(0, kept)
+            targets_K = labels.reshape(-1).index_select(0, targets_at)
+            weights_K = loss_weight.reshape(-1).float().index_select(0, targets_at)
+            num_supervised = layout.num_supervised
         loss_sum = weighted_cross_entropy_sum(
-            hidden_KD,
-            self.language_model.get_output_embeddings(),
-            targets_BL[keep_BL],
-            weights_BL[keep_BL],
+            hidden_KD, self.language_model.get_output_embeddings(), targets_K, weights_K
         )
         # A micro-batch may have no supervised token. Passing one position through the head
         # with weight zero keeps the decoder *and* the head in the graph, so backward reaches
@@ -191,9 +210,7 @@ class InternVLModel(nn.Module):
         head = self.language_model.get_output_embeddings()
         loss_sum = loss_sum + head(hidden_BLD[:, :1]).float().sum() * 0.0
         return LossOutput(
-            loss_sum=loss_sum,
-            weight_sum=weights_BL[keep_BL].sum(),
-            num_supervised=int(keep_BL.sum()),
+            loss_sum=loss_sum, weight_sum=weights_K.sum(), num_supervised=num_supervised
         )
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
 from vlpretrain.distributed.env import (
     DistEnv,
-    all_reduce_sum,
+    all_reduce_host_sum,
     arm_stack_dump,
     barrier,
     check_ranks_agree,
@@ -97,6 +97,13 @@ def autocast(precision: str, device: torch.device) -> Any:
     return nullcontext()
 
 
+def weight_sum(batch: PackedBatch) -> float:
+    """The batch's loss-weight sum, from the host's layout when collate made one."""
+    if batch.layout is not None:
+        return batch.layout.weight_sum
+    return float(batch.loss_weight[:, 1:].sum())
+
+
 def micro_batch_scales(
     batches: list[PackedBatch], all_gather: bool, world_size: int
 ) -> tuple[list[float], float]:
@@ -107,12 +114,18 @@ def micro_batch_scales(
     micro-batch is normalised by its own weight sum and micro-batches are averaged.
     Returns the scales and the global weight sum (for logging).
     """
-    local = torch.tensor([float(b.loss_weight[:, 1:].sum()) for b in batches], dtype=torch.float64)
-    total = float(all_reduce_sum(local.sum()))
+    local = torch.tensor([weight_sum(b) for b in batches], dtype=torch.float64)
+    total = all_reduce_host_sum(local.sum())
     if all_gather:
         scale = world_size / total if total > 0 else 0.0
         return [scale] * len(batches), total
     return [1.0 / (w * len(batches)) if w > 0 else 0.0 for w in local.tolist()], total
+
+
+def read_step_values(loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """The step's one device-to-host read: whether to step depends on both values."""
+    local_loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).cpu().tolist()
+    return local_loss, norm
 
 
 def train_step(
@@ -122,11 +135,14 @@ def train_step(
     config: RunConfig,
     env: DistEnv,
 ) -> StepResult:
-    """One optimizer step over gradient-accumulation micro-batches."""
-    scales, weight_sum = micro_batch_scales(
+    """One optimizer step over gradient-accumulation micro-batches.
+
+    Reads the device once (loss and gradient norm together) when the batches carry their
+    host layout: every size and count the forward needs comes from the host."""
+    scales, total_weight = micro_batch_scales(
         batches, config.train.loss_reduction_all_gather, env.world_size
     )
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     num_supervised = 0
     for index, (batch, scale) in enumerate(zip(batches, scales, strict=True)):
         with gradient_sync(model, enabled=index == len(batches) - 1):
@@ -138,20 +154,24 @@ def train_step(
                     image_flags=batch.image_flags,
                     labels=batch.labels,
                     loss_weight=batch.loss_weight,
+                    layout=batch.layout,
                 )
             (out.loss_sum * scale).backward()
-        loss_sum += out.loss_sum.detach().double().cpu()
+        loss_sum += out.loss_sum.detach().double()
         num_supervised += out.num_supervised
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    global_loss, finite = global_loss_and_finiteness(loss_sum, float(grad_norm), weight_sum)
+    local_loss, norm = read_step_values(loss_sum, grad_norm)
+    global_loss, finite = global_loss_and_finiteness(
+        torch.tensor(local_loss, dtype=torch.float64), norm, total_weight
+    )
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(global_loss, float(grad_norm), weight_sum, num_supervised, applied=finite)
+    return StepResult(global_loss, norm, total_weight, num_supervised, applied=finite)
 
 
 def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
@@ -181,7 +201,8 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
 def next_micro_batches(
     iterator: Iterator[PackedBatch], count: int, device: torch.device
 ) -> list[PackedBatch]:
-    return [next(iterator).to(device) for _ in range(count)]
+    # Pinned batches (stream.pin_memory) copy asynchronously, overlapping the previous step.
+    return [next(iterator).to(device, non_blocking=True) for _ in range(count)]
 
 
 def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
@@ -192,6 +213,13 @@ def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
         state.records_seen += stats.num_loaded
         for reason, count in stats.skipped_by_reason:
             state.skipped[reason] = state.skipped.get(reason, 0) + count
+
+
+def segment_lengths(batch: PackedBatch) -> tuple[int, ...]:
+    """Lengths of the batch's attention segments, from the host's layout when it has one."""
+    if batch.layout is not None:
+        return batch.layout.segment_lengths
+    return tuple(int(n) for n in torch.diff(batch.cu_seqlens.cpu()).tolist())
 
 
 def step_metrics(
@@ -206,7 +234,7 @@ def step_metrics(
     tokens = sum(b.stats.num_real_tokens for b in batches)
     tiles = sum(b.stats.num_tiles for b in batches)
     capacity = sum(b.stats.token_capacity for b in batches)
-    segments = [int(n) for b in batches for n in torch.diff(b.cu_seqlens.cpu()).tolist()]
+    segments = [n for b in batches for n in segment_lengths(b)]
     all_tiles = sum(b.stats.num_tiles + b.stats.num_dummy_tiles for b in batches)
     per_component = flops.step_flops(all_tiles, segments, result.num_supervised)
     total_flops = sum(per_component.values())
