@@ -469,3 +469,20 @@ def test_every_checkpoint_file_gets_the_umask_permissions(tmp_path):
     # 0o666 & ~0o027 = 0o640 for files; 0o777 & ~0o027 = 0o750 for the directory
     assert modes == {name: 0o640 for name in modes} and len(modes) == 6
     assert stat.S_IMODE(path.stat().st_mode) == 0o750
+
+
+def test_dcp_metadata_may_name_only_data_inside_its_checkpoint(tmp_path):
+    run = make_run(seed=0)
+    step(run)
+    path = save(run, tmp_path / "run")
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    (index, info), *_ = metadata.storage_data.items()
+    (tmp_path / "elsewhere.distcp").write_bytes((path / info.relative_path).read_bytes())
+    info.relative_path = "../../../elsewhere.distcp"  # step-N -> checkpoints -> run -> tmp_path
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    rewrite_manifest(path, ".metadata", path / ".metadata")
+    assert check_resume_checkpoint(path) == path
+    with pytest.raises(
+        CheckpointError, match="'../../../elsewhere.distcp', outside the checkpoint"
+    ):
+        load_checkpoint(path, make_run(seed=1)["states"])
