@@ -5,9 +5,11 @@
 
 The hash is xxh3-128 (several GB/s per core), split over the ranks, so verifying a checkpoint
 costs about as much as reading it once. A directory without a manifest is a save that never
-finished; a file whose size or hash differs was truncated or corrupted after the save. Also
-holds how checkpoint files are read back: JSON helpers that name the file in every error, and
-a DCP reader whose `.metadata` unpickler builds only DCP's own metadata classes.
+finished; a file whose size or hash differs was truncated or corrupted after the save, and a
+manifest naming a file outside its directory is refused. Also holds how checkpoint files are
+read back: JSON helpers that name the file in every error, and a DCP reader whose `.metadata`
+unpickler builds only DCP's own metadata classes and that refuses non-tensor entries and data
+outside the checkpoint.
 """
 
 from __future__ import annotations
