@@ -6,6 +6,7 @@ vlpretrain data check [STAGE.toml] [--set ...] [--reference_flag value ...] [--a
 vlpretrain data show [STAGE.toml] [--set ...] [--reference_flag value ...] --index N
 vlpretrain chat [QUESTION] --model DIR [--image PATH ...]
 vlpretrain export DIR --to {hf,internvl} OUT
+vlpretrain unlock OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_chat_command(commands)
     _add_export_command(commands)
+    _add_unlock_command(commands)
     return parser
 
 
@@ -299,6 +301,35 @@ def _add_export_command(commands: Any) -> None:
     )
     export.add_argument("out", metavar="OUT", help="output directory")
     export.set_defaults(func=cmd_export)
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """Remove the run lock of `args.output_dir` and print whose it was (exit 1 if its holder
+    is a live process on this host)."""
+    from pathlib import Path
+
+    from vlpretrain.train.run_lock import LOCK_FILE, RunLockError, break_lock
+
+    output_dir = Path(args.output_dir)
+    try:
+        removed = break_lock(output_dir)
+    except (RunLockError, OSError) as error:
+        print(f"vlpretrain unlock: {error}", file=sys.stderr)
+        return 1
+    if removed is None:
+        print(f"{output_dir}: no run lock ({LOCK_FILE}) to remove")
+    else:
+        print(f"removed {output_dir / LOCK_FILE}: {removed}")
+    return 0
+
+
+def _add_unlock_command(commands: Any) -> None:
+    unlock = commands.add_parser(
+        "unlock",
+        help="remove an output_dir's run lock now (its holder on another host is known dead)",
+    )
+    unlock.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's train.output_dir")
+    unlock.set_defaults(func=cmd_unlock)
 
 
 OWN_OPTIONS = {"--set": 1, "--log-all-ranks": 0, "--help": 0}

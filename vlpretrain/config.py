@@ -52,6 +52,10 @@ class TrainConfig:
     """Resumable checkpoint cadence (the last step always saves)."""
     save_total_limit: int = 3
     """Checkpoints kept (older ones deleted)."""
+    keep_replaced_runs: int = 1
+    """Earlier runs kept after a fresh start (resume = 'never'), each in
+    output_dir/replaced-<UTC time>/ with its checkpoints and metrics; older ones are deleted,
+    and 0 deletes the earlier run at once."""
     logging_steps: int = 1
     """Metrics cadence in steps (stdout line, metrics.jsonl, TensorBoard; the last step too)."""
     seed: int = 42
@@ -97,6 +101,9 @@ class TrainConfig:
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_replaced_runs < 0:
+            count = self.keep_replaced_runs
+            raise ValueError(f"train.keep_replaced_runs must be >= 0, got {count}")
         if self.collective_timeout_minutes <= 0:
             timeout = self.collective_timeout_minutes
             raise ValueError(f"train.collective_timeout_minutes must be > 0, got {timeout}")

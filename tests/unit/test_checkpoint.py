@@ -5,11 +5,14 @@ name the path and the OS error."""
 from __future__ import annotations
 
 import ast
+import io
 import json
 import logging
+import os
 import pickle
 import resource
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -307,3 +310,179 @@ def test_train_state_refuses_unknown_fields():
 def test_loader_state_creates_its_iterator_once():
     wrapper = LoaderState(DrawingLoader())
     assert wrapper.iterator is wrapper.iterator
+
+
+def plant_byte_entry(path: Path, key: str, payload: bytes) -> None:
+    """What an attacker with write access does: make `.metadata` declare `key` a DCP byte
+    entry (the kind DCP unpickles) stored in bytes appended to the shard, and re-hash."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    shard = path / "__0_0.distcp"
+    offset = shard.stat().st_size
+    with shard.open("ab") as handle:
+        handle.write(payload)
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    for index in [i for i in metadata.storage_data if i.fqn == key]:
+        del metadata.storage_data[index]
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("__0_0.distcp", offset, len(payload))
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"].update(hash_files(path, 0, 1))
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "optimizer.param_groups.0.lr",  # an optimizer setting (a pickle in DCP's own layout)
+        "optimizer.state.weight.exp_avg",  # a tensor entry turned into a byte entry
+    ],
+)
+def test_a_payload_in_a_dcp_byte_entry_is_refused_and_never_runs(tmp_path, key):
+    run = make_run(seed=0)
+    step(run)
+    path = save(run, tmp_path / "run")
+    marker = tmp_path / "payload_ran"
+    PLANTED_MARKER[:] = [str(marker)]
+    buffer = io.BytesIO()
+    torch.save(Payload(), buffer)  # how DCP itself writes a byte entry
+    plant_byte_entry(path, key, buffer.getvalue())
+    assert find_resume_checkpoint(tmp_path / "run") == path  # the manifest matches ...
+    with pytest.raises(CheckpointError, match=f"{key}.* are not tensors.*refusing"):
+        load_checkpoint(path, make_run(seed=1)["states"])
+    assert not marker.exists()  # ... but nothing ran
+    # The same bytes loaded the way DCP's default planner does would have run: the test can fail.
+    torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pickled_entry_is_refused_by_the_load_planner_too(tmp_path):
+    """The planner refuses byte entries itself, should a reader ever let one through."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from vlpretrain.train.checkpoint_tensors import TensorOnlyLoadPlanner, split_tensors
+
+    run = make_run(seed=0)
+    step(run)
+    path = save(run, tmp_path)
+    marker = tmp_path / "payload_ran"
+    PLANTED_MARKER[:] = [str(marker)]
+    buffer = io.BytesIO()
+    torch.save(Payload(), buffer)
+    plant_byte_entry(path, "optimizer.state.weight.exp_avg", buffer.getvalue())
+    tensors, _ = split_tensors({"optimizer": run["states"]["optimizer"].state_dict()})
+    with pytest.raises(CheckpointException, match="are not tensors but pickles; refusing"):
+        dcp.load(tensors, storage_reader=FileSystemReader(path), planner=TensorOnlyLoadPlanner())
+    assert not marker.exists()
+
+
+def test_dcp_files_hold_only_tensors_and_the_optimizer_settings_are_json(tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from vlpretrain.train.checkpoint_manifest import MetadataSafeReader
+
+    straight = make_run(seed=0)
+    step(straight)
+    path = save(straight, tmp_path)
+    metadata = MetadataSafeReader(path).read_metadata()
+    assert "model.weight" in metadata.state_dict_metadata
+    assert not [
+        k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)
+    ]
+    group = json.loads((path / "shared.json").read_text())["structures"]["dict"]["optimizer"]
+    group = group["dict"]["param_groups"]["list"][0]["dict"]
+    # LambdaLR after one step: lr = 0.1 * 1 / (1 + 1)
+    assert group["lr"] == {"value": 0.05}
+    assert group["betas"] == {"tuple": [{"value": 0.9}, {"value": 0.999}]}
+    assert group["params"] == {"list": [{"value": "weight"}, {"value": "bias"}]}
+    resumed = make_run(seed=1)
+    resumed["optimizer"].param_groups[0]["betas"] = (0.5, 0.5)  # must come back as saved
+    load_checkpoint(path, resumed["states"])
+
+    def settings(run):
+        return [
+            {k: v for k, v in g.items() if k != "params"} for g in run["optimizer"].param_groups
+        ]
+
+    assert settings(resumed) == settings(straight)
+    assert resumed["optimizer"].param_groups[0]["betas"] == (0.9, 0.999)  # a tuple again
+
+
+def test_a_checkpoint_with_pickled_optimizer_settings_is_refused_saying_why(tmp_path):
+    run = make_run(seed=0)
+    path = save(run, tmp_path)
+    shared = json.loads((path / "shared.json").read_text())
+    shared["format_version"] = 3  # the format that kept lr, betas, ... as DCP byte entries
+    (path / "shared.json").write_text(json.dumps(shared))
+    with pytest.raises(ValueError, match="version 3, which stored the optimizer's settings"):
+        load_checkpoint(path, make_run(seed=0)["states"])
+
+
+def rewrite_manifest(path: Path, name: str, target: Path) -> None:
+    """List `name` in the manifest with `target`'s true size and hash, as an attacker would."""
+    from vlpretrain.train.checkpoint_manifest import HASH, file_hash
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][name] = {"size": target.stat().st_size, HASH: file_hash(target)}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["dot_dot", "absolute", "symlink"])
+def test_a_manifest_may_name_only_files_inside_its_checkpoint(tmp_path, how):
+    path = save(make_run(seed=0), tmp_path / "run")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of any checkpoint\n")
+    if how == "dot_dot":
+        name = "../../../secret.txt"  # step-N -> checkpoints -> run -> tmp_path
+        assert (path / name).resolve() == outside.resolve()
+    elif how == "absolute":
+        name = str(outside)
+    else:
+        name = "rank-00001.json"
+        (path / name).symlink_to(outside)
+    rewrite_manifest(path, name, outside)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory") as error:
+        check_resume_checkpoint(path)
+    assert name in str(error.value)
+
+
+def test_a_symlink_to_a_file_inside_the_checkpoint_is_accepted(tmp_path):
+    path = save(make_run(seed=0), tmp_path)
+    (path / "copy.json").symlink_to(path / "shared.json")
+    rewrite_manifest(path, "copy.json", path / "shared.json")
+    assert check_resume_checkpoint(path) == path
+
+
+def test_every_checkpoint_file_gets_the_umask_permissions(tmp_path):
+    run = make_run(seed=0)
+    step(run)
+    previous = os.umask(0o027)
+    try:
+        path = save(run, tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    # 0o666 & ~0o027 = 0o640 for files; 0o777 & ~0o027 = 0o750 for the directory
+    assert modes == {name: 0o640 for name in modes} and len(modes) == 6
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+
+
+def test_dcp_metadata_may_name_only_data_inside_its_checkpoint(tmp_path):
+    run = make_run(seed=0)
+    step(run)
+    path = save(run, tmp_path / "run")
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    (index, info), *_ = metadata.storage_data.items()
+    (tmp_path / "elsewhere.distcp").write_bytes((path / info.relative_path).read_bytes())
+    info.relative_path = "../../../elsewhere.distcp"  # step-N -> checkpoints -> run -> tmp_path
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    rewrite_manifest(path, ".metadata", path / ".metadata")
+    assert check_resume_checkpoint(path) == path
+    with pytest.raises(
+        CheckpointError, match="'../../../elsewhere.distcp', outside the checkpoint"
+    ):
+        load_checkpoint(path, make_run(seed=1)["states"])

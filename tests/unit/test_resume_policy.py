@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -87,9 +88,48 @@ def test_the_metrics_writer_continues_after_the_resumed_step(tmp_path):
 def test_a_fresh_start_sets_the_earlier_run_aside(tmp_path):
     (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)
     write_records(tmp_path / "metrics.jsonl", [1, 2])
-    target = set_aside_previous_run(tmp_path)
+    target = set_aside_previous_run(tmp_path, keep=1)
     assert target is not None and target.name.startswith("replaced-")
     assert (target / "checkpoints" / "step-00000004").is_dir()
     assert (target / "metrics.jsonl").is_file()
     assert not (tmp_path / "checkpoints").exists()
-    assert set_aside_previous_run(tmp_path) is None
+    assert set_aside_previous_run(tmp_path, keep=1) is None
+
+
+EARLIER = ["replaced-20260101-000000", "replaced-20260102-000000", "replaced-20260102-000000-2"]
+
+
+def plant_replaced_runs(output_dir):
+    for name in EARLIER:
+        (output_dir / name / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (output_dir / "unrelated-dir").mkdir()  # never touched
+    (output_dir / "checkpoints" / "step-00000008").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2, 5])
+def test_a_fresh_start_keeps_only_the_newest_replaced_runs(tmp_path, keep):
+    plant_replaced_runs(tmp_path)
+    target = set_aside_previous_run(tmp_path, keep=keep)
+    assert target is not None and target.name > EARLIER[-1]  # named by the time: newest
+    # Newest first: the run just set aside, then the planted ones from the newest down.
+    newest_first = [target.name, *reversed(EARLIER)][:keep]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*newest_first, "unrelated-dir"])
+    if keep:
+        assert (target / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_two_fresh_starts_within_a_second_keep_both(tmp_path, monkeypatch):
+    fixed = time.struct_time((2026, 3, 4, 5, 6, 7, 2, 63, 0))
+    monkeypatch.setattr(time, "gmtime", lambda *args: fixed)  # both starts in one second
+    (tmp_path / "checkpoints").mkdir()
+    first = set_aside_previous_run(tmp_path, keep=2)
+    (tmp_path / "checkpoints").mkdir()
+    second = set_aside_previous_run(tmp_path, keep=2)
+    assert (first.name, second.name) == ("replaced-20260304-050607", "replaced-20260304-050607-2")
+    assert first.is_dir() and second.is_dir()
+
+
+def test_keep_replaced_runs_defaults_to_one_and_refuses_a_negative_count():
+    assert build_run_config({"model": MODEL}).train.keep_replaced_runs == 1
+    with pytest.raises(ConfigError, match="train.keep_replaced_runs must be >= 0, got -1"):
+        build_run_config({"model": MODEL, "train": {"keep_replaced_runs": -1}})

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlpretrain.cli import main
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.train.run_lock import (
     FOREIGN_STALE_SECONDS,
@@ -101,6 +102,50 @@ def test_a_holder_on_another_host_counts_as_alive_until_its_heartbeat_is_stale(t
     acquire(tmp_path, this_process())
 
 
+def test_a_foreign_lock_says_how_long_it_blocks_and_how_to_break_it(tmp_path):
+    foreign = replace(this_process(), host="dead-node", pid=4242)
+    path = plant(tmp_path, foreign, age_seconds=10 * 60)
+    expires = path.stat().st_mtime + FOREIGN_STALE_SECONDS  # heartbeat + 30 min
+    with pytest.raises(RunLockError) as error:
+        acquire(tmp_path, this_process())
+    message = str(error.value)
+    assert "pid 4242 on dead-node" in message
+    assert "blocks until its heartbeat is 30 min old" in message
+    assert time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires)) in message
+    assert "in 20 min" in message  # 30 min - 10 min since the heartbeat
+    assert f"vlpretrain unlock {tmp_path}" in message
+
+
+def test_unlock_removes_a_foreign_lock_and_says_what_it_removed(tmp_path, caplog, capsys):
+    foreign = replace(this_process(), host="dead-node", pid=4242, started="2026-01-02T03:04:05Z")
+    plant(tmp_path, foreign, age_seconds=5 * 60)
+    with caplog.at_level(logging.WARNING):
+        assert main(["unlock", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / LOCK_FILE).exists()
+    for text in (printed, caplog.text):
+        assert "pid 4242 on dead-node" in text and "started 2026-01-02T03:04:05Z" in text
+        assert "last heartbeat 5 min ago" in text
+    acquire(tmp_path, this_process())  # the next run takes it at once
+
+
+def test_unlock_refuses_a_live_holder_on_this_host(tmp_path, capsys):
+    holder, process = other_process(alive=True)
+    try:
+        plant(tmp_path, holder)
+        assert main(["unlock", str(tmp_path)]) == 1
+        assert f"pid {process.pid}" in capsys.readouterr().err
+        assert read_holder(tmp_path / LOCK_FILE) == holder
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_unlock_without_a_lock_says_so(tmp_path, capsys):
+    assert main(["unlock", str(tmp_path)]) == 0
+    assert "no run lock" in capsys.readouterr().out
+
+
 def test_a_torn_lock_file_of_a_crash_is_taken_over(tmp_path):
     (tmp_path / LOCK_FILE).write_text('{"run_id": "ab')
     old = time.time() - 60
@@ -120,6 +165,7 @@ def test_hold_run_lock_releases_on_exit_and_on_error(tmp_path):
 HOLDER_SCRIPT = """
 import sys, time, torch
 from pathlib import Path
+from vlpretrain.cli import main
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.train.run_lock import hold_run_lock
 out = Path(sys.argv[1])

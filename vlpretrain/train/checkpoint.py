@@ -2,7 +2,8 @@
 
     output_dir/checkpoints/step-00000100/
         .metadata, __R_0.distcp      model + optimizer tensors (DCP, sharded per rank)
-        shared.json                  rank 0: format version, world size, step, config, scheduler
+        shared.json                  rank 0: format version, world size, step, config, scheduler,
+                                     the model's and optimizer's non-tensor values (structures)
         rank-00000.json ...          per rank: train state and data-loader state (JSON)
         rank-00000.rng.safetensors   per rank: torch RNG states
         manifest.json                written last: size and content hash of every other file
@@ -14,12 +15,16 @@ part is stored and the order of restoring them (STATE_LAYOUT order): model and o
 loader creates its iterator (LoaderState), which draws from the torch RNG.
 
 Nothing in a checkpoint is a pickle that we run: JSON for plain state, safetensors for RNG
-tensors, and DCP's `.metadata` is read with an unpickler that only builds DCP's own metadata
-classes. A checkpoint is written into `step-N.tmp`, hashed (checkpoint_manifest.py) and
-renamed once every rank has finished, so a crash never leaves a half-written directory under
-a final name; resume verifies the manifest and falls back to the newest intact checkpoint.
-What a checkpoint does not hold is the exported model: that is written once at the end of a
-stage (model.build.save_internvl).
+tensors, DCP files that hold tensors only (the optimizer's lr, betas, ... are JSON in
+shared.json, see checkpoint_tensors.py; DCP reads tensors with torch.load(weights_only=True)),
+and DCP's `.metadata` is read with an unpickler that only builds DCP's own metadata classes
+and refuses entries that are not tensors. Every file gets the umask's permissions.
+
+A checkpoint is written into `step-N.tmp`, hashed (checkpoint_manifest.py) and renamed once
+every rank has finished, so a crash never leaves a half-written directory under a final name;
+resume verifies the manifest (which may name only files inside the checkpoint) and falls back
+to the newest intact checkpoint. What a checkpoint does not hold is the exported model: that
+is written once at the end of a stage (model.build.save_internvl).
 
 Resume on another world size: DCP reshards the model and optimizer tensors (FSDP2 or DDP);
 each `rank` part is `Reshardable` (train.states) and is handed every saved rank's state (also
@@ -43,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from vlpretrain.distributed.env import all_gather_objects, barrier, rank_and_world
+from vlpretrain.files import apply_umask
 from vlpretrain.train.checkpoint_manifest import (
     MANIFEST,
     CheckpointError,
@@ -52,13 +58,17 @@ from vlpretrain.train.checkpoint_manifest import (
     verify_checkpoint,
     write_json_file,
 )
+from vlpretrain.train.checkpoint_tensors import TensorOnlyLoadPlanner, join_tensors, split_tensors
 from vlpretrain.train.states import Reshardable, Stateful
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-FORMAT_VERSION = 3
-"""3: JSON + safetensors per-rank state and a manifest (2 pickled rank-N.pt files)."""
+FORMAT_VERSION = 4
+"""4: DCP files hold tensors only, their other values are JSON in shared.json (3 kept them as
+pickles in DCP byte entries; 2 pickled rank-N.pt files)."""
+PICKLED_FORMATS = {2: "the per-rank state", 3: "the optimizer's settings (lr, betas, ...)"}
+"""Earlier format versions and what they stored as pickles: refused, never unpickled."""
 SHARED_FILE = "shared.json"
 
 Storage = Literal["sharded", "shared", "rank", "rank_tensors"]
@@ -181,7 +191,8 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
     with _ranks_agree(tmp, "write the checkpoint"):
-        dcp.save({n: states[n].state_dict() for n in _names("sharded")}, checkpoint_id=str(tmp))
+        tensors, structures = split_tensors({n: states[n].state_dict() for n in _names("sharded")})
+        dcp.save(tensors, checkpoint_id=str(tmp))
         write_json_file(
             _rank_file(tmp, rank, ".json"),
             {
@@ -190,12 +201,14 @@ def save_checkpoint(
                 "states": {n: states[n].state_dict() for n in _names("rank")},
             },
         )
-        tensors = {
+        rng_tensors = {
             f"{name}.{key}": value.contiguous()
             for name in _names("rank_tensors")
             for key, value in states[name].state_dict().items()
         }
-        save_file(tensors, str(_rank_file(tmp, rank, ".rng.safetensors")))
+        rng_file = _rank_file(tmp, rank, ".rng.safetensors")
+        save_file(rng_tensors, str(rng_file))
+        apply_umask(rng_file)  # safetensors creates files 0600
         if rank == 0:
             shared = {
                 "format_version": FORMAT_VERSION,
@@ -203,6 +216,7 @@ def save_checkpoint(
                 "step": step,
                 "config": config,
                 "states": {n: states[n].state_dict() for n in _names("shared")},
+                "structures": structures,
             }
             write_json_file(tmp / SHARED_FILE, shared)
     barrier()
@@ -239,6 +253,14 @@ def read_shared(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     shared = read_json_file(path / SHARED_FILE)
     version = shared.get("format_version")
+    if version in PICKLED_FORMATS:
+        raise ValueError(
+            f"{path} has checkpoint format version {version}, which stored "
+            f"{PICKLED_FORMATS[version]} as pickles; loading them could run code planted in "
+            f"the files, so this vlpretrain (version {FORMAT_VERSION}) does not resume it. Start "
+            "the stage over with train.resume = 'never' (the checkpoints are moved aside), or "
+            "finish it with the vlpretrain that wrote it if you trust every file in it."
+        )
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{path} has checkpoint format version {version!r}; this vlpretrain reads version "
@@ -286,12 +308,15 @@ def load_checkpoint(path: str | Path, states: Mapping[str, Stateful]) -> dict[st
         )  # fmt: skip
     local = read_json_file(_rank_file(path, rank if rank < saved_world else 0, ".json"))
     tensors_file = _rank_file(path, rank % saved_world, ".rng.safetensors")
-    tensors = load_file(str(tensors_file))
-    sharded = {n: states[n].state_dict() for n in _names("sharded")}
+    rank_tensors = load_file(str(tensors_file))
+    # DCP loads into the run's own tensors in place; the saved structure puts them together
+    # with the saved non-tensor values.
+    tensors, _ = split_tensors({n: states[n].state_dict() for n in _names("sharded")})
     reader = MetadataSafeReader(path)
     reader.read_metadata()  # refuses a tampered .metadata here, with our message
     # Model and optimizer come first in the layout, so one DCP read restores both in order.
-    dcp.load(sharded, storage_reader=reader)
+    dcp.load(tensors, storage_reader=reader, planner=TensorOnlyLoadPlanner())
+    sharded = join_tensors(shared.get("structures"), tensors)
     all_saved: list[dict[str, Any]] | None = None  # every saved rank's file, read if needed
     for name, storage in STATE_LAYOUT:
         if storage == "sharded":
@@ -307,7 +332,7 @@ def load_checkpoint(path: str | Path, states: Mapping[str, Stateful]) -> dict[st
                 stateful.load_state_dict(own)
         else:
             prefix = f"{name}."
-            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            part = {k[len(prefix) :]: v for k, v in rank_tensors.items() if k.startswith(prefix)}
             if not part:
                 raise CheckpointError(f"{tensors_file} holds no {name!r} tensors")
             states[name].load_state_dict(part)

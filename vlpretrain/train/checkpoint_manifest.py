@@ -5,9 +5,11 @@
 
 The hash is xxh3-128 (several GB/s per core), split over the ranks, so verifying a checkpoint
 costs about as much as reading it once. A directory without a manifest is a save that never
-finished; a file whose size or hash differs was truncated or corrupted after the save. Also
-holds how checkpoint files are read back: JSON helpers that name the file in every error, and
-a DCP reader whose `.metadata` unpickler builds only DCP's own metadata classes.
+finished; a file whose size or hash differs was truncated or corrupted after the save, and a
+manifest naming a file outside its directory is refused. Also holds how checkpoint files are
+read back: JSON helpers that name the file in every error, and a DCP reader whose `.metadata`
+unpickler builds only DCP's own metadata classes and that refuses non-tensor entries and data
+outside the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 import xxhash
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from vlpretrain.distributed.env import all_gather_objects, rank_and_world
 
@@ -85,7 +87,23 @@ def _read_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return None, f"{path} lists no files"
+    outside = sorted(name for name in files if not is_inside(directory, name))
+    if outside:
+        return None, f"{path} names files outside the checkpoint directory: {outside}"
     return files, None
+
+
+def is_inside(directory: Path, name: str) -> bool:
+    """Whether `name` is a relative path to a place inside `directory`, symlinks resolved.
+
+    A manifest or DCP's metadata could otherwise make resume read any file the user can
+    (an absolute path, '../..', a symlink out of the directory).
+    """
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        return False
+    root = directory.resolve()
+    return (root / relative).resolve().is_relative_to(root)
 
 
 def verify_checkpoint(directory: Path) -> str | None:
@@ -160,7 +178,9 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class MetadataSafeReader(FileSystemReader):
-    """DCP's file reader, reading `.metadata` with an allow-list unpickler."""
+    """DCP's file reader, reading `.metadata` with an allow-list unpickler and refusing
+    metadata that names an entry that is not a tensor (DCP would unpickle it with torch.load,
+    unrestricted) or data outside the checkpoint directory."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
@@ -170,7 +190,33 @@ class MetadataSafeReader(FileSystemReader):
             raise CheckpointError(f"{path}: not a valid DCP metadata file: {error}") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        _check_tensors_only(path, metadata)
+        _check_storage_inside(path, metadata)
         storage_meta = metadata.storage_meta or StorageMeta()
         storage_meta.load_id = self.load_id
         metadata.storage_meta = storage_meta
         return metadata
+
+
+def _check_tensors_only(path: Path, metadata: Metadata) -> None:
+    pickled = sorted(
+        key
+        for key, entry in metadata.state_dict_metadata.items()
+        if isinstance(entry, BytesStorageMetadata)
+    )
+    if pickled:
+        raise CheckpointError(
+            f"{path}: entries {pickled} are not tensors (DCP would unpickle them); refusing to "
+            "load them (they could run code). The DCP files of this vlpretrain's checkpoints "
+            "hold tensors only."
+        )
+
+
+def _check_storage_inside(path: Path, metadata: Metadata) -> None:
+    directory = path.parent
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str) or not is_inside(directory, relative):
+            raise CheckpointError(
+                f"{path}: names data in {relative!r}, outside the checkpoint directory"
+            )

@@ -321,7 +321,7 @@ def prepare_output_dir(config: RunConfig, env: DistEnv) -> Path | None:
     if env.is_main:
         (output_dir / FINAL_MARKER).unlink(missing_ok=True)
         if config.train.resume == "never":
-            set_aside_previous_run(output_dir)
+            set_aside_previous_run(output_dir, config.train.keep_replaced_runs)
     barrier()
     checkpoint = resume_path(config)
     if checkpoint is not None:

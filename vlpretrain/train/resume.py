@@ -4,13 +4,16 @@ A resumed step must compute what the interrupted run would have computed, so eve
 config field that differs from the checkpoint's is listed and refused, unless it is
 operational only (RESUME_SAFE_FIELDS: logging, saving, timeouts) or the user names it in
 train.allow_changed_on_resume. A fresh start (train.resume = 'never') in an output_dir that
-holds an earlier run moves that run's checkpoints and metrics aside instead of mixing them.
+holds an earlier run moves that run's checkpoints and metrics aside instead of mixing them,
+into replaced-<UTC time>/, and keeps only the newest train.keep_replaced_runs of those.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +28,7 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.logging_steps",
         "train.save_steps",
         "train.save_total_limit",
+        "train.keep_replaced_runs",
         "train.report_to",
         "train.progress_bar",
         "train.peak_tflops",
@@ -41,6 +45,8 @@ count (like the world size) changes the order of the data still to come, never w
 an epoch holds: the loader re-deals what is left (data.elastic, docs/checkpoints.md)."""
 
 PREVIOUS_RUN_ITEMS = ("checkpoints", "metrics.jsonl", "tensorboard")
+REPLACED_DIR = re.compile(r"^replaced-(\d{8}-\d{6})(?:-(\d+))?$")
+"""replaced-<UTC time>, with -2, -3, ... for a second fresh start within the same second."""
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -93,16 +99,41 @@ def _show(value: Any) -> str:
     return "(absent)" if type(value) is object else repr(value)
 
 
-def set_aside_previous_run(output_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints and metrics into output_dir/replaced-<UTC time>/."""
+def set_aside_previous_run(output_dir: Path, keep: int) -> Path | None:
+    """Move an earlier run's checkpoints and metrics into output_dir/replaced-<UTC time>/,
+    then delete all but the newest `keep` replaced-* directories (0: the earlier run is gone).
+    Returns the new directory, or None when there was nothing to move."""
     present = [name for name in PREVIOUS_RUN_ITEMS if (output_dir / name).exists()]
     if not present:
         return None
-    target = output_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
-    target.mkdir()
+    target = _new_replaced_dir(output_dir)
     for name in present:
         (output_dir / name).rename(target / name)
     logger.warning(
         "train.resume = 'never': moved the earlier run's %s to %s", ", ".join(present), target
     )
+    _prune_replaced(output_dir, keep)
     return target
+
+
+def _new_replaced_dir(output_dir: Path) -> Path:
+    stem = time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    for number in range(1, 1000):
+        target = output_dir / (stem if number == 1 else f"{stem}-{number}")
+        try:
+            target.mkdir()
+        except FileExistsError:
+            continue
+        return target
+    raise FileExistsError(f"{output_dir}: {stem} and its 998 numbered variants all exist")
+
+
+def _prune_replaced(output_dir: Path, keep: int) -> None:
+    """Delete the replaced-* directories beyond the newest `keep` (ordered by their time)."""
+    found = [
+        (m, p) for p in output_dir.iterdir() if (m := REPLACED_DIR.match(p.name)) and p.is_dir()
+    ]
+    found.sort(key=lambda entry: (entry[0].group(1), int(entry[0].group(2) or 1)))
+    for _, path in found[: max(len(found) - keep, 0)]:
+        shutil.rmtree(path)
+        logger.warning("deleted %s (train.keep_replaced_runs = %d)", path, keep)

@@ -9,11 +9,14 @@
 
 A holder on this host is alive while its pid exists with the same process start time (pids
 are reused). A holder on another host cannot be asked, so it counts as alive until its
-heartbeat is older than FOREIGN_STALE_SECONDS.
+heartbeat is older than FOREIGN_STALE_SECONDS; the refusal says when that is, and
+`vlpretrain unlock OUTPUT_DIR` (break_lock) removes such a lock at once, deliberately, when
+the operator knows that host is gone (a requeue after a node died).
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import logging
@@ -133,11 +136,7 @@ def _clear_if_dead(path: Path, me: LockHolder) -> None:
                 time.sleep(0.2)  # being written by a starting run
                 return
     elif holder_alive(holder, path):
-        raise RunLockError(
-            f"{path.parent} is in use by another run: {holder.describe()}, lock {path}. Wait "
-            "for it to end or stop it, or use another train.output_dir. (The lock is taken "
-            "over automatically once that process is gone.)"
-        )
+        raise RunLockError(_in_use_message(path, holder))
     # Rename first: of two runs taking over at once, only one rename succeeds.
     aside = path.with_name(f"{LOCK_FILE}.stale-{me.run_id}")
     try:
@@ -150,6 +149,74 @@ def _clear_if_dead(path: Path, me: LockHolder) -> None:
         path,
         holder.describe() if holder else "unreadable lock file",
     )
+
+
+def _in_use_message(path: Path, holder: LockHolder) -> str:
+    message = f"{path.parent} is in use by another run: {holder.describe()}, lock {path}. "
+    if holder.host == socket.gethostname():
+        return message + (
+            "Wait for it to end or stop it, or use another train.output_dir. (The lock is "
+            "taken over automatically once that process is gone.)"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        expires = path.stat().st_mtime + FOREIGN_STALE_SECONDS
+        message += (
+            f"A run on another host cannot be asked whether it is alive, so its lock blocks "
+            f"until its heartbeat is {FOREIGN_STALE_SECONDS / 60:.0f} min old: at "
+            f"{_utc(expires)} (in {_minutes(expires - time.time())}), if that run is gone. "
+        )
+    return message + (
+        f"If you know it is gone (its node died), take the lock over now with "
+        f"`vlpretrain unlock {path.parent}`, or use another train.output_dir."
+    )
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{round(max(seconds, 0.0) / 60)} min"
+
+
+def _started_seconds(holder: LockHolder) -> float | None:
+    with contextlib.suppress(ValueError):
+        return calendar.timegm(time.strptime(holder.started, "%Y-%m-%dT%H:%M:%SZ"))
+    return None
+
+
+def break_lock(output_dir: Path) -> str | None:
+    """Remove output_dir's run lock on purpose (`vlpretrain unlock`); returns what was removed
+    (host, pid, start, heartbeat age), or None if there was no lock.
+
+    Raises RunLockError, leaving the lock, if its holder is a live process on this host: that
+    one can be stopped instead. A holder on another host that is still alive notices the lock
+    is gone within a heartbeat and stops without writing anything more (LockWatch).
+    """
+    path = output_dir / LOCK_FILE
+    try:
+        heartbeat_age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    holder = read_holder(path)
+    local = holder is not None and holder.host == socket.gethostname()
+    if holder is not None and local and holder_alive(holder, path):
+        raise RunLockError(
+            f"{path} is held by {holder.describe()}, a live process on this host; stop it "
+            f"(kill {holder.pid}) instead, and its lock is released or taken over"
+        )
+    removed = holder.describe() if holder else "an unreadable lock file"
+    if holder is not None and (started := _started_seconds(holder)) is not None:
+        removed += f", {_minutes(time.time() - started)} ago"
+    removed += f"; last heartbeat {_minutes(heartbeat_age)} ago"
+    aside = path.with_name(f"{LOCK_FILE}.unlock-{uuid.uuid4().hex}")
+    try:
+        path.rename(aside)  # of two takeovers at once, only one rename succeeds
+    except FileNotFoundError:
+        return None
+    aside.unlink()
+    logger.warning("removed the run lock %s on request: %s", path, removed)
+    return removed
 
 
 def release(output_dir: Path, me: LockHolder) -> None:
