@@ -203,9 +203,8 @@ def step_metrics(
     tokens = sum(b.stats.num_real_tokens for b in batches)
     tiles = sum(b.stats.num_tiles for b in batches)
     capacity = sum(b.stats.token_capacity for b in batches)
-    segments = [int(n) for b in batches for n in torch.diff(b.cu_seqlens.cpu()).tolist()]
-    all_tiles = sum(b.stats.num_tiles + b.stats.num_dummy_tiles for b in batches)
-    per_component = flops.step_flops(all_tiles, segments, result.num_supervised)
+    # Model work only: padding segments and dummy tiles run but are not counted in MFU.
+    per_component = flops.batches_flops(batches, result.num_supervised)
     total_flops = sum(per_component.values())
     metrics = {
         "loss": result.loss,
@@ -220,7 +219,7 @@ def step_metrics(
         "padding_tokens": sum(b.stats.num_padding_tokens for b in batches),
         **{f"tflops_{k}": v / 1e12 for k, v in per_component.items()},
     }
-    if peak > 0:
+    if peak > 0:  # no peak (a CPU without train.peak_tflops): no MFU at all
         metrics["mfu"] = total_flops / seconds / (peak * 1e12)
     return metrics
 
