@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+import torch.optim.adam as adam_module  # AdamW's kernels, looked up at each step
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -249,16 +250,16 @@ def trained_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, steps
     ]
 
 
-def for_loop_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """build_optimizer's groups and settings, with the one-tensor-at-a-time implementation."""
+def adamw_like(
+    model: nn.Module, config: OptimConfig, **implementation: bool
+) -> torch.optim.Optimizer:
+    """build_optimizer's groups and settings, with the given implementation."""
     chosen = build_optimizer(model, config)
-    return torch.optim.AdamW(
-        [
-            {k: v for k, v in g.items() if k not in ("foreach", "fused")}
-            for g in chosen.param_groups
-        ],
-        foreach=False,
-    )
+    # New group dicts: AdamW writes its defaults (foreach, fused) into the dicts it is given.
+    groups = [
+        {k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in chosen.param_groups
+    ]
+    return torch.optim.AdamW(groups, **implementation)
 
 
 CONFIG = OptimConfig(learning_rate=1e-2, weight_decay=0.1)
@@ -269,11 +270,10 @@ def test_implementations_step_like_the_for_loop(implementation):
     # On CPU: foreach is what build_optimizer picks here; fused is CUDA's pick, checked with
     # torch's CPU fused kernel (the CUDA one runs in the gpu test below).
     model, reference = layered_model(seed=0), layered_model(seed=0)
-    chosen = for_loop_optimizer(model, CONFIG)
-    for group in chosen.param_groups:
-        group.update({"foreach": None, "fused": None, **implementation})
+    chosen = adamw_like(model, CONFIG, **implementation)
+    assert all(g[name] is True for g in chosen.param_groups for name in implementation)
     got = trained_parameters(model, chosen)
-    expected = trained_parameters(reference, for_loop_optimizer(reference, CONFIG))
+    expected = trained_parameters(reference, adamw_like(reference, CONFIG, foreach=False))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     if "foreach" in implementation:
@@ -289,9 +289,18 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-def test_foreach_steps_fsdp2_dtensor_parameters_bit_exactly(one_rank_group):
+def test_foreach_steps_fsdp2_dtensor_parameters_bit_exactly(one_rank_group, monkeypatch):
     # FSDP2 (one rank, gloo) makes every parameter a DTensor; the foreach kernels accept them
     # and give the for-loop's values bit for bit.
+    calls = {"foreach": 0, "for-loop": 0}
+    for name, attribute in (("foreach", "_multi_tensor_adam"), ("for-loop", "_single_tensor_adam")):
+        original = getattr(adam_module, attribute)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(adam_module, attribute, counted)
     models = []
     for _ in range(2):
         model = layered_model(seed=0)
@@ -303,7 +312,10 @@ def test_foreach_steps_fsdp2_dtensor_parameters_bit_exactly(one_rank_group):
     chosen = build_optimizer(models[0], CONFIG)
     assert all(g["foreach"] is True for g in chosen.param_groups)
     got = trained_parameters(models[0], chosen)
-    expected = trained_parameters(models[1], for_loop_optimizer(models[1], CONFIG))
+    # 3 steps x 2 groups (decay / no decay), each through the kernel it asked for:
+    assert calls == {"foreach": 6, "for-loop": 0}
+    expected = trained_parameters(models[1], adamw_like(models[1], CONFIG, foreach=False))
+    assert calls == {"foreach": 6, "for-loop": 6}
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
@@ -314,6 +326,6 @@ def test_fused_cuda_adamw_steps_like_the_for_loop():
     chosen = build_optimizer(model, CONFIG)
     assert all(g["fused"] is True for g in chosen.param_groups)
     got = trained_parameters(model, chosen)
-    expected = trained_parameters(reference, for_loop_optimizer(reference, CONFIG))
+    expected = trained_parameters(reference, adamw_like(reference, CONFIG, foreach=False))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

@@ -102,8 +102,11 @@ def component_shape(module: nn.Module, layers: int = 0, attention_width: int = 0
 class AttentionConfig(Protocol):
     """What attention_width reads of a ViT or LLM config (head_dim is optional)."""
 
-    num_attention_heads: int
-    hidden_size: int
+    @property
+    def num_attention_heads(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
 
 
 def attention_width(config: AttentionConfig) -> int:
