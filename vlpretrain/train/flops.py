@@ -156,11 +156,10 @@ class FlopsCounter:
             ("llm", self.llm, 2.0 * self.llm.matmul_params * tokens, llm_attention),
             ("head", self.head, 2.0 * self.head.matmul_params * num_supervised, 0.0),
         ):
-            backward = upstream or shape.trains
-            input_grad = 1.0 if backward else 0.0
-            totals[name] = matmuls * (1.0 + input_grad + shape.trainable_fraction) + attention * (
-                1.0 + 2.0 * input_grad
-            )
+            crossed = 1.0 if upstream or shape.trains else 0.0  # does backward pass through it
+            matmul_total = matmuls * (1.0 + crossed + shape.trainable_fraction)
+            attention_total = attention * (1.0 + 2.0 * crossed)  # no weights: dQ, dK, dP, dV
+            totals[name] = matmul_total + attention_total
             upstream = upstream or shape.trains
         return totals
 
