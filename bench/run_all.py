@@ -14,6 +14,7 @@ BENCHES = (
     "checkpoint_memory.py",
     "fsdp_memory.py",
     "balance.py",
+    "optimizer_step.py",
 )
 
 if __name__ == "__main__":

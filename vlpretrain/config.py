@@ -76,7 +76,8 @@ class TrainConfig:
     resume: str = "auto"
     """'auto': latest checkpoint in output_dir if any; 'never'; or a checkpoint directory."""
     peak_tflops: float = 0.0
-    """Per-device peak for MFU (0: known GPU table, or a measured CPU matmul peak)."""
+    """Per-device peak TFLOP/s for MFU (0: a known GPU's dense bf16 peak by name, else a bf16
+    GEMM measured at start; on CPU no MFU is reported unless this is set)."""
     progress_bar: bool = True
     """A tqdm bar over the steps on rank 0."""
     max_nonfinite_steps: int = 5

@@ -142,7 +142,7 @@ def test_golden_losses_are_deterministic_and_match_the_file(train_assets, tmp_pa
     for record in read_metrics(tmp_path / "first"):  # data wait is its own figure, within a step
         assert 0 <= record["data_wait_seconds"] <= record["seconds"], record
         assert record["tokens_per_second"] > 0 and record["tiles_per_second"] > 0, record
-        assert 0 < record["mfu"] < 1, record
+        assert "mfu" not in record, record  # a CPU has no peak unless train.peak_tflops is set
     losses = [first[step] for step in sorted(first)]
     if UPDATE_GOLDEN:
         write_golden(losses)

@@ -6,13 +6,18 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.optim.adam as adam_module  # AdamW's kernels, looked up at each step
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from train_fixtures import TILE, train_assets  # noqa: F401  (pytest fixture)
 
 from vlpretrain.model.build import ModelConfig, build_model
 from vlpretrain.train.freeze import FreezeConfig, apply_freeze_policy
 from vlpretrain.train.optim import (
     OptimConfig,
+    adamw_implementation,
     build_optimizer,
     build_scheduler,
     decays,
@@ -213,3 +218,114 @@ def test_optimizer_holds_exactly_the_trainable_parameters(tiny_vlm):
     # 192 + 64 + 128 + 64 biases + 4 * 64 norm + 2 * 64 layer scale = 832 in vectors.
     total = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert total == 21120 + 32768 + 832 == 54720
+
+
+def test_adamw_implementation_follows_the_device():
+    # CUDA: one fused kernel per parameter group; anything else: foreach (a few multi-tensor
+    # kernels instead of one small kernel per parameter tensor and operation).
+    optimizer = build_optimizer(layered_model(seed=0), OptimConfig())
+    assert all(g["foreach"] is True and not g["fused"] for g in optimizer.param_groups)
+    assert adamw_implementation({"cuda"}) == {"fused": True, "foreach": False}
+    assert adamw_implementation({"cpu"}) == {"fused": False, "foreach": True}
+    assert adamw_implementation({"cpu", "cuda"}) == {"fused": False, "foreach": True}
+
+
+def layered_model(seed: int, num_layers: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        *(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU()) for _ in range(num_layers))
+    )
+
+
+def trained_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3):
+    inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    inputs = inputs.to(next(model.parameters()).device)
+    for _ in range(steps):
+        model(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for p in model.parameters()
+    ]
+
+
+def adamw_like(
+    model: nn.Module, config: OptimConfig, **implementation: bool
+) -> torch.optim.Optimizer:
+    """build_optimizer's groups and settings, with the given implementation."""
+    chosen = build_optimizer(model, config)
+    # New group dicts: AdamW writes its defaults (foreach, fused) into the dicts it is given.
+    groups = [
+        {k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in chosen.param_groups
+    ]
+    return torch.optim.AdamW(groups, **implementation)
+
+
+CONFIG = OptimConfig(learning_rate=1e-2, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("implementation", [{"foreach": True}, {"fused": True}])
+def test_implementations_step_like_the_for_loop(implementation):
+    # On CPU: foreach is what build_optimizer picks here; fused is CUDA's pick, checked with
+    # torch's CPU fused kernel (the CUDA one runs in the gpu test below).
+    model, reference = layered_model(seed=0), layered_model(seed=0)
+    chosen = adamw_like(model, CONFIG, **implementation)
+    assert all(g[name] is True for g in chosen.param_groups for name in implementation)
+    got = trained_parameters(model, chosen)
+    expected = trained_parameters(reference, adamw_like(reference, CONFIG, foreach=False))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    if "foreach" in implementation:
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_foreach_steps_fsdp2_dtensor_parameters_bit_exactly(one_rank_group, monkeypatch):
+    # FSDP2 (one rank, gloo) makes every parameter a DTensor; the foreach kernels accept them
+    # and give the for-loop's values bit for bit.
+    calls = {"foreach": 0, "for-loop": 0}
+    for name, attribute in (("foreach", "_multi_tensor_adam"), ("for-loop", "_single_tensor_adam")):
+        original = getattr(adam_module, attribute)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(adam_module, attribute, counted)
+    models = []
+    for _ in range(2):
+        model = layered_model(seed=0)
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        models.append(model)
+    assert all(isinstance(p, DTensor) for p in models[0].parameters())
+    chosen = build_optimizer(models[0], CONFIG)
+    assert all(g["foreach"] is True for g in chosen.param_groups)
+    got = trained_parameters(models[0], chosen)
+    # 3 steps x 2 groups (decay / no decay), each through the kernel it asked for:
+    assert calls == {"foreach": 6, "for-loop": 0}
+    expected = trained_parameters(models[1], adamw_like(models[1], CONFIG, foreach=False))
+    assert calls == {"foreach": 6, "for-loop": 6}
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_cuda_adamw_steps_like_the_for_loop():
+    model, reference = layered_model(seed=0).cuda(), layered_model(seed=0).cuda()
+    chosen = build_optimizer(model, CONFIG)
+    assert all(g["fused"] is True for g in chosen.param_groups)
+    got = trained_parameters(model, chosen)
+    expected = trained_parameters(reference, adamw_like(reference, CONFIG, foreach=False))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

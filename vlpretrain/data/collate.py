@@ -69,10 +69,6 @@ class PackedLayout:
     """(segments + 1,) int32 boundaries over the flattened B*L tokens, padding included."""
     max_seqlen: int
     """Longest segment (varlen kernels take it as a host int)."""
-    segment_lengths: tuple[int, ...]
-    """Every segment's length, padding segments included, in order."""
-    padding_segments: tuple[bool, ...]
-    """Whether each segment is a row's padding (not a sample)."""
     real_tiles: torch.Tensor
     """(T_real,) int64 indices of the tiles with image flag 1, in order."""
     num_image_slots: int
@@ -103,20 +99,16 @@ def packed_layout(
     loss_weight_BL: torch.Tensor,
     image_flags_T: torch.Tensor,
     boundaries: Sequence[int],
-    padding_segments: Sequence[bool],
     img_context_token_id: int,
 ) -> PackedLayout:
     """The layout of a micro-batch from its CPU tensors (no device involved)."""
-    segment_lengths = tuple(int(n) for n in np.diff(np.asarray(boundaries)))
     length = labels_BL.shape[1]
     targets_BL, weights_BL = labels_BL[:, 1:], loss_weight_BL[:, 1:]
     keep_BK = (targets_BL != IGNORE_INDEX) & (weights_BL > 0)  # K = L - 1 predictions per row
     rows, predictions = torch.nonzero(keep_BK, as_tuple=True)
     return PackedLayout(
         cu_seqlens=torch.tensor(list(boundaries), dtype=torch.int32),
-        max_seqlen=max(segment_lengths),
-        segment_lengths=segment_lengths,
-        padding_segments=tuple(padding_segments),
+        max_seqlen=int(np.diff(np.asarray(boundaries)).max()),
         real_tiles=torch.nonzero(image_flags_T == 1).reshape(-1),
         num_image_slots=int((input_ids_BL == img_context_token_id).sum()),
         supervised=rows * length + predictions,
@@ -208,7 +200,6 @@ def collate_rows(
     positions_BL = np.zeros((num_rows, seq_len), dtype=np.int64)
     weight_BL = np.zeros((num_rows, seq_len), dtype=np.float32)
     boundaries = [0]
-    padding_segments: list[bool] = []
     for b, row in enumerate(rows):
         offset = 0
         for item in row.items:
@@ -223,11 +214,9 @@ def collate_rows(
             weight_BL[b, offset : offset + n] = np.where(supervised_L, weight, 0.0)
             offset += n
             boundaries.append(b * seq_len + offset)
-            padding_segments.append(False)
         if offset < seq_len:
             positions_BL[b, offset:] = np.arange(seq_len - offset)
             boundaries.append((b + 1) * seq_len)
-            padding_segments.append(True)
     pixels_TCHW, flags_T = _tiles(rows, config, facts.tile_size)
     segment_lengths = np.diff(np.asarray(boundaries))
     stats = _stats(rows, config, num_datasets, int(seq_len * num_rows), flags_T)
@@ -240,8 +229,9 @@ def collate_rows(
     )
     input_ids, labels = torch.from_numpy(ids_BL), torch.from_numpy(labels_BL)
     loss_weight, image_flags = torch.from_numpy(weight_BL), torch.from_numpy(flags_T)
-    layout = packed_layout(input_ids, labels, loss_weight, image_flags, boundaries,
-                           padding_segments, facts.img_context_token_id)  # fmt: skip
+    layout = packed_layout(
+        input_ids, labels, loss_weight, image_flags, boundaries, facts.img_context_token_id
+    )
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,

@@ -215,13 +215,6 @@ def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
             state.skipped[reason] = state.skipped.get(reason, 0) + count
 
 
-def segment_lengths(batch: PackedBatch) -> tuple[int, ...]:
-    """Lengths of the batch's attention segments, from the host's layout when it has one."""
-    if batch.layout is not None:
-        return batch.layout.segment_lengths
-    return tuple(int(n) for n in torch.diff(batch.cu_seqlens.cpu()).tolist())
-
-
 def step_metrics(
     result: StepResult,
     batches: list[PackedBatch],
@@ -234,9 +227,8 @@ def step_metrics(
     tokens = sum(b.stats.num_real_tokens for b in batches)
     tiles = sum(b.stats.num_tiles for b in batches)
     capacity = sum(b.stats.token_capacity for b in batches)
-    segments = [n for b in batches for n in segment_lengths(b)]
-    all_tiles = sum(b.stats.num_tiles + b.stats.num_dummy_tiles for b in batches)
-    per_component = flops.step_flops(all_tiles, segments, result.num_supervised)
+    # Model work only: padding segments and dummy tiles run but are not counted in MFU.
+    per_component = flops.batches_flops(batches, result.num_supervised)
     total_flops = sum(per_component.values())
     metrics = {
         "loss": result.loss,
@@ -251,7 +243,7 @@ def step_metrics(
         "padding_tokens": sum(b.stats.num_padding_tokens for b in batches),
         **{f"tflops_{k}": v / 1e12 for k, v in per_component.items()},
     }
-    if peak > 0:
+    if peak > 0:  # no peak (a CPU without train.peak_tflops): no MFU at all
         metrics["mfu"] = total_flops / seconds / (peak * 1e12)
     return metrics
 
