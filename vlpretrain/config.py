@@ -52,6 +52,12 @@ class TrainConfig:
     """Resumable checkpoint cadence (the last step always saves)."""
     save_total_limit: int = 3
     """Checkpoints kept (older ones deleted)."""
+    async_checkpoint: bool = False
+    """Write checkpoints while training goes on: the tensors are copied to host memory (a
+    second copy of this rank's model and optimizer shards in RAM while it lasts) and written
+    in the background; the checkpoint is finished (hashed, renamed into place) at the next
+    save or at the end of the stage. A crash before that loses that checkpoint, never an
+    earlier one."""
     keep_replaced_runs: int = 1
     """Earlier runs kept after a fresh start (resume = 'never'), each in
     output_dir/replaced-<UTC time>/ with its checkpoints and metrics; older ones are deleted,

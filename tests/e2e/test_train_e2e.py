@@ -254,8 +254,10 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     assert_same_weights(exported_weights(resumed_dir), exported_weights(tmp_path / "straight"))
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(train_assets, tmp_path):  # noqa: F811
-    """SIGKILL after the step-4 checkpoint, rerun: every logged loss equals the straight run."""
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync_save", "async_save"])
+def test_kill_and_resume_matches_an_uninterrupted_run(train_assets, tmp_path, asynchronous):  # noqa: F811
+    """SIGKILL after the step-4 checkpoint, rerun: every logged loss equals the straight run.
+    With async saves the kill may also land while a checkpoint is written in the background."""
     n = 10
     killed_dir = tmp_path / "killed"
     reference = write_stage(
@@ -264,7 +266,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(train_assets, tmp_path):  
     )
     killed = write_stage(
         tmp_path / "killed.toml",
-        stage_raw(train_assets, killed_dir, stage="stage2", max_steps=n, save_steps=2),
+        stage_raw(
+            train_assets,
+            killed_dir,
+            stage="stage2",
+            max_steps=n,
+            save_steps=2,
+            train={"async_checkpoint": asynchronous},
+        ),  # fmt: skip
     )
     reference_run = start(reference)
     victim = start(killed)

@@ -22,6 +22,7 @@ from torch import nn
 from vlpretrain.train.checkpoint import (
     FORMAT_VERSION,
     STATE_LAYOUT,
+    Checkpointer,
     check_resume_checkpoint,
     find_resume_checkpoint,
     list_checkpoints,
@@ -114,6 +115,36 @@ def test_resume_restores_every_part_in_order(tmp_path):
         == 4
     )
     assert resumed["state"] == straight["state"]
+
+
+def test_an_async_save_is_finished_at_the_next_save_and_resumes_like_a_sync_one(tmp_path):
+    """The async checkpoint copies the state at save time: the steps taken while it is
+    written do not leak into it, it stays `.tmp` (ignored by resume) until the next save or
+    `finish`, and it restores exactly what a synchronous save of the same step restores."""
+    straight = make_run(seed=0)
+    checkpointer = Checkpointer(asynchronous=True)
+    step(straight)
+    checkpointer.save(tmp_path, straight["states"], step=1, config=CONFIG, keep=3)
+    sync_path = save(straight, tmp_path / "sync")
+    step(straight)  # training goes on while the tensors are written
+    assert list_checkpoints(tmp_path) == []
+    assert (tmp_path / "checkpoints" / "step-00000001.tmp").is_dir()
+    checkpointer.save(tmp_path, straight["states"], step=2, config=CONFIG, keep=3)
+    assert [number for number, _ in list_checkpoints(tmp_path)] == [1]
+    final = checkpointer.finish()
+    assert final is not None and [n for n, _ in list_checkpoints(tmp_path)] == [1, 2]
+    assert checkpointer.finish() is None
+
+    from_async, from_sync = make_run(seed=1), make_run(seed=2)
+    load_checkpoint(tmp_path / "checkpoints" / "step-00000001", from_async["states"])
+    load_checkpoint(sync_path, from_sync["states"])
+    for key, value in from_sync["model"].state_dict().items():
+        assert torch.equal(value, from_async["model"].state_dict()[key]), key
+    async_moments = from_async["optimizer"].state_dict()["state"]
+    for index, moments in from_sync["optimizer"].state_dict()["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, async_moments[index][name]), (index, name)
+    assert from_async["state"] == from_sync["state"]
 
 
 def test_the_layout_names_every_part_and_a_wrong_mapping_is_refused(tmp_path):

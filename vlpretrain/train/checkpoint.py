@@ -40,9 +40,12 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
@@ -169,6 +172,122 @@ def _ranks_agree(directory: Path, action: str) -> Iterator[None]:
         )
 
 
+@dataclass
+class _StartedSave:
+    """A checkpoint whose files are (being) written into `tmp`, not yet hashed or renamed."""
+
+    tmp: Path
+    final: Path
+    step: int
+    output_dir: Path
+    keep: int
+    tensors_written: Future[Any] | None = None
+    """DCP's asynchronous save of the tensors; None when they were written synchronously."""
+
+
+def _start_save(
+    output_dir: str | Path,
+    states: Mapping[str, Stateful],
+    step: int,
+    config: dict[str, Any],
+    keep: int,
+    asynchronous: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> _StartedSave:
+    """Write every file of the checkpoint into `step-N.tmp`. `asynchronous`: the tensors are
+    copied to host memory here and written by DCP in a background thread that talks over
+    `group` only (None: a single process)."""
+    _check_names(states)
+    rank, world_size = rank_and_world()
+    root = checkpoint_root(output_dir)
+    started = _StartedSave(
+        root / f"step-{step:08d}.tmp", root / f"step-{step:08d}", step, Path(output_dir), keep
+    )
+    tmp = started.tmp
+    with _ranks_agree(tmp, "create the checkpoint directory"):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    with _ranks_agree(tmp, "write the checkpoint"):
+        tensors, structures = split_tensors({n: states[n].state_dict() for n in _names("sharded")})
+        if not asynchronous:
+            dcp.save(tensors, checkpoint_id=str(tmp))
+        else:
+            started.tensors_written = cast(
+                "Future[Any]",
+                dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=group),
+            )
+        _write_small_files(tmp, states, step, config, structures)
+    return started
+
+
+def _write_small_files(
+    tmp: Path,
+    states: Mapping[str, Stateful],
+    step: int,
+    config: dict[str, Any],
+    structures: dict[str, Any],
+) -> None:
+    """Each rank's JSON and RNG files, and rank 0's shared.json."""
+    rank, world_size = rank_and_world()
+    write_json_file(
+        _rank_file(tmp, rank, ".json"),
+        {
+            "format_version": FORMAT_VERSION,
+            "rank": rank,
+            "states": {n: states[n].state_dict() for n in _names("rank")},
+        },
+    )
+    rng_tensors = {
+        f"{name}.{key}": value.contiguous()
+        for name in _names("rank_tensors")
+        for key, value in states[name].state_dict().items()
+    }
+    rng_file = _rank_file(tmp, rank, ".rng.safetensors")
+    save_file(rng_tensors, str(rng_file))
+    apply_umask(rng_file)  # safetensors creates files 0600
+    if rank == 0:
+        shared = {
+            "format_version": FORMAT_VERSION,
+            "world_size": world_size,
+            "step": step,
+            "config": config,
+            "states": {n: states[n].state_dict() for n in _names("shared")},
+            "structures": structures,
+        }
+        write_json_file(tmp / SHARED_FILE, shared)
+
+
+def _finish_save(started: _StartedSave) -> Path:
+    """Wait for the tensors, hash every file, write the manifest and rename the checkpoint
+    into place (a collective: every rank calls it at the same point of the run)."""
+    rank, world_size = rank_and_world()
+    tmp, final = started.tmp, started.final
+    with _ranks_agree(tmp, "write the checkpoint"):
+        if started.tensors_written is not None:
+            started.tensors_written.result()
+    barrier()
+    with _ranks_agree(tmp, "hash the checkpoint"):
+        entries = hash_files(tmp, rank, world_size)
+    gathered = all_gather_objects(entries)
+    with _ranks_agree(tmp, "finish the checkpoint"):
+        if rank == 0:
+            files = {name: entry for part in gathered for name, entry in part.items()}
+            write_json_file(
+                tmp / MANIFEST,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "step": started.step,
+                    "files": dict(sorted(files.items())),
+                },
+            )
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _prune(started.output_dir, started.keep)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
 def save_checkpoint(
     output_dir: str | Path,
     states: Mapping[str, Stateful],
@@ -182,63 +301,49 @@ def save_checkpoint(
     Raises CheckpointError on every rank when any rank fails to write (disk full, I/O error),
     naming the path and the OS error; the earlier checkpoints are not touched then.
     """
-    _check_names(states)
-    rank, world_size = rank_and_world()
-    root = checkpoint_root(output_dir)
-    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
-    with _ranks_agree(tmp, "create the checkpoint directory"):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-    with _ranks_agree(tmp, "write the checkpoint"):
-        tensors, structures = split_tensors({n: states[n].state_dict() for n in _names("sharded")})
-        dcp.save(tensors, checkpoint_id=str(tmp))
-        write_json_file(
-            _rank_file(tmp, rank, ".json"),
-            {
-                "format_version": FORMAT_VERSION,
-                "rank": rank,
-                "states": {n: states[n].state_dict() for n in _names("rank")},
-            },
+    return _finish_save(_start_save(output_dir, states, step, config, keep))
+
+
+class Checkpointer:
+    """Saves a run's checkpoints, synchronously or overlapped with training.
+
+    Asynchronous: `save` copies the tensors to host memory and returns while DCP writes them
+    in a background thread; that checkpoint is finished (hashed, manifest written, renamed
+    into place) at the next `save` or at `finish`, which every rank reaches at the same
+    step. Until then it is only `step-N.tmp`, which resume ignores, so a crash in between
+    loses that checkpoint, never an earlier one. The background writes talk over a gloo
+    group of their own, apart from the collectives of training.
+    """
+
+    def __init__(self, asynchronous: bool = False) -> None:
+        self.asynchronous = asynchronous
+        initialized = dist.is_available() and dist.is_initialized()
+        self._group = dist.new_group(backend="gloo") if asynchronous and initialized else None
+        self._pending: _StartedSave | None = None
+
+    def save(
+        self,
+        output_dir: str | Path,
+        states: Mapping[str, Stateful],
+        *,
+        step: int,
+        config: dict[str, Any],
+        keep: int,
+    ) -> None:
+        """Save `states` for `step` (a collective); asynchronously, finish the previous one."""
+        self.finish()
+        started = _start_save(
+            output_dir, states, step, config, keep, self.asynchronous, self._group
         )
-        rng_tensors = {
-            f"{name}.{key}": value.contiguous()
-            for name in _names("rank_tensors")
-            for key, value in states[name].state_dict().items()
-        }
-        rng_file = _rank_file(tmp, rank, ".rng.safetensors")
-        save_file(rng_tensors, str(rng_file))
-        apply_umask(rng_file)  # safetensors creates files 0600
-        if rank == 0:
-            shared = {
-                "format_version": FORMAT_VERSION,
-                "world_size": world_size,
-                "step": step,
-                "config": config,
-                "states": {n: states[n].state_dict() for n in _names("shared")},
-                "structures": structures,
-            }
-            write_json_file(tmp / SHARED_FILE, shared)
-    barrier()
-    with _ranks_agree(tmp, "hash the checkpoint"):
-        entries = hash_files(tmp, rank, world_size)
-    gathered = all_gather_objects(entries)
-    with _ranks_agree(tmp, "finish the checkpoint"):
-        if rank == 0:
-            files = {name: entry for part in gathered for name, entry in part.items()}
-            write_json_file(
-                tmp / MANIFEST,
-                {
-                    "format_version": FORMAT_VERSION,
-                    "step": step,
-                    "files": dict(sorted(files.items())),
-                },
-            )
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _prune(output_dir, keep)
-    logger.info("saved checkpoint %s", final)
-    return final
+        if self.asynchronous:
+            self._pending = started
+        else:
+            _finish_save(started)
+
+    def finish(self) -> Path | None:
+        """Finish the checkpoint still being written, if any; returns its path."""
+        pending, self._pending = self._pending, None
+        return _finish_save(pending) if pending is not None else None
 
 
 def _prune(output_dir: str | Path, keep: int) -> None:

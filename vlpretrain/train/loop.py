@@ -55,11 +55,11 @@ from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.train.checkpoint import (
+    Checkpointer,
     check_resume_checkpoint,
     find_resume_checkpoint,
     load_checkpoint,
     read_shared,
-    save_checkpoint,
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
@@ -375,6 +375,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     )
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)
+    checkpointer = Checkpointer(config.train.async_checkpoint)
     peak = peak_tflops(env.device, config.train.peak_tflops)
     if checkpoint is not None:
         load_checkpoint(checkpoint, states)  # restores `state` in place
@@ -421,13 +422,14 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
                 metrics.write(state.step, last, LINE_KEYS)
             if state.step % config.train.save_steps == 0 or is_last:
                 skips.flush(state)  # every skip the checkpoint covers is on disk
-                save_checkpoint(
+                checkpointer.save(
                     output_dir,
                     states,
                     step=state.step,
                     config=to_dict(config),
                     keep=config.train.save_total_limit,
                 )
+    checkpointer.finish()
     bar.close()
     metrics.close()
     export_model(

@@ -28,6 +28,7 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.logging_steps",
         "train.save_steps",
         "train.save_total_limit",
+        "train.async_checkpoint",
         "train.keep_replaced_runs",
         "train.report_to",
         "train.progress_bar",
