@@ -17,7 +17,9 @@ file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
 
 from __future__ import annotations
 
+import errno
 import logging
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,43 @@ def repeat_line_index(
     return int(subset[record_index - full])
 
 
+MACHINE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS}
+)
+"""OSError numbers that say the machine, not the record, failed: the disk or quota is full,
+the process is out of file handles or memory."""
+DETAIL_CHARS = 300
+"""Longest exception message kept in an unexpected_error skip (a record can be 256 KiB)."""
+
+
+def machine_failure(err: BaseException) -> BaseException | None:
+    """The failure behind `err` that must stop the run, None when `err` is about the record.
+
+    MemoryError stops the run: the byte and pixel caps bound what one record may cost, so
+    running out of memory says the host (or the caps) are wrong, and skipping would file
+    every following record under a reason that is not theirs. So does an OSError of
+    MACHINE_ERRNOS, also behind a RecordError that filed it under a media reason (`media`
+    turns any OSError of an image into corrupt_image). KeyboardInterrupt and SystemExit are
+    not Exceptions and are never caught.
+    """
+    if isinstance(err, MemoryError):
+        return err
+    for candidate in (err, err.__cause__):
+        if isinstance(candidate, OSError) and candidate.errno in MACHINE_ERRNOS:
+            return candidate
+    return None
+
+
+def unexpected_detail(err: Exception) -> str:
+    """`Type: message (at file.py:line)` of an exception no check foresaw."""
+    message = str(err)
+    if len(message) > DETAIL_CHARS:
+        message = message[:DETAIL_CHARS] + "..."
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {message}{where}"
+
+
 class DatasetSource:
     """The samples of one meta dataset; picklable, opens its files lazily per process."""
 
@@ -222,14 +261,35 @@ class DatasetSource:
     def load_line(
         self, line_index: int, rng: np.random.Generator
     ) -> TokenizedSample | SkippedSample:
-        """Sample of one annotation line, randomness drawn from `rng`."""
+        """Sample of one annotation line, randomness drawn from `rng`.
+
+        Whatever the line holds, the result is a sample or a SkippedSample naming its file
+        and line: a RecordError keeps its reason, any other exception while the line becomes
+        a sample is `unexpected_error`. Only what is not about the record propagates (see
+        `machine_failure`), and failures to read the annotation file itself (OSError,
+        AnnotationChangedError): they concern every record of the dataset.
+        """
         source = self.source_of(line_index)
         try:
             line = self.index.read(line_index, record_byte_limit(self.config))
-            record = parse_record(line, self.spec.root)
-            return self.build(record, rng, source)
-        except RecordError as err:
+        except RecordError as err:  # too_long, read_error of a remote record
             return SkippedSample(self.dataset_index, source, err.reason, err.detail)
+        try:
+            return self.build(parse_record(line, self.spec.root), rng, source)
+        except Exception as err:  # one record never stops the job; machine failures go on
+            failure = machine_failure(err)
+            if failure is err:
+                raise
+            if failure is not None:
+                raise failure from err
+            return self._skipped(source, err)
+
+    def _skipped(self, source: SampleSource, err: Exception) -> SkippedSample:
+        if isinstance(err, RecordError):
+            return SkippedSample(self.dataset_index, source, err.reason, err.detail)
+        detail = unexpected_detail(err)
+        logger.debug("%s: unexpected_error %s", source, detail, exc_info=err)
+        return SkippedSample(self.dataset_index, source, "unexpected_error", detail)
 
     def build(
         self, record: Record, rng: np.random.Generator, source: SampleSource

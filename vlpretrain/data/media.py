@@ -210,9 +210,11 @@ def _clip_window(num_frames: int, fps: float, clip: tuple[float, float] | None) 
     """Frame indices inside `clip` (all frames if None)."""
     if clip is None:
         return range(num_frames)
-    start = int(clip[0] * fps)
-    stop = min(num_frames, start + int((clip[1] - clip[0]) * fps))
-    return range(min(start, num_frames), stop)
+    # clamped while still floats: a finite clip of 1e308 s times the fps is inf, and int(inf)
+    # raises OverflowError
+    start = int(min(clip[0] * fps, num_frames))
+    stop = min(num_frames, start + int(min((clip[1] - clip[0]) * fps, num_frames)))
+    return range(start, stop)
 
 
 def _decode_frames(
