@@ -12,7 +12,7 @@ import time
 import zlib
 
 import pytest
-from media_fixtures import write_video
+from media_fixtures import write_growing_video, write_video
 from PIL import Image
 
 from vlpretrain.data.build import (
@@ -22,6 +22,7 @@ from vlpretrain.data.build import (
     record_byte_limit,
 )
 from vlpretrain.data.index import AnnotationChangedError, AnnotationIndex, cache_file
+from vlpretrain.data.media import image_size
 from vlpretrain.data.meta import DatasetSpec, load_meta
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
@@ -137,6 +138,62 @@ def test_video_frames_obey_the_pixel_cap(tmp_path, tokenizer):
     assert "64x64 = 4096 pixels" in results[0].detail
     loose = make_source(tmp_path, tokenizer, records)
     assert all(isinstance(loose.load(i, 0, 0), TokenizedSample) for i in range(2))
+
+
+def test_video_frames_larger_than_the_stream_header_are_refused(tmp_path, tokenizer):
+    # the header says 64x48 (3072 pixels, under the cap of 6144); the last 4 of the 8 frames
+    # are 256x256 = 65536 pixels. Every sampled set of 2-3 frames reaches the second half
+    # (one frame per equal interval), so each one must be checked as it is decoded.
+    write_growing_video(tmp_path / "grows.m4v", (64, 48), (256, 256))
+    record = {"video": "grows.m4v", "conversations": conv("<video>\nHi")}
+    source = make_source(tmp_path, tokenizer, [record], max_image_pixels=6144)
+    skipped = source.load(0, 0, 0)
+    assert isinstance(skipped, SkippedSample), skipped
+    assert skipped.reason == "image_too_large"
+    assert "data.max_image_pixels = 6144" in skipped.detail
+    assert "grows.m4v" in skipped.detail
+    loose = make_source(tmp_path, tokenizer, [record], max_image_pixels=65536)
+    assert isinstance(loose.load(0, 0, 0), TokenizedSample)  # 256x256 is exactly the cap
+
+
+def test_the_decoder_refuses_frames_far_above_the_cap(tmp_path, tokenizer):
+    # 1000x700 = 700000 pixels: the decoder's own limit (2 x 6144 + 262144 = 274432) refuses
+    # to allocate them, so a lying stream cannot cost gigabytes before our check
+    write_growing_video(tmp_path / "grows.m4v", (64, 48), (1000, 700))
+    record = {"video": "grows.m4v", "conversations": conv("<video>\nHi")}
+    source = make_source(tmp_path, tokenizer, [record], max_image_pixels=6144)
+    skipped = source.load(0, 0, 0)
+    assert skipped.reason == "image_too_large", skipped
+    assert "the decoder refused it" in skipped.detail
+    loose = make_source(tmp_path, tokenizer, [record], max_image_pixels=700_000)
+    assert isinstance(loose.load(0, 0, 0), TokenizedSample)
+
+
+def test_pillow_bomb_limit_does_not_file_a_big_image_as_corrupt(tmp_path, tokenizer):
+    # 20000x20000 = 400 MP is above twice Pillow's own 179 MP limit, where Image.open raises
+    # DecompressionBombError; our cap (50 MP) decides, with its own reason
+    png_with_header_size(tmp_path / "bomb.png", 20000, 20000)
+    source = make_source(tmp_path, tokenizer, [{"image": "bomb.png", "conversations": conv()}])
+    skipped = source.load(0, 0, 0)
+    assert skipped.reason == "image_too_large"
+    assert "20000x20000 = 400000000 pixels exceeds data.max_image_pixels = 50000000" in (
+        skipped.detail
+    )
+
+
+def test_pillow_limit_below_ours_does_not_override_it(tmp_path, tokenizer, monkeypatch):
+    # data.max_image_pixels is the one limit: with Pillow's limit at 1000 pixels, a 100x100
+    # image (10000 > 2 x 1000: Pillow would raise) still loads under our default 50 MP cap
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (100, 100), "blue").save(tmp_path / "a.png")
+    source = make_source(tmp_path, tokenizer, [{"image": "a.png", "conversations": conv()}])
+    assert isinstance(source.load(0, 0, 0), TokenizedSample)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # left as it was for everyone else
+
+
+def test_image_size_of_a_bomb_header_names_our_limit(tmp_path):
+    png_with_header_size(tmp_path / "bomb.png", 20000, 20000)
+    assert image_size(tmp_path / "bomb.png") == (20000, 20000)
 
 
 # -- index validity ------------------------------------------------------------------------

@@ -76,8 +76,10 @@ class SampleConfig:
     max_skip_fraction: float = 0.01
     """Fail when more than this fraction of the records seen were skipped."""
     max_image_pixels: int = media.DEFAULT_MAX_IMAGE_PIXELS
-    """Images and video frames with more pixels (width x height, read from the file header
-    before decoding) are skipped as too_large; 50 MP decodes in about a second."""
+    """Images and video frames with more pixels (width x height) are skipped as
+    image_too_large: checked from the file header before decoding and again on every decoded
+    frame (a video's header may lie); the one limit, Pillow's own 179 MP one does not apply.
+    50 MP decodes in about a second."""
     max_record_bytes: int | None = None
     """Annotation lines longer than this are skipped as too_long before they are parsed or
     tokenised; None: RECORD_BYTES_PER_TOKEN (32) bytes per token of max_seq_length."""
