@@ -221,7 +221,7 @@ def test_same_size_rewrite_with_restored_mtime_is_reindexed(tmp_path):
     second = AnnotationIndex(ann, tmp_path / "cache")
     assert len(second) == 3
     assert [json.loads(second.read(i))["j"] for i in range(3)] == [0, 1, 2]
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the stale cache is gone
+    assert len(list((tmp_path / "cache").glob("*.index"))) == 1  # the stale cache is gone
 
 
 def test_cache_key_covers_inode_ctime_and_content(tmp_path):
@@ -364,7 +364,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask_027):
 def test_index_cache_follows_the_umask(tmp_path, umask_027):
     (tmp_path / "a.jsonl").write_text('{"a": 1}\n')
     AnnotationIndex(tmp_path / "a.jsonl", tmp_path / "cache")
-    (cache,) = (tmp_path / "cache").glob("*.npy")
+    (cache,) = (tmp_path / "cache").glob("*.index")
     assert cache.stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0600
 
 
