@@ -344,6 +344,43 @@ def test_repeat_time_that_leaves_no_record_is_rejected(tmp_path, tokenizer):
     assert "'fine'" not in message  # int(3 * 0.5) = 1 record
 
 
+@pytest.mark.parametrize("repeat_time", [1e9, 1e18])
+def test_repeat_time_beyond_the_record_limit_is_one_clear_error(tmp_path, tokenizer, repeat_time):
+    # 1e9 passed data check, then every loader stream tried to shuffle 1e9 x lines records
+    # (894 GiB); 1e18 gave a raw OverflowError from len()
+    (tmp_path / "ten.jsonl").write_text(
+        "".join(json.dumps({"conversations": conv(f"q{i}")}) + "\n" for i in range(10))
+    )
+    meta = tmp_path / "meta.json"
+    entry = {"root": str(tmp_path), "annotation": "ten.jsonl", "data_augment": False}
+    meta.write_text(json.dumps({"huge": {**entry, "repeat_time": repeat_time},
+                                "fine": {**entry, "repeat_time": 2.0}}))  # fmt: skip
+    config = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as info:
+        build_sources(meta, config, facts_of(tokenizer), tokenizer)
+    message = str(info.value)
+    assert f"meta file {meta} has 1 problem(s)" in message
+    records = int(10 * repeat_time)
+    assert f"dataset 'huge': field 'repeat_time' {repeat_time} x 10 lines" in message
+    assert f"gives {records} records, above the limit of 268435456 per dataset" in message
+    # 268435456 / 10 lines
+    assert "use repeat_time <= 26843545.6" in message
+    assert "'fine'" not in message
+
+
+def test_deeply_nested_meta_file_is_one_clear_error(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text('{"a":\n {"root": ' + "[" * 5000 + "]" * 5000 + "}}")
+    with pytest.raises(ValueError) as info:
+        load_meta(meta)
+    message = str(info.value)
+    assert f"meta file {meta}: cannot read JSON" in message
+    # depth 1 is the file's object, 2 the dataset's, 3 the first list (line 2, column 11);
+    # the second list passes depth 3, at column 12
+    assert "nested deeper than the JSON parser allows" in message
+    assert "depth 3 passed at line 2, column 12" in message
+
+
 # -- file modes ----------------------------------------------------------------------------
 
 

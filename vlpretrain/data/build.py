@@ -143,6 +143,11 @@ def record_byte_limit(config: SampleConfig) -> int:
     return RECORD_BYTES_PER_TOKEN * config.max_seq_length
 
 
+MAX_DATASET_RECORDS = 1 << 28
+"""Most records a dataset may have after repeat_time: each loader stream shuffles the records
+of an epoch as an int64 permutation (2 GiB at this limit)."""
+
+
 def repeat_length(num_lines: int, repeat_time: float) -> int:
     """Effective number of records of a dataset: int(N * r)."""
     return int(num_lines * repeat_time)
@@ -378,12 +383,26 @@ def build_sources(
     """
     specs = load_meta(meta_path, config.remote_settings())
     sources = [DatasetSource(spec, config, facts, tokenizer) for spec in specs]
-    empty = [
-        f"dataset {s.name!r}: field 'repeat_time' {s.spec.repeat_time} x {s.num_lines} lines of "
-        f"{s.spec.annotation} leaves int({s.num_lines} * {s.spec.repeat_time}) = 0 records"
-        for s in sources
-        if len(s) == 0
-    ]
-    if empty:
-        raise problems_error(remote.as_location(meta_path), empty)
+    problems = [p for s in sources if (p := repeat_problem(s.spec, s.num_lines)) is not None]
+    if problems:
+        raise problems_error(remote.as_location(meta_path), problems)
     return sources
+
+
+def repeat_problem(spec: DatasetSpec, num_lines: int) -> str | None:
+    """Why `spec`'s repeat_time over its `num_lines` lines gives no usable length, or None."""
+    records = repeat_length(num_lines, spec.repeat_time)
+    where = f"dataset {spec.name!r}: field 'repeat_time' {spec.repeat_time} x {num_lines} lines"
+    if records == 0:
+        return (
+            f"{where} of {spec.annotation} leaves int({num_lines} * {spec.repeat_time}) = 0 records"
+        )
+    if records > MAX_DATASET_RECORDS:
+        gibibytes = 8 * MAX_DATASET_RECORDS / 2**30
+        return (
+            f"{where} of {spec.annotation} gives {records} records, above the limit of "
+            f"{MAX_DATASET_RECORDS} per dataset (every loader stream shuffles them in memory, "
+            f"8 bytes each: {gibibytes:.0f} GiB at the limit); use repeat_time <= "
+            f"{MAX_DATASET_RECORDS / num_lines:.10g}"
+        )
+    return None
