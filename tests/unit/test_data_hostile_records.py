@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from media_fixtures import write_video
 from PIL import Image
@@ -199,11 +199,32 @@ RECORD = st.fixed_dictionaries(
 )
 
 
+BASES = [
+    {"image": "ok.png", "conversations": conv("<image>\nHi")},
+    {"image": ["ok.png", "ok.png"], "conversations": conv("<image><image>Hi")},
+    {"video": "clip.mp4", "clip": [0, 1], "conversations": conv("<video>\nHi")},
+    {"conversations": conv()},
+]
+"""Records that build; ONE_FIELD_WRONG breaks one field of one, so generated values reach
+the media decoders and the tokenizer, not only the parser."""
+ONE_FIELD_WRONG = st.one_of(
+    st.builds(
+        lambda base, key, value: {**base, key: value},
+        st.sampled_from(BASES),
+        st.sampled_from(["image", "video", "clip", "conversations"]),
+        st.one_of(MEDIA, CLIP, CONVERSATIONS),
+    ),
+    st.builds(lambda clip: {**BASES[2], "clip": clip}, st.lists(NUMBERS, min_size=2, max_size=2)),
+    st.builds(lambda question, answer: {"conversations": conv(question, answer)}, TEXT, TEXT),
+)
+
+
 def nested(depth):
     return "[" * depth + "]" * depth
 
 
 LINES = st.one_of(
+    ONE_FIELD_WRONG.map(json.dumps),
     RECORD.map(json.dumps),  # json.dumps writes NaN/Infinity, which json.loads reads back
     ANY_JSON.map(json.dumps),
     st.integers(500, 5000).map(nested),
@@ -241,7 +262,7 @@ def generated_source(tmp_path_factory, tokenizer):
 
 
 HYPOTHESIS = settings(
-    max_examples=150,
+    max_examples=200,
     derandomize=True,  # the same examples on every run: CI never flakes on a new one
     database=None,
     deadline=None,
@@ -267,6 +288,7 @@ def test_no_generated_record_escapes_as_an_exception(generated_source, line):
     )
     result = generated_source.load_line(0, np.random.default_rng(0))
     assert isinstance(result, TokenizedSample | SkippedSample)
+    event(getattr(result, "reason", "sample"))  # --hypothesis-show-statistics lists them
     if isinstance(result, SkippedSample):
         # every generated record gets a reason of its own, not the catch-all
         assert result.reason != "unexpected_error", result
