@@ -191,7 +191,7 @@ def test_pillow_limit_below_ours_does_not_override_it(tmp_path, tokenizer, monke
     assert Image.MAX_IMAGE_PIXELS == 1000  # left as it was for everyone else
 
 
-def test_image_size_of_a_bomb_header_names_our_limit(tmp_path):
+def test_image_size_reads_a_header_above_pillows_limit(tmp_path):
     png_with_header_size(tmp_path / "bomb.png", 20000, 20000)
     assert image_size(tmp_path / "bomb.png") == (20000, 20000)
 
