@@ -21,6 +21,7 @@ from vlpretrain.data.packing import PackingConfig
 from vlpretrain.data.records import SKIP_REASONS, Record, RecordError, parse_record
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.facts import RunFacts
+from vlpretrain.packages import MissingPackageError
 
 SMALL = dict(max_seq_length=512, min_num_frame=2, max_num_frame=3)
 DEEP_OBJECT = '{"a":' * 2000 + "1" + "}" * 2000  # 4 KB of JSON, 2,000 levels deep
@@ -131,10 +132,13 @@ def test_an_unforeseen_exception_is_a_counted_skip_with_its_type(tmp_path, token
         KeyboardInterrupt(),
         OSError(errno.ENOSPC, "No space left on device"),
         OSError(errno.EMFILE, "Too many open files"),
+        MissingPackageError("decoding the video clip.mp4 needs the 'av' package"),
     ],
-    ids=["memory", "interrupt", "disk_full", "file_handles"],
+    ids=["memory", "interrupt", "disk_full", "file_handles", "missing_package"],
 )
-def test_failures_of_the_machine_still_stop_the_run(tmp_path, tokenizer, monkeypatch, error):
+def test_failures_that_are_not_the_records_still_stop_the_run(
+    tmp_path, tokenizer, monkeypatch, error
+):
     source = make_source(tmp_path, tokenizer, [json.dumps({"conversations": conv()})])
     monkeypatch.setattr(DatasetSource, "build", failing_build(error))
     with pytest.raises(type(error)):

@@ -177,12 +177,13 @@ def machine_failure(err: BaseException) -> BaseException | None:
 
     MemoryError stops the run: the byte and pixel caps bound what one record may cost, so
     running out of memory says the host (or the caps) are wrong, and skipping would file
-    every following record under a reason that is not theirs. So does an OSError of
+    every following record under a reason that is not theirs. So does an ImportError (a
+    package the work needs is not installed: the installation's fault), and an OSError of
     MACHINE_ERRNOS, also behind a RecordError that filed it under a media reason (`media`
     turns any OSError of an image into corrupt_image). KeyboardInterrupt and SystemExit are
     not Exceptions and are never caught.
     """
-    if isinstance(err, MemoryError):
+    if isinstance(err, MemoryError | ImportError):  # ImportError: packages.MissingPackageError
         return err
     for candidate in (err, err.__cause__):
         if isinstance(candidate, OSError) and candidate.errno in MACHINE_ERRNOS:
