@@ -10,7 +10,8 @@ import tracemalloc
 
 import pytest
 
-from vlpretrain.data.index import AnnotationIndex, build_line_index, index_blocks, temp_name
+from vlpretrain.data.index import AnnotationIndex, build_line_index, index_blocks
+from vlpretrain.data.index_cache import temp_name
 from vlpretrain.data.meta import load_meta
 
 
@@ -154,7 +155,7 @@ def truncate_by_8(target):
 def test_a_damaged_index_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
     path, target = index_three(tmp_path)
     damage(target)
-    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.index"):
+    with caplog.at_level(logging.WARNING, logger="vlpretrain.data"):
         index = AnnotationIndex(path, tmp_path / "cache")
     assert [index.read(i) for i in range(3)] == [b'{"x": 1}', b'{"x": 2}', b'{"x": 3}']
     assert [index.line_number(i) for i in range(3)] == [1, 2, 3]

@@ -15,12 +15,9 @@ last FINGERPRINT_BLOCK bytes. Size + mtime alone miss a rewrite of the same size
 was restored (`cp -p`, `rsync -t`); the ctime cannot be restored by user tools and a new file
 (rsync's rename) has a new inode.
 
-The cache is verified before it is trusted: a 64-byte header (HEADER) holds the number of
-records, the size of the indexed file and a checksum of the offsets and line numbers; a cache
-that fails (0 bytes, truncated, zeroed offsets, out of order) is rebuilt with a warning naming
-it. It is written to a temp file named after the builder's host and pid, fsynced, renamed into
-place and the directory fsynced, with the umask's permissions; a later build removes the temp
-files of builders that died (same host, pid gone) or that are older than a day (any host).
+The cache file (its format, its verification before use, its durable write and the clean-up
+of killed builds' temp files) is data.index_cache's; a cache that fails verification is
+rebuilt here, with a warning naming it.
 
 Reading checks that the byte before every indexed line start is a newline, so an index that
 is stale anyway (the file changed during the run, or on a file system without reliable
@@ -42,17 +39,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
-import socket
-import struct
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from vlpretrain.data import remote
+from vlpretrain.data import index_cache, remote
 from vlpretrain.data.records import RecordError
 from vlpretrain.data.remote import URL, Location, RemoteSettings
 
@@ -61,13 +54,6 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 22
 FINGERPRINT_BLOCK = 1 << 16
 """Bytes hashed at each end of an annotation file for its cache key."""
-CACHE_SUFFIX = ".index"
-CACHE_MAGIC = b"VLPIDX01"
-HEADER = struct.Struct("<8sQQ32s8x")
-"""Cache header (64 bytes): magic, number of records N, size of the indexed file, blake2b-256
-of the (2, N) little-endian int64 array (offsets, then line numbers) that follows it."""
-STALE_TEMP_SECONDS = 24 * 3600
-"""A build's temp file this old is removed whatever host wrote it (no build takes a day)."""
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 
@@ -181,155 +167,7 @@ def cache_file(path: Location, cache_dir: Path, fingerprint: str | None = None) 
     if fingerprint is None:
         assert isinstance(path, Path), "remote objects pass their object_fingerprint"
         fingerprint = file_fingerprint(path)
-    return cache_dir / f"{path.name}.{path_key}.{fingerprint[:16]}{CACHE_SUFFIX}"
-
-
-class DamagedCacheError(ValueError):
-    """An index cache file that fails verification (says what failed)."""
-
-
-def _digest(index: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(index, dtype="<i8").data, digest_size=32).digest()
-
-
-def _header(index: np.ndarray, size: int) -> bytes:
-    return HEADER.pack(CACHE_MAGIC, int(index.shape[1]), size, _digest(index))
-
-
-def _map_cache(target: Path) -> np.ndarray:
-    """The (2, N) index in `target`, memory-mapped; its length checked against the header.
-
-    Raises:
-        DamagedCacheError: no valid header, or a file size that does not match it.
-    """
-    with open(target, "rb") as handle:
-        head = handle.read(HEADER.size)
-    if len(head) < HEADER.size or head[: len(CACHE_MAGIC)] != CACHE_MAGIC:
-        raise DamagedCacheError(f"no index header ({len(head)} bytes)")
-    num_records = HEADER.unpack(head)[1]
-    expected = HEADER.size + 16 * num_records
-    actual = target.stat().st_size
-    if actual != expected:
-        raise DamagedCacheError(
-            f"{actual} bytes where a header of {num_records} records needs {expected}"
-        )
-    if num_records == 0:
-        return np.zeros((2, 0), dtype=np.int64)
-    return np.memmap(target, dtype="<i8", mode="r", offset=HEADER.size, shape=(2, num_records))
-
-
-def _read_cache(target: Path, size: int) -> np.ndarray:
-    """The verified index in `target`, for an annotation file of `size` bytes.
-
-    Raises:
-        DamagedCacheError: saying which check failed (header, length, checksum, order).
-    """
-    index = _map_cache(target)
-    with open(target, "rb") as handle:
-        _, num_records, indexed_size, digest = HEADER.unpack(handle.read(HEADER.size))
-    if indexed_size != size:
-        raise DamagedCacheError(f"it indexes {indexed_size} bytes, the file has {size}")
-    if _digest(index) != digest:
-        raise DamagedCacheError(f"the checksum of its {num_records} offsets does not match")
-    offsets, numbers = index
-    in_order = bool((np.diff(offsets) > 0).all() and (np.diff(numbers) > 0).all())
-    if num_records and not (in_order and offsets[0] >= 0 and offsets[-1] < size):
-        raise DamagedCacheError("its offsets are not increasing line starts inside the file")
-    return index
-
-
-def _host_key() -> str:
-    """This machine in temp file names (hash of the host name: names may hold dots)."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def temp_name(target: Path, pid: int, host_key: str | None = None) -> str:
-    """Name of the temp file a process builds `target` in: `.{target}.{host}.{pid}.{nonce}.tmp`,
-    so a later build can tell a dead builder's leftovers from a running one's."""
-    nonce = os.urandom(4).hex()
-    return f".{target.name}.{host_key or _host_key()}.{pid}.{nonce}.tmp"
-
-
-_TEMP_PATTERN = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _leftover(path: Path, host: str, now: float) -> bool:
-    """True for a temp file of a build that will never finish: its process on this host is
-    gone, or (any host) it is older than STALE_TEMP_SECONDS."""
-    match = _TEMP_PATTERN.match(path.name)
-    if match is None:
-        return False
-    if match["host"] == host and not _process_alive(int(match["pid"])):
-        return True
-    try:
-        return now - path.stat().st_mtime > STALE_TEMP_SECONDS
-    except FileNotFoundError:  # its builder renamed it into place meanwhile
-        return False
-
-
-def remove_leftover_temp_files(cache_dir: Path) -> None:
-    """Delete the temp files that killed builds left in `cache_dir` (each the full size of an
-    index: a cache directory shared by many jobs would fill up otherwise)."""
-    if not cache_dir.is_dir():
-        return
-    host, now = _host_key(), time.time()
-    for path in cache_dir.glob(".*.tmp"):
-        if _leftover(path, host, now):
-            logger.info("removing %s, left by a killed index build", path)
-            path.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (not every file system can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_cache(target: Path, index: np.ndarray, size: int) -> None:
-    """Header + offsets to a temp file, fsync, rename into place, fsync the directory: after a
-    crash the cache is whole or absent, never renamed with blocks the disk never got (a file
-    of zeros). The file gets the umask's permissions (open, not mkstemp)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / temp_name(target, os.getpid())
-    try:
-        with open(temp, "xb") as handle:
-            handle.write(_header(index, size))
-            handle.write(np.ascontiguousarray(index, dtype="<i8").tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
-
-
-def _remove_stale(target: Path) -> None:
-    """Delete cache files of earlier versions of the same annotation file (and .npy caches
-    of the format before the verified one)."""
-    prefix = target.name.rsplit(".", 2)[0]
-    for pattern in (f"{prefix}.*{CACHE_SUFFIX}", f"{prefix}.*.npy"):
-        for old in target.parent.glob(pattern):
-            if old != target:
-                old.unlink(missing_ok=True)
+    return cache_dir / f"{path.name}.{path_key}.{fingerprint[:16]}{index_cache.CACHE_SUFFIX}"
 
 
 def _cached(target: Path, size: int) -> np.ndarray | None:
@@ -337,8 +175,8 @@ def _cached(target: Path, size: int) -> np.ndarray | None:
     if not target.is_file():
         return None
     try:
-        return _read_cache(target, size)
-    except (DamagedCacheError, OSError) as err:
+        return index_cache.read_cache(target, size)
+    except (index_cache.DamagedCacheError, OSError) as err:
         logger.warning("index cache %s is damaged (%s): rebuilding it", target, err)
         return None
 
@@ -355,7 +193,7 @@ def load_or_build_index(
         target = cache_file(path, cache_dir or default_cache_dir(), fingerprint)
     else:
         target, size = cache_file(path, cache_dir or default_cache_dir()), path.stat().st_size
-    remove_leftover_temp_files(target.parent)
+    index_cache.remove_leftover_temp_files(target.parent)
     cached = _cached(target, size)
     if cached is not None:
         return cached, target, size
@@ -368,13 +206,13 @@ def load_or_build_index(
     else:
         index = build_line_index(path)
     try:
-        _write_cache(target, index, size)
-        _remove_stale(target)
+        index_cache.write_cache(target, index, size)
+        index_cache.remove_stale(target)
     except OSError as err:
         logger.warning("cannot write index cache %s (%s); keeping it in memory", target, err)
         return index, None, size
     logger.info("indexed %s: %d records -> %s", path, index.shape[1], target)
-    return _map_cache(target), target, size
+    return index_cache.map_cache(target), target, size
 
 
 class AnnotationIndex:
@@ -410,7 +248,7 @@ class AnnotationIndex:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         if self._index is None:
-            self._index = _map_cache(self._cache)
+            self._index = index_cache.map_cache(self._cache)
 
     def line_number(self, i: int) -> int:
         """1-based line number in the file of record `i`."""
