@@ -12,7 +12,7 @@ import time
 import zlib
 
 import pytest
-from media_fixtures import write_video
+from media_fixtures import write_growing_video, write_video
 from PIL import Image
 
 from vlpretrain.data.build import (
@@ -22,6 +22,7 @@ from vlpretrain.data.build import (
     record_byte_limit,
 )
 from vlpretrain.data.index import AnnotationChangedError, AnnotationIndex, cache_file
+from vlpretrain.data.media import image_size
 from vlpretrain.data.meta import DatasetSpec, load_meta
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
@@ -139,6 +140,62 @@ def test_video_frames_obey_the_pixel_cap(tmp_path, tokenizer):
     assert all(isinstance(loose.load(i, 0, 0), TokenizedSample) for i in range(2))
 
 
+def test_video_frames_larger_than_the_stream_header_are_refused(tmp_path, tokenizer):
+    # the header says 64x48 (3072 pixels, under the cap of 6144); the last 4 of the 8 frames
+    # are 256x256 = 65536 pixels. Every sampled set of 2-3 frames reaches the second half
+    # (one frame per equal interval), so each one must be checked as it is decoded.
+    write_growing_video(tmp_path / "grows.m4v", (64, 48), (256, 256))
+    record = {"video": "grows.m4v", "conversations": conv("<video>\nHi")}
+    source = make_source(tmp_path, tokenizer, [record], max_image_pixels=6144)
+    skipped = source.load(0, 0, 0)
+    assert isinstance(skipped, SkippedSample), skipped
+    assert skipped.reason == "image_too_large"
+    assert "data.max_image_pixels = 6144" in skipped.detail
+    assert "grows.m4v" in skipped.detail
+    loose = make_source(tmp_path, tokenizer, [record], max_image_pixels=65536)
+    assert isinstance(loose.load(0, 0, 0), TokenizedSample)  # 256x256 is exactly the cap
+
+
+def test_the_decoder_refuses_frames_far_above_the_cap(tmp_path, tokenizer):
+    # 1000x700 = 700000 pixels: the decoder's own limit (2 x 6144 + 262144 = 274432) refuses
+    # to allocate them, so a lying stream cannot cost gigabytes before our check
+    write_growing_video(tmp_path / "grows.m4v", (64, 48), (1000, 700))
+    record = {"video": "grows.m4v", "conversations": conv("<video>\nHi")}
+    source = make_source(tmp_path, tokenizer, [record], max_image_pixels=6144)
+    skipped = source.load(0, 0, 0)
+    assert skipped.reason == "image_too_large", skipped
+    assert "the decoder refused it" in skipped.detail
+    loose = make_source(tmp_path, tokenizer, [record], max_image_pixels=700_000)
+    assert isinstance(loose.load(0, 0, 0), TokenizedSample)
+
+
+def test_pillow_bomb_limit_does_not_file_a_big_image_as_corrupt(tmp_path, tokenizer):
+    # 20000x20000 = 400 MP is above twice Pillow's own 179 MP limit, where Image.open raises
+    # DecompressionBombError; our cap (50 MP) decides, with its own reason
+    png_with_header_size(tmp_path / "bomb.png", 20000, 20000)
+    source = make_source(tmp_path, tokenizer, [{"image": "bomb.png", "conversations": conv()}])
+    skipped = source.load(0, 0, 0)
+    assert skipped.reason == "image_too_large"
+    assert "20000x20000 = 400000000 pixels exceeds data.max_image_pixels = 50000000" in (
+        skipped.detail
+    )
+
+
+def test_pillow_limit_below_ours_does_not_override_it(tmp_path, tokenizer, monkeypatch):
+    # data.max_image_pixels is the one limit: with Pillow's limit at 1000 pixels, a 100x100
+    # image (10000 > 2 x 1000: Pillow would raise) still loads under our default 50 MP cap
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (100, 100), "blue").save(tmp_path / "a.png")
+    source = make_source(tmp_path, tokenizer, [{"image": "a.png", "conversations": conv()}])
+    assert isinstance(source.load(0, 0, 0), TokenizedSample)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # left as it was for everyone else
+
+
+def test_image_size_reads_a_header_above_pillows_limit(tmp_path):
+    png_with_header_size(tmp_path / "bomb.png", 20000, 20000)
+    assert image_size(tmp_path / "bomb.png") == (20000, 20000)
+
+
 # -- index validity ------------------------------------------------------------------------
 
 
@@ -164,7 +221,7 @@ def test_same_size_rewrite_with_restored_mtime_is_reindexed(tmp_path):
     second = AnnotationIndex(ann, tmp_path / "cache")
     assert len(second) == 3
     assert [json.loads(second.read(i))["j"] for i in range(3)] == [0, 1, 2]
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the stale cache is gone
+    assert len(list((tmp_path / "cache").glob("*.index"))) == 1  # the stale cache is gone
 
 
 def test_cache_key_covers_inode_ctime_and_content(tmp_path):
@@ -287,6 +344,43 @@ def test_repeat_time_that_leaves_no_record_is_rejected(tmp_path, tokenizer):
     assert "'fine'" not in message  # int(3 * 0.5) = 1 record
 
 
+@pytest.mark.parametrize("repeat_time", [1e9, 1e18])
+def test_repeat_time_beyond_the_record_limit_is_one_clear_error(tmp_path, tokenizer, repeat_time):
+    # 1e9 passed data check, then every loader stream tried to shuffle 1e9 x lines records
+    # (894 GiB); 1e18 gave a raw OverflowError from len()
+    (tmp_path / "ten.jsonl").write_text(
+        "".join(json.dumps({"conversations": conv(f"q{i}")}) + "\n" for i in range(10))
+    )
+    meta = tmp_path / "meta.json"
+    entry = {"root": str(tmp_path), "annotation": "ten.jsonl", "data_augment": False}
+    meta.write_text(json.dumps({"huge": {**entry, "repeat_time": repeat_time},
+                                "fine": {**entry, "repeat_time": 2.0}}))  # fmt: skip
+    config = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as info:
+        build_sources(meta, config, facts_of(tokenizer), tokenizer)
+    message = str(info.value)
+    assert f"meta file {meta} has 1 problem(s)" in message
+    records = int(10 * repeat_time)
+    assert f"dataset 'huge': field 'repeat_time' {repeat_time} x 10 lines" in message
+    assert f"gives {records} records, above the limit of 268435456 per dataset" in message
+    # 268435456 / 10 lines
+    assert "use repeat_time <= 26843545.6" in message
+    assert "'fine'" not in message
+
+
+def test_deeply_nested_meta_file_is_one_clear_error(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text('{"a":\n {"root": ' + "[" * 5000 + "]" * 5000 + "}}")
+    with pytest.raises(ValueError) as info:
+        load_meta(meta)
+    message = str(info.value)
+    assert f"meta file {meta}: cannot read JSON" in message
+    # depth 1 is the file's object, 2 the dataset's, 3 the first list (line 2, column 11);
+    # the second list passes depth 3, at column 12
+    assert "nested deeper than the JSON parser allows" in message
+    assert "depth 3 passed at line 2, column 12" in message
+
+
 # -- file modes ----------------------------------------------------------------------------
 
 
@@ -307,7 +401,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask_027):
 def test_index_cache_follows_the_umask(tmp_path, umask_027):
     (tmp_path / "a.jsonl").write_text('{"a": 1}\n')
     AnnotationIndex(tmp_path / "a.jsonl", tmp_path / "cache")
-    (cache,) = (tmp_path / "cache").glob("*.npy")
+    (cache,) = (tmp_path / "cache").glob("*.index")
     assert cache.stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0600
 
 

@@ -120,11 +120,11 @@ def test_remote_index_is_cached_by_etag_and_read_by_ranges(s3, tmp_path):
     gets = len(s3.proxy.seen("idx/ann.jsonl"))
     again = AnnotationIndex(url, cache, FAST)  # cached: metadata only, no byte read
     assert len(again) == 4 and len(s3.proxy.seen("idx/ann.jsonl")) == gets
-    assert len(list(cache.glob("*.npy"))) == 1
+    assert len(list(cache.glob("*.index"))) == 1
     s3.put("idx/ann.jsonl", b'{"new": 1}\n{"new": 2}\n')  # new ETag: indexed again
     changed = AnnotationIndex(url, cache, FAST)
     assert len(changed) == 2 and changed.read(1) == b'{"new": 2}'
-    assert len(list(cache.glob("*.npy"))) == 1  # the stale cache file is gone
+    assert len(list(cache.glob("*.index"))) == 1  # the stale cache file is gone
 
 
 def test_a_connection_dropped_mid_read_is_retried(s3):

@@ -17,7 +17,9 @@ file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
 
 from __future__ import annotations
 
+import errno
 import logging
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,10 @@ class SampleConfig:
     max_skip_fraction: float = 0.01
     """Fail when more than this fraction of the records seen were skipped."""
     max_image_pixels: int = media.DEFAULT_MAX_IMAGE_PIXELS
-    """Images and video frames with more pixels (width x height, read from the file header
-    before decoding) are skipped as too_large; 50 MP decodes in about a second."""
+    """Images and video frames with more pixels (width x height) are skipped as
+    image_too_large: checked from the file header before decoding and again on every decoded
+    frame (a video's header may lie); the one limit, Pillow's own 179 MP one does not apply.
+    50 MP decodes in about a second."""
     max_record_bytes: int | None = None
     """Annotation lines longer than this are skipped as too_long before they are parsed or
     tokenised; None: RECORD_BYTES_PER_TOKEN (32) bytes per token of max_seq_length."""
@@ -139,6 +143,11 @@ def record_byte_limit(config: SampleConfig) -> int:
     return RECORD_BYTES_PER_TOKEN * config.max_seq_length
 
 
+MAX_DATASET_RECORDS = 1 << 28
+"""Most records a dataset may have after repeat_time: each loader stream shuffles the records
+of an epoch as an int64 permutation (2 GiB at this limit)."""
+
+
 def repeat_length(num_lines: int, repeat_time: float) -> int:
     """Effective number of records of a dataset: int(N * r)."""
     return int(num_lines * repeat_time)
@@ -152,6 +161,44 @@ def repeat_line_index(
     if record_index < full:
         return record_index % num_lines
     return int(subset[record_index - full])
+
+
+MACHINE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS}
+)
+"""OSError numbers that say the machine, not the record, failed: the disk or quota is full,
+the process is out of file handles or memory."""
+DETAIL_CHARS = 300
+"""Longest exception message kept in an unexpected_error skip (a record can be 256 KiB)."""
+
+
+def machine_failure(err: BaseException) -> BaseException | None:
+    """The failure behind `err` that must stop the run, None when `err` is about the record.
+
+    MemoryError stops the run: the byte and pixel caps bound what one record may cost, so
+    running out of memory says the host (or the caps) are wrong, and skipping would file
+    every following record under a reason that is not theirs. So does an ImportError (a
+    package the work needs is not installed: the installation's fault), and an OSError of
+    MACHINE_ERRNOS, also behind a RecordError that filed it under a media reason (`media`
+    turns any OSError of an image into corrupt_image). KeyboardInterrupt and SystemExit are
+    not Exceptions and are never caught.
+    """
+    if isinstance(err, MemoryError | ImportError):  # ImportError: packages.MissingPackageError
+        return err
+    for candidate in (err, err.__cause__):
+        if isinstance(candidate, OSError) and candidate.errno in MACHINE_ERRNOS:
+            return candidate
+    return None
+
+
+def unexpected_detail(err: Exception) -> str:
+    """`Type: message (at file.py:line)` of an exception no check foresaw."""
+    message = str(err)
+    if len(message) > DETAIL_CHARS:
+        message = message[:DETAIL_CHARS] + "..."
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {message}{where}"
 
 
 class DatasetSource:
@@ -222,14 +269,35 @@ class DatasetSource:
     def load_line(
         self, line_index: int, rng: np.random.Generator
     ) -> TokenizedSample | SkippedSample:
-        """Sample of one annotation line, randomness drawn from `rng`."""
+        """Sample of one annotation line, randomness drawn from `rng`.
+
+        Whatever the line holds, the result is a sample or a SkippedSample naming its file
+        and line: a RecordError keeps its reason, any other exception while the line becomes
+        a sample is `unexpected_error`. Only what is not about the record propagates (see
+        `machine_failure`), and failures to read the annotation file itself (OSError,
+        AnnotationChangedError): they concern every record of the dataset.
+        """
         source = self.source_of(line_index)
         try:
             line = self.index.read(line_index, record_byte_limit(self.config))
-            record = parse_record(line, self.spec.root)
-            return self.build(record, rng, source)
-        except RecordError as err:
+        except RecordError as err:  # too_long, read_error of a remote record
             return SkippedSample(self.dataset_index, source, err.reason, err.detail)
+        try:
+            return self.build(parse_record(line, self.spec.root), rng, source)
+        except Exception as err:  # one record never stops the job; machine failures go on
+            failure = machine_failure(err)
+            if failure is err:
+                raise
+            if failure is not None:
+                raise failure from err
+            return self._skipped(source, err)
+
+    def _skipped(self, source: SampleSource, err: Exception) -> SkippedSample:
+        if isinstance(err, RecordError):
+            return SkippedSample(self.dataset_index, source, err.reason, err.detail)
+        detail = unexpected_detail(err)
+        logger.debug("%s: unexpected_error %s", source, detail, exc_info=err)
+        return SkippedSample(self.dataset_index, source, "unexpected_error", detail)
 
     def build(
         self, record: Record, rng: np.random.Generator, source: SampleSource
@@ -316,12 +384,26 @@ def build_sources(
     """
     specs = load_meta(meta_path, config.remote_settings())
     sources = [DatasetSource(spec, config, facts, tokenizer) for spec in specs]
-    empty = [
-        f"dataset {s.name!r}: field 'repeat_time' {s.spec.repeat_time} x {s.num_lines} lines of "
-        f"{s.spec.annotation} leaves int({s.num_lines} * {s.spec.repeat_time}) = 0 records"
-        for s in sources
-        if len(s) == 0
-    ]
-    if empty:
-        raise problems_error(remote.as_location(meta_path), empty)
+    problems = [p for s in sources if (p := repeat_problem(s.spec, s.num_lines)) is not None]
+    if problems:
+        raise problems_error(remote.as_location(meta_path), problems)
     return sources
+
+
+def repeat_problem(spec: DatasetSpec, num_lines: int) -> str | None:
+    """Why `spec`'s repeat_time over its `num_lines` lines gives no usable length, or None."""
+    records = repeat_length(num_lines, spec.repeat_time)
+    where = f"dataset {spec.name!r}: field 'repeat_time' {spec.repeat_time} x {num_lines} lines"
+    if records == 0:
+        return (
+            f"{where} of {spec.annotation} leaves int({num_lines} * {spec.repeat_time}) = 0 records"
+        )
+    if records > MAX_DATASET_RECORDS:
+        gibibytes = 8 * MAX_DATASET_RECORDS / 2**30
+        return (
+            f"{where} of {spec.annotation} gives {records} records, above the limit of "
+            f"{MAX_DATASET_RECORDS} per dataset (every loader stream shuffles them in memory, "
+            f"8 bytes each: {gibibytes:.0f} GiB at the limit); use repeat_time <= "
+            f"{MAX_DATASET_RECORDS / num_lines:.10g}"
+        )
+    return None

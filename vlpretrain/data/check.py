@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vlpretrain.data import media, tiling
-from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
+from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources, record_byte_limit
 from vlpretrain.data.loader import exceeds_budget
 from vlpretrain.data.packing import PackingConfig, PackItem, PieceRef, fit_to_budget
 from vlpretrain.data.records import RecordError, parse_record
@@ -222,7 +222,8 @@ def render_sample(sample: TokenizedSample, tokenizer: Any, num_image_token: int)
 def describe_media(source: DatasetSource, line_index: int) -> list[str]:
     """One line per image: path, size and the tile grid the builder chooses."""
     try:
-        record = parse_record(source.index.read(line_index), source.spec.root)
+        line = source.index.read(line_index, record_byte_limit(source.config))
+        record = parse_record(line, source.spec.root)
     except RecordError:
         return []
     cfg = source.config

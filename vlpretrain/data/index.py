@@ -1,15 +1,23 @@
 """Byte-offset index of a .jsonl annotation file, cached on disk.
 
-    annotation.jsonl --build_line_index--> (offsets, line_numbers) int64 --cache--> .npy
+    annotation.jsonl --build_line_index--> (offsets, line_numbers) int64 --cache--> .index
     AnnotationIndex.read(i) = seek(offsets[i]) + readline()
+
+Indexing is one pass over blocks of CHUNK_BYTES, linear in the file size whatever its lines:
+nothing of a block is kept but the state of the line still open at its end, so a file of one
+1 GB line is scanned as fast as any other and never held in memory (reading that record later
+reads at most max_record_bytes + 1 bytes of it).
 
 Blank lines are skipped but the real 1-based line numbers are kept for error messages. The
 cache lives in a cache directory (never next to the user's data) and is keyed by the absolute
 path and a fingerprint of the file: size, mtime_ns, inode, ctime_ns and a hash of its first and
 last FINGERPRINT_BLOCK bytes. Size + mtime alone miss a rewrite of the same size whose mtime
 was restored (`cp -p`, `rsync -t`); the ctime cannot be restored by user tools and a new file
-(rsync's rename) has a new inode. The cache is written atomically (temp file + os.replace) with
-the umask's permissions, so a killed job never leaves a truncated cache behind.
+(rsync's rename) has a new inode.
+
+The cache file (its format, its verification before use, its durable write and the clean-up
+of killed builds' temp files) is data.index_cache's; a cache that fails verification is
+rebuilt here, with a warning naming it.
 
 Reading checks that the byte before every indexed line start is a newline, so an index that
 is stale anyway (the file changed during the run, or on a file system without reliable
@@ -29,7 +37,6 @@ Cache directory: the `cache_dir` argument if given (data.cache_dir), else
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 from collections.abc import Iterable
@@ -38,10 +45,9 @@ from typing import IO
 
 import numpy as np
 
-from vlpretrain.data import remote
+from vlpretrain.data import index_cache, remote
 from vlpretrain.data.records import RecordError
 from vlpretrain.data.remote import URL, Location, RemoteSettings
-from vlpretrain.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -60,42 +66,60 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vlpretrain" / "index"
 
 
-def _chunk_lines(buf: np.ndarray, base: int, first_line: int) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets and line numbers of the non-blank, complete lines held in `buf`."""
-    ends = np.flatnonzero(buf == 10) + 1
-    if ends.size == 0 or ends[-1] != buf.size:
-        ends = np.append(ends, buf.size)  # last line without trailing newline
-    starts = np.concatenate(([0], ends[:-1]))
-    # every line holds >= 1 byte, so reduceat gives "any non-whitespace byte" per line
-    has_content = np.logical_or.reduceat(~_WHITESPACE[buf], starts)
-    numbers = np.arange(first_line, first_line + starts.size, dtype=np.int64)
-    return starts[has_content].astype(np.int64) + base, numbers[has_content]
+class _LineScanner:
+    """Line starts of a byte stream fed in blocks of any split, one pass, O(block) memory.
+
+    Nothing of an earlier block is kept but the state of the line still open at its end
+    (where it starts, whether it holds a non-whitespace byte yet), so a file of one 1 GB line
+    costs what a file of a million short lines costs: each byte is looked at once.
+    """
+
+    def __init__(self) -> None:
+        self.base = 0  # file offset of the next block
+        self.line = 1  # 1-based number of the open line
+        self.open_start = 0  # file offset of the open line
+        self.open_content = False  # the open line holds a non-whitespace byte
+        self.offsets: list[np.ndarray] = []
+        self.numbers: list[np.ndarray] = []
+
+    def feed(self, block: bytes) -> None:
+        buf = np.frombuffer(block, dtype=np.uint8)
+        content = ~_WHITESPACE[buf]
+        ends = np.flatnonzero(buf == 10)  # the newline closing each line of this block
+        if ends.size:
+            starts = np.concatenate(([0], ends[:-1] + 1))
+            # each closed line holds >= 1 byte (its newline), so reduceat gives "any content"
+            has_content = np.logical_or.reduceat(content[: ends[-1] + 1], starts)
+            has_content[0] |= self.open_content
+            line_starts = starts.astype(np.int64) + self.base
+            line_starts[0] = self.open_start  # the first one began in an earlier block
+            numbers = np.arange(self.line, self.line + starts.size, dtype=np.int64)
+            self.offsets.append(line_starts[has_content])
+            self.numbers.append(numbers[has_content])
+            self.line += starts.size
+            self.open_start = self.base + int(ends[-1]) + 1
+            self.open_content = bool(content[ends[-1] + 1 :].any())
+        else:
+            self.open_content = self.open_content or bool(content.any())
+        self.base += buf.size
+
+    def finish(self) -> np.ndarray:
+        """(2, N) int64: line start offsets and 1-based line numbers of non-blank lines."""
+        if self.open_content:  # a last line without trailing newline
+            self.offsets.append(np.array([self.open_start], dtype=np.int64))
+            self.numbers.append(np.array([self.line], dtype=np.int64))
+        if not self.offsets:
+            return np.zeros((2, 0), dtype=np.int64)
+        return np.stack([np.concatenate(self.offsets), np.concatenate(self.numbers)])
 
 
 def index_blocks(blocks: Iterable[bytes]) -> np.ndarray:
     """Index the file whose bytes arrive as `blocks` (any split); (2, N) int64 array: line
-    start offsets and 1-based line numbers."""
-    offsets: list[np.ndarray] = []
-    numbers: list[np.ndarray] = []
-    base, line, carry = 0, 1, b""
-    for block in itertools.chain(blocks, [b""]):
-        data = carry + block
-        if not data:
-            break
-        cut = len(data) if not block else data.rfind(b"\n") + 1
-        if cut == 0:  # no newline yet: keep reading
-            carry = data
-            continue
-        buf = np.frombuffer(data, dtype=np.uint8, count=cut)
-        starts, nums = _chunk_lines(buf, base, line)
-        offsets.append(starts)
-        numbers.append(nums)
-        line += int(np.count_nonzero(buf == 10)) + (0 if buf[-1] == 10 else 1)
-        base += cut
-        carry = data[cut:]
-    if not offsets:
-        return np.zeros((2, 0), dtype=np.int64)
-    return np.stack([np.concatenate(offsets), np.concatenate(numbers)])
+    start offsets and 1-based line numbers. Linear in the bytes, whatever the lines."""
+    scanner = _LineScanner()
+    for block in blocks:
+        scanner.feed(block)
+    return scanner.finish()
 
 
 def build_line_index(path: str | Path) -> np.ndarray:
@@ -143,20 +167,18 @@ def cache_file(path: Location, cache_dir: Path, fingerprint: str | None = None) 
     if fingerprint is None:
         assert isinstance(path, Path), "remote objects pass their object_fingerprint"
         fingerprint = file_fingerprint(path)
-    return cache_dir / f"{path.name}.{path_key}.{fingerprint[:16]}.npy"
+    return cache_dir / f"{path.name}.{path_key}.{fingerprint[:16]}{index_cache.CACHE_SUFFIX}"
 
 
-def _write_atomic(target: Path, array: np.ndarray) -> None:
-    """Write `array` to `target` atomically, with the umask's permissions."""
-    write_atomic(target, lambda handle: np.save(handle, array))
-
-
-def _remove_stale(target: Path) -> None:
-    """Delete cache files of earlier versions of the same annotation file."""
-    prefix = target.name.rsplit(".", 2)[0]
-    for old in target.parent.glob(f"{prefix}.*.npy"):
-        if old != target:
-            old.unlink(missing_ok=True)
+def _cached(target: Path, size: int) -> np.ndarray | None:
+    """The verified index in `target`; None (with a warning naming it) if it is damaged."""
+    if not target.is_file():
+        return None
+    try:
+        return index_cache.read_cache(target, size)
+    except (index_cache.DamagedCacheError, OSError) as err:
+        logger.warning("index cache %s is damaged (%s): rebuilding it", target, err)
+        return None
 
 
 def load_or_build_index(
@@ -164,15 +186,17 @@ def load_or_build_index(
     cache_dir: Path | None,
     settings: RemoteSettings = remote.DEFAULT_SETTINGS,
 ) -> tuple[np.ndarray, Path | None, int]:
-    """The (2, N) index of `path` (memory-mapped from the cache when possible), its cache file
-    and the size of the file it indexes."""
+    """The (2, N) index of `path` (memory-mapped from a verified cache when possible), its
+    cache file and the size of the file it indexes."""
     if isinstance(path, URL):
         fingerprint, size = object_fingerprint(path, settings)
         target = cache_file(path, cache_dir or default_cache_dir(), fingerprint)
     else:
         target, size = cache_file(path, cache_dir or default_cache_dir()), path.stat().st_size
-    if target.is_file():
-        return np.load(target, mmap_mode="r"), target, size
+    index_cache.remove_leftover_temp_files(target.parent)
+    cached = _cached(target, size)
+    if cached is not None:
+        return cached, target, size
     if isinstance(path, URL):
         blocks = (
             remote.read_range(path, start, min(start + CHUNK_BYTES, size), settings)
@@ -182,13 +206,13 @@ def load_or_build_index(
     else:
         index = build_line_index(path)
     try:
-        _write_atomic(target, index)
-        _remove_stale(target)
+        index_cache.write_cache(target, index, size)
+        index_cache.remove_stale(target)
     except OSError as err:
         logger.warning("cannot write index cache %s (%s); keeping it in memory", target, err)
         return index, None, size
     logger.info("indexed %s: %d records -> %s", path, index.shape[1], target)
-    return np.load(target, mmap_mode="r"), target, size
+    return index_cache.map_cache(target), target, size
 
 
 class AnnotationIndex:
@@ -224,7 +248,7 @@ class AnnotationIndex:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         if self._index is None:
-            self._index = np.load(self._cache, mmap_mode="r")
+            self._index = index_cache.map_cache(self._cache)
 
     def line_number(self, i: int) -> int:
         """1-based line number in the file of record `i`."""

@@ -7,7 +7,12 @@ No tiling or normalisation here (see data.tiling). Every failure becomes a Recor
 (missing_image, corrupt_image, image_too_large, video_error). Truncated files are reported as
 corrupt: we never set Pillow's LOAD_TRUNCATED_IMAGES. Oversized images and videos are refused
 by our own pixel limit, read from the file header before any pixel is decoded: a 12000x12000
-PNG can be 140 KB on disk and take seconds to decode and tile.
+PNG can be 140 KB on disk and take seconds to decode and tile. The header is only a claim, so
+the limit is checked again on what decodes: an image after load, every video frame before it
+is converted (and FFmpeg's decoder refuses frames far above it before allocating them: a
+stream whose header says 64x48 may carry 12000x12000 frames). It is the one limit: Pillow's
+own decompression-bomb check (179 MP) is off while we open a file, so it neither refuses
+as corrupt_image what ours allows nor refuses, unnamed, what ours refuses.
 
 Media named by URL (data.remote) are read with ranged requests: an image's header first (a
 prefix of HEADER_BYTES, doubled until Pillow can read the size), so the pixel limit still
@@ -19,12 +24,14 @@ both name the URL. Local paths never go through fsspec.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import re
 import sys
-import warnings
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -42,6 +49,11 @@ HEADER_BYTES = 1 << 16
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 """Largest width x height decoded (8000x6000 photos and 8K UHD frames fit; 12000x12000 not)."""
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+FFMPEG_MAX_PIXELS = 2**31 - 1
+"""Largest value of FFmpeg's max_pixels decoder option (its own default)."""
+DECODER_SLACK_PIXELS = 1 << 18
+"""Headroom of the decoder's limit over twice ours: FFmpeg counts padded, aligned buffers
+(a 64x48 mpeg4 stream needs a limit of 89600)."""
 
 
 def load_image(
@@ -64,31 +76,49 @@ def load_image(
     return _decode_image(path, path, max_pixels)
 
 
+@contextlib.contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off while a header is read: data.max_image_pixels,
+    checked right after from the same header, is the one limit. Pillow's (179 MP; it raises
+    above twice that) would refuse as corrupt_image images our limit allows, and would refuse
+    those ours refuses without saying which limit. Pillow reads MAX_IMAGE_PIXELS at each open,
+    and a loader process decodes one image at a time, so the change is scoped to this call."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open_image(source: Path | IO[bytes]) -> Image.Image:
+    """Image.open under our pixel limit only (the size comes from the header; nothing is
+    decoded yet)."""
+    with _our_pixel_limit():
+        return Image.open(source)
+
+
 def _decode_image(source: Path | IO[bytes], name: Location, max_pixels: int) -> Image.Image:
     """Header, pixel limit, then the full decode to RGB (`name` for messages)."""
     try:
-        with warnings.catch_warnings():
-            # our max_pixels replaces Pillow's bomb warning (raised on open, from the header)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
-        with image:
+        with _open_image(source) as image:
             check_pixels(name, *image.size, max_pixels)
             image.load()
+            # the decoded size, not the header's claim, is what gets converted and tiled
+            check_pixels(name, *image.size, max_pixels)
             return image.convert("RGB")
     except RecordError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise RecordError("corrupt_image", f"{name}: {err}") from err
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the header in `data` (a prefix of the file), None if cut short."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        with _open_image(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, EOFError):
         return None
 
 
@@ -114,8 +144,13 @@ def image_size(
         RecordError: as load_image, corrupt_image when no header can be read.
     """
     if not isinstance(path, URL):
-        with Image.open(path) as image:
-            return image.size
+        if not path.is_file():
+            raise RecordError("missing_image", f"no image file {path}")
+        try:
+            with _open_image(path) as image:
+                return image.size
+        except (OSError, ValueError, SyntaxError) as err:
+            raise RecordError("corrupt_image", f"{path}: {err}") from err
     try:
         info = remote.object_info(path, settings)
         found = _remote_header(path, info.size, settings)[1]
@@ -210,9 +245,11 @@ def _clip_window(num_frames: int, fps: float, clip: tuple[float, float] | None) 
     """Frame indices inside `clip` (all frames if None)."""
     if clip is None:
         return range(num_frames)
-    start = int(clip[0] * fps)
-    stop = min(num_frames, start + int((clip[1] - clip[0]) * fps))
-    return range(min(start, num_frames), stop)
+    # clamped while still floats: a finite clip of 1e308 s times the fps is inf, and int(inf)
+    # raises OverflowError
+    start = int(min(clip[0] * fps, num_frames))
+    stop = min(num_frames, start + int(min((clip[1] - clip[0]) * fps, num_frames)))
+    return range(start, stop)
 
 
 def _decode_frames(
@@ -233,18 +270,52 @@ def _decode_frames(
     if len(window) == 0:
         raise RecordError("video_error", f"{path}: no frames in clip {clip} ({num_frames} frames)")
     wanted = [window[i] for i in sample_frame_indices(len(window), num_wanted, rng)]
-    decoded: dict[int, Image.Image] = {}
-    targets = set(wanted)
     with _open_video(path, data) as container:
-        for position, frame in enumerate(container.decode(video=0)):
-            if position in targets:
-                decoded[position] = frame.to_image().convert("RGB")
-            if position >= max(targets):
-                break
+        decoded = _decode_wanted(container, path, set(wanted), max_pixels)
     if not decoded:
         raise RecordError("video_error", f"{path}: could not decode any requested frame")
     last = decoded[max(decoded)]  # the header over-counted: reuse the last decoded frame
     return [decoded.get(i, last) for i in wanted]
+
+
+def _decode_wanted(
+    container: Any, path: Location, targets: set[int], max_pixels: int
+) -> dict[int, Image.Image]:
+    """The frames at positions `targets`, each one's size checked as it comes out of the
+    decoder, before it is converted: the stream header is only a claim, and a stream whose
+    header says 64x48 may carry 12000x12000 frames (5-7 GB of RSS to decode and convert)."""
+    stream = container.streams.video[0]
+    # FFmpeg's own max_pixels makes the decoder refuse to allocate far larger frames, so a
+    # lying stream costs at most one frame of about twice our cap; it counts padded buffers,
+    # hence the headroom, and our exact check on each frame follows
+    limit = min(2 * max_pixels + DECODER_SLACK_PIXELS, FFMPEG_MAX_PIXELS)
+    stream.codec_context.options = {"max_pixels": str(limit)}
+    decoded: dict[int, Image.Image] = {}
+    try:
+        for position, frame in enumerate(container.decode(stream)):
+            check_pixels(path, frame.width, frame.height, max_pixels)
+            if position in targets:
+                decoded[position] = frame.to_image().convert("RGB")
+            if position >= max(targets):
+                break
+    except (MemoryError, ValueError) as err:  # av.error's ENOMEM / EINVAL subclass these
+        if not _decoder_refused_size(err, stream.codec_context, max_pixels):
+            raise
+        raise RecordError(
+            "image_too_large",
+            f"{path}: a frame larger than the stream header's size exceeds "
+            f"data.max_image_pixels = {max_pixels} (the decoder refused it: {err})",
+        ) from err
+    return decoded
+
+
+def _decoder_refused_size(err: Exception, context: Any, max_pixels: int) -> bool:
+    """True when FFmpeg's max_pixels refused a frame: an EINVAL that reset the size to 0x0
+    (its size check) or an ENOMEM with a size above the cap (its buffer allocation). Python's
+    own MemoryError has no errno: the host is out of memory, and that is not the record's."""
+    code = getattr(err, "errno", None)
+    area = context.width * context.height
+    return code in (errno.EINVAL, errno.ENOMEM) and (area == 0 or area > max_pixels)
 
 
 def _open_video(path: Location, data: bytes | None) -> av.container.InputContainer:

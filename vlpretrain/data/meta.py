@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -217,6 +218,36 @@ def _read_meta_text(meta_path: Location, settings: RemoteSettings) -> str:
     return meta_path.read_text(encoding="utf-8")
 
 
+NESTING_REPORTED = 3
+"""Depth a meta file needs ({dataset: {field: [value]}}); the error names where it is passed."""
+
+
+def nesting_position(text: str, depth: int) -> str:
+    """'depth D passed at line L, column C': where `text` opens its (depth + 1)-th nested
+    bracket outside strings ('' if it never does)."""
+    level, in_string, escaped, line, column = 0, False, False, 1, 0
+    for char in text:
+        column += 1
+        if char == "\n":
+            line, column = line + 1, 0
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            level += 1
+            if level > depth:
+                return f"depth {depth} passed at line {line}, column {column}"
+        elif char in "]}":
+            level -= 1
+    return ""
+
+
 def load_meta(
     path: str | Path, settings: RemoteSettings = remote.DEFAULT_SETTINGS
 ) -> list[DatasetSpec]:
@@ -232,6 +263,13 @@ def load_meta(
         data = json.loads(text, object_pairs_hook=_object_pairs)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"meta file {meta_path}: cannot read JSON: {err}") from err
+    except RecursionError as err:
+        where = nesting_position(text, NESTING_REPORTED)
+        raise ValueError(
+            f"meta file {meta_path}: cannot read JSON: nested deeper than the JSON parser allows "
+            f"(about {sys.getrecursionlimit()} levels; a meta file needs {NESTING_REPORTED})"
+            + (f", {where}" if where else "")
+        ) from err
     if not isinstance(data, dict) or not data:
         raise ValueError(f"meta file {meta_path}: must be a non-empty JSON object of datasets")
     problems = [

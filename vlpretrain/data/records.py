@@ -6,8 +6,12 @@ Dispatch as the reference: a non-empty `image` (list -> multi_image, even of one
 image), else a non-empty `video`, else text; but `"image": ""` or `"video": ""` is rejected
 (the reference treats it as a text record, so its `<image>` tag stays literal text). Turns
 are `{"from": role, "value": text}` with roles human/gpt, and system only as the first turn.
-The docs' `text` key is rejected with a message naming it (the reference fails on it silently,
-spec section 11 item 28).
+The docs' `text` key is rejected with a message naming it (the reference fails on it silently).
+
+Hostile lines are refused here with a reason, never by an exception from deeper down: JSON
+nested deeper than the parser's recursion allows is malformed_json, as is a string holding a
+lone UTF-16 surrogate (valid JSON, "\\ud800", but not text a tokenizer or a file system
+takes); a clip bound too large for a float is missing_field.
 
 Media paths are joined to the dataset root: `root / value` for a local root, `root + "/" +
 value` for a URL root (s3://...; the reference concatenates root + value for s3:// roots, so
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,8 +44,10 @@ SKIP_REASONS = (
     "video_error",
     "too_long",
     "read_error",
+    "unexpected_error",
 )
-"""Every `SkippedSample.reason` the sample builder can produce."""
+"""Every `SkippedSample.reason` the sample builder can produce. `unexpected_error` is the
+builder's catch-all (data.build): an exception no check foresaw, its type in the detail."""
 
 
 class RecordError(Exception):
@@ -68,6 +75,19 @@ class Record:
     """Optional [start_sec, end_sec] of the video."""
 
 
+def _check_text(value: str, field: str) -> str:
+    """`value` itself, if it is Unicode text (no lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = value[err.start : err.start + 1]
+        raise RecordError(
+            "malformed_json",
+            f"{field} holds a lone surrogate {bad!r} at character {err.start}, not Unicode text",
+        ) from err
+    return value
+
+
 def _parse_turn(position: int, turn: Any) -> tuple[str, str]:
     where = f"conversations[{position}]"
     if not isinstance(turn, dict):
@@ -84,7 +104,7 @@ def _parse_turn(position: int, turn: Any) -> tuple[str, str]:
         raise RecordError("unknown_role", f"{where}: 'system' is only allowed as the first turn")
     if not isinstance(value, str):
         raise RecordError("missing_field", f"{where}.value must be a string, got {value!r:.60}")
-    return role, value
+    return role, _check_text(value, f"{where}.value")
 
 
 def _parse_conversations(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -105,19 +125,31 @@ def _join(root: Location, value: Any, field: str) -> Location:
     """`value` below `root`; a URL value (s3://...) stands for itself."""
     if not isinstance(value, str) or not value:
         raise RecordError("missing_field", f"{field} must be a non-empty path string")
+    _check_text(value, field)
     if is_url(value):
         return URL(value)
     return root / value
 
 
+def _seconds(value: Any) -> float | None:
+    """`value` as a finite float, None if it is not a number or too large for a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)  # an int of 400 digits overflows here
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 def _parse_clip(value: Any) -> tuple[float, float] | None:
     if value is None:
         return None
-    ok = isinstance(value, (list, tuple)) and len(value) == 2
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not ok or not all(math.isfinite(v) for v in value) or not 0 <= value[0] < value[1]:
-        raise RecordError("missing_field", f"'clip' must be [start_sec, end_sec], got {value!r}")
-    return float(value[0]), float(value[1])
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        start, end = _seconds(value[0]), _seconds(value[1])
+        if start is not None and end is not None and 0 <= start < end:
+            return start, end
+    raise RecordError("missing_field", f"'clip' must be [start_sec, end_sec], got {value!r:.80}")
 
 
 def parse_record(line: str | bytes, root: Location) -> Record:
@@ -130,6 +162,11 @@ def parse_record(line: str | bytes, root: Location) -> Record:
         obj = json.loads(line)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
         raise RecordError("malformed_json", str(err)) from err
+    except RecursionError as err:
+        raise RecordError(
+            "malformed_json",
+            f"JSON nested deeper than the parser allows (about {sys.getrecursionlimit()} levels)",
+        ) from err
     if not isinstance(obj, dict):
         raise RecordError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
     turns = _parse_conversations(obj)
