@@ -137,8 +137,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def stage_config(size: Size, stage: str, grad_checkpoint: bool) -> RunConfig:
-    overrides = (*BENCH_OVERRIDES, *size.overrides, f"train.grad_checkpoint={grad_checkpoint}")
-    return load_run_config(STAGE_FILES[stage], [o.lower() for o in overrides])
+    """The stage file's settings plus the bench's overrides and one grad_checkpoint choice."""
+    checkpointing = f"train.grad_checkpoint={str(grad_checkpoint).lower()}"  # a TOML bool
+    return load_run_config(STAGE_FILES[stage], (*BENCH_OVERRIDES, *size.overrides, checkpointing))
 
 
 def kernel_of(config: RunConfig, device: torch.device) -> tuple[str, str]:
