@@ -100,6 +100,7 @@ class Size:
     warmup_steps: int
     timed_steps: int
     gemm: int
+    gemm_seconds: float
     attention_tokens: int
     loader_workers: tuple[int, ...]
     loader_seconds: float
@@ -110,8 +111,8 @@ class Size:
 
 FULL = Size(
     shape=ModelShape(vision=INTERNVIT_300M, llm=QWEN2_5_1_5B, tile=448), overrides=(),
-    warmup_steps=2, timed_steps=5, gemm=8192, attention_tokens=16384, loader_workers=(0, 4, 8),
-    loader_seconds=20.0, photo_sizes=((1920, 1080), (4000, 3000)),
+    warmup_steps=2, timed_steps=5, gemm=8192, gemm_seconds=2.0, attention_tokens=16384,
+    loader_workers=(0, 4, 8), loader_seconds=20.0, photo_sizes=((1920, 1080), (4000, 3000)),
 )  # fmt: skip
 SMOKE = Size(
     shape=ModelShape(
@@ -126,8 +127,8 @@ SMOKE = Size(
     overrides=("packing.max_packed_tokens=256", "data.max_seq_length=256",
                "packing.num_images_expected=32",
                "model.attn_implementation=torch_varlen_reference"),
-    warmup_steps=1, timed_steps=1, gemm=128, attention_tokens=512, loader_workers=(0, 1),
-    loader_seconds=1.0, photo_sizes=((320, 240),), max_dynamic_patch=4,
+    warmup_steps=1, timed_steps=1, gemm=128, gemm_seconds=0.2, attention_tokens=512,
+    loader_workers=(0, 1), loader_seconds=1.0, photo_sizes=((320, 240),), max_dynamic_patch=4,
 )  # fmt: skip
 
 
@@ -148,7 +149,7 @@ def kernel_of(config: RunConfig, device: torch.device) -> tuple[str, str]:
     return attention.select_attention(config.model.attn_implementation, device, bf16)
 
 
-def gemm_section(size: Size, env: DistEnv, seconds: float = 2.0) -> None:
+def gemm_section(size: Size, env: DistEnv) -> None:
     """Achieved matmul TFLOP/s of size^3 products (the ceiling MFU is compared against)."""
     device = env.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -158,7 +159,7 @@ def gemm_section(size: Size, env: DistEnv, seconds: float = 2.0) -> None:
         a @ b
     synchronize(device)
     count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < size.gemm_seconds:
         for _ in range(10):
             a @ b
         count += 10
@@ -192,8 +193,19 @@ def stage_batches(model: InternVLModel, config: RunConfig, count: int) -> list[l
     ]  # fmt: skip
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        from rss import reset_peak
+
+        reset_peak()
+
+
 def memory_gib(device: torch.device) -> tuple[float, float]:
-    """Peak allocated and peak reserved memory since the last reset (CPU: peak RSS twice)."""
+    """Peak allocated and peak reserved memory since the last reset (CPU: the process's peak
+    RSS twice, weights and the interpreter included)."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) / 2**30,
                 torch.cuda.max_memory_reserved(device) / 2**30)  # fmt: skip
@@ -317,9 +329,7 @@ def run_choice(size: Size, stage: str, grad_checkpoint: bool, env: DistEnv, peak
     config = stage_config(size, stage, grad_checkpoint)
     label = f"{stage} checkpointing {'on ' if grad_checkpoint else 'off'}"
     gc.collect()
-    if env.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(env.device)
+    reset_peak_memory(env.device)
     wrapped, model = build_stage_model(size, config, env)
     try:
         timed = time_steps(wrapped, model, config, env, size)
@@ -496,10 +506,12 @@ def loader_section(size: Size, env: DistEnv) -> None:
 def run_section(name: str, fn: Callable[[], None], fail: str | None) -> bool:
     """Run one section; a failure is printed with its traceback's tail and does not stop the
     others. Returns whether it succeeded."""
+    start = time.perf_counter()
     try:
         if name == fail:
             raise RuntimeError(f"failure requested by --fail-section {name}")
         fn()
+        print(f"{name} took {time.perf_counter() - start:.0f} s", flush=True)
         return True
     except Exception as error:  # noqa: BLE001 - a benchmark reports every section's failure
         tail = "".join(traceback.format_exception(error)).rstrip().splitlines()[-12:]
@@ -561,8 +573,10 @@ def main() -> None:
         "attention": lambda: attention_section(size, env),
         "loader": lambda: loader_section(size, env),
     }
+    start = time.perf_counter()
     failed = [name for name in sections if not run_section(name, work[name], args.fail_section)]
     shutdown()
+    print(f"total {time.perf_counter() - start:.0f} s for {', '.join(sections)}")
     if "stage2" in results:
         print(f"MFU {results['stage2']:.2f} (target 0.45)")
     if failed:
