@@ -6,7 +6,8 @@
 # gpu_wheels/ (`make gpu-wheels` on a machine with network: PyAV and torchdata, which a CUDA
 # image with torch usually lacks) --pip install --no-index --target--> OUTDIR/site, put on
 # PYTHONPATH after the work tree; then the device is described, and bench/gpu.py's output goes
-# to the terminal and to OUTDIR/gpu_report.txt. Exits with the benchmark's exit code.
+# to the terminal and to OUTDIR/gpu_report.txt. Exits with the benchmark's exit code. A wheel
+# that does not install is reported and skipped.
 # Without gpu_wheels/ it says so and runs with what is installed (the loader section then
 # fails for want of torchdata; the others run). PYTHON picks the interpreter (python3),
 # GPU_WHEELS another wheel folder.
@@ -26,24 +27,25 @@ outdir=$(cd "$outdir" && pwd)
 site=$outdir/site
 
 install_wheels() {
-    local found=("$wheels"/*.whl)
+    local found=("$wheels"/*.whl) wheel use_pip=1
     if [ ! -e "${found[0]}" ]; then
         echo "no wheels in $wheels (run 'make gpu-wheels' where there is network): skipping" \
             "the install; PyAV and torchdata come only from what is installed"
-        return 0
+        return
     fi
-    echo "installing ${#found[@]} wheel(s) from $wheels into $site (no network, no deps):"
-    if "$python" -m pip --version >/dev/null 2>&1; then
-        "$python" -m pip install --quiet --no-index --no-deps --find-links "$wheels" \
-            --target "$site" "${found[@]}" || return 1
-    else
-        # No pip: a wheel is a zip archive laid out for site-packages.
-        echo "pip is missing: unpacking the wheels instead"
-        for wheel in "${found[@]}"; do
-            "$python" -m zipfile -e "$wheel" "$site" || return 1
-        done
-    fi
-    printf '  %s\n' "${found[@]##*/}"
+    echo "installing ${#found[@]} wheel(s) from $wheels into $site (no network, no deps)"
+    "$python" -m pip --version >/dev/null 2>&1 || use_pip=0
+    # One wheel at a time: one that does not fit this machine (an older glibc, another Python)
+    # leaves the others installed, and the bench still runs what does not need it.
+    for wheel in "${found[@]}"; do
+        if [ "$use_pip" = 1 ]; then
+            "$python" -m pip install --quiet --upgrade --no-index --no-deps \
+                --find-links "$wheels" --target "$site" "$wheel"
+        else
+            # No pip: a wheel is a zip archive laid out for site-packages.
+            "$python" -m zipfile -e "$wheel" "$site"
+        fi && echo "  installed ${wheel##*/}" || echo "  could not install ${wheel##*/}: skipped"
+    done
 }
 
 describe_device() {
@@ -73,10 +75,7 @@ EOF
 }
 
 cd "$root" || exit 2
-if ! install_wheels; then
-    echo "installing the wheels from $wheels failed" >&2
-    exit 3
-fi
+install_wheels 2>&1 | tee "$outdir/install.txt"
 export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
 describe_device 2>&1 | tee "$outdir/device.txt"
 "$python" bench/gpu.py "$@" 2>&1 | tee "$outdir/gpu_report.txt"
