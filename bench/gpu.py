@@ -559,10 +559,9 @@ def main() -> None:
     size = SMOKE if args.smoke else FULL
     if args.smoke:
         torch.set_num_threads(1)  # tiny shapes: a second spinning thread only slows them
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run stays on CPU (gloo) anywhere
     elif not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device (use --smoke on CPU)")
-    if args.smoke:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run stays on CPU (gloo) anywhere
     env = init_distributed()
     describe_device(env)
     results: dict[str, float] = {}
