@@ -40,7 +40,7 @@ from vlpretrain.distributed.env import (
     check_ranks_agree,
     disarm_stack_dump,
 )
-from vlpretrain.distributed.meta_init import build_from_rank0, materialize
+from vlpretrain.distributed.meta_init import RankZeroWeights, build_from_rank0, materialize
 from vlpretrain.distributed.parallel import (
     enable_activation_checkpointing,
     gradient_sync,
@@ -175,8 +175,8 @@ def train_step(
 
 
 def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
-    """Build, freeze, checkpoint activations, move and parallelise the model; also returns the
-    number of trainable parameters."""
+    """Build the model (on rank 0 only, for a meta-device FSDP2 build), then prepare it for
+    training (prepare_built_model); also returns the number of trainable parameters."""
     torch.manual_seed(config.train.seed)
     uses_lora = bool(config.freeze.use_backbone_lora or config.freeze.use_llm_lora)
     meta = uses_meta_init(config.dist, env, uses_lora)
@@ -184,7 +184,20 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
     attention.register_kernels()
     build = partial(build_model, config.model, env.device, config.train.precision == "bf16")
     built, weights = build_from_rank0(build, env) if meta else (build(), None)
-    model = built.model
+    parallel, num_trainable = prepare_built_model(built.model, config, env, weights)
+    return parallel, built.model, built.tokenizer, num_trainable
+
+
+def prepare_built_model(
+    model: InternVLModel, config: RunConfig, env: DistEnv, weights: RankZeroWeights | None = None
+) -> tuple[nn.Module, int]:
+    """Freeze, checkpoint activations, move and parallelise a built model: every step between
+    the build and the first train_step. `weights`: rank 0's weights of a meta-device build,
+    loaded after sharding. Returns the wrapped model and its number of trainable parameters.
+
+    A function of its own so that benchmarks put a random-weight model of real shape through
+    exactly the training path (bench/gpu.py) without weight files.
+    """
     check_packed_isolation(model.language_model.config, config.data.max_seq_length)
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
@@ -195,7 +208,7 @@ def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLM
     parallel = parallelize(model, config.dist, env, config.train.precision)
     if weights is not None:
         materialize(parallel, weights, env.device)
-    return parallel, model, built.tokenizer, num_trainable
+    return parallel, num_trainable
 
 
 def next_micro_batches(
