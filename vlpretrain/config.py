@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import types
 import typing
 from collections.abc import Sequence
@@ -34,6 +35,11 @@ from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig
 
 T = TypeVar("T")
+
+CATCHABLE_SIGNALS = tuple(
+    s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)
+)
+"""Signal names valid in train.preemption_signals (SIGKILL and SIGSTOP cannot be caught)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +101,16 @@ class TrainConfig:
     changed field is refused (operational ones such as logging_steps always may)."""
     collective_timeout_minutes: float = 10.0
     """A collective (all-reduce, barrier) waiting longer than this fails the run, and a step
-    taking longer dumps every thread's stack to stderr (which rank waits where)."""
+    taking longer dumps every thread's stack to stderr (which rank waits where); a wait this
+    long for the data loader's next micro-batch dumps the stacks and ends the run."""
+    preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")
+    """Signals that stop the run cleanly: every rank finishes its optimizer step, saves a
+    checkpoint and exits with code 124 (resume continues from it); a second one exits at once.
+    Empty: signals keep their usual effect."""
+    preemption_grace_seconds: float = 90.0
+    """After a preemption signal, the time allowed to finish the step and save; past it the
+    process exits at once without a checkpoint (keep it below the scheduler's warning, e.g.
+    Slurm's --signal=USR1@120)."""
 
     @property
     def export_precision(self) -> Literal["fp32", "bf16"]:
@@ -114,6 +129,15 @@ class TrainConfig:
         if self.collective_timeout_minutes <= 0:
             timeout = self.collective_timeout_minutes
             raise ValueError(f"train.collective_timeout_minutes must be > 0, got {timeout}")
+        if self.preemption_grace_seconds <= 0:
+            grace = self.preemption_grace_seconds
+            raise ValueError(f"train.preemption_grace_seconds must be > 0, got {grace}")
+        for name in self.preemption_signals:
+            if name not in CATCHABLE_SIGNALS:
+                raise ValueError(
+                    f"train.preemption_signals: {name!r} is not a signal a process can catch; "
+                    "use names such as SIGTERM, SIGUSR1, SIGINT"
+                )
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"train.resume: {self.resume!r} is not 'auto', 'never' or a directory")
 

@@ -373,3 +373,16 @@ def test_recipe_inline_section_refines_stage_file_key_by_key(tmp_path):
     (stage,) = build_stages(recipe, base_dir=tmp_path)
     assert stage.config.train.max_steps == 10
     assert stage.config.train.precision == "bf16"
+
+
+def test_preemption_settings_are_checked_with_the_field_named():
+    # SIGKILL cannot be caught, so it could never stop a run cleanly.
+    problems = problems_of(minimal(train={"preemption_signals": ["SIGTERM", "SIGKILL"]}))
+    assert problems == [
+        "train.preemption_signals: 'SIGKILL' is not a signal a process can catch; use names "
+        "such as SIGTERM, SIGUSR1, SIGINT"
+    ]
+    problems = problems_of(minimal(train={"preemption_grace_seconds": 0}))
+    assert problems == ["train.preemption_grace_seconds must be > 0, got 0.0"]
+    config = build_run_config(minimal(train={"preemption_signals": []}))
+    assert config.train.preemption_signals == ()  # signals keep their usual effect

@@ -5,6 +5,8 @@ VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
 meta.json --build_sources(RunFacts)--> sources --build_dataloader(RunFacts)--> micro-batches
 loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, schedule)
       -> metrics every logging_steps -> DCP checkpoint every save_steps (and at the end)
+      -> a preemption signal on any rank (train/preemption.py): every rank saves this step,
+         and the process exits with PREEMPTED_EXIT instead of exporting
 end: export the InternVL-layout model into output_dir (the next stage's input)
 """
 
@@ -58,6 +60,7 @@ from vlpretrain.train.checkpoint import (
     Checkpointer,
     check_resume_checkpoint,
     find_resume_checkpoint,
+    latest_checkpoint,
     load_checkpoint,
     read_shared,
 )
@@ -70,6 +73,12 @@ from vlpretrain.train.nonfinite import (
     refuse_nonfinite_weights,
 )
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.preemption import (
+    PREEMPTED_EXIT,
+    Preempted,
+    StopRequest,
+    catch_stop_signals,
+)
 from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
 from vlpretrain.train.run_lock import hold_run_lock
 from vlpretrain.train.skips import SkipRecorder
@@ -79,6 +88,8 @@ logger = logging.getLogger(__name__)
 
 FINAL_MARKER = "training_complete.json"
 """Written last into output_dir: the stage finished and its export is complete."""
+LOADER_WAIT = "while waiting for the next micro-batch from the data loader"
+"""What a stalled loop waits for when the loader yields nothing (e.g. a read on a dead mount)."""
 
 
 @dataclass
@@ -354,18 +365,22 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
 
     Every rank first checks that all run the same job; output_dir's run lock is held
     throughout (train.run_lock), and an iteration that takes longer than the collective
-    timeout dumps every thread's stack to stderr.
+    timeout dumps every thread's stack to stderr (a loader that long silent ends the run).
+    A preemption signal (train.preemption_signals) ends the stage after a checkpoint of the
+    step in progress: Preempted, a SystemExit with code PREEMPTED_EXIT.
     """
     check_ranks_agree(job_facts(config, env))
-    with hold_run_lock(config.train.output_dir, env):
+    signals, grace = config.train.preemption_signals, config.train.preemption_grace_seconds
+    with hold_run_lock(config.train.output_dir, env), catch_stop_signals(signals, grace) as stop:
         try:
-            return run_stage(config, env)
+            return run_stage(config, env, stop)
         finally:
             disarm_stack_dump()
 
 
-def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
-    """The stage itself; `train` calls it holding the run lock."""
+def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) -> dict[str, Any]:
+    """The stage itself; `train` calls it holding the run lock and catching stop signals."""
+    stop = stop or StopRequest()
     output_dir = Path(config.train.output_dir)
     stall_seconds = 60 * config.train.collective_timeout_minutes
     arm_stack_dump(stall_seconds)
@@ -406,15 +421,19 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
         desc=output_dir.name,
         dynamic_ncols=True,
     )
+    stopping = False
     with logging_redirect_tqdm():
-        while state.step < config.train.max_steps:
-            arm_stack_dump(stall_seconds)
+        while state.step < config.train.max_steps and not stopping:
+            # Nothing ends a loader's silent wait (no collective runs then): the watch does.
+            arm_stack_dump(stall_seconds, waiting_for=LOADER_WAIT)
             start = time.perf_counter()
             batches = next_micro_batches(
                 iterator, config.train.gradient_accumulation_steps, env.device
             )
             data_wait = time.perf_counter() - start
+            arm_stack_dump(stall_seconds)
             result = train_step(model, optimizer, batches, config, env)
+            stopping = stop.agreed(env.world_size)  # the ranks are in step here: no wait
             lr = cast(float, scheduler.get_last_lr()[0])  # our param groups use float lrs
             scheduler.step()
             state.step += 1
@@ -423,7 +442,7 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             describe_data = partial(batch_sources, batches, sources, config.stream.seed)
             guard_nonfinite(state, result.applied, result.loss, result.grad_norm, describe_data,
                             config.train.max_nonfinite_steps)  # fmt: skip
-            is_last = state.step == config.train.max_steps
+            is_last = state.step == config.train.max_steps or stopping
             last = step_metrics(
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
             )
@@ -445,6 +464,12 @@ def run_stage(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     checkpointer.finish()
     bar.close()
     metrics.close()
+    if stopping and state.step < config.train.max_steps:
+        saved = latest_checkpoint(output_dir)  # this step's, finished above
+        logger.info("stopped on %s at step %d of %d: saved %s; exiting with code %d (run "
+                    "again to resume)", stop.signal_name or "another rank's signal", state.step,
+                    config.train.max_steps, saved, PREEMPTED_EXIT)  # fmt: skip
+        raise Preempted(state.step, str(saved))
     export_model(
         model,
         tokenizer,

@@ -35,6 +35,8 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.peak_tflops",
         "train.max_nonfinite_steps",
         "train.collective_timeout_minutes",
+        "train.preemption_signals",
+        "train.preemption_grace_seconds",
         "data.cache_dir",
         "stream.prefetch_factor",
         "stream.pin_memory",
