@@ -1,6 +1,7 @@
 """Ranks agree or stop: different settings are one clear error on every rank, a rank left
-waiting dumps its stack and times out in seconds (as configured), and ranks whose torchrun
-launcher was killed stop instead of training on."""
+waiting dumps its stack and times out in seconds (as configured), a rank whose loader yields
+nothing ends the job as its root cause, and ranks whose torchrun launcher was killed stop
+instead of training on."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from train_fixtures import cli_env
+from train_fixtures import (
+    cli_env,
+    read_metrics,
+    stage_raw,
+    train_assets,  # noqa: F401  (pytest fixture)
+    write_stage,
+)
+
+from vlpretrain.distributed.env import STALL_EXIT
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -96,6 +105,49 @@ def test_a_waiting_rank_dumps_its_stack_and_times_out_as_configured(tmp_path):
     gave_up = int(output.split("rank 1 gave up after ")[1].split(" s")[0])
     assert 4 <= gave_up <= 20, output  # the 6 s timeout, not torch's 30 minutes
     assert time.monotonic() - started < TIMEOUT
+
+
+STALLING_RANK = """
+import os, sys, threading
+from unittest import mock
+import vlpretrain.train.loop as loop
+from vlpretrain.cli import main
+
+real, calls = loop.next_micro_batches, []
+
+def stalls_on_rank_1_in_step_two(*args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        threading.Event().wait()  # a read on a dead mount: never returns
+    return real(*args, **kwargs)
+
+with mock.patch.object(loop, "next_micro_batches", stalls_on_rank_1_in_step_two):
+    sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_a_rank_whose_loader_stalls_ends_the_job_as_its_root_cause(
+    train_assets,  # noqa: F811
+    tmp_path,
+):
+    # Rank 0 waits in the step's first all-reduce meanwhile; its timeout is as long, but the
+    # stalled rank's exit ends that wait first, and torchrun names the stalled rank.
+    raw = stage_raw(train_assets, tmp_path / "run", stage="stage2", max_steps=4)
+    raw["train"]["collective_timeout_minutes"] = 0.25  # 15 s
+    config = write_stage(tmp_path / "run.toml", raw)
+    code, output = finish(torchrun_script(tmp_path, STALLING_RANK, str(config)))
+    assert code != 0
+    stalled = (
+        "vlpretrain rank 1: stalled: no progress for 15 s (the collective timeout) while "
+        "waiting for the next micro-batch from the data loader"
+    )
+    assert stalled in output, output[-6000:]
+    assert "in stalls_on_rank_1_in_step_two" in output  # its stack shows the wait
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, root_cause
+    assert f"exitcode  : {STALL_EXIT}" in root_cause, root_cause
+    assert stalled in root_cause, root_cause
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
 
 
 TRAIN_FOREVER = """

@@ -223,10 +223,11 @@ def write_torchrun_error_file(message: str) -> None:
         return
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
     stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+    # torchrun shows py_callstack; like a Python traceback, it ends with the error line
     record = {
         "message": {
             "message": message,
-            "extraInfo": {"py_callstack": stack, "timestamp": str(int(time.time()))},
+            "extraInfo": {"py_callstack": stack + message, "timestamp": str(int(time.time()))},
         }
     }
     with contextlib.suppress(OSError):
