@@ -193,3 +193,35 @@ def test_ranks_stop_within_seconds_when_the_launcher_is_killed(tmp_path):
     time.sleep(0.5)
     assert sizes == [(tmp_path / f"rank{r}.log").stat().st_size for r in (0, 1)]
     assert stopped < 5.0
+
+
+STOPPING_RANKS = """
+import os, sys, time
+from pathlib import Path
+from vlpretrain.distributed.env import finish_after_launcher_death, init_distributed
+env = init_distributed()
+out = Path(sys.argv[1])
+finish_after_launcher_death(60)  # what a preemption signal does
+(out / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+while not (out / "launcher-killed").exists():
+    time.sleep(0.05)
+time.sleep(3)  # the rest of the checkpoint: longer than the watch's 1 s poll
+(out / f"rank{env.rank}.saved").write_text("saved")
+"""
+
+
+def test_stopping_ranks_finish_their_checkpoint_when_the_launcher_dies(tmp_path):
+    # Slurm's SIGUSR1 reaches torchrun too, which dies of it; its ranks must still save.
+    launcher = torchrun_script(tmp_path, STOPPING_RANKS, str(tmp_path))
+    deadline = time.monotonic() + TIMEOUT
+    pids_files = [tmp_path / f"rank{r}.pid" for r in (0, 1)]
+    while not all(p.exists() and p.read_text() for p in pids_files):
+        assert launcher.poll() is None, launcher.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    (tmp_path / "launcher-killed").touch()
+    output, _ = launcher.communicate(timeout=TIMEOUT)  # the ranks hold the pipe until they end
+    assert [(tmp_path / f"rank{r}.saved").exists() for r in (0, 1)] == [True, True], output
+    assert output.count("died while this rank is stopping; it saves its checkpoint first") == 2

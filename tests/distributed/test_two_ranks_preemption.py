@@ -115,7 +115,6 @@ def test_preempted_ranks_save_the_step_and_the_rerun_equals_an_uninterrupted_run
         assert f"stopped on {name} at step {step} of {n}: saved " in stderr, stderr[-6000:]
         assert list_checkpoints(victim_dir)[-1][0] == step  # 0 steps lost
         assert not (victim_dir / FINAL_MARKER).exists()
-    assert "died while this rank is stopping; it saves its checkpoint first" in stderr
     assert stopped_at[0] < stopped_at[1] < n, stopped_at
 
     code, stderr = finish(torchrun(victim))
