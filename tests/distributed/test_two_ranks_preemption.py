@@ -93,7 +93,7 @@ def test_preempted_ranks_save_the_step_and_the_rerun_equals_an_uninterrupted_run
     train_assets,  # noqa: F811
     tmp_path,
 ):
-    n = 6
+    n = 7
 
     def stage(name: str) -> Path:
         raw = stage_raw(train_assets, tmp_path / name, stage="stage2", max_steps=n)

@@ -1,9 +1,14 @@
 """`vlpretrain train` on one rank under a scheduler: a preemption signal (SIGUSR1, SIGTERM,
 Ctrl-C's SIGINT) saves the step in progress and exits with PREEMPTED_EXIT, so the rerun loses
-no step and equals an uninterrupted run; a loader that yields nothing ends the run."""
+no step and equals an uninterrupted run; a loader that yields nothing ends the run.
+
+The runs use two loader workers, and the signals reach them too, as they do under Slurm (every
+process of the job) and in a terminal (Ctrl-C signals the foreground process group)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -39,7 +44,29 @@ def start(config: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a job in a terminal
     )
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its data-loader workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def deliver(process: subprocess.Popen, signum: int) -> None:
+    """SIGINT as Ctrl-C sends it (the process group); others as Slurm does (every process)."""
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signum)
+        return
+    workers = children(process.pid)
+    assert len(workers) == 2, workers
+    for pid in [process.pid, *workers]:
+        os.kill(pid, signum)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -67,7 +94,7 @@ def signal_after_step(config: Path, output_dir: Path, step: int, signum: int) ->
         assert process.poll() is None, f"the run ended before step {step}: {finish(process)}"
         assert time.monotonic() < deadline, f"step {step} not reached within {TIMEOUT} s"
         time.sleep(0.02)
-    process.send_signal(signum)
+    deliver(process, signum)
     return finish(process)
 
 
@@ -76,16 +103,15 @@ def test_preemption_signals_save_the_step_and_the_rerun_equals_an_uninterrupted_
     tmp_path,
 ):
     n = 7
-    reference = write_stage(
-        tmp_path / "reference.toml",
-        stage_raw(train_assets, tmp_path / "reference", stage="stage2", max_steps=n),
-    )
+
+    def stage(name: str) -> Path:
+        # save_steps 100: without a clean stop every step of these runs would be lost
+        raw = stage_raw(train_assets, tmp_path / name, stage="stage2", max_steps=n)
+        raw["stream"] = {"num_workers": 2}
+        return write_stage(tmp_path / f"{name}.toml", raw)
+
+    reference, victim = stage("reference"), stage("victim")
     victim_dir = tmp_path / "victim"
-    # save_steps 100: without a clean stop every step of these runs would be lost
-    victim = write_stage(
-        tmp_path / "victim.toml",
-        stage_raw(train_assets, victim_dir, stage="stage2", max_steps=n, save_steps=100),
-    )
     reference_run = start(reference)
     stopped_at = []
     for signum in (signal.SIGUSR1, signal.SIGINT):

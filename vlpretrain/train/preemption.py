@@ -10,7 +10,10 @@
 
 The watch runs in its own thread and learns of signals from Python's wakeup fd, which the
 C-level handler writes at once: a main thread blocked in a collective or a read that never
-returns still exits on the second signal or at the end of the grace period.
+returns still exits on the second signal or at the end of the grace period. A process forked
+meanwhile (a data-loader worker, which a scheduler signals too) ignores the signals and
+forgets the wakeup fd: its parent decides when it ends. torch's workers install their own
+SIGTERM handler, so SIGTERM still ends them; prefer SIGUSR1 for the scheduler's warning.
 
 This module decides when to stop; the loop decides what a stop saves (the usual checkpoint).
 """
@@ -43,6 +46,13 @@ without a checkpoint), so a batch script can requeue on exactly this code."""
 DUPLICATE_SECONDS = 2.0
 """A repeat of the first signal within this many seconds is the same request: a scheduler
 signals every process of the job, and torchrun forwards the same signal to its ranks."""
+CLOSING = 0
+"""Byte that tells the watch thread the block ended (signal numbers start at 1)."""
+
+_caught: set[int] = set()
+"""Signals a catch_stop_signals block handles now (what a forked child must ignore)."""
+_fork_hook = [False]
+"""Whether the after-fork hook is registered (once per process; it cannot be removed)."""
 
 
 class Preempted(SystemExit):
@@ -105,8 +115,8 @@ def watch_signals(receiver: socket.socket, request: StopRequest, wanted: set[int
             data = receiver.recv(64)
         except TimeoutError:
             continue  # the grace check above ends the process
-        if not data:
-            return  # the sender was closed: the stage is over
+        if not data or CLOSING in data:
+            return  # the stage is over
         for signum in (number for number in data if number in wanted):
             name = signal.Signals(signum).name
             if first is None:
@@ -125,6 +135,17 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
     """The Python-level handler: the watch thread acts on the signal (via the wakeup fd)."""
 
 
+def _forget_in_child() -> None:
+    """After a fork inside the block: ignore the signals, stop writing to the parent's fd."""
+    if not _caught:
+        return
+    with contextlib.suppress(ValueError):  # not forked from the main thread
+        signal.set_wakeup_fd(-1)
+        for number in _caught:
+            signal.signal(number, signal.SIG_IGN)
+    _caught.clear()
+
+
 @contextlib.contextmanager
 def catch_stop_signals(names: Sequence[str], grace_seconds: float) -> Iterator[StopRequest]:
     """Within the block, `names` request a clean stop instead of ending the process.
@@ -141,6 +162,10 @@ def catch_stop_signals(names: Sequence[str], grace_seconds: float) -> Iterator[S
     numbers = signal_numbers(names)
     previous = {number: signal.signal(number, _ignore) for number in numbers}
     previous_fd = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    _caught.update(int(n) for n in numbers)
+    if not _fork_hook[0]:
+        os.register_at_fork(after_in_child=_forget_in_child)
+        _fork_hook[0] = True
     watcher = threading.Thread(
         target=watch_signals,
         args=(receiver, request, {int(n) for n in numbers}),
@@ -151,9 +176,12 @@ def catch_stop_signals(names: Sequence[str], grace_seconds: float) -> Iterator[S
     try:
         yield request
     finally:
+        _caught.clear()
         signal.set_wakeup_fd(previous_fd)
         for number, handler in previous.items():
             signal.signal(number, handler)
-        sender.close()  # the watch reads end-of-file and returns
-        watcher.join(timeout=5)
+        # not end-of-file: forked workers may still hold a copy of the sending end
+        sender.send(bytes([CLOSING]))
+        watcher.join()
+        sender.close()
         receiver.close()
