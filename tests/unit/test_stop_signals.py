@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from train_fixtures import cli_env
 
 from vlpretrain.distributed.env import STALL_EXIT
@@ -71,6 +72,7 @@ with catch_stop_signals(["SIGTERM"], grace_seconds=60) as request:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_a_second_signal_after_the_first_exits_at_once():
     started = time.monotonic()
     code, stderr = run_script(SECOND_SIGNAL)
@@ -88,6 +90,7 @@ with catch_stop_signals(["SIGUSR1"], grace_seconds=0.5) as request:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_no_checkpoint_within_the_grace_period_exits_at_once():
     started = time.monotonic()
     code, stderr = run_script(GRACE_ENDS)
@@ -109,6 +112,7 @@ read_that_never_returns()
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_a_stalled_wait_ends_the_process_with_its_stack_and_torchruns_error_file(tmp_path):
     error_file = tmp_path / "error.json"
     env = {**cli_env(), "TORCHELASTIC_ERROR_FILE": str(error_file)}
