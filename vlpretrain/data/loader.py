@@ -111,8 +111,10 @@ class StreamConfig:
     """An exhausted dataset restarts with its next epoch (True) or waits for the others."""
     prefetch_factor: int = 2
     """Batches prefetched per worker (only with num_workers > 0)."""
-    pin_memory: bool = False
-    """Pin batch tensors (useful with a CUDA device)."""
+    pin_memory: bool = True
+    """Pin batch tensors in page-locked host memory when CUDA is available (ignored
+    otherwise), so that their copy to the GPU runs asynchronously beside the previous step
+    (as the reference's dataloader_pin_memory, on by default)."""
     num_epochs: int | None = None
     """Stop after this many stream epochs (needs replacement=False); None: endless."""
 
@@ -475,7 +477,7 @@ def build_dataloader(
         batch_size=None,
         num_workers=stream_config.num_workers,
         collate_fn=_pass_through,
-        pin_memory=stream_config.pin_memory,
+        pin_memory=stream_config.pin_memory and torch.cuda.is_available(),
         **extra,
     )
 
