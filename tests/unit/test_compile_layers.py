@@ -7,9 +7,15 @@ boundaries and tile counts reuse the one graph of each layer type (no recompiles
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from train_fixtures import stage_raw, train_assets  # noqa: F401
 
+from vlpretrain.config import build_run_config
+from vlpretrain.distributed.env import DistEnv
 from vlpretrain.distributed.parallel import compile_layers, enable_activation_checkpointing
 from vlpretrain.train.freeze import apply_train_mode
+from vlpretrain.train.loop import prepare_model
+
+ENV = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
 
 
 def _repacked(batch: dict[str, torch.Tensor], extra_tokens: int, extra_tiles: int) -> dict:
@@ -59,3 +65,21 @@ def test_compiled_layers_match_eager_without_recompiling(tiny_model, make_vlm_ba
             torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=0, atol=1e-5)
     # One graph for the ViT layer type and one for the decoder layer type, over 5 packings.
     assert counter.frame_count == 2
+
+
+def test_the_run_config_chooses_checkpointing_and_compilation(train_assets, tmp_path):  # noqa: F811
+    train = {
+        "vision_checkpointing": "selective",
+        "grad_checkpoint": True,
+        "llm_checkpointing": "full",
+        "compile": True,
+    }
+    config = build_run_config(stage_raw(train_assets, tmp_path, stage="stage2", train=train))
+    _, model, _, _ = prepare_model(config, ENV)
+    vision_layer = model.vision_layers()[0]
+    llm_layer = model.language_model.get_decoder().layers[0]
+    assert type(vision_layer).__name__ == "SelectivelyRecomputedVisionLayer"
+    assert type(llm_layer).__name__.startswith("FullyRecomputed")
+    # Module.compile wraps the call lazily: nothing compiles before the first forward.
+    assert vision_layer._compiled_call_impl is not None
+    assert llm_layer._compiled_call_impl is not None
