@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.conftest import TINY_TILE
 from vlpretrain.config import TrainConfig
 from vlpretrain.distributed.parallel import SAVED_OP_NAMES, enable_activation_checkpointing
+from vlpretrain.flags import apply_reference_flags
 from vlpretrain.model.build import ModelConfig, build_model
 from vlpretrain.train.freeze import FreezeConfig, apply_freeze_policy, apply_train_mode
 
@@ -169,3 +170,11 @@ def test_grad_checkpoint_contradicting_llm_checkpointing_is_refused(
 ):
     with pytest.raises(ValueError, match="train.grad_checkpoint .* contradicts"):
         TrainConfig(grad_checkpoint=grad_checkpoint, llm_checkpointing=llm_checkpointing)
+
+
+@pytest.mark.parametrize(("text", "resolved"), [("True", "full"), ("False", "none")])
+def test_reference_grad_checkpoint_flag_checkpoints_the_llm_fully_or_not(text, resolved):
+    raw: dict = {}
+    apply_reference_flags(raw, ["--grad_checkpoint", text])
+    train = TrainConfig(**raw["train"])
+    assert (train.vision_checkpointing, train.llm_checkpoint_mode) == ("full", resolved)
