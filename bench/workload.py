@@ -70,7 +70,8 @@ def random_vlm(shape: ModelShape, attn_implementation: str, seed: int = 0) -> In
 def prepare(model: InternVLModel, stage: str, checkpointing: bool, device: torch.device) -> None:
     """What prepare_model does after the build, for one GPU (no wrapper)."""
     apply_freeze_policy(model, STAGES[stage])
-    enable_activation_checkpointing(model, vision=checkpointing, llm=checkpointing)
+    mode = "full" if checkpointing else "none"
+    enable_activation_checkpointing(model, vision=mode, llm=mode)
     model.to(device)
     apply_train_mode(model)
 

@@ -79,7 +79,23 @@ class TrainConfig:
     """Dtype of the exported model's weights; 'auto' follows `precision` (bf16 training, as in
     every shipped config, exports bf16 like the reference's checkpoints)."""
     grad_checkpoint: bool = True
-    """Activation checkpointing of the LLM blocks (the ViT is always checkpointed in training)."""
+    """Whether the LLM decoder layers are checkpointed at all [--grad_checkpoint]; how is
+    llm_checkpointing. True with llm_checkpointing 'none', or False with 'selective' or
+    'full', is a contradiction and refused."""
+    llm_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
+    """Activation checkpointing of each LLM decoder layer: 'full' recomputes the layer in
+    backward, 'selective' keeps the matmul and attention outputs and recomputes only the cheap
+    ops between them (norms, activations), 'none' keeps everything; 'auto' follows
+    grad_checkpoint (full when true, none when false)."""
+    vision_checkpointing: Literal["none", "selective", "full"] = "full"
+    """Activation checkpointing of each ViT layer, as llm_checkpointing ('full', the default,
+    recomputes every layer in backward, frozen or not)."""
+    compile: bool = False
+    """torch.compile each ViT layer and each LLM decoder layer (one graph per layer type,
+    dynamic shapes: packed rows of new lengths do not recompile)."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend; aot_eager (no code generation, no speed-up) compiles in a
+    fraction of the time and serves to check a model traces."""
     loss_reduction_all_gather: bool = True
     """Normalise the loss by the weight sum over all ranks and micro-batches of the step; False
     normalises each micro-batch by its local weight sum (the reference's per-rank mode)."""
@@ -113,6 +129,13 @@ class TrainConfig:
     Slurm's --signal=USR1@120)."""
 
     @property
+    def llm_checkpoint_mode(self) -> Literal["none", "selective", "full"]:
+        """The resolved llm_checkpointing ('auto' read through grad_checkpoint)."""
+        if self.llm_checkpointing == "auto":
+            return "full" if self.grad_checkpoint else "none"
+        return self.llm_checkpointing
+
+    @property
     def export_precision(self) -> Literal["fp32", "bf16"]:
         """The resolved save_dtype."""
         return self.precision if self.save_dtype == "auto" else self.save_dtype
@@ -138,6 +161,14 @@ class TrainConfig:
                     f"train.preemption_signals: {name!r} is not a signal a process can catch; "
                     "use names such as SIGTERM, SIGUSR1, SIGINT"
                 )
+        explicit = self.llm_checkpointing
+        if explicit != "auto" and (explicit != "none") != self.grad_checkpoint:
+            raise ValueError(
+                f"train.grad_checkpoint = {str(self.grad_checkpoint).lower()} contradicts "
+                f"train.llm_checkpointing = {explicit!r}: grad_checkpoint says whether the LLM "
+                "layers are checkpointed, llm_checkpointing how; set grad_checkpoint = "
+                f"{str(explicit != 'none').lower()} or llm_checkpointing = 'auto'"
+            )
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"train.resume: {self.resume!r} is not 'auto', 'never' or a directory")
 

@@ -75,6 +75,7 @@ FLAG_TABLE: dict[str, str] = {
     "save_steps": "train.save_steps",
     "save_total_limit": "train.save_total_limit",
     "logging_steps": "train.logging_steps",
+    # Whether the LLM is checkpointed; train.llm_checkpointing 'auto' then means full (or none).
     "grad_checkpoint": "train.grad_checkpoint",
     "loss_reduction_all_gather": "train.loss_reduction_all_gather",
 }

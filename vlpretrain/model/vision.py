@@ -224,6 +224,11 @@ class VisionEncoder(nn.Module):
         self.layers = nn.ModuleList(VisionLayer(config, rate) for rate in rates)
 
 
+def num_layers_run(num_layers: int, select_layer: int) -> int:
+    """How many encoder layers a forward with `select_layer` runs (-1: all of them)."""
+    return num_layers if select_layer == -1 else select_layer % (num_layers + 1)
+
+
 class InternViT(nn.Module):
     """The InternViT vision tower."""
 
@@ -235,10 +240,10 @@ class InternViT(nn.Module):
 
     def forward(self, pixel_values_N3SS: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """Hidden states (N, P, D) after layer `select_layer` (-1: last; 0: embeddings)."""
-        num_layers = len(self.encoder.layers)
-        stop = num_layers if select_layer == -1 else (select_layer % (num_layers + 1))
+        stop = num_layers_run(len(self.encoder.layers), select_layer)
         x_NPD = self.embeddings(pixel_values_N3SS)
-        # Activation checkpointing, when on, is hooked onto each layer (distributed/parallel.py).
+        # Activation checkpointing and compilation, when on, are applied to each layer in place
+        # (distributed/parallel.py).
         for layer in self.encoder.layers[:stop]:
             x_NPD = layer(x_NPD)
         return x_NPD

@@ -44,6 +44,7 @@ from vlpretrain.distributed.env import (
 )
 from vlpretrain.distributed.meta_init import RankZeroWeights, build_from_rank0, materialize
 from vlpretrain.distributed.parallel import (
+    compile_layers,
     enable_activation_checkpointing,
     gradient_sync,
     parallelize,
@@ -212,7 +213,12 @@ def prepare_built_model(
     check_packed_isolation(model.language_model.config, config.data.max_seq_length)
     apply_freeze_policy(model, config.freeze)
     num_trainable = log_trainable(model)
-    enable_activation_checkpointing(model, vision=True, llm=config.train.grad_checkpoint)
+    train = config.train
+    enable_activation_checkpointing(
+        model, vision=train.vision_checkpointing, llm=train.llm_checkpoint_mode
+    )
+    if train.compile:
+        compile_layers(model, train.compile_backend)
     if weights is None:
         model.to(env.device)
     apply_train_mode(model)
