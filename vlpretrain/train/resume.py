@@ -29,6 +29,8 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.save_steps",
         "train.save_total_limit",
         "train.async_checkpoint",
+        "train.vision_checkpointing",
+        "train.llm_checkpointing",
         "train.keep_replaced_runs",
         "train.report_to",
         "train.progress_bar",
