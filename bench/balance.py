@@ -153,7 +153,7 @@ def fake_sample(index: int, shape: Shape) -> TokenizedSample:
     return TokenizedSample(
         input_ids=ids,
         labels=labels,
-        pixel_values=np.zeros((shape.tiles, 3, 1, 1), dtype=np.float32),
+        pixel_values=np.zeros((shape.tiles, 3, 1, 1), dtype=np.uint8),
         num_tiles_per_image=(shape.tiles,) if shape.tiles else (),
         dataset_index=0,
         source=SampleSource("bench", "bench.jsonl", index + 1),

@@ -76,7 +76,7 @@ def _fake_sample(index: int, tokens: int, tiles: int) -> TokenizedSample:
     return TokenizedSample(
         input_ids=ids,
         labels=ids,
-        pixel_values=np.zeros((tiles, 3, 1, 1), dtype=np.float32),
+        pixel_values=np.zeros((tiles, 3, 1, 1), dtype=np.uint8),
         num_tiles_per_image=(tiles,) if tiles else (),
         dataset_index=0,
         source=SampleSource("bench", "bench.jsonl", index + 1),

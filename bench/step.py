@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpretrain.config import build_run_config
+from vlpretrain.data import tiling
 from vlpretrain.data.build import SampleConfig, build_sources
 from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.packing import BestFitPacker, PackingConfig, PackItem, PieceRef
@@ -133,11 +134,12 @@ def padded_batches(samples, batch_size: int, pad_id: int) -> list[dict[str, torc
             labels[b, : s.num_tokens] = torch.from_numpy(s.labels)
             mask[b, : s.num_tokens] = 1
         tiles = [s.pixel_values for s in group if s.num_tiles]
-        pixels = np.concatenate(tiles) if tiles else np.zeros((1, 3, TILE, TILE), np.float32)
+        pixels = np.concatenate(tiles) if tiles else np.zeros((1, 3, TILE, TILE), np.uint8)
         flags = torch.ones(len(pixels), dtype=torch.long) if tiles else torch.zeros(1, torch.long)
         batches.append(
             {"input_ids": ids, "labels": labels, "attention_mask": mask,
-             "pixel_values": torch.from_numpy(pixels), "image_flags": flags,
+             "pixel_values": tiling.model_pixels(torch.from_numpy(pixels), "imagenet"),
+             "image_flags": flags,
              "num_tokens": sum(s.num_tokens for s in group)}
         )  # fmt: skip
     return batches

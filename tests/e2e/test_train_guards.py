@@ -42,7 +42,7 @@ def poison_steps(monkeypatch, steps: set[int]) -> None:
         if len(calls) not in steps:
             return batches
         return [
-            dataclasses.replace(b, pixel_values=torch.full_like(b.pixel_values, float("nan")))
+            dataclasses.replace(b, pixel_values=torch.full(b.pixel_values.shape, float("nan")))
             for b in batches
         ]
 

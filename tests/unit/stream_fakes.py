@@ -65,7 +65,8 @@ def make_sample(
     ids += text
     labels += text
     num_tiles = sum(tiles_per_image)
-    pixels = rng.standard_normal((num_tiles, 3, TILE_SIZE, TILE_SIZE)).astype(np.float32)
+    noise = rng.standard_normal((num_tiles, 3, TILE_SIZE, TILE_SIZE))
+    pixels = np.clip(noise * 40 + 128, 0, 255).astype(np.uint8)  # uint8 RGB, as tile_pixels
     return TokenizedSample(
         input_ids=np.asarray(ids, dtype=np.int64),
         labels=np.asarray(labels, dtype=np.int64),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from vlpretrain.chat import ChatModel, DecodeConfig, load, top_p_filter, with_image_tags
 from vlpretrain.cli import main
+from vlpretrain.data import tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.data.samples import IGNORE_INDEX
@@ -100,7 +101,9 @@ def test_prompt_equals_the_training_ids_up_to_the_answer(
     first_answer = int(np.argmax(sample.labels != IGNORE_INDEX))
     assert ids[0].tolist() == sample.input_ids[:first_answer].tolist()
     assert ids.shape[1] == first_answer
-    np.testing.assert_array_equal(pixels.numpy(), sample.pixel_values)
+    # Training ships uint8 tiles and normalises them in the step; chat normalises at once.
+    trained = tiling.normalize_pixels(torch.from_numpy(sample.pixel_values), "imagenet")
+    np.testing.assert_array_equal(pixels.numpy(), trained.numpy())
     # wide.png alone: 2x1 grid + thumbnail = 3 tiles; with square.png the per-image budget is
     # 12 // 2 = 6, so still 3 + 1 tiles; each tile is 4 <IMG_CONTEXT> tokens.
     expected_tiles = {0: 0, 1: 3, 2: 4}[len(names)]

@@ -183,11 +183,11 @@ def test_video_sample(tmp_path, tokenizer):
     assert np.array_equal(sample.pixel_values, again.pixel_values)
     # frames are increasing in time: brightness grows with the frame index
     brightness = sample.pixel_values.mean(axis=(1, 2, 3))
-    assert np.all(np.diff(brightness) >= -1e-3)
+    assert np.all(np.diff(brightness) >= -0.5)
     clipped = make_source(tmp_path, tokenizer, [{**record, "clip": [1.0, 2.0]}]).load(0, 0, 3)
     # clip [1 s, 2 s] at 8 fps = frames 8..15, pixel values 80..150
-    red = clipped.pixel_values[:, 0].mean(axis=(1, 2)) * 0.229 + 0.485  # undo imagenet norm
-    assert np.all((red > 70 / 255) & (red < 160 / 255)), red * 255
+    red = clipped.pixel_values[:, 0].mean(axis=(1, 2))  # uint8 RGB tiles
+    assert np.all((red > 70) & (red < 160)), red
 
 
 def test_frame_folder_video(tmp_path, tokenizer):

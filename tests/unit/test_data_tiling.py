@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlpretrain.data import tiling
@@ -103,3 +104,25 @@ def test_jpeg_augment_is_deterministic_given_rng():
     b = tiling.jpeg_augment(tile, np.random.default_rng(3))
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(tile))
+
+
+@pytest.mark.parametrize("normalize_type", ["imagenet", "clip", "siglip"])
+def test_uint8_tiles_normalised_later_equal_the_float_tiles_bit_for_bit(normalize_type):
+    """The loader ships uint8 tiles (a quarter of the bytes) and the step normalises them
+    where they are used: the model sees exactly the float32 input of normalising on the host
+    as x * (1 / (255 std)) - mean / std, on a real photo's tiles."""
+    from skimage import data as photos
+
+    image = Image.fromarray(photos.astronaut()).resize((200, 120))
+    tiles = tiling.make_tiles(image, dynamic=True, min_num=1, max_num=6, tile_size=56,
+                              use_thumbnail=True, pad2square=False,
+                              normalize_type=normalize_type, augment_rng=None)  # fmt: skip
+    pixels = tiling.tile_pixels(tiles, 56)
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(tiles), 3, 56, 56)
+    mean, std = (np.asarray(v, dtype=np.float32) for v in tiling.NORMALIZE_STATS[normalize_type])
+    on_host = pixels.astype(np.float32) * (1.0 / (255.0 * std)).reshape(3, 1, 1)
+    on_host -= (mean / std).reshape(3, 1, 1)
+    later = tiling.model_pixels(torch.from_numpy(pixels), normalize_type)
+    assert later.dtype == torch.float32 and np.array_equal(later.numpy(), on_host)
+    normalised = torch.from_numpy(on_host)
+    assert tiling.model_pixels(normalised, normalize_type) is normalised  # float: as given

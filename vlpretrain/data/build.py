@@ -313,11 +313,7 @@ class DatasetSource:
         input_ids, labels = self.renderer.join(self.renderer.render_segments(turns))
         input_ids, labels = self.renderer.truncate(input_ids, labels, self.config.max_seq_length)
         size = self.facts.tile_size
-        pixels = (
-            tiling.normalize(tiles, self.config.normalize_type, size)
-            if tiles
-            else np.zeros((0, 3, size, size), dtype=np.float32)
-        )
+        pixels = tiling.tile_pixels(tiles, size)  # normalised on the device (tiling)
         return TokenizedSample(
             input_ids=input_ids,
             labels=labels,

@@ -133,7 +133,9 @@ class PackedBatch:
     loss_weight: torch.Tensor
     """(B, L) float32, 0 where labels == -100."""
     pixel_values: torch.Tensor
-    """(T, 3, S, S) float32 tiles in reading order of the image placeholders."""
+    """(T, 3, S, S) uint8 RGB tiles in reading order of the image placeholders; the model's
+    input is `data.tiling.model_pixels(pixel_values, data.normalize_type)`, computed where
+    they are used (after the 4x smaller copy to the device)."""
     image_flags: torch.Tensor
     """(T,) int64: 1 real tile, 0 dummy or padding tile."""
     num_tiles_per_image: tuple[int, ...]
@@ -257,17 +259,26 @@ def _tiles(rows: list[PackRow], config: PackingConfig, side: int) -> tuple[np.nd
     for row in rows:
         for item in row.items:
             if item.sample.num_tiles:
-                chunks.append(item.sample.pixel_values.astype(np.float32, copy=False))
+                chunks.append(_uint8_tiles(item.sample))
                 flags.append(np.ones(item.sample.num_tiles, dtype=np.int64))
         missing = config.num_images_expected - row.num_tiles if config.strict_mode else 0
         if missing > 0:
-            chunks.append(np.zeros((missing, 3, side, side), dtype=np.float32))
+            chunks.append(np.zeros((missing, 3, side, side), dtype=np.uint8))
             flags.append(np.zeros(missing, dtype=np.int64))
     if not chunks:
         # Every rank must run the vision tower each step (FSDP2 / ZeRO-3 would hang).
-        chunks.append(np.zeros((1, 3, side, side), dtype=np.float32))
+        chunks.append(np.zeros((1, 3, side, side), dtype=np.uint8))
         flags.append(np.zeros(1, dtype=np.int64))
     return np.ascontiguousarray(np.concatenate(chunks)), np.concatenate(flags)
+
+
+def _uint8_tiles(sample: Any) -> np.ndarray:
+    if sample.pixel_values.dtype != np.uint8:
+        raise TypeError(
+            f"{sample.source}: tiles must be uint8 RGB (data.tiling.tile_pixels), got "
+            f"{sample.pixel_values.dtype}"
+        )
+    return np.asarray(sample.pixel_values)
 
 
 def _stats(

@@ -45,7 +45,7 @@ class TokenizedSample:
     labels: np.ndarray
     """(L,) int64; IGNORE_INDEX where the token is not trained."""
     pixel_values: np.ndarray
-    """(T, 3, S, S) float32 normalised tiles, T may be 0."""
+    """(T, 3, S, S) uint8 RGB tiles (data.tiling.tile_pixels), T may be 0."""
     num_tiles_per_image: tuple[int, ...]
     """Tiles of each image (or video frame) in order; sums to T."""
     dataset_index: int

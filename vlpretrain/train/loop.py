@@ -34,6 +34,7 @@ from vlpretrain.config import RunConfig, to_dict
 from vlpretrain.data.build import build_sources
 from vlpretrain.data.collate import PackedBatch
 from vlpretrain.data.loader import build_dataloader
+from vlpretrain.data.tiling import model_pixels
 from vlpretrain.distributed.env import (
     DistEnv,
     all_reduce_host_sum,
@@ -162,7 +163,7 @@ def train_step(
                 out = model(
                     input_ids=batch.input_ids,
                     position_ids=batch.position_ids,
-                    pixel_values=batch.pixel_values,
+                    pixel_values=model_pixels(batch.pixel_values, config.data.normalize_type),
                     image_flags=batch.image_flags,
                     labels=batch.labels,
                     loss_weight=batch.loss_weight,
