@@ -387,6 +387,11 @@ def test_show_config_command_prints_resolved_tree_with_docs(tmp_path, capsys):
     assert "learning_rate = 1e-05" in out
     assert "freeze_llm = True  # Freeze the language model (incl. embeddings and head)." in out
     assert "vision_path = 'vit'  # Path B: a standalone InternViT directory." in out
+    # the skip policy's small-sample rule, with the run's fraction (data.max_skip_fraction 0.01)
+    assert (
+        "skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "
+        "it has seen were skipped, judged from 100 records seen on"
+    ) in out
 
 
 def test_show_config_reports_config_errors_with_exit_code_2(tmp_path, capsys):
