@@ -246,6 +246,15 @@ def test_deepspeed_name_with_an_unsupported_stage_is_an_error():
         resolve(["--vision_path", "v", "--llm_path", "l", "--deepspeed", "zero_stage7.json"])
 
 
+def test_flag_value_nested_too_deeply_is_one_problem_naming_the_flag():
+    with pytest.raises(ConfigError) as caught:
+        resolve(["--vision_path", "v", "--max_steps", "[" * 5000 + "]" * 5000])
+    [problem] = caught.value.problems
+    assert problem.startswith("--max_steps: value [[[[")
+    assert problem.endswith("nests arrays or inline tables too deeply (5000 levels); at most 100 "
+                            "levels are read")  # fmt: skip
+
+
 def test_unknown_flag_lists_known_flags():
     with pytest.raises(ConfigError) as caught:
         resolve(["--vision_path", "v", "--llm_path", "l", "--freeze_lm", "True"])
