@@ -3,6 +3,7 @@
 vlpretrain train [STAGE.toml] [--set a.b=c ...] [--reference_flag value ...]
 vlpretrain show-config [STAGE.toml] [--set ...] [--reference_flag value ...]
 vlpretrain data check [STAGE.toml] [--set ...] [--reference_flag value ...] [--all]
+    (refuses what `train` refuses at start; judges one epoch with train's skip policy)
 vlpretrain data show [STAGE.toml] [--set ...] [--reference_flag value ...] --index N
 vlpretrain chat [QUESTION] --model DIR [--image PATH ...]
 vlpretrain export DIR --to {hf,internvl} OUT
@@ -72,11 +73,16 @@ def run_distributed(
     return 0
 
 
+def job_world_size() -> int:
+    """Ranks of this job: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from vlpretrain.train.loop import train
 
     config = resolve_config(args, extra)
-    validate(config, int(os.environ.get("WORLD_SIZE", 1)))
+    validate(config, job_world_size())
     timeout = config.train.collective_timeout_minutes
     return run_distributed(lambda env: train(config, env), args.log_all_ranks, timeout)
 
@@ -186,6 +192,8 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     config = resolve_config(args, extra)
     if not config.train.meta_path:
         raise ConfigError(["train.meta_path: empty; give the run's stage TOML or --meta_path"])
+    if args.data_command == "check":
+        validate(config, job_world_size())  # the data passes only for a run train would start
     try:
         facts = read_run_facts(config.model)
     except (OSError, ValueError, KeyError) as error:
@@ -195,7 +203,8 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     meta = config.train.meta_path
     if args.data_command == "check":
         return run_check(meta, tokenizer_dir, config.data, facts, args.workers,
-                         packing=config.packing, list_all=args.all)  # fmt: skip
+                         packing=config.packing, stream=config.stream,
+                         world_size=job_world_size(), list_all=args.all)  # fmt: skip
     return run_show(meta, tokenizer_dir, config.data, args.index, args.dataset,
                     config.stream.seed, facts)  # fmt: skip
 
@@ -218,6 +227,7 @@ def add_data_commands(commands: Any) -> None:
 def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     """Print the user settings and the facts derived from the model's config and tokenizer
     files (no weights are loaded)."""
+    from vlpretrain.data.skips import SkipPolicy
     from vlpretrain.model.build import read_run_facts
 
     config = resolve_config(args, extra)
@@ -227,6 +237,8 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     except (OSError, ValueError, KeyError) as error:
         facts = f"{type(error).__name__}: {error}"
     print(describe(config, facts))
+    print("# Rules that follow from the settings (not settable)\n")
+    print(f"skip policy: {SkipPolicy(config.data.max_skip_fraction).describe()}")
     return 0
 
 

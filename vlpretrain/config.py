@@ -30,6 +30,7 @@ from vlpretrain.data.loader import StreamConfig
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.parallel import DistConfig
 from vlpretrain.facts import RunFacts
+from vlpretrain.files import read_user_text
 from vlpretrain.model.build import ModelConfig
 from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig
@@ -307,8 +308,63 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(**sections)
 
 
+MAX_TOML_NESTING = 100
+"""Deepest nesting of arrays and inline tables a stage file or --set value may have (a stage
+file needs three: [section], a list, a list inside it). tomllib recurses once per level and
+would otherwise end in a RecursionError traceback."""
+
+
+def toml_nesting_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside strings and comments (table headers count too)."""
+    depth = deepest = index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "#":
+            newline = text.find("\n", index)
+            index = len(text) if newline < 0 else newline
+        elif char in "\"'":
+            index = _string_end(text, index)
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        index += 1
+    return deepest
+
+
+def _string_end(text: str, start: int) -> int:
+    """Index of the last character of the TOML string opening at `start` (or the text's end)."""
+    quote = text[start]
+    if text.startswith(quote * 3, start):
+        end = text.find(quote * 3, start + 3)
+        return len(text) if end < 0 else end + 2
+    index = start + 1
+    while index < len(text) and text[index] not in (quote, "\n"):
+        # basic strings escape with a backslash; literal ('...') strings have no escapes
+        index += 2 if quote == '"' and text[index] == "\\" else 1
+    return index
+
+
+def _nesting_problem(text: str, what: str) -> str | None:
+    depth = toml_nesting_depth(text)
+    if depth <= MAX_TOML_NESTING:
+        return None
+    return (
+        f"{what} nests arrays or inline tables too deeply ({depth} levels); "
+        f"at most {MAX_TOML_NESTING} levels are read"
+    )
+
+
 def parse_override_value(text: str) -> Any:
-    """A --set value: TOML syntax when it parses (1e-5, true, [1, 2], "s"), else a string."""
+    """A --set value: TOML syntax when it parses (1e-5, true, [1, 2], "s"), else a string.
+
+    Raises:
+        ConfigError: the value nests deeper than MAX_TOML_NESTING.
+    """
+    problem = _nesting_problem(text, f"value {text[:40]}...")
+    if problem is not None:
+        raise ConfigError([problem])
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
@@ -353,12 +409,22 @@ def override_dataclass(instance: T, section: str, assignments: Sequence[str]) ->
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a stage TOML file.
+
+    Raises:
+        ConfigError: one line naming the file: missing, a directory, unreadable, not UTF-8,
+            nested deeper than MAX_TOML_NESTING, or not valid TOML (with its line).
+    """
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError([f"config file {path} not found"]) from None
+        text = read_user_text(path, "the stage's TOML file")
+    except ValueError as error:
+        raise ConfigError([f"config file {error}"]) from None
+    problem = _nesting_problem(text, f"config file {path}")
+    if problem is not None:
+        raise ConfigError([problem])
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: {error}"]) from None
 

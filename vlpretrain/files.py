@@ -1,7 +1,9 @@
-"""Create files the way the user's shell would: permissions from the process umask, atomically.
+"""Create files the way the user's shell would: permissions from the process umask, atomically;
+read the user's own text files (configs) with one-line errors.
 
     write_atomic(target, write) : temp file in target's directory --write--> chmod --> os.replace
     apply_umask(path)           : give a file created 0600 by a library the umask's mode
+    read_user_text(path, ...)   : UTF-8 text, or a ValueError naming the file and what is wrong
 
 `tempfile.mkstemp` and safetensors (0.8) create files 0600, so
 that a half-written file is private; once complete, the file gets `0o666 & ~umask` like any
@@ -60,3 +62,30 @@ def write_atomic(target: str | Path, write: Callable[[IO[bytes]], object]) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_user_text(path: Path, expected: str) -> str:
+    """The UTF-8 text of a file the user named (a stage TOML, a DeepSpeed JSON).
+
+    Args:
+        expected: what the file should be, for the message, e.g. "the stage's TOML file".
+
+    Raises:
+        ValueError: one line naming `path`: missing, a directory, unreadable or not UTF-8.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory; give {expected}") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror}); give {expected}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # the offset lets the user find the byte (an editor's Latin-1 save, a binary file)
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
+            f"{expected} must be UTF-8: save it as UTF-8"
+        ) from None

@@ -200,6 +200,8 @@ def apply_reference_flags(raw: dict[str, Any], argv: list[str]) -> list[str]:
             section, key = FLAG_TABLE[name].split(".")
             try:
                 raw.setdefault(section, {})[key] = _value(text)
+            except ConfigError as error:  # a value nested too deeply: its own problem lines
+                problems.extend(f"--{name}: {problem}" for problem in error.problems)
             except ValueError as error:
                 problems.append(f"--{name}: {error}")
         elif name in IGNORED:

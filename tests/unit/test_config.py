@@ -19,6 +19,7 @@ from vlpretrain.config import (
     load_run_config,
     load_toml,
     parse_override_value,
+    toml_nesting_depth,
     validate,
 )
 from vlpretrain.facts import RunFacts
@@ -236,6 +237,63 @@ def test_invalid_toml_is_a_config_error(tmp_path):
         load_toml(path)
 
 
+def test_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[train]\noutput_dir = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_toml(path)
+    [problem] = caught.value.problems
+    # "[train]\noutput_dir = 'caf" is 8 + 17 = 25 bytes, so the 0xe9 of the e-acute is byte 25
+    assert problem == (
+        f"config file {path} is not UTF-8 text (byte 0xe9 at offset 25); the stage's TOML "
+        "file must be UTF-8: save it as UTF-8"
+    )
+
+
+def test_config_file_nested_too_deeply_names_the_file_and_the_limit(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("[train]\nmax_steps = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_toml(path)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"config file {path} nests arrays or inline tables too deeply")
+    assert "at most 100 levels" in problem
+
+
+def test_set_value_nested_too_deeply_is_a_config_error():
+    with pytest.raises(ConfigError, match="nests arrays or inline tables too deeply"):
+        apply_override({}, "train.max_steps=" + "[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ("[train]\nx = [[1], {a = [2]}]\n", 3),  # [train] closes before the value opens
+        ("x = \"[[[[\" # [[[[\ny = '{{'\n", 0),  # brackets in strings and comments
+        ('x = """\n[[[\n"""\ny = "a\\"[" \n', 0),  # multi-line strings, escaped quote
+    ],
+)
+def test_nesting_depth_counts_brackets_outside_strings_and_comments(text, depth):
+    assert toml_nesting_depth(text) == depth
+
+
+def test_config_path_that_is_a_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_toml(tmp_path)
+    assert caught.value.problems == [
+        f"config file {tmp_path} is a directory; give the stage's TOML file"
+    ]
+
+
+def test_config_file_errors_reach_the_command_line_as_one_line(tmp_path, capsys):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[train]\nseed = 1 # \xff\n")
+    for bad in (path, tmp_path):
+        assert main(["show-config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(bad) in err
+
+
 def test_validate_lists_every_cross_field_problem(tmp_path):
     config = build_run_config(
         {
@@ -329,6 +387,11 @@ def test_show_config_command_prints_resolved_tree_with_docs(tmp_path, capsys):
     assert "learning_rate = 1e-05" in out
     assert "freeze_llm = True  # Freeze the language model (incl. embeddings and head)." in out
     assert "vision_path = 'vit'  # Path B: a standalone InternViT directory." in out
+    # the skip policy's small-sample rule, with the run's fraction (data.max_skip_fraction 0.01)
+    assert (
+        "skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "
+        "it has seen were skipped, judged from 100 records seen on"
+    ) in out
 
 
 def test_show_config_reports_config_errors_with_exit_code_2(tmp_path, capsys):

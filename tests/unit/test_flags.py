@@ -205,6 +205,56 @@ def test_deepspeed_name_without_stage_is_an_error():
         resolve(["--vision_path", "v", "--llm_path", "l", "--deepspeed", "ds_config.json"])
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", "must hold a JSON object (a DeepSpeed config), got a list"),
+        ("{not json", "is not valid JSON (line 1 column 2)"),
+        ('{"zero_optimization": [3]}', '"zero_optimization" must be an object, got a list'),
+        ('{"zero_optimization": {"stage": 7}}', "ZeRO stage 7 is not supported; use 0, 1, 2 or 3"),
+        ('{"zero_optimization": {"stage": "3"}}', "ZeRO stage '3' is not supported; use 0, 1,"),
+        ('{"zero_optimization": {"stage": true}}', "ZeRO stage True is not supported; use 0, 1,"),
+    ],
+)
+def test_deepspeed_json_that_cannot_be_mapped_names_the_file(content, message, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        resolve(["--vision_path", "v", "--llm_path", "l", "--deepspeed", str(path)])
+    [problem] = caught.value.problems
+    assert problem.startswith(f"--deepspeed: {path}")
+    assert message in problem
+
+
+def test_deepspeed_json_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_bytes(b'{"zero_optimization": {"stage": 2}, "note": "\xff"}')
+    with pytest.raises(ConfigError, match=f"--deepspeed: {path} is not UTF-8 text"):
+        resolve(["--vision_path", "v", "--llm_path", "l", "--deepspeed", str(path)])
+
+
+def test_deepspeed_directory_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        resolve(["--vision_path", "v", "--llm_path", "l", "--deepspeed", str(tmp_path)])
+    assert caught.value.problems == [
+        f"--deepspeed: {tmp_path} is a directory; give the DeepSpeed JSON file"
+    ]
+
+
+def test_deepspeed_name_with_an_unsupported_stage_is_an_error():
+    with pytest.raises(ConfigError, match="ZeRO stage 7 is not supported; use 0, 1, 2 or 3"):
+        resolve(["--vision_path", "v", "--llm_path", "l", "--deepspeed", "zero_stage7.json"])
+
+
+def test_flag_value_nested_too_deeply_is_one_problem_naming_the_flag():
+    with pytest.raises(ConfigError) as caught:
+        resolve(["--vision_path", "v", "--max_steps", "[" * 5000 + "]" * 5000])
+    [problem] = caught.value.problems
+    assert problem.startswith("--max_steps: value [[[[")
+    assert problem.endswith("nests arrays or inline tables too deeply (5000 levels); at most 100 "
+                            "levels are read")  # fmt: skip
+
+
 def test_unknown_flag_lists_known_flags():
     with pytest.raises(ConfigError) as caught:
         resolve(["--vision_path", "v", "--llm_path", "l", "--freeze_lm", "True"])

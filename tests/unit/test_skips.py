@@ -15,6 +15,7 @@ import torch
 from vlpretrain.data.samples import SampleSource, SkippedSample
 from vlpretrain.data.skips import (
     ENTRY_KEYS,
+    MIN_RECORDS_FOR_SKIP_POLICY,
     SKIP_LOG_NAME,
     SkipLog,
     SkipPolicy,
@@ -50,6 +51,33 @@ def test_policy_needs_min_records_then_compares_the_fraction():
     assert not SkipPolicy(0.0, min_records=0).exceeded(0, 0)
     with pytest.raises(TooManySkipsError, match=r"11 of 100 records skipped \(11.00%\)"):
         policy.check(11, 100, "the details")
+
+
+def test_training_and_data_check_share_the_policys_minimum():
+    # both build SkipPolicy(max_skip_fraction) with the default minimum
+    recorder = SkipRecorder("unused", ["captions"], 0.2, ENV, resume_step=0)
+    assert recorder.policy == SkipPolicy(0.2)
+    assert SkipPolicy(0.2).min_records == MIN_RECORDS_FOR_SKIP_POLICY == 100
+
+
+def test_judge_gives_the_verdict_line_of_an_epoch():
+    policy = SkipPolicy(0.1)
+    assert policy.judge(10, 100, "an epoch of 100 records") == (
+        True,
+        "OK: skip fraction 10.00% of an epoch of 100 records (max 10.00%)",
+    )
+    assert policy.judge(11, 100, "an epoch of 100 records") == (
+        False,
+        "FAIL: skip fraction 11.00% of an epoch of 100 records (max 10.00%)",
+    )
+    passes, line = policy.judge(5, 10, "an epoch of 10 records")  # 50 %, but only 10 records
+    assert passes and line.endswith(
+        "not judged: the skip policy judges from 100 records seen on (a run that sees 100 or "
+        "more of these records stops)"
+    )
+    assert policy.judge(0, 10, "an epoch of 10 records")[1].endswith(
+        "judges from 100 records seen on"
+    )
 
 
 def test_tally_logs_the_first_three_per_dataset_and_reason_then_one_in_100(caplog):

@@ -2,16 +2,18 @@
 
     meta.json --build_sources (worst case)--> [DatasetSource] --pool of workers--> per-line
     stats (+ the run's pack budget) --> counts, token/tile histograms, skips with file:line
-    --> exit code of the run's skip policy (data.skips.SkipPolicy, every record seen)
+    --> x repeat_time --> exit code of the run's skip policy over one epoch (data.skips)
 
-`check` reads every distinct annotation line once (repeat_time is not applied) with the run's
-settings (cli.py resolves them from the run's TOML or flags) and exits non-zero when the
-skipped fraction exceeds max_skip_fraction. Randomness is taken at its worst: every video is
-checked with max_num_frame frames, so a record whose random frame count can exceed
-max_seq_length is reported (image tiles do not depend on randomness). `show` renders one
-sample: supervised spans in <<...>> quotes, image spans collapsed to
-<img><IMG_CONTEXT>x256*5</img>. This is the only data module that prints; its command line is
-in cli.py.
+`check` reads every distinct annotation line once with the run's settings (cli.py resolves
+them from the run's TOML or flags, and refuses the config as `train` does), counts each line
+as often as the first epoch reads it (repeat_time), refuses data that training would refuse
+at start (a dataset with no record, a loader stream with none) and applies the run's skip
+policy (data.skips.SkipPolicy, with its minimum number of records) to that epoch.
+Randomness is taken at its worst: every video is checked with max_num_frame frames, so a
+record whose random frame count can exceed max_seq_length is reported (image tiles do not
+depend on randomness). `show` renders one sample: supervised spans in <<...>> quotes, image
+spans collapsed to <img><IMG_CONTEXT>x256*5</img>. This is the only data module that prints;
+its command line is in cli.py.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import multiprocessing
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from vlpretrain.data import media, tiling
+from vlpretrain.data import media, sharding, tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources, record_byte_limit
-from vlpretrain.data.loader import exceeds_budget
+from vlpretrain.data.loader import StreamConfig, exceeds_budget
+from vlpretrain.data.mixing import DatasetMixer
 from vlpretrain.data.packing import PackingConfig, PackItem, PieceRef, fit_to_budget
 from vlpretrain.data.records import RecordError, parse_record
 from vlpretrain.data.samples import IGNORE_INDEX, SkippedSample, TokenizedSample
@@ -39,6 +42,8 @@ from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, add_internvl_toke
 CHUNK_LINES = 256
 LineStat = tuple[int, int, int] | SkippedSample
 """(dataset_index, num_tokens, num_tiles) of a good line, or the skip."""
+IndexedStat = tuple[int, LineStat]
+"""(line index in the annotation index, its LineStat)."""
 
 _WORKER_SOURCES: list[DatasetSource] = []
 _WORKER_PACKING: PackingConfig | None = None
@@ -71,16 +76,16 @@ def check_line(
     return sample
 
 
-def _check_chunk(task: tuple[int, int, int]) -> list[LineStat]:
+def _check_chunk(task: tuple[int, int, int]) -> list[IndexedStat]:
     dataset_index, start, stop = task
     source = _WORKER_SOURCES[dataset_index]
-    out: list[LineStat] = []
+    out: list[IndexedStat] = []
     for line in range(start, stop):
         sample = check_line(source, line, _WORKER_PACKING)
         if isinstance(sample, SkippedSample):
-            out.append(sample)
+            out.append((line, sample))
         else:
-            out.append((dataset_index, sample.num_tokens, sample.num_tiles))
+            out.append((line, (dataset_index, sample.num_tokens, sample.num_tiles)))
     return out
 
 
@@ -94,7 +99,7 @@ def _tasks(sources: list[DatasetSource]) -> list[tuple[int, int, int]]:
 
 def _run_chunks(
     sources: list[DatasetSource], workers: int, packing: PackingConfig | None
-) -> Iterator[list[LineStat]]:
+) -> Iterator[list[IndexedStat]]:
     tasks = _tasks(sources)
     if workers <= 1:
         _init_worker(sources, packing)
@@ -134,6 +139,82 @@ def worst_case(config: SampleConfig) -> SampleConfig:
     return replace(config, min_num_frame=config.max_num_frame)
 
 
+def epoch_multiplicity(source: DatasetSource, seed: int) -> np.ndarray:
+    """How often each line is read in the first epoch: int(repeat_time) full copies, plus one
+    for the lines of the fractional subset (drawn with the run's stream.seed)."""
+    repeat_time = source.spec.repeat_time
+    counts = np.full(source.num_lines, int(repeat_time), dtype=np.int64)
+    for record_index in range(int(repeat_time) * source.num_lines, len(source)):
+        counts[source.line_of(record_index, epoch=0, seed=seed)] += 1
+    return counts
+
+
+def check_stream_shares(
+    sources: list[DatasetSource], stream: StreamConfig, world_size: int
+) -> None:
+    """Raise the ValueError training raises when a loader stream would get no record.
+
+    The records of an epoch are dealt over world_size x workers streams; the last stream gets
+    the fewest, so building its mixer (as the loader does) finds the problem for all.
+    """
+    num_streams = sharding.stream_count(world_size, stream.num_workers)
+    DatasetMixer(
+        [len(s) for s in sources],
+        [s.dataset_index for s in sources],
+        seed=stream.seed,
+        stream_id=num_streams - 1,
+        num_streams=num_streams,
+        use_data_resampling=stream.use_data_resampling,
+        replacement=stream.replacement,
+        num_epochs=stream.num_epochs,
+    )
+
+
+@dataclass
+class CheckTally:
+    """What the check saw: per-dataset token and tile counts of good lines, skipped lines."""
+
+    counter: SkipTally
+    skipped: list[SkippedSample] = field(default_factory=list)
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    tiles: dict[int, list[int]] = field(default_factory=dict)
+    skipped_lines: dict[int, list[int]] = field(default_factory=dict)
+
+    def add(self, line: int, stat: LineStat, dataset_index: int) -> None:
+        if isinstance(stat, SkippedSample):
+            self.counter.seen[stat.source.dataset] += 1
+            self.counter.add_skip(stat.source.dataset, stat.reason, str(stat), log=False)
+            self.skipped.append(stat)
+            self.skipped_lines.setdefault(dataset_index, []).append(line)
+        else:
+            self.counter.seen[self.counter.name(stat[0])] += 1
+            self.tokens.setdefault(stat[0], []).append(stat[1])
+            self.tiles.setdefault(stat[0], []).append(stat[2])
+
+
+def _tally(sources: list[DatasetSource], workers: int, packing: PackingConfig | None) -> CheckTally:
+    tally = CheckTally(SkipTally([s.name for s in sources]))
+    by_name = {s.name: s.dataset_index for s in sources}
+    with tqdm(total=sum(s.num_lines for s in sources), desc="checking", unit="rec",
+              file=sys.stderr) as bar:  # fmt: skip
+        for chunk in _run_chunks(sources, workers, packing):
+            for line, stat in chunk:
+                index = by_name[stat.source.dataset] if isinstance(stat, SkippedSample) else stat[0]
+                tally.add(line, stat, index)
+            bar.update(len(chunk))
+    return tally
+
+
+def epoch_skips(sources: list[DatasetSource], tally: CheckTally, seed: int) -> tuple[int, int]:
+    """(skipped records, records) of the first epoch: each line counted as often as it is read."""
+    num_skipped = 0
+    for source in sources:
+        lines = tally.skipped_lines.get(source.dataset_index, [])
+        if lines:
+            num_skipped += int(epoch_multiplicity(source, seed)[lines].sum())
+    return num_skipped, sum(len(s) for s in sources)
+
+
 def run_check(
     meta: str,
     tokenizer_dir: str,
@@ -142,58 +223,50 @@ def run_check(
     workers: int = 1,
     *,
     packing: PackingConfig | None = None,
+    stream: StreamConfig | None = None,
+    world_size: int = 1,
     list_all: bool = False,
 ) -> int:
     """Validate every record (worst case, pack budget of `packing` if given); print the report;
-    return the process exit code. `facts` None: image_facts() of the tokenizer (448-px tiles,
-    256 tokens per tile, internvl2_5). `list_all`: every skipped record, not 3 per reason."""
+    return the process exit code: 2 when training would refuse the data at start, 1 when the
+    run's skip policy fails the first epoch, else 0. `facts` None: image_facts() of the
+    tokenizer (448-px tiles, 256 tokens per tile, internvl2_5). `stream`, `world_size`: how
+    the run deals records (default StreamConfig(), one rank). `list_all`: every skipped
+    record, not 3 per reason."""
+    stream = stream or StreamConfig()
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
         sources = build_sources(
             meta, worst_case(config), facts or image_facts(tokenizer), tokenizer
         )
+        check_stream_shares(sources, stream, world_size)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    counter = SkipTally([s.name for s in sources])
-    skipped: list[SkippedSample] = []
-    tokens: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
-    tiles: dict[int, list[int]] = {s.dataset_index: [] for s in sources}
-    total = sum(s.num_lines for s in sources)
-    with tqdm(total=total, desc="checking", unit="rec", file=sys.stderr) as bar:
-        for chunk in _run_chunks(sources, workers, packing):
-            for stat in chunk:
-                if isinstance(stat, SkippedSample):
-                    counter.seen[stat.source.dataset] += 1
-                    counter.add_skip(stat.source.dataset, stat.reason, str(stat), log=False)
-                    skipped.append(stat)
-                else:
-                    counter.seen[counter.name(stat[0])] += 1
-                    tokens[stat[0]].append(stat[1])
-                    tiles[stat[0]].append(stat[2])
-            bar.update(len(chunk))
+    tally = _tally(sources, workers, packing)
     print(f"checked in the worst case: videos with max_num_frame = {config.max_num_frame} "
           f"frames, max_seq_length {config.max_seq_length}"
           + (f", rows of {packing.max_packed_tokens} tokens / {packing.num_images_expected} "
              "tiles" if packing else ""))  # fmt: skip
     for s in sources:
-        i = s.dataset_index
+        i, num_ok = s.dataset_index, len(tally.tokens.get(s.dataset_index, []))
         print(f"\n== {s.name}: {s.num_lines} lines, effective length {len(s)}, "
-              f"{len(tokens[i])} ok, {counter.seen[s.name] - len(tokens[i])} skipped")  # fmt: skip
-        print(text_histogram(tokens[i], "tokens per sample"))
-        print(text_histogram(tiles[i], "tiles per sample"))
-    print("\n" + counter.summary())
-    if list_all and skipped:
-        print(f"\nall {len(skipped)} skipped records:")
-        for sample in sorted(skipped, key=lambda s: (s.source.path, s.source.line)):
+              f"{num_ok} ok, {tally.counter.seen[s.name] - num_ok} skipped")  # fmt: skip
+        print(text_histogram(tally.tokens.get(i, []), "tokens per sample"))
+        print(text_histogram(tally.tiles.get(i, []), "tiles per sample"))
+    print("\n" + tally.counter.summary())
+    if list_all and tally.skipped:
+        print(f"\nall {len(tally.skipped)} skipped records:")
+        for sample in sorted(tally.skipped, key=lambda s: (s.source.path, s.source.line)):
             print(f"  {sample}")
-    # the run's policy, with every record seen (no minimum number of records)
-    policy = SkipPolicy(config.max_skip_fraction, min_records=0)
-    ok = not policy.exceeded(counter.num_skipped, counter.num_seen)
-    fraction = counter.num_skipped / counter.num_seen if counter.num_seen else 0.0
-    verdict = "OK" if ok else "FAIL"
-    print(f"{verdict}: skip fraction {fraction:.2%} (max {config.max_skip_fraction:.2%})")
-    return 0 if ok else 1
+    num_skipped, num_records = epoch_skips(sources, tally, stream.seed)
+    print(f"epoch: {num_records} records after repeat_time, {num_skipped} of them skipped")
+    # the run's own policy (data.skips), over the records of one epoch
+    passes, verdict = SkipPolicy(config.max_skip_fraction).judge(
+        num_skipped, num_records, f"an epoch of {num_records} records"
+    )
+    print(verdict)
+    return 0 if passes else 1
 
 
 def render_sample(sample: TokenizedSample, tokenizer: Any, num_image_token: int) -> str:

@@ -2,6 +2,7 @@
 
     SkippedSample --SkipTally.record--> counts per (dataset, reason) + rate-limited log lines
     (num_skipped, num_seen) --SkipPolicy.check--> TooManySkipsError naming datasets and reasons
+    (epoch's skipped, epoch size) --SkipPolicy.judge--> data check's OK / FAIL line
     SkippedSample --skip_entry--> {"step", "rank", "dataset", "file", "line", "reason", "detail"}
       --SkipLog.append--> output_dir/skipped.jsonl   (SkipLog.truncate_after(step) on resume)
 
@@ -36,16 +37,46 @@ class TooManySkipsError(RuntimeError):
     """More records were skipped than data.max_skip_fraction allows."""
 
 
+MIN_RECORDS_FOR_SKIP_POLICY = 100
+"""Records a run must have seen before data.max_skip_fraction applies: with fewer, one bad
+record would be a large fraction (1 of the first 10 is 10 %) and stop a run on its first
+steps. A run that never sees this many records is never stopped by the policy."""
+
+
 @dataclass(frozen=True)
 class SkipPolicy:
     """Stop when more than `max_fraction` of the records seen were skipped.
 
     `min_records`: no verdict before that many records were seen, so that the first bad record
-    of a run does not stop it (data check sees every record and passes 0).
+    of a run does not stop it. Training and `data check` both use the default.
     """
 
     max_fraction: float
-    min_records: int = 100
+    min_records: int = MIN_RECORDS_FOR_SKIP_POLICY
+
+    def describe(self) -> str:
+        """The rule in one sentence (show-config prints it)."""
+        return (
+            f"a run stops when more than data.max_skip_fraction ({self.max_fraction:.2%}) of "
+            f"the records it has seen were skipped, judged from {self.min_records} records "
+            "seen on (a run that sees fewer is never stopped by it); data check judges one "
+            "epoch (records after repeat_time) the same way"
+        )
+
+    def judge(self, num_skipped: int, num_seen: int, what: str) -> tuple[bool, str]:
+        """Whether `num_skipped` of `num_seen` records (`what`) pass, and the verdict line."""
+        fraction = num_skipped / num_seen if num_seen else 0.0
+        verdict = f"skip fraction {fraction:.2%} of {what} (max {self.max_fraction:.2%})"
+        if num_seen >= self.min_records:
+            passes = not self.exceeded(num_skipped, num_seen)
+            return passes, ("OK: " if passes else "FAIL: ") + verdict
+        note = (
+            f"OK: {verdict}, not judged: the skip policy judges from {self.min_records} "
+            f"records seen on"
+        )
+        if fraction > self.max_fraction:
+            note += f" (a run that sees {self.min_records} or more of these records stops)"
+        return True, note
 
     def exceeded(self, num_skipped: int, num_seen: int) -> bool:
         """True when the fraction is over the limit (and enough records were seen)."""

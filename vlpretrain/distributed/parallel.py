@@ -37,6 +37,7 @@ from torch.utils.checkpoint import (
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from vlpretrain.distributed.env import DistEnv
+from vlpretrain.files import read_user_text
 from vlpretrain.model.vision import num_layers_run
 from vlpretrain.model.vlm import InternVLModel
 
@@ -61,27 +62,69 @@ class DistConfig:
     def from_deepspeed(cls, path: str) -> DistConfig:
         """Map a reference DeepSpeed JSON onto our strategies.
 
-        ZeRO-1/2 -> FSDP2 without resharding after forward; ZeRO-3 -> FSDP2 full shard;
-        offload_param / offload_optimizer -> CPU offload. The file need not exist: the stage
-        is then read from its name (`zero_stage{N}...json`), as the reference scripts name them.
+        ZeRO-0 -> DDP; ZeRO-1/2 -> FSDP2 without resharding after forward; ZeRO-3 -> FSDP2
+        full shard; offload_param / offload_optimizer -> CPU offload. The file need not exist:
+        the stage is then read from its name (`zero_stage{N}...json`), as the reference
+        scripts name them.
+
+        Raises:
+            ValueError: naming the file: unreadable, not a JSON object, or a ZeRO stage
+                other than DEEPSPEED_ZERO_STAGES.
         """
-        stage, offload = None, False
         if Path(path).exists():
-            zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
-            stage = int(zero.get("stage", 0))
+            zero = _zero_section(Path(path))
+            stage = zero.get("stage", 0)
             offload = "offload_param" in zero or "offload_optimizer" in zero
         else:
-            match = re.search(r"zero_stage(\d)", Path(path).name)
+            match = re.search(r"zero_stage(\d+)", Path(path).name)
             if match is None:
                 raise ValueError(
-                    f"--deepspeed {path}: file not found and its name does not say the ZeRO "
+                    f"{path}: file not found and its name does not say the ZeRO "
                     "stage (expected zero_stage{1,2,3}...json)"
                 )
             stage = int(match.group(1))
             offload = "offload" in Path(path).name
+        # bool is an int to Python, but "stage": true is no stage number
+        if isinstance(stage, bool) or stage not in DEEPSPEED_ZERO_STAGES:
+            accepted = ", ".join(map(str, DEEPSPEED_ZERO_STAGES[:-1]))
+            raise ValueError(
+                f"{path}: ZeRO stage {stage!r} is not supported; use {accepted} or "
+                f"{DEEPSPEED_ZERO_STAGES[-1]} (zero_optimization.stage)"
+            )
         if stage == 0:
             return cls(strategy="ddp")
         return cls(strategy="fsdp", reshard_after_forward=stage >= 3, cpu_offload=offload)
+
+
+DEEPSPEED_ZERO_STAGES = (0, 1, 2, 3)
+"""The ZeRO stages DeepSpeed has, each mapped onto DDP or FSDP2 by DistConfig.from_deepspeed."""
+
+
+def _zero_section(path: Path) -> dict[str, Any]:
+    """The zero_optimization object of a DeepSpeed JSON ({} when absent); ValueError otherwise."""
+    text = read_user_text(path, "the DeepSpeed JSON file")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON (line {error.lineno} column {error.colno}): {error.msg}"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{path} nests JSON arrays or objects too deeply to read") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object (a DeepSpeed config), got a {_json_kind(config)}"
+        )
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f'{path}: "zero_optimization" must be an object, got a {_json_kind(zero)}')
+    return zero
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's name for the type of a parsed value."""
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 CheckpointMode = Literal["none", "selective", "full"]
