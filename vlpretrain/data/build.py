@@ -22,7 +22,7 @@ import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -99,6 +99,10 @@ class SampleConfig:
     exif_transpose: bool = False
     """Turn images upright as their EXIF orientation tag says before tiling; False tiles the
     stored pixels, ignoring the tag, as the reference does."""
+    on_changed_media: Literal["error", "skip"] = "error"
+    """On resume, a record held in the saved packer buffer that no longer loads as it did
+    (media changed or gone): 'error' stops with the record named; 'skip' drops it, counted and
+    listed in skipped.jsonl as media_changed (settable on resume)."""
 
     def __post_init__(self) -> None:
         if self.normalize_type not in tiling.NORMALIZE_STATS:
@@ -120,6 +124,10 @@ class SampleConfig:
             )
         if self.remote_retries < 0:
             raise ValueError(f"remote_retries must be >= 0, got {self.remote_retries}")
+        if self.on_changed_media not in ("error", "skip"):
+            raise ValueError(
+                f"on_changed_media must be 'error' or 'skip', got {self.on_changed_media!r}"
+            )
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
