@@ -88,12 +88,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from vlpretrain.pipeline import check_stages, load_recipe, run_pipeline
+    from vlpretrain.pipeline import check_stages, load_recipe, plan_stages, run_pipeline
 
     stages = load_recipe(args.recipe, args.set or [])
     for warning in check_stages(stages, int(os.environ.get("WORLD_SIZE", 1))):
         logger.warning(warning)
     if args.check_only:
+        for plan in plan_stages(stages):
+            print(plan.describe())
         print(f"recipe {args.recipe}: {len(stages)} stages OK")
         return 0
     timeout = max(stage.config.train.collective_timeout_minutes for stage in stages)

@@ -212,3 +212,88 @@ def test_build_sources_from_meta(tmp_path, tokenizer):
     cfg = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
     sources = build_sources(meta, cfg, facts_of(tokenizer), tokenizer)
     assert [(s.name, s.dataset_index, len(s)) for s in sources] == [("one", 0, 3), ("two", 1, 1)]
+
+
+def outside_root_layout(tmp_path):
+    """A dataset root with an image inside, one beside it ('../') and a link out of it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("RGB", (28, 28), "red").save(root / "inside.png")
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "beside.png")
+    (root / "link.png").symlink_to(tmp_path / "beside.png")
+    return root
+
+
+def confined_source(tmp_path, tokenizer, paths, **config):
+    root = outside_root_layout(tmp_path)
+    records = [{"image": path, "conversations": conv()} for path in paths]
+    ann = root / "ann.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = DatasetSpec(name="toy", dataset_index=0, root=root, annotation=ann,
+                       repeat_time=1.0, data_augment=False)  # fmt: skip
+    cfg = SampleConfig(**{**SMALL, "cache_dir": str(tmp_path / "cache"), **config})
+    return DatasetSource(spec, cfg, facts_of(tokenizer), tokenizer)
+
+
+OUTSIDE_PATHS = ["inside.png", "../beside.png", "link.png", "ABSOLUTE"]
+
+
+def test_media_paths_may_leave_the_root_by_default(tmp_path, tokenizer):
+    paths = [p.replace("ABSOLUTE", str(tmp_path / "beside.png")) for p in OUTSIDE_PATHS]
+    source = confined_source(tmp_path, tokenizer, paths)
+    assert all(isinstance(source.load(i, 0, 0), TokenizedSample) for i in range(4))
+
+
+def test_media_under_root_skips_paths_resolving_outside_it(tmp_path, tokenizer):
+    paths = [p.replace("ABSOLUTE", str(tmp_path / "beside.png")) for p in OUTSIDE_PATHS]
+    source = confined_source(tmp_path, tokenizer, paths, media_under_root=True)
+    results = [source.load(i, 0, 0) for i in range(4)]
+    assert isinstance(results[0], TokenizedSample)
+    # '../', a symlink out of the root and an absolute path all leave it.
+    for skipped in results[1:]:
+        assert isinstance(skipped, SkippedSample)
+        assert skipped.reason == "media_outside_root"
+        assert str(tmp_path / "root") in skipped.detail
+    assert [r.source.line for r in results[1:]] == [2, 3, 4]
+
+
+def write_upside_down(path):
+    """Red left half, blue right half, stored with EXIF orientation 3 (shown rotated 180)."""
+    image = Image.new("RGB", (56, 28), "blue")
+    image.paste(Image.new("RGB", (28, 28), "red"), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    image.save(path, exif=exif)
+
+
+def first_tile_is_red(sample):
+    red, blue = sample.pixel_values[0, 0].mean(), sample.pixel_values[0, 2].mean()
+    return red > blue
+
+
+def test_exif_orientation_is_ignored_by_default(tmp_path, tokenizer):
+    write_upside_down(tmp_path / "a.png")
+    sample = make_source(tmp_path, tokenizer, [{"image": "a.png", "conversations": conv()}])
+    sample = sample.load(0, 0, 0)
+    # 56x28 at 28-px tiles: a 2x1 grid (left tile first) + thumbnail; stored pixels: red left.
+    assert sample.num_tiles_per_image == (3,)
+    assert first_tile_is_red(sample)
+
+
+def test_exif_transpose_turns_images_upright_before_tiling(tmp_path, tokenizer):
+    write_upside_down(tmp_path / "a.png")
+    records = [{"image": "a.png", "conversations": conv()}]
+    sample = make_source(tmp_path, tokenizer, records, exif_transpose=True).load(0, 0, 0)
+    # Rotated 180 degrees: blue is now on the left, so the first tile is blue.
+    assert sample.num_tiles_per_image == (3,)
+    assert not first_tile_is_red(sample)
+
+
+def test_sixteen_bit_greyscale_saturates_at_255(tmp_path):
+    from vlpretrain.data.media import load_image
+
+    levels = np.array([[0, 100, 255, 256, 1000, 65535]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    # Pillow clips I;16 values at 255 on the way to RGB (no scaling), as the reference does.
+    rgb = np.asarray(load_image(tmp_path / "grey16.png"))
+    assert rgb[0, :, 0].tolist() == [0, 100, 255, 255, 255, 255]

@@ -5,7 +5,7 @@ from itertools import islice
 
 import pytest
 import torch
-from stream_fakes import FACTS, FakeSource
+from stream_fakes import FACTS, FakeSource, make_sample
 
 from vlpretrain.data.collate import PackedLayout
 from vlpretrain.data.loader import (
@@ -225,3 +225,68 @@ def test_resume_does_not_replay_the_stream(monkeypatch):
     next(iter(resumed))
     # only the open rows (at most 4 rows of a few samples) and one batch worth are loaded
     assert _CountingSource.calls < 40 < loads_before
+
+
+class ChangedSource:
+    """A FakeSource whose record `changed` no longer loads as before the checkpoint."""
+
+    def __init__(self, inner, changed, how):
+        self.inner, self.changed, self.how = inner, changed, how
+        self.name, self.dataset_index = inner.name, inner.dataset_index
+
+    def __len__(self):
+        return len(self.inner)
+
+    def load(self, record_index, epoch, seed):
+        loaded = self.inner.load(record_index, epoch, seed)
+        if record_index != self.changed:
+            return loaded
+        if self.how == "vanished":
+            return SkippedSample(self.dataset_index, loaded.source, "missing_image", "gone")
+        # replaced by a smaller image: the sample is shorter than its saved piece
+        return make_sample(self.dataset_index, (), 1, line=loaded.source.line)
+
+
+def _stream(sources, on_changed_media="error"):
+    return WorkerStream(sources, PACKING, FACTS, StreamConfig(seed=3), rank=0, world_size=1,
+                        worker=0, on_changed_media=on_changed_media)  # fmt: skip
+
+
+def _buffered_record(state):
+    """A (dataset_index, record_index) of a piece held in the saved packer buffer."""
+    refs = [ref for row in state["packer"]["rows"] for ref in row]
+    refs += [ref for row in state["ready_rows"] for ref in row]
+    return refs[0][0], refs[0][1]
+
+
+@pytest.mark.parametrize("how", ["vanished", "shrunk"])
+def test_changed_media_in_the_packer_buffer_stops_resume_by_default(how):
+    sources = _sources()
+    before = _stream(sources)
+    list(islice(before, 3))
+    state = pickle.loads(pickle.dumps(before.state_dict()))
+    dataset, record = _buffered_record(state)
+    sources[dataset] = ChangedSource(sources[dataset], record, how)
+    with pytest.raises(RuntimeError, match="data.on_changed_media = 'skip'") as caught:
+        _stream(sources).load_state_dict(state)
+    assert f"record {record} (epoch 0) of dataset 'ds{dataset}'" in str(caught.value)
+
+
+@pytest.mark.parametrize("how", ["vanished", "shrunk"])
+def test_changed_media_in_the_packer_buffer_is_skipped_with_on_changed_media_skip(how):
+    sources = _sources()
+    before = _stream(sources)
+    list(islice(before, 3))
+    state = pickle.loads(pickle.dumps(before.state_dict()))
+    dataset, record = _buffered_record(state)
+    sources[dataset] = ChangedSource(sources[dataset], record, how)
+    resumed = _stream(sources, on_changed_media="skip")
+    resumed.load_state_dict(state)
+    batch = next(iter(resumed))
+    changed = [s for s in batch.stats.skipped if s.reason == "media_changed"]
+    assert [(s.dataset_index, s.source.line) for s in changed] == [(dataset, record + 1)]
+    assert dict(batch.stats.skipped_by_reason)["media_changed"] == 1
+    # The record is not trained on (in this batch or the next few).
+    trained = {(r.dataset_index, r.record_index, r.epoch) for b in [batch, *islice(resumed, 5)]
+               for r in b.sample_ids}  # fmt: skip
+    assert (dataset, record, 0) not in trained

@@ -22,7 +22,7 @@ import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -92,6 +92,17 @@ class SampleConfig:
     remote_retries: int = remote.DEFAULT_RETRIES
     """Retries of a failed object-storage request (doubling back-off from 0.25 s); after the
     last one the record is skipped as read_error, naming the URL."""
+    media_under_root: bool = False
+    """Skip as media_outside_root a record whose media path resolves (after symlinks) outside
+    its dataset's root ('../', absolute paths, links out); False lets paths leave the root,
+    as the reference does."""
+    exif_transpose: bool = False
+    """Turn images upright as their EXIF orientation tag says before tiling; False tiles the
+    stored pixels, ignoring the tag, as the reference does."""
+    on_changed_media: Literal["error", "skip"] = "error"
+    """On resume, a record held in the saved packer buffer that no longer loads as it did
+    (media changed or gone): 'error' stops with the record named; 'skip' drops it, counted and
+    listed in skipped.jsonl as media_changed (settable on resume)."""
 
     def __post_init__(self) -> None:
         if self.normalize_type not in tiling.NORMALIZE_STATS:
@@ -113,6 +124,10 @@ class SampleConfig:
             )
         if self.remote_retries < 0:
             raise ValueError(f"remote_retries must be >= 0, got {self.remote_retries}")
+        if self.on_changed_media not in ("error", "skip"):
+            raise ValueError(
+                f"on_changed_media must be 'error' or 'skip', got {self.on_changed_media!r}"
+            )
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
@@ -306,6 +321,9 @@ class DatasetSource:
         turns = record.conversations
         check_reserved_strings(turns)
         check_media_tags(record.kind, turns, len(record.images))
+        if self.config.media_under_root:
+            for path in (*record.images, *([record.video] if record.video else [])):
+                media.check_under_root(path, self.spec.root)
         tiles_per_image, tiles, turns = self._media(record, turns, rng)
         turns = expand_image_placeholders(
             turns, [self.facts.num_image_token * n for n in tiles_per_image]
@@ -348,7 +366,10 @@ class DatasetSource:
             turns = insert_image_tag(turns)
         else:
             max_patch = tiling.image_tile_budget(max_patch, len(record.images))
-        images = [media.load_image(p, cfg.max_image_pixels, self.remote) for p in record.images]
+        images = [
+            media.load_image(p, cfg.max_image_pixels, self.remote, cfg.exif_transpose)
+            for p in record.images
+        ]
         per_image = [self._tiles(img, max_patch, cfg.dynamic_image_size, rng) for img in images]
         return [len(t) for t in per_image], [t for ts in per_image for t in ts], turns
 

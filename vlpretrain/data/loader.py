@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch.utils.data
 
@@ -69,6 +69,9 @@ ranges; 1: there are none (written before elastic resume)."""
 READABLE_STREAM_VERSIONS = (1, 2, 3)
 LOADER_STATE_KEY = "vlpretrain_stream"
 EXCEEDS_BUDGET = "exceeds_pack_budget"
+MEDIA_CHANGED = "media_changed"
+ChangedMedia = Literal["error", "skip"]
+"""Skip reason of a record in a checkpoint's packer buffer that no longer loads as it did."""
 
 
 class SampleSourceLike(Protocol):
@@ -147,6 +150,7 @@ class WorkerStream:
         worker: int,
         skip_counter: SkipCounterLike | None = None,
         step_flops: StepFlops | None = None,
+        on_changed_media: ChangedMedia = "error",
     ) -> None:
         _check_sources(sources)
         self.sources = list(sources)
@@ -155,6 +159,7 @@ class WorkerStream:
         self.stream_config = stream_config
         self.rank, self.world_size, self.worker = rank, world_size, worker
         self.skip_counter = skip_counter
+        self.on_changed_media = on_changed_media
         num_workers = stream_config.num_workers
         self.stream_id = sharding.stream_index(rank, world_size, worker, num_workers)
         self.num_streams = sharding.stream_count(world_size, num_workers)
@@ -245,17 +250,28 @@ class WorkerStream:
         if self.skip_counter is not None:
             self.skip_counter.record(skipped)
 
-    def load_piece(self, ref: PieceRef) -> TokenizedSample:
-        """Re-create a packed piece from its reference (used on restore)."""
+    def load_piece(self, ref: PieceRef) -> TokenizedSample | None:
+        """Re-create a packed piece from its reference (used on restore); None when its record
+        no longer loads as it did and data.on_changed_media is 'skip' (the record then travels
+        with the next batch as a media_changed skip)."""
         source = self.sources[self._position_of[ref.dataset_index]]
         loaded = source.load(ref.record_index, ref.epoch, self.stream_config.seed)
-        if isinstance(loaded, SkippedSample):
-            raise RuntimeError(
-                f"record {ref.record_index} (epoch {ref.epoch}) of dataset {source.name!r} was a"
-                f" sample before the checkpoint and is now skipped: {loaded}. The source is not"
-                " deterministic or its files changed."
+        problem = _changed_since_checkpoint(loaded, ref)
+        if problem is None:
+            assert isinstance(loaded, TokenizedSample)
+            return slice_sample(loaded, ref)
+        where = f"record {ref.record_index} (epoch {ref.epoch}) of dataset {source.name!r}"
+        if self.on_changed_media == "skip":
+            self._skipped.append(
+                SkippedSample(ref.dataset_index, loaded.source, MEDIA_CHANGED, problem)
             )
-        return slice_sample(loaded, ref)
+            return None
+        raise RuntimeError(
+            f"{where} ({loaded.source}) is in the checkpoint's packer buffer but {problem}: "
+            "the source is not deterministic or its files changed since the checkpoint. "
+            "Restore the files, or set data.on_changed_media = 'skip' to leave such records "
+            f"out (each is listed in skipped.jsonl as {MEDIA_CHANGED})."
+        )
 
     def start_from(self, progress: DataProgress) -> None:
         """Continue a job of another shape: this stream's share of what it left unread, and
@@ -276,7 +292,8 @@ class WorkerStream:
         self._ready = SyncedRelease(self._hold)  # every new stream's release count starts at 0
         for values in progress.pieces[stream_id::num_streams]:
             ref = PieceRef.from_tuple(values)
-            self._ready.push(self.packer.add(PackItem(ref, self.load_piece(ref))))
+            if (piece := self.load_piece(ref)) is not None:
+                self._ready.push(self.packer.add(PackItem(ref, piece)))
         # The saved FLOPs sums already count these pieces: packing them again must not count
         # them twice (rows emitted now are counted: they are new rows).
         packer = self.packer
@@ -303,14 +320,17 @@ class WorkerStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by the same (rank, worker) of a job of the same shape."""
         _check_state(state, self)
+        # Always empty between batches; states of version 1 held a dict of counts here. Set
+        # first: re-loading the buffered pieces may add media_changed skips.
+        pending = state["skipped"] if isinstance(state["skipped"], list) else []
+        self._skipped = [_skip_from_state(item) for item in pending]
         self.mixer.load_state_dict(state["mixer"])
         self.packer.load_state_dict(state["packer"], self.load_piece)
         ready = self.packer.restore_rows(state["ready_rows"], self.load_piece)
-        self._ready.restore(ready, state.get("release"))  # states before it: none
+        release = state.get("release")  # states before it: none
+        ready, release = _without_empty_rows(ready, release)
+        self._ready.restore(ready, release)
         self._num_loaded = int(state["num_loaded"])
-        # Always empty between batches; states of version 1 held a dict of counts here.
-        pending = state["skipped"] if isinstance(state["skipped"], list) else []
-        self._skipped = [_skip_from_state(item) for item in pending]
 
 
 class PackedStream(torch.utils.data.IterableDataset):
@@ -327,6 +347,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         world_size: int,
         skip_counter: SkipCounterLike | None = None,
         step_flops: StepFlops | None = None,
+        on_changed_media: ChangedMedia = "error",
     ) -> None:
         super().__init__()
         _check_sources(sources)
@@ -337,6 +358,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.skip_counter = skip_counter
         self.step_flops = step_flops
+        self.on_changed_media = on_changed_media
         self.progress: DataProgress | None = None
         """Set on a resume on another shape: where every new stream starts (data.elastic)."""
         self._stream: WorkerStream | None = None
@@ -361,6 +383,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 worker=worker,
                 skip_counter=self.skip_counter,
                 step_flops=self.step_flops,
+                on_changed_media=self.on_changed_media,
             )
             if self.progress is not None:
                 self._stream.start_from(self.progress)
@@ -456,6 +479,7 @@ def build_dataloader(
     world_size: int,
     skip_counter: SkipCounterLike | None = None,
     step_flops: StepFlops | None = None,
+    on_changed_media: ChangedMedia = "error",
 ) -> PackedDataLoader:
     """The resumable loader of packed micro-batches for one rank (`step_flops`: the model's
     FLOPs counter, needed by packing.balance_flops)."""
@@ -468,6 +492,7 @@ def build_dataloader(
         world_size=world_size,
         skip_counter=skip_counter,
         step_flops=step_flops,
+        on_changed_media=on_changed_media,
     )
     extra: dict[str, Any] = {}
     if stream_config.num_workers > 0:
@@ -493,6 +518,33 @@ def _skip_from_state(item: list[Any]) -> SkippedSample:
     index, dataset, path, line, reason, detail = item
     source = SampleSource(str(dataset), str(path), int(line))
     return SkippedSample(int(index), source, str(reason), str(detail))
+
+
+def _changed_since_checkpoint(loaded: TokenizedSample | SkippedSample, ref: PieceRef) -> str | None:
+    """How a re-loaded record differs from the piece the checkpoint saved (None: it fits)."""
+    if isinstance(loaded, SkippedSample):
+        return f"is now skipped ({loaded.reason}: {loaded.detail})"
+    if ref.token_end > loaded.num_tokens or ref.tile_end > loaded.num_tiles:
+        return (
+            f"now has {loaded.num_tokens} tokens and {loaded.num_tiles} tiles, fewer than its "
+            f"saved piece (tokens {ref.token_start}:{ref.token_end}, tiles "
+            f"{ref.tile_start}:{ref.tile_end})"
+        )
+    return None
+
+
+def _without_empty_rows(
+    rows: list[PackRow], release: dict[str, Any] | None
+) -> tuple[list[PackRow], dict[str, Any] | None]:
+    """Ready rows whose every piece was skipped on restore, dropped with their arrival times."""
+    keep = [bool(row.items) for row in rows]
+    if all(keep):
+        return rows, release
+    kept = [row for row, flag in zip(rows, keep, strict=True) if flag]
+    if release is None or release.get("arrived_at") is None:
+        return kept, release
+    arrived = [a for a, flag in zip(release["arrived_at"], keep, strict=True) if flag]
+    return kept, {**release, "arrived_at": arrived}
 
 
 def _pass_through(batch: PackedBatch) -> PackedBatch:

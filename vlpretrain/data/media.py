@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from pathlib import Path, PurePath
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlpretrain import packages
 from vlpretrain.data import remote
@@ -60,8 +61,10 @@ def load_image(
     path: Location,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     settings: RemoteSettings = remote.DEFAULT_SETTINGS,
+    exif_transpose: bool = False,
 ) -> Image.Image:
-    """Open `path` (a local file or a URL) fully and convert it to RGB.
+    """Open `path` (a local file or a URL) fully and convert it to RGB; `exif_transpose`:
+    turn it upright as its EXIF orientation says (off, as the reference: the stored pixels).
 
     Raises:
         RecordError: missing_image if the file does not exist, corrupt_image if it cannot be
@@ -70,10 +73,10 @@ def load_image(
     """
     if isinstance(path, URL):
         return _decode_image(io.BytesIO(_remote_image_bytes(path, max_pixels, settings)),
-                             path, max_pixels)  # fmt: skip
+                             path, max_pixels, exif_transpose)  # fmt: skip
     if not path.is_file():
         raise RecordError("missing_image", f"no image file {path}")
-    return _decode_image(path, path, max_pixels)
+    return _decode_image(path, path, max_pixels, exif_transpose)
 
 
 @contextlib.contextmanager
@@ -98,19 +101,45 @@ def _open_image(source: Path | IO[bytes]) -> Image.Image:
         return Image.open(source)
 
 
-def _decode_image(source: Path | IO[bytes], name: Location, max_pixels: int) -> Image.Image:
-    """Header, pixel limit, then the full decode to RGB (`name` for messages)."""
+def _decode_image(
+    source: Path | IO[bytes], name: Location, max_pixels: int, exif_transpose: bool = False
+) -> Image.Image:
+    """Header, pixel limit, then the full decode to RGB (`name` for messages).
+
+    16-bit greyscale (mode I;16) converts as Pillow converts it: values are clipped at 255,
+    not scaled, so such an image comes out nearly white (as in the reference).
+    """
     try:
         with _open_image(source) as image:
             check_pixels(name, *image.size, max_pixels)
             image.load()
             # the decoded size, not the header's claim, is what gets converted and tiled
             check_pixels(name, *image.size, max_pixels)
-            return image.convert("RGB")
+            upright = ImageOps.exif_transpose(image) if exif_transpose else image
+            return upright.convert("RGB")
     except RecordError:
         raise
     except (OSError, ValueError, SyntaxError) as err:
         raise RecordError("corrupt_image", f"{name}: {err}") from err
+
+
+def check_under_root(path: Location, root: Location) -> None:
+    """Refuse a media path that leaves its dataset root (data.media_under_root).
+
+    Local paths are compared after symlinks are resolved (a link inside the root that points
+    out of it leaves it); URLs (whose ".." segments the join already resolved) must start with
+    the root's prefix.
+
+    Raises:
+        RecordError: media_outside_root, naming the path and the root.
+    """
+    if isinstance(root, URL) or isinstance(path, URL):
+        prefix = str(root).rstrip("/") + "/"
+        inside = isinstance(root, URL) and isinstance(path, URL) and path.startswith(prefix)
+    else:
+        inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+    if not inside:
+        raise RecordError("media_outside_root", f"{path} is outside the dataset root {root}")
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:

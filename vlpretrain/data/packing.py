@@ -410,9 +410,10 @@ class BestFitPacker:
         return state
 
     def load_state_dict(
-        self, state: dict[str, Any], load_piece: Callable[[PieceRef], TokenizedSample]
+        self, state: dict[str, Any], load_piece: Callable[[PieceRef], TokenizedSample | None]
     ) -> None:
-        """Rebuild the open rows by re-loading their pieces through `load_piece`."""
+        """Rebuild the open rows by re-loading their pieces through `load_piece` (a piece it
+        returns None for is left out, and a row left empty is dropped)."""
         if state.get("version") != PACKER_STATE_VERSION:
             raise ValueError(
                 f"packer state version {state.get('version')!r} is not {PACKER_STATE_VERSION}"
@@ -423,7 +424,8 @@ class BestFitPacker:
                 f"{'balance' in state} but this run has {self.balance is not None}; the open "
                 "rows would be packed differently (set it as the checkpointed run did)"
             )
-        self._rows = [rows_from_refs(refs, load_piece) for refs in state["rows"]]
+        rows = [rows_from_refs(refs, load_piece) for refs in state["rows"]]
+        self._rows = [row for row in rows if row.items]
         self.num_rows_emitted = int(state["num_rows_emitted"])
         self.num_tokens_emitted = int(state["num_tokens_emitted"])
         if self.balance is not None:
@@ -447,9 +449,10 @@ class BestFitPacker:
             self.balance.set_totals(*balance)
 
     def restore_rows(
-        self, rows: list[list[Any]], load_piece: Callable[[PieceRef], TokenizedSample]
+        self, rows: list[list[Any]], load_piece: Callable[[PieceRef], TokenizedSample | None]
     ) -> list[PackRow]:
-        """Finished rows re-created from saved piece references, priced as when packed."""
+        """Finished rows re-created from saved piece references, priced as when packed (one
+        per saved row, also when `load_piece` left all its pieces out)."""
         restored = [rows_from_refs(refs, load_piece) for refs in rows]
         for row in restored:
             self._reprice(row)
@@ -464,11 +467,14 @@ class BestFitPacker:
 
 
 def rows_from_refs(
-    refs: list[tuple[int, ...]], load_piece: Callable[[PieceRef], TokenizedSample]
+    refs: list[tuple[int, ...]], load_piece: Callable[[PieceRef], TokenizedSample | None]
 ) -> PackRow:
-    """One row re-created from saved piece references."""
+    """One row re-created from saved piece references; a piece `load_piece` returns None for
+    (a record that no longer loads, skipped by data.on_changed_media) is left out."""
     row = PackRow()
     for values in refs:
         ref = PieceRef.from_tuple(values)
-        row.append(PackItem(ref, load_piece(ref)))
+        sample = load_piece(ref)
+        if sample is not None:
+            row.append(PackItem(ref, sample))
     return row

@@ -44,10 +44,14 @@ SKIP_REASONS = (
     "video_error",
     "too_long",
     "read_error",
+    "media_outside_root",
+    "media_changed",
     "unexpected_error",
 )
 """Every `SkippedSample.reason` the sample builder can produce. `unexpected_error` is the
-builder's catch-all (data.build): an exception no check foresaw, its type in the detail."""
+builder's catch-all (data.build): an exception no check foresaw, its type in the detail.
+`media_outside_root` only with data.media_under_root; `media_changed` only on resume, for a
+record of the saved packer buffer that no longer loads as it did (data.on_changed_media)."""
 
 
 class RecordError(Exception):

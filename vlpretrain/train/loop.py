@@ -407,6 +407,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
         env.rank,
         env.world_size,
         step_flops=flops.step_flops,
+        on_changed_media=config.data.on_changed_media,
     )
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)

@@ -40,6 +40,7 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.preemption_signals",
         "train.preemption_grace_seconds",
         "data.cache_dir",
+        "data.on_changed_media",
         "stream.prefetch_factor",
         "stream.pin_memory",
         "stream.num_workers",
