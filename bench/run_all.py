@@ -15,6 +15,7 @@ BENCHES = (
     "fsdp_memory.py",
     "balance.py",
     "optimizer_step.py",
+    "checkpoint_save.py",
 )
 
 if __name__ == "__main__":

@@ -289,3 +289,22 @@ def train_until_crash(stage_toml: Path, crash_step: int, monkeypatch: pytest.Mon
         patch.setattr(loop, "train_step", step_then_crash)
         with pytest.raises(Interrupted):
             main(["train", str(stage_toml)])
+
+
+def finish_process(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Exit code and stderr of a started run; stderr closes when every process that inherited
+    it (torchrun's ranks too) is gone. A run that outlives `timeout` fails the test."""
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{' '.join(process.args)} did not end within {timeout} s")
+    return process.returncode, stderr
+
+
+def last_logged_step(output_dir: Path) -> int:
+    """The newest step in metrics.jsonl (0 before the first)."""
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.is_file() or not metrics.stat().st_size:
+        return 0
+    return int(read_metrics(output_dir)[-1]["step"])

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from train_fixtures import (
     cli_env,
+    finish_process,
     free_port,
+    last_logged_step,
     losses_by_step,
     read_metrics,
     stage_raw,
@@ -45,13 +47,7 @@ def torchrun(config: Path) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
-    """Exit code and stderr; stderr closes when the ranks (which inherit it) are gone too."""
-    try:
-        _, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"{' '.join(process.args)} did not end within {TIMEOUT} s")
-    return process.returncode, stderr
+    return finish_process(process, TIMEOUT)
 
 
 def ranks_of(launcher: int) -> list[int]:
@@ -65,20 +61,12 @@ def ranks_of(launcher: int) -> list[int]:
     return found
 
 
-def last_step(output_dir: Path) -> int:
-    """The newest step in metrics.jsonl (0 before the first)."""
-    metrics = output_dir / "metrics.jsonl"
-    if not metrics.is_file() or not metrics.stat().st_size:
-        return 0
-    return read_metrics(output_dir)[-1]["step"]
-
-
 def preempt(config: Path, output_dir: Path, signum: int, whole_job: bool) -> tuple[int, str]:
     """Start the job, send `signum` once it logged a new step, wait for its end."""
-    already = last_step(output_dir)
+    already = last_logged_step(output_dir)
     launcher = torchrun(config)
     deadline = time.monotonic() + TIMEOUT
-    while last_step(output_dir) <= already:
+    while last_logged_step(output_dir) <= already:
         assert launcher.poll() is None, f"the job ended early: {finish(launcher)}"
         assert time.monotonic() < deadline, f"no new step within {TIMEOUT} s"
         time.sleep(0.02)
@@ -110,7 +98,7 @@ def test_preempted_ranks_save_the_step_and_the_rerun_equals_an_uninterrupted_run
         # exit code 124 is in its log
         assert code != 0, stderr[-6000:]
         assert stderr.count(f"received {name}: finishing this step") == 2, stderr[-6000:]
-        step = last_step(victim_dir)
+        step = last_logged_step(victim_dir)
         stopped_at.append(step)
         assert f"stopped on {name} at step {step} of {n}: saved " in stderr, stderr[-6000:]
         assert list_checkpoints(victim_dir)[-1][0] == step  # 0 steps lost

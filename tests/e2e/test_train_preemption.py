@@ -20,6 +20,8 @@ import pytest
 from train_fixtures import (
     cli_command,
     cli_env,
+    finish_process,
+    last_logged_step,
     losses_by_step,
     read_metrics,
     stage_raw,
@@ -70,27 +72,14 @@ def deliver(process: subprocess.Popen, signum: int) -> None:
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
-    try:
-        _, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"{' '.join(process.args)} did not end within {TIMEOUT} s")
-    return process.returncode, stderr
-
-
-def last_step(output_dir: Path) -> int:
-    """The newest step in metrics.jsonl (0 before the first)."""
-    metrics = output_dir / "metrics.jsonl"
-    if not metrics.is_file() or not metrics.stat().st_size:
-        return 0
-    return read_metrics(output_dir)[-1]["step"]
+    return finish_process(process, TIMEOUT)
 
 
 def signal_after_step(config: Path, output_dir: Path, step: int, signum: int) -> tuple[int, str]:
     """Start the run, send `signum` once it logged `step`, wait for its end."""
     process = start(config)
     deadline = time.monotonic() + TIMEOUT
-    while last_step(output_dir) < step:
+    while last_logged_step(output_dir) < step:
         assert process.poll() is None, f"the run ended before step {step}: {finish(process)}"
         assert time.monotonic() < deadline, f"step {step} not reached within {TIMEOUT} s"
         time.sleep(0.02)
@@ -115,13 +104,13 @@ def test_preemption_signals_save_the_step_and_the_rerun_equals_an_uninterrupted_
     reference_run = start(reference)
     stopped_at = []
     for signum in (signal.SIGUSR1, signal.SIGINT):
-        already = last_step(victim_dir)
+        already = last_logged_step(victim_dir)
         code, stderr = signal_after_step(victim, victim_dir, already + 1, signum)
         assert code == PREEMPTED_EXIT, stderr[-4000:]
         name = signal.Signals(signum).name
         assert f"received {name}: finishing this step, then saving a checkpoint" in stderr
         assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-        step = last_step(victim_dir)
+        step = last_logged_step(victim_dir)
         stopped_at.append(step)
         # 0 steps lost: the checkpoint is the last step the run logged
         assert f"stopped on {name} at step {step} of {n}: saved " in stderr
