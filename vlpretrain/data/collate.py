@@ -156,16 +156,24 @@ class PackedBatch:
         return _map_tensors(self, lambda t: t.pin_memory())
 
 
-def _map_tensors(instance: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Copy of a dataclass with `fn` applied to its tensors, and to those of its layout."""
+def _map_tensors(
+    instance: Any,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    done: dict[int, torch.Tensor] | None = None,
+) -> Any:
+    """Copy of a dataclass with `fn` applied to its tensors, and to those of its layout; a
+    tensor both hold (cu_seqlens) is mapped once (`done`: id -> result)."""
+    done = {} if done is None else done
     # Any: replace() checks **kwargs against every field type, not just the tensor ones.
     moved: dict[str, Any] = {}
     for f in fields(instance):
         value = getattr(instance, f.name)
         if isinstance(value, torch.Tensor):
-            moved[f.name] = fn(value)
+            if id(value) not in done:
+                done[id(value)] = fn(value)
+            moved[f.name] = done[id(value)]
         elif isinstance(value, PackedLayout):
-            moved[f.name] = _map_tensors(value, fn)
+            moved[f.name] = _map_tensors(value, fn, done)
     return replace(instance, **moved)
 
 
@@ -220,7 +228,6 @@ def collate_rows(
             positions_BL[b, offset:] = np.arange(seq_len - offset)
             boundaries.append((b + 1) * seq_len)
     pixels_TCHW, flags_T = _tiles(rows, config, facts.tile_size)
-    segment_lengths = np.diff(np.asarray(boundaries))
     stats = _stats(rows, config, num_datasets, int(seq_len * num_rows), flags_T)
     stats = replace(
         stats,
@@ -239,7 +246,7 @@ def collate_rows(
         labels=labels,
         position_ids=torch.from_numpy(positions_BL),
         cu_seqlens=layout.cu_seqlens,
-        max_seqlen=int(segment_lengths.max()),
+        max_seqlen=layout.max_seqlen,
         loss_weight=loss_weight,
         pixel_values=torch.from_numpy(pixels_TCHW),
         image_flags=image_flags,
