@@ -231,7 +231,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     """N straight steps == k steps, crash, resume, N - k steps; bit for bit on CPU fp32.
     The resumed run goes on in the same MLflow run (a file store here, MLflow 3 keeps it on
-    request), and both write the time left at each step."""
+    request), and both write their loss curves and the time left at each step."""
     n, k = 6, 3
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
@@ -259,6 +259,7 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
         assert [r[key] for r in got] == [r[key] for r in expected], key
     assert_same_weights(exported_weights(resumed_dir), exported_weights(tmp_path / "straight"))
     assert [r["eta_seconds"] > 0 for r in got] == [True] * (n - 1) + [False]  # 0 s at the end
+    assert (resumed_dir / "loss_curves.png").is_file()
     assert_one_mlflow_run(tmp_path / "mlruns", resumed_dir, n)
 
 

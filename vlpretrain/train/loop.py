@@ -8,7 +8,8 @@ loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, sc
          train.report_to trackers) -> DCP checkpoint every save_steps (and at the end)
       -> a preemption signal on any rank (train/preemption.py): every rank saves this step,
          and the process exits with PREEMPTED_EXIT instead of exporting
-end: export the InternVL-layout model into output_dir (the next stage's input)
+end: export the InternVL-layout model into output_dir (the next stage's input), and draw
+     loss_curves.png from metrics.jsonl
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from vlpretrain.model.build import build_model, run_facts, save_internvl
 from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
+from vlpretrain.plots import plot_stage_or_say_how
 from vlpretrain.train.checkpoint import (
     Checkpointer,
     check_resume_checkpoint,
@@ -509,6 +511,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
     }
     skips.finish(state)
     if env.is_main:
+        plot_stage_or_say_how(output_dir)
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
     barrier()
     return final
