@@ -80,7 +80,7 @@ def run_config(precision: str) -> RunConfig:
     """The settings train_step reads (no paths are opened)."""
     return RunConfig(
         model=ModelConfig(model_name_or_path="random-weights"),
-        train=TrainConfig(precision=precision, report_to="none", resume="never"),
+        train=TrainConfig(precision=precision, report_to=("none",), resume="never"),
     )
 
 

@@ -8,6 +8,7 @@ vlpretrain data show [STAGE.toml] [--set ...] [--reference_flag value ...] --ind
 vlpretrain chat [QUESTION] --model DIR [--image PATH ...]
 vlpretrain export DIR --to {hf,internvl} OUT
 vlpretrain unlock OUTPUT_DIR
+vlpretrain plot OUTPUT_DIR    (loss_curves.png from the stage's metrics.jsonl)
 """
 
 from __future__ import annotations
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_command(commands)
     _add_export_command(commands)
     _add_unlock_command(commands)
+    _add_plot_command(commands)
     return parser
 
 
@@ -344,6 +346,28 @@ def _add_unlock_command(commands: Any) -> None:
     )
     unlock.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's train.output_dir")
     unlock.set_defaults(func=cmd_unlock)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw `args.output_dir`/loss_curves.png; a missing file or package is one line, exit 1."""
+    from vlpretrain.packages import MissingPackageError
+    from vlpretrain.plots import plot_stage
+
+    try:
+        path = plot_stage(args.output_dir)
+    except (FileNotFoundError, ValueError, MissingPackageError) as error:
+        print(f"vlpretrain plot: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _add_plot_command(commands: Any) -> None:
+    plot = commands.add_parser(
+        "plot", help="draw a stage's loss curves (loss_curves.png) from its metrics.jsonl"
+    )
+    plot.add_argument("output_dir", metavar="OUTPUT_DIR", help="the stage's train.output_dir")
+    plot.set_defaults(func=cmd_plot)
 
 
 OWN_OPTIONS = {"--set": 1, "--log-all-ranks": 0, "--help": 0}

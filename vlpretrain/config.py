@@ -32,6 +32,7 @@ from vlpretrain.distributed.parallel import DistConfig
 from vlpretrain.facts import RunFacts
 from vlpretrain.files import read_user_text
 from vlpretrain.model.build import ModelConfig
+from vlpretrain.trackers import TrackerName
 from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig
 
@@ -70,7 +71,7 @@ class TrainConfig:
     output_dir/replaced-<UTC time>/ with its checkpoints and metrics; older ones are deleted,
     and 0 deletes the earlier run at once."""
     logging_steps: int = 1
-    """Metrics cadence in steps (stdout line, metrics.jsonl, TensorBoard; the last step too)."""
+    """Metrics cadence in steps (stdout line, metrics.jsonl, trackers; the last step too)."""
     seed: int = 42
     """Seeds torch before the model is built (fresh projector, LoRA, dropout); the data order
     has its own stream.seed (the reference flag --seed sets both)."""
@@ -100,8 +101,11 @@ class TrainConfig:
     loss_reduction_all_gather: bool = True
     """Normalise the loss by the weight sum over all ranks and micro-batches of the step; False
     normalises each micro-batch by its local weight sum (the reference's per-rank mode)."""
-    report_to: Literal["none", "tensorboard"] = "tensorboard"
-    """TensorBoard event files in output_dir, or none (metrics.jsonl is always written)."""
+    report_to: tuple[TrackerName, ...] = ("tensorboard",)
+    """Experiment trackers fed on rank 0 besides metrics.jsonl (always written), one name or a
+    list: 'tensorboard' (event files in output_dir), 'wandb' and 'mlflow' (extras
+    vlpretrain[wandb] and vlpretrain[mlflow]; their run ids are kept in output_dir, so a resume
+    continues the same tracker run), 'all' (every installed one) or 'none' [--report_to]."""
     resume: str = "auto"
     """'auto': latest checkpoint in output_dir if any; 'never'; or a checkpoint directory."""
     peak_tflops: float = 0.0
@@ -170,6 +174,11 @@ class TrainConfig:
                 "layers are checkpointed, llm_checkpointing how; set grad_checkpoint = "
                 f"{str(explicit != 'none').lower()} or llm_checkpointing = 'auto'"
             )
+        alone = [name for name in ("all", "none") if name in self.report_to]
+        if alone and len(set(self.report_to)) > 1:
+            raise ValueError(
+                f"train.report_to: {alone[0]!r} stands alone, got {list(self.report_to)}"
+            )
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"train.resume: {self.resume!r} is not 'auto', 'never' or a directory")
 
@@ -236,8 +245,15 @@ def _coerce(value: Any, annotation: Any) -> Any:
                 errors.append(str(error))
         raise TypeError(" or ".join(errors))
     if origin in (tuple, list):
+        item_types = typing.get_args(annotation)
+        names_only = len(item_types) == 2 and typing.get_origin(item_types[0]) is Literal
+        if isinstance(value, str) and names_only:
+            value = [value]  # one name of a list of names: report_to = "wandb"
         if not isinstance(value, list | tuple):
             raise TypeError(f"must be a list, got {value!r}")
+        if origin is tuple and len(item_types) == 2 and item_types[1] is Ellipsis:
+            # tuple[X, ...]: every item is an X (a Literal's items are checked by name)
+            return tuple(_coerce(item, item_types[0]) for item in value)
         return tuple(value) if origin is tuple else list(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -147,7 +147,10 @@ def _resume_from_checkpoint(raw: dict[str, Any], text: str) -> None:
 
 
 def _report_to(raw: dict[str, Any], text: str) -> None:
-    raw.setdefault("train", {})["report_to"] = "tensorboard" if text == "tensorboard" else "none"
+    # The reference takes one name or several (`--report_to wandb`, 'all', 'none'); several
+    # come here comma-separated. A backend we lack is refused by the config with the valid ones.
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    raw.setdefault("train", {})["report_to"] = names or ["none"]
 
 
 SPECIAL.update(

@@ -1,12 +1,15 @@
-"""Rank-aware logging set-up and the one writer of step metrics (stdout, JSONL, TensorBoard)."""
+"""Rank-aware logging set-up and the one writer of step metrics (stdout, JSONL, trackers)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from vlpretrain.trackers import Tracker, build_trackers
 
 logger = logging.getLogger("vlpretrain.metrics")
 
@@ -37,48 +40,75 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def format_duration(seconds: float) -> str:
+    """'H:MM:SS' (days fold into hours), as the progress line shows the time left."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def _line_item(key: str, value: Any) -> str:
+    if key == "eta_seconds" and isinstance(value, int | float) and math.isfinite(value):
+        return f"eta {format_duration(value)}"
+    return f"{key} {_format(value)}"
+
+
 class MetricsWriter:
-    """Writes one record per logged step to stdout (one line), metrics.jsonl and TensorBoard."""
+    """Writes one record per logged step to stdout (one line), metrics.jsonl and the trackers
+    train.report_to names (vlpretrain.trackers); only its numeric values reach the trackers."""
 
     def __init__(
-        self, output_dir: str | Path, tensorboard: bool, enabled: bool = True, start_step: int = 0
+        self,
+        output_dir: str | Path,
+        report_to: Sequence[str] = (),
+        enabled: bool = True,
+        start_step: int = 0,
     ) -> None:
         """`start_step`: the step the run starts after (a resumed checkpoint's); records of
         later steps, left by an interrupted run, are dropped (they will be written again)."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tensorboard = None
+        self._trackers: list[Tracker] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.path, start_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._trackers = build_trackers(report_to, Path(output_dir), start_step)
 
-            # purge_step hides the interrupted run's events of the steps that are redone.
-            self._tensorboard = SummaryWriter(
-                str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1
-            )
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """The run's parameters (resolved config, facts) to every tracker."""
+        for tracker in self._trackers:
+            tracker.log_params(params)
 
     def write(self, step: int, metrics: dict[str, Any], line_keys: tuple[str, ...] = ()) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
-                if isinstance(value, int | float):
-                    self._tensorboard.add_scalar(key, value, step)
+        numbers = {
+            key: value
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        for tracker in self._trackers:
+            tracker.log_metrics(step, numbers)
         keys = line_keys or tuple(metrics)
         logger.info(
             "step %d | %s",
             step,
-            " | ".join(f"{k} {_format(metrics[k])}" for k in keys if k in metrics),
+            " | ".join(_line_item(k, metrics[k]) for k in keys if k in metrics),
         )
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Also on an exception: a tracker run left open would collide with the next stage's.
+        self.close()
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -20,6 +20,7 @@ change (a wrong mask, a lost token, another lr) would break by orders of magnitu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -228,8 +229,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
-    """N straight steps == k steps, crash, resume, N - k steps; bit for bit on CPU fp32."""
+    """N straight steps == k steps, crash, resume, N - k steps; bit for bit on CPU fp32.
+    The resumed run goes on in the same MLflow run (a file store here, MLflow 3 keeps it on
+    request), and both write their loss curves and the time left at each step."""
     n, k = 6, 3
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     straight = write_stage(
         tmp_path / "straight.toml",
         stage_raw(train_assets, tmp_path / "straight", stage="stage2", max_steps=n),
@@ -237,8 +242,9 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     resumed_dir = tmp_path / "resumed"
     resumed = write_stage(
         tmp_path / "resumed.toml",
-        stage_raw(train_assets, resumed_dir, stage="stage2", max_steps=n, save_steps=k),
-    )
+        stage_raw(train_assets, resumed_dir, stage="stage2", max_steps=n, save_steps=k,
+                  train={"report_to": ["mlflow"]}),
+    )  # fmt: skip
     assert main(["train", str(straight)]) == 0
 
     train_until_crash(resumed, k + 1, monkeypatch)  # after the step-k checkpoint
@@ -252,6 +258,24 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     for key in ("loss", "grad_norm", "lr", "samples", "padding_tokens"):
         assert [r[key] for r in got] == [r[key] for r in expected], key
     assert_same_weights(exported_weights(resumed_dir), exported_weights(tmp_path / "straight"))
+    assert [r["eta_seconds"] > 0 for r in got] == [True] * (n - 1) + [False]  # 0 s at the end
+    assert (resumed_dir / "loss_curves.png").is_file()
+    assert_one_mlflow_run(tmp_path / "mlruns", resumed_dir, n)
+
+
+def assert_one_mlflow_run(store: Path, output_dir: Path, num_steps: int) -> None:
+    """Both processes of the run logged into one MLflow run: every step, the resolved config
+    and the run facts as parameters."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file:{store}")
+    [run] = client.search_runs(["0"])
+    assert json.loads((output_dir / "trackers.json").read_text()) == {"mlflow": run.info.run_id}
+    # The crashed process logged steps 1 to k, the resumed one the rest.
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, num_steps + 1))
+    assert run.data.params["train.max_steps"] == str(num_steps)
+    assert run.data.params["facts.tile_size"] == str(TILE)
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync_save", "async_save"])

@@ -90,6 +90,37 @@ def test_type_mismatch_names_key_and_value(section, key, value, message):
     assert message in problem
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("wandb", ("wandb",)),  # one name stands for a list of one
+        (["tensorboard", "mlflow"], ("tensorboard", "mlflow")),
+        (["none"], ("none",)),
+        ([], ()),
+    ],
+)
+def test_report_to_takes_one_tracker_name_or_a_list(value, expected):
+    assert build_run_config(minimal(train={"report_to": value})).train.report_to == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            ["wandb", "comet"],
+            "train.report_to must be one of ['tensorboard', 'wandb', 'mlflow', "
+            "'all', 'none'], got 'comet'",
+        ),
+        (["wandb", "none"], "train.report_to: 'none' stands alone, got ['wandb', 'none']"),
+        (["all", "mlflow"], "train.report_to: 'all' stands alone, got ['all', 'mlflow']"),
+        (3, "train.report_to must be a list, got 3"),
+    ],
+)
+def test_report_to_refuses_unknown_trackers_and_mixes_with_all_or_none(value, message):
+    [problem] = problems_of(minimal(train={"report_to": value}))
+    assert message in problem
+
+
 def test_int_widens_to_float_but_float_never_narrows():
     config = build_run_config(minimal(optim={"learning_rate": 1}))
     assert config.optim.learning_rate == 1.0

@@ -1,8 +1,7 @@
-"""Demo report: metrics reading, loss and accuracy plots, the ASCII table."""
+"""Demo report: accuracy plots, the ASCII tables (its loss curves are vlpretrain.plots')."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ from vlpretrain.demo.report import (
     format_seed_tables,
     format_tables,
     plot_accuracy,
-    plot_loss_curves,
-    read_metrics,
 )
 from vlpretrain.demo.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES
 
@@ -41,37 +38,11 @@ RESULTS = [
 ]
 
 
-def _write_metrics(path: Path, num_steps: int) -> Path:
-    rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-3} for s in range(1, num_steps + 1)]
-    rows.append({"step": num_steps, "eval_loss": 1.0})  # not a training row
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    return path
-
-
-def test_read_metrics_keeps_training_rows(tmp_path: Path) -> None:
-    rows = read_metrics(_write_metrics(tmp_path / "m.jsonl", 3))
-    assert [r["step"] for r in rows] == [1.0, 2.0, 3.0]
-    assert rows[2]["loss"] == pytest.approx(1.0)
-
-
-def test_read_metrics_names_the_bad_line(tmp_path: Path) -> None:
-    path = tmp_path / "m.jsonl"
-    path.write_text('{"step": 1, "loss": 2.0}\n{"step": \n')
-    with pytest.raises(ValueError, match="m.jsonl:2"):
-        read_metrics(path)
-
-
-def test_plots_write_png_files(tmp_path: Path) -> None:
-    stages = {
-        "stage1": _write_metrics(tmp_path / "s1.jsonl", 10),
-        "stage2": _write_metrics(tmp_path / "s2.jsonl", 5),
-    }
-    loss_png = plot_loss_curves(stages, tmp_path / "out" / "loss.png")
-    accuracy_png = plot_accuracy(RESULTS, tmp_path / "accuracy.png")
-    for png in (loss_png, accuracy_png):
-        assert png.read_bytes()[:8] == PNG_MAGIC
-        with Image.open(png) as image:
-            assert image.width > 300 and image.height > 200
+def test_accuracy_plot_writes_a_png_file(tmp_path: Path) -> None:
+    png = plot_accuracy(RESULTS, tmp_path / "accuracy.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(png) as image:
+        assert image.width > 300 and image.height > 200
 
 
 def test_plot_accuracy_needs_results(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_reference_stage_flags_resolve(name, tmp_path):
     assert config.data.max_seq_length == 16384
     assert config.train.precision == "bf16"  # --bf16 True
     assert config.train.loss_reduction_all_gather is True
-    assert config.train.report_to == "tensorboard"
+    assert config.train.report_to == ("tensorboard",)
     assert config.train.output_dir == str(tmp_path / "output")
     assert config.model.use_fast_tokenizer is False  # --use_fast_tokenizer False
     assert config.train.resume == "never"  # --overwrite_output_dir True: never auto-resume
@@ -351,3 +351,24 @@ def test_reference_seed_flag_seeds_model_and_data():
     raw: dict = {}
     apply_reference_flags(raw, ["--seed", "7"])
     assert raw["train"]["seed"] == 7 and raw["stream"]["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("wandb", ("wandb",)),
+        ("mlflow", ("mlflow",)),
+        ("tensorboard", ("tensorboard",)),
+        ("wandb,mlflow", ("wandb", "mlflow")),  # several names, comma-separated
+        ("all", ("all",)),  # every installed tracker, as the reference means it
+        ("none", ("none",)),
+    ],
+)
+def test_report_to_flag_names_the_trackers(text, expected):
+    config, _ = resolve(["--vision_path", "v", "--llm_path", "l", "--report_to", text])
+    assert config.train.report_to == expected
+
+
+def test_report_to_flag_with_a_tracker_we_lack_is_refused_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"train.report_to must be one of .*'wandb'.*'comet_ml'"):
+        resolve(["--vision_path", "v", "--llm_path", "l", "--report_to", "comet_ml"])

@@ -78,7 +78,7 @@ def test_metrics_of_redone_steps_and_a_torn_line_are_dropped(tmp_path):
 
 def test_the_metrics_writer_continues_after_the_resumed_step(tmp_path):
     write_records(tmp_path / "metrics.jsonl", [1, 2, 3, 4])
-    writer = MetricsWriter(tmp_path, tensorboard=False, start_step=2)
+    writer = MetricsWriter(tmp_path, start_step=2)
     writer.write(3, {"loss": 0.5})
     writer.close()
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,9 +1,8 @@
-"""Report the demo's stages: tables, loss curves, accuracy bars, held-out samples, seed summaries.
+"""Report the demo's stages: tables, accuracy bars, held-out samples, seed summaries.
 
-Reads the metrics JSONL lines that the training loop writes (objects with `step`, `loss`
-and `lr`) and the StageResults the runner collects. Draws with matplotlib's object API onto
-the Agg canvas, so it touches no pyplot global state and needs no display. It does not run
-or evaluate anything itself.
+Reads the StageResults the runner collects; the loss curves are vlpretrain.plots' (the same
+picture every stage draws, its stages back to back), and the accuracy bars use its figure and
+file handling. It does not run or evaluate anything itself.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -19,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
 from PIL import Image
 
 from vlpretrain.demo.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES, score_answer
+from vlpretrain.plots import new_figure, save_figure
 
 if TYPE_CHECKING:
     from vlpretrain.demo.evaluate import EvalItem, StageEval
@@ -60,69 +58,12 @@ def _mean(values: Mapping[str, float]) -> float | None:
     return sum(values.values()) / len(values) if values else None
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """The training rows of a metrics JSONL file: those with numeric `step` and `loss`.
-
-    Other rows (eval summaries, startup records) are skipped; a line that is not JSON raises
-    ValueError naming file and line.
-    """
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from error
-        if isinstance(row, dict) and _is_number(row.get("step")) and _is_number(row.get("loss")):
-            rows.append({k: float(v) for k, v in row.items() if _is_number(v)})
-    return rows
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def plot_loss_curves(
-    jsonl_paths_by_stage: Mapping[str, str | Path], output_png: str | Path
-) -> Path:
-    """Loss (top) and learning rate (bottom) of all stages on one continuous step axis.
-
-    Stages are drawn in the mapping's order, each in its own colour, each shifted right by the
-    last step of the stages before it; dashed lines mark the boundaries.
-    """
-    figure = Figure(figsize=(8.0, 5.5), layout="constrained")
-    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    offset = 0.0
-    for index, (stage, path) in enumerate(jsonl_paths_by_stage.items()):
-        rows = read_metrics(path)
-        colour = f"C{index % 10}"
-        if index > 0:
-            for axes in (loss_axes, lr_axes):
-                axes.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
-        steps = [offset + row["step"] for row in rows]
-        loss_axes.plot(steps, [row["loss"] for row in rows], color=colour, label=stage)
-        lr_rows = [(offset + row["step"], row["lr"]) for row in rows if "lr" in row]
-        lr_axes.plot([s for s, _ in lr_rows], [lr for _, lr in lr_rows], color=colour)
-        offset = max(steps, default=offset)
-    loss_axes.set_ylabel("training loss")
-    loss_axes.set_yscale("log")
-    loss_axes.set_title("loss per stage")
-    loss_axes.grid(alpha=0.3)
-    if jsonl_paths_by_stage:
-        loss_axes.legend(loc="upper right")
-    lr_axes.set_ylabel("learning rate")
-    lr_axes.set_xlabel("step (stages back to back)")
-    lr_axes.grid(alpha=0.3)
-    return _save(figure, output_png)
-
-
 def plot_accuracy(results: Sequence[StageResult], output_png: str | Path) -> Path:
     """Grouped bars: caption accuracy per attribute (left), QA accuracy per question type
     (right), one bar per row that has the metric."""
     if not results:
         raise ValueError("plot_accuracy needs at least one StageResult")
-    figure = Figure(figsize=(13.0, 4.2), layout="constrained")
+    figure = new_figure("the demo's accuracy bars", figsize=(13.0, 4.2))
     caption_axes, qa_axes = figure.subplots(1, 2, width_ratios=[2, 3])
     panels = (
         (caption_axes, CAPTION_ATTRIBUTES, "caption_by_attribute", "captions: attribute right"),
@@ -142,7 +83,7 @@ def plot_accuracy(results: Sequence[StageResult], output_png: str | Path) -> Pat
         axes.grid(alpha=0.3, axis="y")
     caption_axes.set_ylabel("accuracy")
     qa_axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    return _save(figure, output_png)
+    return save_figure(figure, output_png)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -301,10 +242,3 @@ def _maybe_percent(fraction: float | None) -> str:
 
 def _percent(fraction: float) -> str:
     return f"{100.0 * fraction:.1f}%"
-
-
-def _save(figure: Figure, output_png: str | Path) -> Path:
-    path = Path(output_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    return path

@@ -31,18 +31,14 @@ from vlpretrain.data.check import run_check
 from vlpretrain.data.templates import get_template
 from vlpretrain.demo.evaluate import EvalItem, StageEval, eval_items, evaluate_model, read_jsonl
 from vlpretrain.demo.pretrain import PretrainConfig, llm_corpus, pretrain_llm, pretrain_vision
-from vlpretrain.demo.report import (
-    StageResult,
-    format_tables,
-    plot_accuracy,
-    plot_loss_curves,
-    write_samples_html,
-)
+from vlpretrain.demo.report import StageResult, format_tables, plot_accuracy, write_samples_html
 from vlpretrain.demo.shapes import SQUARE, caption_corpus, majority_by_type
 from vlpretrain.demo.synthetic import ShapesDataset, make_shapes_dataset
 from vlpretrain.distributed.env import DistEnv, barrier
 from vlpretrain.model.build import build_model, read_run_facts, save_internvl
+from vlpretrain.packages import require
 from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
+from vlpretrain.plots import PLOTS_EXTRA, plot_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +224,8 @@ def _result(name: str, evaluation: StageEval, *, params: int = 0, steps: int = 0
 def run_demo(output: str | Path, env: DistEnv, config: DemoConfig = DemoConfig(),
              pretrain_steps: int | None = None) -> list[StageResult]:  # fmt: skip
     """Generate data and components, run the recipe, evaluate after each stage, report."""
+    # The report at the end draws with matplotlib: refuse now rather than after the training.
+    require("matplotlib.figure", "the demo's report (loss curves, accuracy bars)", PLOTS_EXTRA)
     output = Path(output).resolve()
     clock = Clock()
     clock.start()
@@ -291,7 +289,7 @@ def _report(
     clock: Clock,
 ) -> None:
     metrics = {s.name: Path(s.config.train.output_dir) / "metrics.jsonl" for s in stages}
-    plot_loss_curves(metrics, output / "loss_curves.png")
+    plot_metrics(metrics, output / "loss_curves.png", panels=("loss", "learning rate"))
     plot_accuracy(results, output / "accuracy.png")
     write_samples_html(items, evaluations, output / "samples.html")
     total_wall = sum(wall for wall, _ in clock.phases.values())

@@ -4,14 +4,17 @@ RunConfig --build_model--> VLM, tokenizer --run_facts--> RunFacts (tile, tokens 
 VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
 meta.json --build_sources(RunFacts)--> sources --build_dataloader(RunFacts)--> micro-batches
 loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, schedule)
-      -> metrics every logging_steps -> DCP checkpoint every save_steps (and at the end)
+      -> metrics every logging_steps (stdout line with the time left, metrics.jsonl, the
+         train.report_to trackers) -> DCP checkpoint every save_steps (and at the end)
       -> a preemption signal on any rank (train/preemption.py): every rank saves this step,
          and the process exits with PREEMPTED_EXIT instead of exporting
-end: export the InternVL-layout model into output_dir (the next stage's input)
+end: export the InternVL-layout model into output_dir (the next stage's input), and draw
+     loss_curves.png from metrics.jsonl
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -52,12 +55,14 @@ from vlpretrain.distributed.parallel import (
     unwrap,
     uses_meta_init,
 )
+from vlpretrain.facts import RunFacts
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model import attention
 from vlpretrain.model.build import build_model, run_facts, save_internvl
 from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
+from vlpretrain.plots import plot_stage_or_say_how
 from vlpretrain.train.checkpoint import (
     Checkpointer,
     check_resume_checkpoint,
@@ -66,6 +71,7 @@ from vlpretrain.train.checkpoint import (
     load_checkpoint,
     read_shared,
 )
+from vlpretrain.train.eta import EtaClock
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.nonfinite import (
@@ -288,9 +294,11 @@ LINE_KEYS = (
     "tokens_per_second",
     "tiles_per_second",
     "mfu",
+    "eta_seconds",
 )
 """Shown in the progress line; `seconds` is the whole step, `data_wait_seconds` the part of it
-spent waiting for the loader (a starved loader shows here, not as a low MFU alone)."""
+spent waiting for the loader (a starved loader shows here, not as a low MFU alone),
+`eta_seconds` the time left to max_steps (train/eta.py)."""
 
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -367,6 +375,12 @@ def job_facts(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     }
 
 
+def run_params(config: RunConfig, facts: RunFacts) -> dict[str, Any]:
+    """What the trackers record as the run's parameters: the resolved config and RunFacts."""
+    facts_items = {f"facts.{k}": v for k, v in dataclasses.asdict(facts).items()}
+    return {**flatten(to_dict(config)), **facts_items}
+
+
 def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics.
 
@@ -417,9 +431,8 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
         load_checkpoint(checkpoint, states)  # restores `state` in place
     skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
                          env, state.step, summary_every=config.train.save_steps)  # fmt: skip
-    metrics = MetricsWriter(
-        output_dir, config.train.report_to == "tensorboard", env.is_main, start_step=state.step
-    )
+    metrics = MetricsWriter(output_dir, config.train.report_to, env.is_main, state.step)
+    metrics.log_params(run_params(config, facts))
     iterator = cast(LoaderState, states["loader"]).iterator
     last: dict[str, Any] = {}
     bar = tqdm(
@@ -430,7 +443,8 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
         dynamic_ncols=True,
     )
     stopping = False
-    with logging_redirect_tqdm():
+    eta = EtaClock(config.train.max_steps)
+    with logging_redirect_tqdm(), metrics:
         while state.step < config.train.max_steps and not stopping:
             # Nothing ends a loader's silent wait (no collective runs then): the watch does.
             arm_stack_dump(stall_seconds, waiting_for=LOADER_WAIT)
@@ -455,6 +469,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
                 result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
             )
             last["data_wait_seconds"] = data_wait
+            last["eta_seconds"] = eta.tick(state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
@@ -471,7 +486,6 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
                 )
     checkpointer.finish()
     bar.close()
-    metrics.close()
     if stopping and state.step < config.train.max_steps:
         saved = latest_checkpoint(output_dir)  # this step's, finished above
         logger.info("stopped on %s at step %d of %d: saved %s; exiting with code %d (run "
@@ -497,6 +511,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
     }
     skips.finish(state)
     if env.is_main:
+        plot_stage_or_say_how(output_dir)
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
     barrier()
     return final

@@ -50,7 +50,15 @@ RESUME_SAFE_FIELDS = frozenset(
 count (like the world size) changes the order of the data still to come, never which records
 an epoch holds: the loader re-deals what is left (data.elastic, docs/checkpoints.md)."""
 
-PREVIOUS_RUN_ITEMS = ("checkpoints", "metrics.jsonl", "tensorboard")
+PREVIOUS_RUN_ITEMS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tensorboard",
+    "wandb",
+    "trackers.json",
+    "loss_curves.png",
+)
+"""What a fresh start moves aside; trackers.json goes too, so it starts new tracker runs."""
 REPLACED_DIR = re.compile(r"^replaced-(\d{8}-\d{6})(?:-(\d+))?$")
 """replaced-<UTC time>, with -2, -3, ... for a second fresh start within the same second."""
 
