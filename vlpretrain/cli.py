@@ -239,8 +239,9 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     except (OSError, ValueError, KeyError) as error:
         facts = f"{type(error).__name__}: {error}"
     print(describe(config, facts))
-    print("# Rules that follow from the settings (not settable)\n")
-    print(f"skip policy: {SkipPolicy(config.data.max_skip_fraction).describe()}")
+    # Comments, so that the whole output is a stage file `train` accepts back.
+    print("# Rules that follow from the settings (not settable)\n#")
+    print(f"# skip policy: {SkipPolicy(config.data.max_skip_fraction).describe()}")
     return 0
 
 

@@ -385,13 +385,35 @@ def test_show_config_command_prints_resolved_tree_with_docs(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "learning_rate = 1e-05" in out
-    assert "freeze_llm = True  # Freeze the language model (incl. embeddings and head)." in out
-    assert "vision_path = 'vit'  # Path B: a standalone InternViT directory." in out
+    assert "freeze_llm = true  # Freeze the language model (incl. embeddings and head)." in out
+    assert 'vision_path = "vit"  # Path B: a standalone InternViT directory.' in out
     # the skip policy's small-sample rule, with the run's fraction (data.max_skip_fraction 0.01)
     assert (
-        "skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "
+        "# skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "
         "it has seen were skipped, judged from 100 records seen on"
     ) in out
+
+
+def test_show_config_output_is_toml_that_reads_back_as_the_same_config(tmp_path, capsys):
+    """What show-config prints is a stage file: tomllib parses it (true, not True; no None,
+    no ()) and it builds the very RunConfig it was printed from."""
+    import tomllib
+
+    path = tmp_path / "stage.toml"
+    path.write_text('[model]\nvision_path = "vit"\nllm_path = "llm"\n')
+    settings = ("--set", 'model.conv_style="Hermes-2"', "--set", "optim.max_grad_norm=inf")
+    assert main(["show-config", str(path), *settings]) == 0
+    printed = capsys.readouterr().out
+    assert "# force_image_size is unset" in printed  # a None field is a comment, not "None"
+    assert 'preemption_signals = ["SIGTERM", "SIGUSR1", "SIGINT"]' in printed
+    raw = tomllib.loads(printed)
+    assert "facts" not in raw  # derived facts are comments: not settable
+    expected = load_run_config(path, ['model.conv_style="Hermes-2"', "optim.max_grad_norm=inf"])
+    assert build_run_config(raw) == expected
+    again = tmp_path / "again.toml"
+    again.write_text(printed)
+    assert main(["show-config", str(again), *settings]) == 0
+    assert capsys.readouterr().out == printed
 
 
 def test_show_config_reports_config_errors_with_exit_code_2(tmp_path, capsys):
