@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--set",
         action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override a value in every stage",
+        metavar="[stages.NAME.]SECTION.KEY=VALUE",
+        help="override a value in every stage, or with stages.NAME. in stage NAME only",
     )
     pipeline.add_argument("--check-only", action="store_true", help="validate and exit")
     pipeline.set_defaults(func=cmd_pipeline)
