@@ -398,6 +398,8 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
+    for source in sources:
+        logger.info("tiles: %s", source.describe_tile_budget())
     flops = build_flops_counter(plain_model)
     loader = build_dataloader(
         sources,
