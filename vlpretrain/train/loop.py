@@ -68,6 +68,7 @@ from vlpretrain.train.checkpoint import (
 )
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
+from vlpretrain.train.memory import memory_metrics
 from vlpretrain.train.nonfinite import (
     batch_sources,
     global_loss_and_finiteness,
@@ -288,9 +289,12 @@ LINE_KEYS = (
     "tokens_per_second",
     "tiles_per_second",
     "mfu",
+    "peak_host_rss_gib",
+    "max_memory_allocated_gib",
 )
 """Shown in the progress line; `seconds` is the whole step, `data_wait_seconds` the part of it
-spent waiting for the loader (a starved loader shows here, not as a low MFU alone)."""
+spent waiting for the loader (a starved loader shows here, not as a low MFU alone); the memory
+peaks come from train/memory.py (the device's on CUDA only)."""
 
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -461,6 +465,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
                 skips.flush(state)  # skipped.jsonl + the skip policy
+                last.update(memory_metrics(env.device))
                 metrics.write(state.step, last, LINE_KEYS)
             if state.step % config.train.save_steps == 0 or is_last:
                 skips.flush(state)  # every skip the checkpoint covers is on disk
