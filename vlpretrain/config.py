@@ -31,6 +31,7 @@ from vlpretrain.data.build import SampleConfig
 from vlpretrain.data.loader import StreamConfig
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.parallel import DistConfig
+from vlpretrain.errors import RefusedError
 from vlpretrain.facts import RunFacts
 from vlpretrain.files import read_user_text
 from vlpretrain.model.build import ModelConfig
@@ -203,8 +204,10 @@ FACT_ALIASES = {"conv_style": "template"}
 """Former config keys whose RunFacts field has another name (data.conv_style)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(RefusedError, ValueError):
     """Every problem of a configuration, reported at once."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems

@@ -423,6 +423,42 @@ def test_show_config_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert "did you mean max_steps" in capsys.readouterr().err
 
 
+def test_a_config_error_is_one_line_on_ranks_other_than_rank_0(tmp_path, capsys, monkeypatch):
+    # torchrun starts every rank with the same bad file: rank 0 says it all, the others once
+    path = tmp_path / "stage.toml"
+    path.write_text("[train]\nmax_stepz = 3\nsave_stepz = 1\n")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["show-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "vlpretrain: rank 1: invalid configuration: (rank 0 printed the whole message)\n"
+    )
+
+
+def test_a_refusal_from_deep_in_a_command_is_a_message_not_a_traceback(capsys, monkeypatch):
+    from vlpretrain import cli
+    from vlpretrain.train.resume import ChangedConfigError
+
+    def refuse(*args, **kwargs):
+        raise ChangedConfigError("the configuration differs\n  - train.max_steps: 6 -> 8")
+
+    monkeypatch.setattr(cli, "resolve_config", refuse)
+    assert main(["show-config"]) == 1
+    err = capsys.readouterr().err
+    assert err == "vlpretrain: the configuration differs\n  - train.max_steps: 6 -> 8\n"
+
+
+def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys, monkeypatch):
+    from vlpretrain import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "resolve_config", interrupted)  # e.g. while torch is imported
+    assert main(["show-config"]) == 130  # 128 + SIGINT, as the shell reports it
+    err = capsys.readouterr().err
+    assert err == "vlpretrain: interrupted (Ctrl-C) outside the training steps; nothing saved\n"
+
+
 @pytest.mark.parametrize("cls", [*SECTIONS.values(), RunFacts], ids=lambda cls: cls.__name__)
 def test_every_config_field_has_a_docstring(cls):
     """README promises every field is documented; show-config prints these docstrings."""

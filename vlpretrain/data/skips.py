@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpretrain.data.samples import SkippedSample
+from vlpretrain.errors import RefusedError
 from vlpretrain.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ENTRY_KEYS = ("step", "rank", "dataset", "file", "line", "reason", "detail")
 """Keys of one skipped.jsonl entry, in order."""
 
 
-class TooManySkipsError(RuntimeError):
+class TooManySkipsError(RefusedError, RuntimeError):
     """More records were skipped than data.max_skip_fraction allows."""
 
 
