@@ -40,8 +40,9 @@ from vlpretrain.config import (
     validate,
 )
 from vlpretrain.distributed.env import DistEnv
-from vlpretrain.train.loop import FINAL_MARKER, train
+from vlpretrain.train.loop import train
 from vlpretrain.train.resume import RESUME_SAFE_FIELDS, changed_fields
+from vlpretrain.train.summary import FINAL_MARKER, RECORDED_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ OUTPUT_FROM_RECIPE = "recipe [pipeline] output_dir"
 OUTPUT_FROM_STAGE_FILE = "stage file"
 OUTPUT_FROM_DEFAULT = "default"
 DEFAULT_OUTPUT_ROOT = Path("runs/pipeline")
-RECORDED_CONFIG = "config.resolved.json"
 MODEL_KEYS = ("model_name_or_path", "vision_path", "llm_path")
 
 
