@@ -7,7 +7,9 @@ loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, sc
       -> metrics every logging_steps -> DCP checkpoint every save_steps (and at the end)
       -> a preemption signal on any rank (train/preemption.py): every rank saves this step,
          and the process exits with PREEMPTED_EXIT instead of exporting
-end: export the InternVL-layout model into output_dir (the next stage's input)
+end: export the InternVL-layout model into output_dir (the next stage's input), then the
+     summary and training_complete.json (train/summary.py); a stage that already finished
+     with this config trains nothing
 """
 
 from __future__ import annotations
