@@ -459,6 +459,35 @@ def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys, monk
     assert err == "vlpretrain: interrupted (Ctrl-C) outside the training steps; nothing saved\n"
 
 
+CTRL_C_WHILE_IMPORTING = """
+import runpy, sys
+
+class CtrlC:  # Ctrl-C arrives while the CLI's modules are imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "vlpretrain.config":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["vlpretrain", "show-config"]
+runpy.run_module("vlpretrain", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr == "vlpretrain: interrupted (Ctrl-C) while starting; nothing saved\n"
+
+
 @pytest.mark.parametrize("cls", [*SECTIONS.values(), RunFacts], ids=lambda cls: cls.__name__)
 def test_every_config_field_has_a_docstring(cls):
     """README promises every field is documented; show-config prints these docstrings."""
