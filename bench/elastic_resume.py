@@ -99,7 +99,9 @@ def cli_check(out: Path) -> dict[str, Any]:
     allow = 'train.allow_changed_on_resume=["train.max_steps", "dist.strategy"]'
     _train(config, 2)
     exported = load_file(str(run / "model.safetensors"))
-    _train(config, 3)  # 0 steps: load on 3 ranks, export
+    # 0 steps: load on 3 ranks, export (a finished stage exports again only when its
+    # checkpoint is named; train.resume = "auto" would leave it alone)
+    _train(config, 3, f"train.resume={run / 'checkpoints' / 'step-00000002'}")
     reloaded = load_file(str(run / "model.safetensors"))
     _train(config, 3, "train.max_steps=4", allow)
     # The 3 ranks' open rows (about 20 rows each) come back first: 40 steps read new records.

@@ -29,6 +29,7 @@ from vlpretrain.config import (
     load_toml,
     validate,
 )
+from vlpretrain.errors import RefusedError
 from vlpretrain.facts import RunFacts
 from vlpretrain.log import setup_logging
 
@@ -240,8 +241,9 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     except (OSError, ValueError, KeyError) as error:
         facts = f"{type(error).__name__}: {error}"
     print(describe(config, facts))
-    print("# Rules that follow from the settings (not settable)\n")
-    print(f"skip policy: {SkipPolicy(config.data.max_skip_fraction).describe()}")
+    # Comments, so that the whole output is a stage file `train` accepts back.
+    print("# Rules that follow from the settings (not settable)\n#")
+    print(f"# skip policy: {SkipPolicy(config.data.max_skip_fraction).describe()}")
     return 0
 
 
@@ -262,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--set",
         action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override a value in every stage",
+        metavar="[stages.NAME.]SECTION.KEY=VALUE",
+        help="override a value in every stage, or with stages.NAME. in stage NAME only",
     )
     pipeline.add_argument("--check-only", action="store_true", help="validate and exit")
     pipeline.set_defaults(func=cmd_pipeline)
@@ -417,6 +419,28 @@ def main(argv: list[str] | None = None) -> int:
         if takes_extra:
             return int(args.func(args, extra))
         return int(args.func(args))
-    except ConfigError as error:
+    except RefusedError as error:
+        report_refusal(error, int(os.environ.get("RANK", 0)))
+        return error.exit_code
+    except KeyboardInterrupt:
+        # Training itself turns Ctrl-C into a clean stop (train.preemption_signals); this is
+        # one that came before the first step or after the last one, with nothing to save.
+        print("vlpretrain: interrupted (Ctrl-C) outside the training steps; nothing saved",
+              file=sys.stderr)  # fmt: skip
+        return INTERRUPTED_EXIT
+
+
+INTERRUPTED_EXIT = 130
+"""Exit code of a Ctrl-C outside the training steps: 128 + SIGINT, as the shell reports a
+process that SIGINT ended."""
+
+
+def report_refusal(error: RefusedError, rank: int) -> None:
+    """The whole message on rank 0; one line on every other rank (each rank refuses the same
+    job, and torchrun prefixes and interleaves every rank's lines)."""
+    if rank == 0:
         print(f"vlpretrain: {error}", file=sys.stderr)
-        return 2
+        return
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    more = " (rank 0 printed the whole message)" if "\n" in str(error) else ""
+    print(f"vlpretrain: rank {rank}: {first}{more}", file=sys.stderr)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import signal
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import tomllib
 
@@ -29,6 +31,7 @@ from vlpretrain.data.build import SampleConfig
 from vlpretrain.data.loader import StreamConfig
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.parallel import DistConfig
+from vlpretrain.errors import RefusedError
 from vlpretrain.facts import RunFacts
 from vlpretrain.files import read_user_text
 from vlpretrain.model.build import ModelConfig
@@ -210,8 +213,10 @@ FACT_ALIASES = {"conv_style": "template"}
 """Former config keys whose RunFacts field has another name (data.conv_style)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(RefusedError, ValueError):
     """Every problem of a configuration, reported at once."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
@@ -524,18 +529,56 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _describe_fields(title: str, section: Any) -> list[str]:
+def toml_value(value: Any) -> str | None:
+    """`value` written as a TOML value (None: TOML has no null, the field is left unset).
+
+    Strings use TOML basic strings, whose escapes are JSON's; floats keep their repr (nan and
+    inf as TOML spells them), so `train --config` reads back exactly the printed value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        items = [toml_value(item) for item in value]
+        if any(item is None for item in items):
+            raise TypeError(f"cannot write {value!r} as TOML: it holds a None")
+        return "[" + ", ".join(cast(list[str], items)) + "]"
+    if isinstance(value, dict):
+        pairs = [f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()]
+        return "{" + ", ".join(pairs) + "}"
+    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
+
+
+def _describe_fields(title: str, section: Any, commented: bool = False) -> list[str]:
+    """`[title]` and one `key = value  # doc` line per field; an unset (None) field and, with
+    `commented`, every line are TOML comments, so the text reads back as the same config."""
     docs = field_docs(type(section))
-    lines = [f"[{title}]"]
+    mark = "# " if commented else ""
+    lines = [f"{mark}[{title}]"]
     for f in dataclasses.fields(section):
         doc = f"  # {docs[f.name]}" if f.name in docs else ""
-        lines.append(f"{f.name} = {getattr(section, f.name)!r}{doc}")
+        value = toml_value(getattr(section, f.name))
+        if value is None:
+            lines.append(f"# {f.name} is unset{doc}")
+        else:
+            lines.append(f"{mark}{f.name} = {value}{doc}")
     return [*lines, ""]
 
 
 def describe(config: RunConfig, facts: RunFacts | str | None = None) -> str:
-    """The resolved config as TOML-like text with each field's docstring, then the derived
-    facts (or, as a string, why they could not be read) in a section of their own."""
+    """The resolved config as TOML with each field's docstring (`train --config` reads it
+    back), then the derived facts (or, as a string, why they could not be read) as comments."""
     lines = ["# User settings (TOML, --set, reference flags)", ""]
     for name in SECTIONS:
         lines += _describe_fields(name, getattr(config, name))
@@ -543,5 +586,5 @@ def describe(config: RunConfig, facts: RunFacts | str | None = None) -> str:
         return "\n".join(lines)
     lines += ["# Derived from the model and tokenizer (RunFacts; not settable)", ""]
     if isinstance(facts, str):
-        return "\n".join([*lines, "[facts]", f"# unavailable: {facts}", ""])
-    return "\n".join(lines + _describe_fields("facts", facts))
+        return "\n".join([*lines, "# [facts]", f"# unavailable: {facts}", ""])
+    return "\n".join(lines + _describe_fields("facts", facts, commented=True))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from vlpretrain.errors import RefusedError
 
-class MissingPackageError(ImportError):
+
+class MissingPackageError(RefusedError, ImportError):
     """A package this work needs is not installed. Not a record's fault: never a skip."""
 
 

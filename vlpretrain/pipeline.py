@@ -13,6 +13,9 @@
     again with train.resume = "never"); a half-finished one resumes from its latest
     checkpoint (train.resume = "auto")
 
+`pipeline --set section.key=value` changes every stage; `--set stages.NAME.section.key=value`
+changes stage NAME only.
+
 Every stage's config is built and checked before the first step runs, so a typo in stage 2
 fails in seconds rather than after stage 1's hours.
 """
@@ -37,8 +40,9 @@ from vlpretrain.config import (
     validate,
 )
 from vlpretrain.distributed.env import DistEnv
-from vlpretrain.train.loop import FINAL_MARKER, train
+from vlpretrain.train.loop import train
 from vlpretrain.train.resume import RESUME_SAFE_FIELDS, changed_fields
+from vlpretrain.train.summary import FINAL_MARKER, RECORDED_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,6 @@ OUTPUT_FROM_RECIPE = "recipe [pipeline] output_dir"
 OUTPUT_FROM_STAGE_FILE = "stage file"
 OUTPUT_FROM_DEFAULT = "default"
 DEFAULT_OUTPUT_ROOT = Path("runs/pipeline")
-RECORDED_CONFIG = "config.resolved.json"
 MODEL_KEYS = ("model_name_or_path", "vision_path", "llm_path")
 
 
@@ -140,7 +143,7 @@ def build_stages(
     if not names:
         raise ConfigError(["[pipeline] stages must list at least one stage"])
     output_root = Path(pipeline["output_dir"]) if pipeline.get("output_dir") else None
-    problems: list[str] = []
+    problems = unknown_stage_overrides(names, overrides)
     stages: list[Stage] = []
     previous: StageRaw | None = None
     for index, name in enumerate(names):
@@ -153,7 +156,7 @@ def build_stages(
             problems.extend(f"stage {name}: {p}" for p in error.problems)
             continue
         raw = stage_raw.raw
-        for assignment in overrides:
+        for assignment in overrides_for(name, overrides):
             apply_override(raw, assignment)
         try:
             config = build_run_config(raw)
@@ -169,6 +172,42 @@ def build_stages(
     if problems:
         raise ConfigError(problems)
     return stages
+
+
+STAGE_OVERRIDE = "stages."
+"""Prefix of a --set that reaches one stage: stages.NAME.section.key=value."""
+
+
+def split_stage_override(assignment: str) -> tuple[str | None, str]:
+    """(stage name, section.key=value) of `stages.NAME.section.key=value`; (None, assignment)
+    for a plain `section.key=value`, which reaches every stage."""
+    if not assignment.startswith(STAGE_OVERRIDE):
+        return None, assignment
+    name, _, rest = assignment[len(STAGE_OVERRIDE) :].partition(".")
+    return name, rest
+
+
+def overrides_for(name: str, overrides: Sequence[str]) -> list[str]:
+    """The assignments of stage `name`, in the order given (the last one wins)."""
+    chosen = []
+    for assignment in overrides:
+        stage, rest = split_stage_override(assignment)
+        if stage is None or stage == name:
+            chosen.append(rest)
+    return chosen
+
+
+def unknown_stage_overrides(names: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """A problem for every stages.NAME.* assignment whose NAME is not a stage of the recipe."""
+    problems = []
+    for assignment in overrides:
+        stage, _ = split_stage_override(assignment)
+        if stage is not None and stage not in names:
+            problems.append(
+                f"--set {assignment!r}: no stage {stage!r} in [pipeline] stages "
+                f"({', '.join(names)})"
+            )
+    return problems
 
 
 def check_stages(stages: list[Stage], world_size: int) -> list[str]:

@@ -83,27 +83,68 @@ def test_consecutive_nonfinite_steps_stop_the_run_unfinished(
     train_assets,  # noqa: F811
     tmp_path,
     monkeypatch,  # noqa: F811
+    capsys,
 ):
     raw = stage_raw(train_assets, tmp_path / "run", max_steps=6, train={"max_nonfinite_steps": 2})
     config = write_stage(tmp_path / "run.toml", raw)
     poison_steps(monkeypatch, {2, 3, 4, 5, 6})
-    with pytest.raises(NonFiniteError, match=r"2 consecutive steps \(up to step 3\)"):
-        main(["train", str(config)])
+    assert main(["train", str(config)]) == NonFiniteError.exit_code
+    assert "2 consecutive steps (up to step 3)" in capsys.readouterr().err
     assert not (tmp_path / "run" / FINAL_MARKER).exists()
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_finished_stage_summarises_itself_and_a_rerun_trains_nothing(
+    train_assets,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    output_dir = tmp_path / "run"
+    config = write_stage(tmp_path / "run.toml", stage_raw(train_assets, output_dir, max_steps=2))
+    with caplog.at_level(logging.INFO, logger="vlpretrain"):
+        assert main(["train", str(config)]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    # the start says how many tiles an image may become (the meta file's max_dynamic_patch 6)
+    tiles = "tiles: dataset 'shapes_captions': up to 7 tiles per image = 6 patches (the meta"
+    assert tiles in "\n".join(messages)
+    final = json.loads((output_dir / FINAL_MARKER).read_text())
+    assert (final["step"], final["max_steps"], final["steps_this_run"]) == (2, 2, 2)
+    assert final["export_dir"] == str(output_dir.resolve())
+    assert final["next_model_name_or_path"] == str(output_dir)
+    assert final["tokens_seen_all_ranks"] == final["tokens_seen"] > 0  # one rank
+    assert final["wall_seconds"] > 0 and final["world_size"] == 1
+    assert sum(final["skipped_all_ranks"].values()) == sum(final["skipped"].values())
+    assert any(m.startswith("stage finished: 2 of 2 steps (2 in this run, ") for m in messages)
+    assert f"exported to {output_dir.resolve()}" in messages
+    assert f'next stage: model.model_name_or_path = "{output_dir}"' in messages
+    assert read_metrics(output_dir)[-1]["peak_host_rss_gib"] > 0
+
+    before = [(p.name, p.stat().st_mtime_ns) for p in sorted(output_dir.iterdir())]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlpretrain"):
+        # logging_steps changes no step: the same stage, already finished
+        assert main(["train", str(config), "--set", "train.logging_steps=5"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert f"{output_dir} already holds this stage, finished at step 2" in line
+    assert "train.resume = 'never'" in line
+    assert [(p.name, p.stat().st_mtime_ns) for p in sorted(output_dir.iterdir())] == before
 
 
 def test_a_resume_with_a_changed_config_is_refused_before_any_work(
     train_assets,  # noqa: F811
     tmp_path,
+    capsys,
 ):
     raw = stage_raw(train_assets, tmp_path / "run", max_steps=2)
     config = write_stage(tmp_path / "run.toml", raw)
     assert main(["train", str(config)]) == 0
-    # max_steps 2 -> 3 changes the LR schedule of the resumed steps (issue: 12 -> 15 ran at
-    # lr 0.0): refused, naming the field and both values.
-    with pytest.raises(ValueError, match=r"train.max_steps: 2 -> 3"):
-        main(["train", str(config), "--set", "train.max_steps=3"])
+    capsys.readouterr()
+    # max_steps 2 -> 3 changes the LR schedule of the resumed steps (12 -> 15 would run at
+    # lr 0.0): refused in one message naming the field and both values, not a traceback.
+    assert main(["train", str(config), "--set", "train.max_steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vlpretrain: the configuration differs from the one that wrote")
+    assert "train.max_steps: 2 -> 3" in err and "Traceback" not in err
     allowed = (
         "--set",
         "train.max_steps=3",
@@ -117,6 +158,7 @@ def test_a_resume_with_a_changed_config_is_refused_before_any_work(
 def test_a_second_live_run_in_the_same_output_dir_is_refused(
     train_assets,  # noqa: F811
     tmp_path,
+    capsys,
 ):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
@@ -125,8 +167,8 @@ def test_a_second_live_run_in_the_same_output_dir_is_refused(
         live = replace(this_process(), pid=holder.pid, process_start=None)
         (output_dir / LOCK_FILE).write_text(json.dumps(asdict(live)))
         config = write_stage(tmp_path / "run.toml", stage_raw(train_assets, output_dir))
-        with pytest.raises(RunLockError, match=f"in use by another run: pid {holder.pid}"):
-            main(["train", str(config)])
+        assert main(["train", str(config)]) == RunLockError.exit_code
+        assert f"in use by another run: pid {holder.pid}" in capsys.readouterr().err
         assert not (output_dir / "config.resolved.json").exists()  # nothing was written
     finally:
         holder.kill()

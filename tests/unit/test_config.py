@@ -416,13 +416,35 @@ def test_show_config_command_prints_resolved_tree_with_docs(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "learning_rate = 1e-05" in out
-    assert "freeze_llm = True  # Freeze the language model (incl. embeddings and head)." in out
-    assert "vision_path = 'vit'  # Path B: a standalone InternViT directory." in out
+    assert "freeze_llm = true  # Freeze the language model (incl. embeddings and head)." in out
+    assert 'vision_path = "vit"  # Path B: a standalone InternViT directory.' in out
     # the skip policy's small-sample rule, with the run's fraction (data.max_skip_fraction 0.01)
     assert (
-        "skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "
+        "# skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "
         "it has seen were skipped, judged from 100 records seen on"
     ) in out
+
+
+def test_show_config_output_is_toml_that_reads_back_as_the_same_config(tmp_path, capsys):
+    """What show-config prints is a stage file: tomllib parses it (true, not True; no None,
+    no ()) and it builds the very RunConfig it was printed from."""
+    import tomllib
+
+    path = tmp_path / "stage.toml"
+    path.write_text('[model]\nvision_path = "vit"\nllm_path = "llm"\n')
+    settings = ("--set", 'model.conv_style="Hermes-2"', "--set", "optim.max_grad_norm=inf")
+    assert main(["show-config", str(path), *settings]) == 0
+    printed = capsys.readouterr().out
+    assert "# force_image_size is unset" in printed  # a None field is a comment, not "None"
+    assert 'preemption_signals = ["SIGTERM", "SIGUSR1", "SIGINT"]' in printed
+    raw = tomllib.loads(printed)
+    assert "facts" not in raw  # derived facts are comments: not settable
+    expected = load_run_config(path, ['model.conv_style="Hermes-2"', "optim.max_grad_norm=inf"])
+    assert build_run_config(raw) == expected
+    again = tmp_path / "again.toml"
+    again.write_text(printed)
+    assert main(["show-config", str(again), *settings]) == 0
+    assert capsys.readouterr().out == printed
 
 
 def test_show_config_reports_config_errors_with_exit_code_2(tmp_path, capsys):
@@ -430,6 +452,71 @@ def test_show_config_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path.write_text('[model]\nvision_path = "vit"\nllm_path = "llm"\n[train]\nmax_stepz = 3\n')
     assert main(["show-config", str(path)]) == 2
     assert "did you mean max_steps" in capsys.readouterr().err
+
+
+def test_a_config_error_is_one_line_on_ranks_other_than_rank_0(tmp_path, capsys, monkeypatch):
+    # torchrun starts every rank with the same bad file: rank 0 says it all, the others once
+    path = tmp_path / "stage.toml"
+    path.write_text("[train]\nmax_stepz = 3\nsave_stepz = 1\n")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["show-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "vlpretrain: rank 1: invalid configuration: (rank 0 printed the whole message)\n"
+    )
+
+
+def test_a_refusal_from_deep_in_a_command_is_a_message_not_a_traceback(capsys, monkeypatch):
+    from vlpretrain import cli
+    from vlpretrain.train.resume import ChangedConfigError
+
+    def refuse(*args, **kwargs):
+        raise ChangedConfigError("the configuration differs\n  - train.max_steps: 6 -> 8")
+
+    monkeypatch.setattr(cli, "resolve_config", refuse)
+    assert main(["show-config"]) == 1
+    err = capsys.readouterr().err
+    assert err == "vlpretrain: the configuration differs\n  - train.max_steps: 6 -> 8\n"
+
+
+def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys, monkeypatch):
+    from vlpretrain import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "resolve_config", interrupted)  # e.g. while torch is imported
+    assert main(["show-config"]) == 130  # 128 + SIGINT, as the shell reports it
+    err = capsys.readouterr().err
+    assert err == "vlpretrain: interrupted (Ctrl-C) outside the training steps; nothing saved\n"
+
+
+CTRL_C_WHILE_IMPORTING = """
+import runpy, sys
+
+class CtrlC:  # Ctrl-C arrives while the CLI's modules are imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "vlpretrain.config":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["vlpretrain", "show-config"]
+runpy.run_module("vlpretrain", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr == "vlpretrain: interrupted (Ctrl-C) while starting; nothing saved\n"
 
 
 @pytest.mark.parametrize("cls", [*SECTIONS.values(), RunFacts], ids=lambda cls: cls.__name__)

@@ -62,6 +62,30 @@ def test_check_uses_the_runs_config_and_fails_over_threshold(tmp_path, train_ass
     assert "FAIL: skip fraction 40.00% of an epoch of 100 records (max 20.00%)" in out
 
 
+def test_check_prints_each_datasets_tile_budget_and_where_it_comes_from(toy, capsys):
+    path, stage = toy
+    args = ["data", "check", str(stage), "--set", "data.max_skip_fraction=1.0"]
+    assert main(args) == 0
+    # data.max_dynamic_patch 6 (the stage) + 1 thumbnail = 7 tiles of 1 token each
+    expected = (
+        "dataset 'toy': up to 7 tiles per image = 6 patches (data.max_dynamic_patch) "
+        "+ 1 thumbnail; 7 image tokens"
+    )
+    assert expected in capsys.readouterr().out
+    meta = json.loads((path / "meta.json").read_text())
+    meta["toy"]["max_dynamic_patch"] = 12  # the meta file's value wins over the run's 6
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert main(args) == 0
+    expected = (
+        "dataset 'toy': up to 13 tiles per image = 12 patches (the meta file's "
+        "max_dynamic_patch, which overrides data.max_dynamic_patch 6) + 1 thumbnail; "
+        "13 image tokens"
+    )
+    assert expected in capsys.readouterr().out
+    assert main([*args, "--set", "data.use_thumbnail=false"]) == 0
+    assert "up to 12 tiles per image = 12 patches (the meta" in capsys.readouterr().out
+
+
 def test_check_flags_videos_whose_most_frames_exceed_max_seq_length(toy, capsys):
     path, stage = toy
     # the video draws 1..8 frames: 189 tokens with 1 frame, 280 with 8 (the image records:

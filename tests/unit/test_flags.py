@@ -311,7 +311,7 @@ def test_show_config_accepts_a_whole_reference_script(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "learning_rate = 1e-05" in out
     assert "gradient_accumulation_steps = 2" in out
-    assert "strategy = 'fsdp'" in out
+    assert 'strategy = "fsdp"' in out
     assert "vision_select_layer = -1" in out
 
 

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("vlpretrain.model",),
     ("vlpretrain.data",),
     ("vlpretrain.facts",),
-    ("vlpretrain.tokens", "vlpretrain.log", "vlpretrain.files", "vlpretrain"),
+    ("vlpretrain.tokens", "vlpretrain.log", "vlpretrain.files", "vlpretrain.errors", "vlpretrain"),
 )
 """Top to bottom, as DESIGN.md lists them; `vlpretrain` is the package's own __init__."""
 

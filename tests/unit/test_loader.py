@@ -123,6 +123,15 @@ def test_resume_reproduces_the_stream_bit_for_bit(num_workers, resume_at):
     assert {ref.epoch for b in expected for ref in b.sample_ids} >= {0, 1}
 
 
+def test_building_a_loader_shows_no_torchdata_deprecation_warning():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, even one shown before
+        build_dataloader(_sources(), PACKING, FACTS, StreamConfig(num_workers=0), 0, 1)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_state_from_another_job_shape_is_refused():
     sources = _sources()
     loader = build_dataloader(sources, PACKING, FACTS, StreamConfig(num_workers=0), 0, 2)

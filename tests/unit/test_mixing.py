@@ -1,3 +1,4 @@
+import logging
 from collections import Counter
 
 import numpy as np
@@ -32,6 +33,17 @@ def test_one_stream_epoch_reads_every_record_once_then_moves_to_the_next_epoch()
     assert {r.epoch for r in refs} == {0}
     nxt = mixer.next()
     assert nxt.epoch == 1 and mixer.passes == 1 and mixer.epochs == (1, 1)
+
+
+def test_the_end_of_a_stream_epoch_is_logged_at_debug_level_only(caplog):
+    mixer = _mixer([2, 1])
+    with caplog.at_level(logging.INFO, logger="vlpretrain"):
+        _take(mixer, 7)  # two stream epochs of 3 records end
+    assert mixer.passes == 2
+    assert not [r for r in caplog.records if "exhausted" in r.getMessage()]
+    with caplog.at_level(logging.DEBUG, logger="vlpretrain"):
+        _take(mixer, 3)
+    assert "all datasets exhausted, stream epoch 3 done" in caplog.text
 
 
 def test_num_epochs_ends_the_stream():

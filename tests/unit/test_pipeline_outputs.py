@@ -143,3 +143,21 @@ def test_check_only_prints_every_stage_output_dir_and_its_origin(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"stage one: {tmp_path / 'out' / 'one'} (recipe [pipeline] output_dir); trains" in out
     assert f"stage two: {tmp_path / 'two'} (recipe [stages.two.train] output_dir); trains" in out
+
+
+def test_set_with_a_stage_name_reaches_that_stage_only(tmp_path):
+    overrides = [
+        "optim.learning_rate=1e-3",  # every stage
+        "stages.two.optim.learning_rate=5e-5",  # then stage two's own value wins
+        "stages.one.train.max_steps=7",
+    ]
+    one, two = build_stages(inline_recipe(tmp_path), overrides)
+    assert (one.config.optim.learning_rate, one.config.train.max_steps) == (1e-3, 7)
+    assert (two.config.optim.learning_rate, two.config.train.max_steps) == (5e-5, 100)
+
+
+def test_set_naming_a_stage_the_recipe_lacks_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        build_stages(inline_recipe(tmp_path), ["stages.three.optim.learning_rate=1e-3"])
+    (problem,) = caught.value.problems
+    assert "no stage 'three' in [pipeline] stages (one, two)" in problem

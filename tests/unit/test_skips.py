@@ -101,6 +101,21 @@ def test_tally_logs_the_first_three_per_dataset_and_reason_then_one_in_100(caplo
     assert tally.by_reason() == {"malformed_json": 250, "missing_image": 1}
 
 
+def test_tally_logs_a_bad_record_once_however_many_epochs_read_it(caplog):
+    tally = SkipTally(["captions"])
+    with caplog.at_level(logging.WARNING):
+        for _epoch in range(3):  # a one-bad-line dataset read in three epochs
+            tally.record(skipped(4))
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "/data/captions.jsonl:4 (dataset 'captions')" in logged[0]
+    # counted every time it was read; one example, not the same line three times
+    assert tally.summary().splitlines()[1:] == [
+        "  captions: malformed_json: 3 of 3",
+        "      e.g. /data/captions.jsonl:4 (dataset 'captions'): skipped (malformed_json) "
+        "detail of line 4",
+    ]
+
+
 def test_skip_log_round_trip_and_truncation(tmp_path):
     log = SkipLog(tmp_path / SKIP_LOG_NAME)
     entries = [skip_entry(skipped(k), step=k, rank=k % 2) for k in range(1, 6)]

@@ -244,6 +244,32 @@ class DatasetSource:
     def dataset_index(self) -> int:
         return self.spec.dataset_index
 
+    def max_patches(self) -> int:
+        """Tiles before the thumbnail of a one-image sample: the meta file's per-dataset
+        max_dynamic_patch when it sets one, else data.max_dynamic_patch."""
+        return self.spec.max_dynamic_patch or self.config.max_dynamic_patch
+
+    def describe_tile_budget(self) -> str:
+        """One line: the most tiles (and image tokens) an image of this dataset becomes, and
+        where the cap comes from (the meta file's value silently wins over the run's)."""
+        cfg, patches = self.config, self.max_patches()
+        where = f"dataset {self.name!r}"
+        if not cfg.dynamic_image_size:
+            return f"{where}: 1 tile per image (data.dynamic_image_size = false)"
+        origin = "data.max_dynamic_patch"
+        if self.spec.max_dynamic_patch:
+            origin = "the meta file's max_dynamic_patch"
+            if patches != cfg.max_dynamic_patch:
+                origin += f", which overrides data.max_dynamic_patch {cfg.max_dynamic_patch}"
+        thumbnail = cfg.use_thumbnail and patches > 1  # a single tile is its own thumbnail
+        tiles = patches + int(thumbnail)
+        plus = " + 1 thumbnail" if thumbnail else ""
+        return (
+            f"{where}: up to {tiles} tiles per image = {patches} patches ({origin}){plus}; "
+            f"{tiles * self.facts.num_image_token} image tokens; a sample of n images: "
+            f"max(1, {patches} // n) patches per image{plus and ' (+ 1 thumbnail if > 1)'}"
+        )
+
     @property
     def num_lines(self) -> int:
         """Non-blank lines in the annotation file."""
@@ -361,7 +387,7 @@ class DatasetSource:
             )
             tiles = [t for frame in frames for t in self._tiles(frame, 1, False, rng)]
             return [1] * len(frames), tiles, expand_video_tag(turns, len(frames))
-        max_patch = self.spec.max_dynamic_patch or cfg.max_dynamic_patch
+        max_patch = self.max_patches()
         if record.kind == "image":
             turns = insert_image_tag(turns)
         else:

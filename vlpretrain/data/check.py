@@ -252,6 +252,7 @@ def run_check(
         i, num_ok = s.dataset_index, len(tally.tokens.get(s.dataset_index, []))
         print(f"\n== {s.name}: {s.num_lines} lines, effective length {len(s)}, "
               f"{num_ok} ok, {tally.counter.seen[s.name] - num_ok} skipped")  # fmt: skip
+        print(s.describe_tile_budget())
         print(text_histogram(tally.tokens.get(i, []), "tokens per sample"))
         print(text_histogram(tally.tiles.get(i, []), "tiles per sample"))
     print("\n" + tally.counter.summary())
@@ -300,7 +301,7 @@ def describe_media(source: DatasetSource, line_index: int) -> list[str]:
     except RecordError:
         return []
     cfg = source.config
-    max_num = source.spec.max_dynamic_patch or cfg.max_dynamic_patch
+    max_num = source.max_patches()
     if record.kind == "multi_image":
         max_num = tiling.image_tile_budget(max_num, len(record.images))
     lines = []

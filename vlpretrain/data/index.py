@@ -48,6 +48,7 @@ import numpy as np
 from vlpretrain.data import index_cache, remote
 from vlpretrain.data.records import RecordError
 from vlpretrain.data.remote import URL, Location, RemoteSettings
+from vlpretrain.errors import RefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def build_line_index(path: str | Path) -> np.ndarray:
         return index_blocks(iter(lambda: handle.read(CHUNK_BYTES), b""))
 
 
-class AnnotationChangedError(RuntimeError):
+class AnnotationChangedError(RefusedError, RuntimeError):
     """The annotation file no longer matches its index (it changed after indexing)."""
 
 

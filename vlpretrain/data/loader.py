@@ -37,6 +37,7 @@ starts each new stream on its share of what is left, open rows returned to the p
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
@@ -413,12 +414,21 @@ def stateful_dataloader_class() -> type[Any]:
     return cast(type[Any], module.StatefulDataLoader)
 
 
+SET_VITAL_WARNING = "'set_vital' is deprecated"
+"""The start of the warning torchdata's StatefulDataLoader causes in its constructor."""
+
+
 class PackedDataLoader:
     """A StatefulDataLoader over a PackedStream, whose state also records the job shape,
     checked on load."""
 
     def __init__(self, dataset: PackedStream, **kwargs: Any) -> None:
-        self.loader = stateful_dataloader_class()(dataset, **kwargs)
+        loader_class = stateful_dataloader_class()
+        with warnings.catch_warnings():
+            # torchdata calls torch.set_vital, which torch deprecates: a warning per loader
+            # that no user can act on. Only that warning, only here.
+            warnings.filterwarnings("ignore", message=SET_VITAL_WARNING, category=UserWarning)
+            self.loader = loader_class(dataset, **kwargs)
         self.stream = dataset
         self._shape = _shape(dataset.world_size, dataset.stream_config.num_workers, dataset.rank)
 

@@ -30,6 +30,7 @@ from typing import Any, TypeGuard
 
 from vlpretrain.data import remote
 from vlpretrain.data.remote import URL, Location, RemoteSettings
+from vlpretrain.errors import RefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,14 @@ def _remote_has_records(url: URL, size: int, settings: RemoteSettings) -> bool:
     )
 
 
-def problems_error(meta_path: Location, problems: list[str]) -> ValueError:
-    """The one ValueError listing every problem of a meta file."""
+class MetaFileError(RefusedError, ValueError):
+    """Every problem of a meta file (or of the datasets it names), reported at once."""
+
+
+def problems_error(meta_path: Location, problems: list[str]) -> MetaFileError:
+    """The one MetaFileError listing every problem of a meta file."""
     listing = "\n  - ".join(problems)
-    return ValueError(f"meta file {meta_path} has {len(problems)} problem(s):\n  - {listing}")
+    return MetaFileError(f"meta file {meta_path} has {len(problems)} problem(s):\n  - {listing}")
 
 
 def resolve_path(value: str, meta_dir: Location) -> Location:

@@ -164,7 +164,9 @@ class DatasetMixer:
 
     def _end_stream_epoch(self) -> bool:
         self._passes += 1
-        logger.info(
+        # Debug only: every loader stream ends its epochs, so a small run would log this
+        # once per stream per epoch; the epoch of each trained record is in its skip entries.
+        logger.debug(
             "stream %d: all datasets exhausted, stream epoch %d done",
             self._stream_id,
             self._passes,

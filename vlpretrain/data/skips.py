@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpretrain.data.samples import SkippedSample
+from vlpretrain.errors import RefusedError
 from vlpretrain.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ENTRY_KEYS = ("step", "rank", "dataset", "file", "line", "reason", "detail")
 """Keys of one skipped.jsonl entry, in order."""
 
 
-class TooManySkipsError(RuntimeError):
+class TooManySkipsError(RefusedError, RuntimeError):
     """More records were skipped than data.max_skip_fraction allows."""
 
 
@@ -100,7 +101,9 @@ class SkipTally:
     """Counts seen and skipped records per dataset and reason; logs skips rate-limited.
 
     The first `log_first` skips of each (dataset, reason) are logged with file:line, then one
-    in `log_every`; `summary()` gives one line per (dataset, reason).
+    in `log_every`; `summary()` gives one line per (dataset, reason). A record is logged and
+    given as an example once: each epoch that reads a bad line again counts it again, but
+    its line is already in the log (and in skipped.jsonl for every time it was read).
     """
 
     def __init__(self, dataset_names: list[str], log_first: int = 3, log_every: int = 100) -> None:
@@ -110,6 +113,8 @@ class SkipTally:
         self.seen: Counter[str] = Counter()
         self.skipped: Counter[tuple[str, str]] = Counter()
         self.examples: dict[tuple[str, str], list[str]] = {}
+        self.reported: set[str] = set()
+        """file:line of every record logged so far (or left by the run this one resumes)."""
 
     def name(self, dataset_index: int) -> str:
         """Dataset name of a meta-file position."""
@@ -121,13 +126,21 @@ class SkipTally:
         """Count one loaded result: seen, and skipped if it is a SkippedSample."""
         self.seen[self.name(sample.dataset_index)] += 1
         if isinstance(sample, SkippedSample):
-            self.add_skip(sample.source.dataset, sample.reason, str(sample), log=True)
+            location = f"{sample.source.path}:{sample.source.line}"
+            self.add_skip(sample.source.dataset, sample.reason, str(sample), True, location)
 
-    def add_skip(self, dataset: str, reason: str, where: str, log: bool) -> None:
-        """Count one skip (already counted as seen); `where` is its file:line text."""
+    def add_skip(
+        self, dataset: str, reason: str, where: str, log: bool, location: str | None = None
+    ) -> None:
+        """Count one skip (already counted as seen); `where` is its file:line text, `location`
+        the file:line that tells one record from another (default: `where`)."""
         key = (dataset, reason)
         self.skipped[key] += 1
         count = self.skipped[key]
+        location = where if location is None else location
+        if location in self.reported:
+            return  # the same record read again in a later epoch: counted, not repeated
+        self.reported.add(location)
         examples = self.examples.setdefault(key, [])
         if len(examples) < self.log_first:
             examples.append(where)
@@ -137,7 +150,8 @@ class SkipTally:
     def add_entry(self, entry: dict[str, Any], log: bool) -> None:
         """Count one skipped.jsonl entry."""
         where = f"{entry['file']}:{entry['line']}: skipped ({entry['reason']}) {entry['detail']}"
-        self.add_skip(str(entry["dataset"]), str(entry["reason"]), where, log)
+        location = f"{entry['file']}:{entry['line']}"
+        self.add_skip(str(entry["dataset"]), str(entry["reason"]), where, log, location)
 
     @property
     def num_skipped(self) -> int:

@@ -27,13 +27,14 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from vlpretrain.distributed.env import all_gather_objects, rank_and_world
+from vlpretrain.errors import RefusedError
 
 MANIFEST = "manifest.json"
 HASH = "xxh3_128"
 _CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RefusedError, RuntimeError):
     """A checkpoint cannot be written, verified or read; the message names path and reason."""
 
 

@@ -8,8 +8,9 @@ loop: GA micro-batches -> train_step (global loss normalisation, clip, AdamW, sc
          train.report_to trackers) -> DCP checkpoint every save_steps (and at the end)
       -> a preemption signal on any rank (train/preemption.py): every rank saves this step,
          and the process exits with PREEMPTED_EXIT instead of exporting
-end: export the InternVL-layout model into output_dir (the next stage's input), and draw
-     loss_curves.png from metrics.jsonl
+end: export the InternVL-layout model into output_dir (the next stage's input), then the
+     summary and training_complete.json (train/summary.py), and loss_curves.png drawn from
+     metrics.jsonl; a stage that already finished with this config trains nothing
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from vlpretrain.data.tiling import model_pixels
 from vlpretrain.distributed.env import (
     DistEnv,
     all_reduce_host_sum,
+    all_reduce_sum,
     arm_stack_dump,
     barrier,
     check_ranks_agree,
@@ -74,6 +76,7 @@ from vlpretrain.train.checkpoint import (
 from vlpretrain.train.eta import EtaClock
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
+from vlpretrain.train.memory import memory_metrics
 from vlpretrain.train.nonfinite import (
     batch_sources,
     global_loss_and_finiteness,
@@ -91,11 +94,16 @@ from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_p
 from vlpretrain.train.run_lock import hold_run_lock
 from vlpretrain.train.skips import SkipRecorder
 from vlpretrain.train.states import LoaderState, TrainState, training_states
+from vlpretrain.train.summary import (
+    FINAL_MARKER,
+    RECORDED_CONFIG,
+    already_finished_line,
+    finished_run,
+    summary_lines,
+)
 
 logger = logging.getLogger(__name__)
 
-FINAL_MARKER = "training_complete.json"
-"""Written last into output_dir: the stage finished and its export is complete."""
 LOADER_WAIT = "while waiting for the next micro-batch from the data loader"
 """What a stalled loop waits for when the loader yields nothing (e.g. a read on a dead mount)."""
 
@@ -295,10 +303,13 @@ LINE_KEYS = (
     "tiles_per_second",
     "mfu",
     "eta_seconds",
+    "peak_host_rss_gib",
+    "max_memory_allocated_gib",
 )
 """Shown in the progress line; `seconds` is the whole step, `data_wait_seconds` the part of it
 spent waiting for the loader (a starved loader shows here, not as a low MFU alone),
-`eta_seconds` the time left to max_steps (train/eta.py)."""
+`eta_seconds` the time left to max_steps (train/eta.py); the memory peaks come from
+train/memory.py (the device's on CUDA only)."""
 
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -361,15 +372,17 @@ def prepare_output_dir(config: RunConfig, env: DistEnv) -> Path | None:
             checkpoint, saved, to_dict(config), config.train.allow_changed_on_resume
         )
     if env.is_main:
-        (output_dir / "config.resolved.json").write_text(json.dumps(to_dict(config), indent=2))
+        (output_dir / RECORDED_CONFIG).write_text(json.dumps(to_dict(config), indent=2))
     return checkpoint
 
 
-def job_facts(config: RunConfig, env: DistEnv) -> dict[str, Any]:
-    """What every rank of a job must agree on: the resolved config, world size, versions."""
+def job_facts(config: RunConfig, env: DistEnv, finished: bool = False) -> dict[str, Any]:
+    """What every rank of a job must agree on: the resolved config, world size, versions, and
+    whether the stage already finished (all ranks return at once, or none)."""
     return {
         **{f"config.{k}": v for k, v in flatten(to_dict(config)).items()},
         "world_size": env.world_size,
+        "finished": finished,
         "torch": torch.__version__,
         "vlpretrain": vlpretrain.__version__,
     }
@@ -388,19 +401,30 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     throughout (train.run_lock), and an iteration that takes longer than the collective
     timeout dumps every thread's stack to stderr (a loader that long silent ends the run).
     A preemption signal (train.preemption_signals) ends the stage after a checkpoint of the
-    step in progress: Preempted, a SystemExit with code PREEMPTED_EXIT.
+    step in progress: Preempted, a SystemExit with code PREEMPTED_EXIT. A stage that already
+    finished with this config trains nothing (train/summary.py): one line, and its recorded
+    final metrics.
     """
-    check_ranks_agree(job_facts(config, env))
+    started = time.monotonic()
+    finished = finished_run(config)
+    check_ranks_agree(job_facts(config, env, finished is not None))
+    if finished is not None:
+        logger.info(already_finished_line(config, finished))
+        return finished
     signals, grace = config.train.preemption_signals, config.train.preemption_grace_seconds
     with hold_run_lock(config.train.output_dir, env), catch_stop_signals(signals, grace) as stop:
         try:
-            return run_stage(config, env, stop)
+            return run_stage(config, env, stop, started)
         finally:
             disarm_stack_dump()
 
 
-def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) -> dict[str, Any]:
-    """The stage itself; `train` calls it holding the run lock and catching stop signals."""
+def run_stage(
+    config: RunConfig, env: DistEnv, stop: StopRequest | None = None, started: float | None = None
+) -> dict[str, Any]:
+    """The stage itself; `train` calls it holding the run lock and catching stop signals.
+    `started`: time.monotonic() when the stage began (the summary's wall time)."""
+    started = time.monotonic() if started is None else started
     stop = stop or StopRequest()
     output_dir = Path(config.train.output_dir)
     stall_seconds = 60 * config.train.collective_timeout_minutes
@@ -412,6 +436,8 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
+    for source in sources:
+        logger.info("tiles: %s", source.describe_tile_budget())
     flops = build_flops_counter(plain_model)
     loader = build_dataloader(
         sources,
@@ -429,6 +455,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
     peak = peak_tflops(env.device, config.train.peak_tflops)
     if checkpoint is not None:
         load_checkpoint(checkpoint, states)  # restores `state` in place
+    start_step = state.step
     skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
                          env, state.step, summary_every=config.train.save_steps)  # fmt: skip
     metrics = MetricsWriter(output_dir, config.train.report_to, env.is_main, state.step)
@@ -474,6 +501,7 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
                 skips.flush(state)  # skipped.jsonl + the skip policy
+                last.update(memory_metrics(env.device))
                 metrics.write(state.step, last, LINE_KEYS)
             if state.step % config.train.save_steps == 0 or is_last:
                 skips.flush(state)  # every skip the checkpoint covers is on disk
@@ -500,18 +528,41 @@ def run_stage(config: RunConfig, env: DistEnv, stop: StopRequest | None = None) 
         config.data.image_settings(),
         SAVE_DTYPES[config.train.export_precision],
     )
-    final = {
-        "step": state.step,
-        "trainable_params": num_trainable,
-        "tokens_seen": state.tokens_seen,
-        "samples_seen": state.samples_seen,
-        "skipped": state.skipped,
-        "nonfinite_steps": state.nonfinite_steps,
-        **last,
-    }
     skips.finish(state)
+    final = final_metrics(config, env, state, num_trainable, last)
+    # rank 0's tally holds every rank's skips of the stage (skipped.jsonl, resumes included)
+    final["skipped_all_ranks"] = dict(skips.tally.by_reason()) if env.is_main else {}
+    final["steps_this_run"] = state.step - start_step
+    final["wall_seconds"] = time.monotonic() - started
     if env.is_main:
         plot_stage_or_say_how(output_dir)
         (output_dir / FINAL_MARKER).write_text(json.dumps(final, indent=2))
+        for line in summary_lines(final):
+            logger.info(line)
     barrier()
     return final
+
+
+def final_metrics(
+    config: RunConfig, env: DistEnv, state: TrainState, num_trainable: int, last: dict[str, Any]
+) -> dict[str, Any]:
+    """training_complete.json: the stage's counters (this rank's, and tokens and samples over
+    all ranks: a collective), where its model went, and the last step's metrics."""
+    counts = torch.tensor([state.tokens_seen, state.samples_seen], dtype=torch.float64)
+    tokens_all, samples_all = (int(v) for v in all_reduce_sum(counts).tolist())
+    output_dir = Path(config.train.output_dir)
+    return {
+        "step": state.step,
+        "max_steps": config.train.max_steps,
+        "trainable_params": num_trainable,
+        "tokens_seen": state.tokens_seen,
+        "samples_seen": state.samples_seen,
+        "tokens_seen_all_ranks": tokens_all,
+        "samples_seen_all_ranks": samples_all,
+        "world_size": env.world_size,
+        "skipped": state.skipped,
+        "nonfinite_steps": state.nonfinite_steps,
+        "export_dir": str(output_dir.resolve()),
+        "next_model_name_or_path": config.train.output_dir,
+        **last,
+    }

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from vlpretrain.distributed.env import all_gather_objects, all_reduce_sum
+from vlpretrain.errors import RefusedError
 from vlpretrain.train.states import TrainState
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RefusedError, RuntimeError):
     """Training produced (or would export) non-finite values; the message says where."""
 
 

@@ -19,7 +19,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vlpretrain.errors import RefusedError
+
 logger = logging.getLogger(__name__)
+
+
+class ChangedConfigError(RefusedError, ValueError):
+    """A resume whose configuration differs from the checkpoint's in fields that matter."""
+
 
 RESUME_SAFE_FIELDS = frozenset(
     {
@@ -90,7 +97,7 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
 def check_config_on_resume(
     checkpoint: Path, saved: dict[str, Any], current: dict[str, Any], allowed: Iterable[str]
 ) -> None:
-    """Raise ValueError listing the changed fields that are neither safe nor allowed."""
+    """Raise ChangedConfigError listing the changed fields that are neither safe nor allowed."""
     allowed = set(allowed)
     changes = changed_fields(saved, current)
     refused = {k: v for k, v in changes.items() if k not in RESUME_SAFE_FIELDS | allowed}
@@ -100,7 +107,7 @@ def check_config_on_resume(
     if refused:
         lines = [f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in refused.items()]
         names = ", ".join(f'"{k}"' for k in refused)
-        raise ValueError(
+        raise ChangedConfigError(
             f"the configuration differs from the one that wrote {checkpoint}:\n  - "
             + "\n  - ".join(lines)
             + "\nA resumed step would not compute what the interrupted run would have. Keep "

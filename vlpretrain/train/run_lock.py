@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlpretrain.distributed.env import DistEnv, all_gather_objects
+from vlpretrain.errors import RefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ TORN_GRACE_SECONDS = 10.0
 LOCK_LOST_EXIT = 75
 
 
-class RunLockError(RuntimeError):
+class RunLockError(RefusedError, RuntimeError):
     """output_dir is held by another live run (or the lock could not be taken)."""
 
 
