@@ -16,6 +16,7 @@ BENCHES = (
     "balance.py",
     "optimizer_step.py",
     "checkpoint_save.py",
+    "faults.py",
 )
 
 if __name__ == "__main__":

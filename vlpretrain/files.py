@@ -1,7 +1,8 @@
 """Create files the way the user's shell would: permissions from the process umask, atomically;
 read the user's own text files (configs) with one-line errors.
 
-    write_atomic(target, write) : temp file in target's directory --write--> chmod --> os.replace
+    write_atomic(target, write) : temp file in target's directory --write--> fsync --> chmod
+                                  --> os.replace --> fsync of the directory
     apply_umask(path)           : give a file created 0600 by a library the umask's mode
     read_user_text(path, ...)   : UTF-8 text, or a ValueError naming the file and what is wrong
 
@@ -13,6 +14,7 @@ the group when the umask says so.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -48,8 +50,9 @@ def apply_umask(path: str | Path) -> None:
 def write_atomic(target: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write `target` through a temp file in its directory, then rename it into place.
 
-    A killed process leaves either the old file or the new one, never a truncated one; the
-    new file has the umask's permissions (not mkstemp's 0600).
+    A killed process or a power cut leaves either the old file or the new one, never a
+    truncated one: the data reaches the disk before the rename, and the rename before the
+    return. The new file has the umask's permissions (not mkstemp's 0600).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,11 +60,34 @@ def write_atomic(target: str | Path, write: Callable[[IO[bytes]], object]) -> No
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            # without it a crash after the rename can leave the new name on an empty file
+            os.fsync(handle.fileno())
         apply_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_directory(target.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (the entry lives in the directory's own blocks).
+
+    Where directories cannot be opened or synced (Windows; some network filesystems answer
+    EINVAL), the rename keeps the filesystem's own durability, as it did before.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_user_text(path: Path, expected: str) -> str:

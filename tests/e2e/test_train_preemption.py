@@ -3,7 +3,8 @@ Ctrl-C's SIGINT) saves the step in progress and exits with PREEMPTED_EXIT, so th
 no step and equals an uninterrupted run; a loader that yields nothing ends the run.
 
 The runs use two loader workers, and the signals reach them too, as they do under Slurm (every
-process of the job) and in a terminal (Ctrl-C signals the foreground process group)."""
+process of the job), under a launcher that signals its process group (SIGTERM) and in a
+terminal (Ctrl-C signals the foreground process group)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def children(pid: int) -> list[int]:
 
 
 def deliver(process: subprocess.Popen, signum: int) -> None:
-    """SIGINT as Ctrl-C sends it (the process group); others as Slurm does (every process)."""
-    if signum == signal.SIGINT:
+    """SIGINT as Ctrl-C sends it and SIGTERM as a launcher stopping its job does (the process
+    group, loader workers included); SIGUSR1 as Slurm does (every process, one by one)."""
+    if signum in (signal.SIGINT, signal.SIGTERM):
         os.killpg(process.pid, signum)
         return
     workers = children(process.pid)
@@ -103,7 +105,7 @@ def test_preemption_signals_save_the_step_and_the_rerun_equals_an_uninterrupted_
     victim_dir = tmp_path / "victim"
     reference_run = start(reference)
     stopped_at = []
-    for signum in (signal.SIGUSR1, signal.SIGINT):
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         already = last_logged_step(victim_dir)
         code, stderr = signal_after_step(victim, victim_dir, already + 1, signum)
         assert code == PREEMPTED_EXIT, stderr[-4000:]
@@ -116,7 +118,7 @@ def test_preemption_signals_save_the_step_and_the_rerun_equals_an_uninterrupted_
         assert f"stopped on {name} at step {step} of {n}: saved " in stderr
         assert list_checkpoints(victim_dir)[-1][0] == step
         assert not (victim_dir / FINAL_MARKER).exists()
-    assert stopped_at[0] < stopped_at[1] < n, stopped_at
+    assert stopped_at[0] < stopped_at[1] < stopped_at[2] < n, stopped_at
     code, stderr = finish(start(victim))
     assert code == 0, stderr[-4000:]
     assert finish(reference_run)[0] == 0

@@ -7,6 +7,7 @@ validation of duplicate and empty datasets, and files created with the process u
 
 import json
 import os
+import stat
 import struct
 import time
 import zlib
@@ -396,6 +397,34 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask_027):
     write_atomic(tmp_path / "f.bin", lambda handle: handle.write(b"x"))
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left
+
+
+def test_atomic_writes_sync_the_file_before_the_rename_and_the_directory_after(
+    tmp_path, monkeypatch
+):
+    # a rename reaches the disk on its own schedule: without both syncs a power cut can leave
+    # the new name pointing at an empty file, or the old file back in place
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        status = os.fstat(fd)
+        kind = "directory" if stat.S_ISDIR(status.st_mode) else "file"
+        events.append(("fsync", kind, status.st_ino, status.st_size if kind == "file" else None))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace",))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "f.bin", lambda handle: handle.write(b"abc"))
+    file_inode, directory_inode = (tmp_path / "f.bin").stat().st_ino, tmp_path.stat().st_ino
+    assert events == [
+        ("fsync", "file", file_inode, 3),  # the temp file, all 3 bytes written, before the rename
+        ("replace",),
+        ("fsync", "directory", directory_inode, None),  # the rename itself
+    ]
 
 
 def test_index_cache_follows_the_umask(tmp_path, umask_027):

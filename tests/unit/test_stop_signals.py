@@ -13,10 +13,15 @@ import textwrap
 import time
 
 import pytest
+import torch.utils.data
 from train_fixtures import cli_env
 
 from vlpretrain.distributed.env import STALL_EXIT
-from vlpretrain.train.preemption import DUPLICATE_SECONDS, catch_stop_signals
+from vlpretrain.train.preemption import (
+    DUPLICATE_SECONDS,
+    catch_stop_signals,
+    keep_worker_through_stop_signals,
+)
 
 
 def wait_until(predicate, seconds: float = 10.0) -> bool:
@@ -46,6 +51,32 @@ def test_signals_not_listed_keep_their_usual_effect():
     with catch_stop_signals([], grace_seconds=60) as request:
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         assert not request.requested
+
+
+class Counting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(10**9))
+
+
+def test_a_loader_worker_ignores_another_process_sigterm_and_ends_on_the_loader_own():
+    # a launcher signalling the process group reaches the workers too; the parent still
+    # needs them to fetch the batches of the step it saves
+    with catch_stop_signals(["SIGTERM"], grace_seconds=60):
+        loader = torch.utils.data.DataLoader(
+            Counting(), batch_size=None, num_workers=1,
+            worker_init_fn=keep_worker_through_stop_signals,
+        )  # fmt: skip
+        batches = iter(loader)
+        assert next(batches) == 0
+        (worker,) = batches._workers
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # another sender
+        time.sleep(0.3)
+        assert worker.is_alive()
+        assert [int(next(batches)) for _ in range(3)] == [1, 2, 3]
+        worker.terminate()  # the DataLoader's way to end a worker that does not stop
+        worker.join(timeout=10)
+        assert worker.exitcode == 0  # as torch's own handler exits on its parent's SIGTERM
+        del batches
 
 
 def run_script(source: str, env: dict | None = None, timeout: float = 60) -> tuple[int, str]:

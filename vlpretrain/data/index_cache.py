@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpretrain.files import sync_directory
+
 logger = logging.getLogger(__name__)
 
 CACHE_SUFFIX = ".index"
@@ -152,20 +154,6 @@ def remove_leftover_temp_files(cache_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (not every file system can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_cache(target: Path, index: np.ndarray, size: int) -> None:
     """Header + offsets to a temp file, fsync, rename into place, fsync the directory: after a
     crash the cache is whole or absent, never renamed with blocks the disk never got (a file
@@ -182,7 +170,7 @@ def write_cache(target: Path, index: np.ndarray, size: int) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(target.parent)
+    sync_directory(target.parent)
 
 
 def remove_stale(target: Path) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
@@ -490,9 +490,11 @@ def build_dataloader(
     skip_counter: SkipCounterLike | None = None,
     step_flops: StepFlops | None = None,
     on_changed_media: ChangedMedia = "error",
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> PackedDataLoader:
     """The resumable loader of packed micro-batches for one rank (`step_flops`: the model's
-    FLOPs counter, needed by packing.balance_flops)."""
+    FLOPs counter, needed by packing.balance_flops; `worker_init_fn`: run in each worker
+    process as it starts, e.g. the trainer's signal set-up)."""
     dataset = PackedStream(
         sources,
         packing_config,
@@ -513,6 +515,7 @@ def build_dataloader(
         num_workers=stream_config.num_workers,
         collate_fn=_pass_through,
         pin_memory=stream_config.pin_memory and torch.cuda.is_available(),
+        worker_init_fn=worker_init_fn,
         **extra,
     )
 

@@ -89,6 +89,7 @@ from vlpretrain.train.preemption import (
     Preempted,
     StopRequest,
     catch_stop_signals,
+    keep_worker_through_stop_signals,
 )
 from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
 from vlpretrain.train.run_lock import hold_run_lock
@@ -448,6 +449,7 @@ def run_stage(
         env.world_size,
         step_flops=flops.step_flops,
         on_changed_media=config.data.on_changed_media,
+        worker_init_fn=keep_worker_through_stop_signals,
     )
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)

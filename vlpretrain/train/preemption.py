@@ -11,9 +11,12 @@
 The watch runs in its own thread and learns of signals from Python's wakeup fd, which the
 C-level handler writes at once: a main thread blocked in a collective or a read that never
 returns still exits on the second signal or at the end of the grace period. A process forked
-meanwhile (a data-loader worker, which a scheduler signals too) ignores the signals and
-forgets the wakeup fd: its parent decides when it ends. torch's workers install their own
-SIGTERM handler, so SIGTERM still ends them; prefer SIGUSR1 for the scheduler's warning.
+meanwhile (a data-loader worker, which a scheduler or a launcher signals too) ignores the
+signals and forgets the wakeup fd: its parent decides when it ends, and the save still reads
+the loader's next batches. torch's workers then install their own SIGTERM handler, which dies
+of a SIGTERM from anyone but the parent; `keep_worker_through_stop_signals` (the loader's
+worker_init_fn) takes SIGTERM back: only the parent's (the DataLoader ending its workers)
+ends a worker, and any other sender's is dropped.
 
 This module decides when to stop; the loop decides what a stop saves (the usual checkpoint).
 """
@@ -51,6 +54,8 @@ CLOSING = 0
 
 _caught: set[int] = set()
 """Signals a catch_stop_signals block handles now (what a forked child must ignore)."""
+_ignored_since_fork: set[int] = set()
+"""In a forked child: the signals its parent was catching when it forked."""
 _fork_hook = [False]
 """Whether the after-fork hook is registered (once per process; it cannot be removed)."""
 
@@ -143,7 +148,38 @@ def _forget_in_child() -> None:
         signal.set_wakeup_fd(-1)
         for number in _caught:
             signal.signal(number, signal.SIG_IGN)
+        _ignored_since_fork.update(_caught)
     _caught.clear()
+
+
+def keep_worker_through_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker_init_fn: a SIGTERM the parent catches does not end this worker
+    unless the parent sends it.
+
+    torch's worker handler (installed after the fork, before this runs) dies of a SIGTERM
+    from any other process, so a launcher or scheduler signalling the process group would
+    kill the workers while the parent still needs them for the save. Here SIGTERM is blocked
+    and a thread takes each one with sigwaitinfo, which names the sender: the parent's (the
+    DataLoader's terminate at shutdown) ends the worker with code 0, as torch's handler does;
+    anyone else's is dropped. Nothing changes where the parent does not catch SIGTERM, or where
+    the platform lacks sigwaitinfo (macOS).
+    """
+    if signal.SIGTERM not in _ignored_since_fork or not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later too
+    parent = os.getppid()
+    threading.Thread(
+        target=_end_on_parents_sigterm, args=(parent,), name="vlpretrain-worker-sigterm",
+        daemon=True,
+    ).start()  # fmt: skip
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    """Thread body in a worker: wait for SIGTERMs; exit on the parent's, drop the rest."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)
 
 
 @contextlib.contextmanager
