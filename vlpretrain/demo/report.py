@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
 from PIL import Image
 
-from vlpretrain.demo.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES, score_answer
+from vlpretrain.testing.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES, score_answer
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from vlpretrain.demo.evaluate import EvalItem, StageEval
 
 
@@ -91,7 +92,7 @@ def plot_loss_curves(
     Stages are drawn in the mapping's order, each in its own colour, each shifted right by the
     last step of the stages before it; dashed lines mark the boundaries.
     """
-    figure = Figure(figsize=(8.0, 5.5), layout="constrained")
+    figure = _new_figure((8.0, 5.5))
     loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     offset = 0.0
     for index, (stage, path) in enumerate(jsonl_paths_by_stage.items()):
@@ -122,7 +123,7 @@ def plot_accuracy(results: Sequence[StageResult], output_png: str | Path) -> Pat
     (right), one bar per row that has the metric."""
     if not results:
         raise ValueError("plot_accuracy needs at least one StageResult")
-    figure = Figure(figsize=(13.0, 4.2), layout="constrained")
+    figure = _new_figure((13.0, 4.2))
     caption_axes, qa_axes = figure.subplots(1, 2, width_ratios=[2, 3])
     panels = (
         (caption_axes, CAPTION_ATTRIBUTES, "caption_by_attribute", "captions: attribute right"),
@@ -301,6 +302,13 @@ def _maybe_percent(fraction: float | None) -> str:
 
 def _percent(fraction: float) -> str:
     return f"{100.0 * fraction:.1f}%"
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    """A figure on the Agg canvas; matplotlib is imported only when the demo draws."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
 
 
 def _save(figure: Figure, output_png: str | Path) -> Path:
