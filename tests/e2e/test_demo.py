@@ -16,8 +16,9 @@ from vlpretrain.cli import main
 
 pytestmark = pytest.mark.slow
 
-STEPS = 80
-"""Every stage's steps (from the shipped pretrained components)."""
+STEPS = 150
+"""Every stage's steps, from the shipped pretrained components. At 80, stage 2 answered 48.3%
+against the image-blind guesser's 46.7%: too close to tell training from chance."""
 
 
 def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
@@ -42,14 +43,14 @@ def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
 
     for name in rows:
         assert 0.0 <= qa(name) <= 1.0
-    # Measured at these settings (one torch thread): captions 30.1% untrained -> 69.4% after
-    # stage 1; stage 2 answers 63.3% with the images, 33.3% with blank ones, against the
-    # blind guesser's 46.7%.
+    # Measured at these settings (two torch threads, Intel Xeon): captions 14.3% untrained ->
+    # 79.1% after stage 1; stage 2 answers 78.3% with the images, 36.7% with blank ones,
+    # against the blind guesser's 46.7%.
     captions = {name: sum(rows[name]["caption_by_attribute"].values()) / 4
                 for name in ("untrained", "stage1")}  # fmt: skip
     assert captions["stage1"] > captions["untrained"] + 0.1
-    assert qa("stage2") > qa("image-blind (majority per type)")
-    assert qa("stage2") > qa("stage2, blank image")
+    assert qa("stage2") > qa("image-blind (majority per type)") + 0.1
+    assert qa("stage2") > qa("stage2, blank image") + 0.1
     assert set(summary["phases"]) >= {"dataset", "stage1", "stage2"}
     # Nothing is pretrained: the shipped components are copied as they are.
     shipped = json.loads((output / "components" / "components.json").read_text())
