@@ -20,7 +20,7 @@ test: install
 	$(BIN)/mypy vlpretrain && $(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check vlpretrain tests bench && $(BIN)/ruff format --check vlpretrain tests bench
+	$(BIN)/ruff check vlpretrain tests bench tools && $(BIN)/ruff format --check vlpretrain tests bench tools
 
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -32,8 +32,8 @@ from PIL import Image
 from vlpretrain.data import tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig
 from vlpretrain.data.meta import DatasetSpec
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.facts import RunFacts
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 from vlpretrain.tokens import add_internvl_tokens
 
 REPEATS = 3

@@ -5,11 +5,12 @@
 Two measurements on a finished `vlpretrain demo` output directory:
 
 1. What the projected image tokens carry. The pretrained LLM reads a cell word as the sum of
-   the embeddings of the words it names (demo.pretrain.CellWordEmbedding), so a projector that
-   imitates cell words writes those embeddings into each shape's token. For every shape of the
-   held-out images, the token of its cell is scored against the embedding of each value of an
-   attribute (the five place words, the three kinds, the four colours); the share whose best
-   score is the true value is printed per attribute. Exact cell words score 100% on each.
+   the embeddings of the words it names (CellWordEmbedding in tools/make_demo_components.py),
+   so a projector that imitates cell words writes those embeddings into each shape's token.
+   For every shape of the held-out images, the token of its cell is scored against the
+   embedding of each value of an attribute (the five place words, the three kinds, the four
+   colours); the share whose best score is the true value is printed per attribute. Exact
+   cell words score 100% on each.
 2. The stage's accuracy on `--type` questions drawn from its own training data (the first
    question of single-image QA records, 200 at most), beside the held-out accuracy: equal
    figures mean the stage has not fitted the skill (more data would not help), a train-side
@@ -27,7 +28,7 @@ import torch
 from vlpretrain.chat import ChatModel, load, tile_images
 from vlpretrain.data.media import load_image
 from vlpretrain.demo.evaluate import EvalItem, evaluate_model, read_jsonl
-from vlpretrain.demo.shapes import (
+from vlpretrain.testing.shapes import (
     COLOURS,
     KINDS,
     POSITIONS,
@@ -35,11 +36,11 @@ from vlpretrain.demo.shapes import (
     question_type,
     score_answer,
 )
-from vlpretrain.demo.synthetic import cell_index
+from vlpretrain.testing.synthetic import cell_index
 
 ATTRIBUTES = {"place": POSITIONS, "kind": KINDS, "colour": COLOURS}
 GRID = 3
-"""Cells per side of the demo's tile (recipes/tiny_cpu.toml: 48-px tiles, 9 tokens)."""
+"""Cells per side of the demo's tile (vlpretrain/demo/assets/recipe.toml: 48-px tiles, 9 tokens)."""
 
 
 def token_attribute_accuracy(chat_model: ChatModel, data: Path, limit: int) -> dict[str, float]:

@@ -1,19 +1,16 @@
 """README's demo figures: `vlpretrain demo` once per seed, then medians and ranges.
 
     python bench/demo_figures.py [--seeds 0 1 2] [--jobs 1] [--output demo_figures]
-                                 [--set pretrain.FIELD=VALUE ...]
 
 Each seed runs as `vlpretrain demo --seed K --output OUTPUT/seed_K` in its own process,
-`--jobs` at a time with the cores' torch threads split between them; `--set` passes
-component pretraining settings on to each run (`vlpretrain demo --set`). Their summary.json
-files give the tables in OUTPUT/figures.md (also printed): held-out caption accuracy per
-attribute and QA accuracy per question type for every stage and baseline, as the median and
-min-max over the seeds, each run's wall and CPU seconds, and the CPU and thread count.
+`--jobs` at a time with the cores' torch threads split between them. Every run starts from the
+same shipped components (tools/make_demo_components.py); the seed draws the dataset and seeds
+the stages' training. Their summary.json files give the tables in OUTPUT/figures.md (also
+printed): held-out caption accuracy per attribute and QA accuracy per question type for every
+stage and baseline, as the median and min-max over the seeds, each run's wall and CPU seconds,
+and the CPU and thread count.
 
-The default, one run at a time, runs every seed exactly as `make demo` runs seed 0. Since
-06b1ea0 the LLM's pretraining gives the same bits with one or two threads (the 30-step check
-in docs/demo-notes.md, "CPU and thread count"), so `--jobs` should change only the seconds;
-the figures still depend on the CPU.
+The default, one run at a time, runs every seed exactly as `make demo` runs seed 0.
 """
 
 from __future__ import annotations
@@ -28,14 +25,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vlpretrain.config import ConfigError
 from vlpretrain.demo.report import StageResult, format_seed_tables
-from vlpretrain.demo.run import pretrain_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_seed(seed: int, output: Path, threads: int, settings: list[str]) -> dict:
+def run_seed(seed: int, output: Path, threads: int) -> dict:
     """One demo run in a subprocess; its summary.json (the log goes to OUTPUT/seed_K.log)."""
     directory = output / f"seed_{seed}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -43,7 +38,7 @@ def run_seed(seed: int, output: Path, threads: int, settings: list[str]) -> dict
     with open(output / f"seed_{seed}.log", "w") as log:
         code = subprocess.call(
             [sys.executable, "-m", "vlpretrain", "demo", "--seed", str(seed), "--output",
-             str(directory), *(part for item in settings for part in ("--set", item))],
+             str(directory)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     if code != 0:
@@ -75,17 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at the same time")
     parser.add_argument("--output", type=Path, default=Path("demo_figures"))
-    parser.add_argument("--set", action="append", default=[], metavar="pretrain.FIELD=VALUE",
-                        help="a component pretraining setting for every run")  # fmt: skip
     args = parser.parse_args(argv)
-    try:
-        pretrain_settings(args.set)  # every bad setting reported before any run starts
-    except ConfigError as error:
-        parser.error(str(error))
     args.output.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
-        summaries = list(pool.map(lambda s: run_seed(s, args.output.resolve(), threads, args.set),
+        summaries = list(pool.map(lambda s: run_seed(s, args.output.resolve(), threads),
                                   args.seeds))  # fmt: skip
     per_seed = [[StageResult(**row) for row in s["stages"]] for s in summaries]
     text = "\n\n".join([format_seed_tables(per_seed, args.seeds), seconds_line(summaries),

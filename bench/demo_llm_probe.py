@@ -1,20 +1,20 @@
 """How well the demo's pretrained LLM answers from perfect "pictures in words", per question type.
 
-    python bench/demo_llm_probe.py DEMO_OUT/components/llm [MORE_LLM_DIRS ...] [--per-type 100]
+    python bench/demo_llm_probe.py vlpretrain/demo/assets/llm [MORE_LLM_DIRS ...] [--per-type 100]
     python bench/demo_llm_probe.py --pretrain 0 1 2 3 [--set pretrain.llm_lr=3e-3 ...] [--jobs 2]
                                    [--output llm_probe] [--two-turn]
 
-Each directory is an LLM that `vlpretrain demo` pretrained (bench/demo_figures.py leaves one per
-seed under OUTPUT/seed_K/components/llm). With --pretrain, the LLM of each seed is pretrained
-first, as the demo does it, into OUTPUT/seed_K (`--jobs` at a time, one thread each; about four
-minutes per seed on this project's 2-core machine), with component pretraining settings changed
-by --set as `vlpretrain demo --set` changes them.
+Each directory is an LLM that tools/make_demo_components.py pretrained (the demo ships one in
+vlpretrain/demo/assets/llm). With --pretrain, the LLM of each seed is pretrained first, as that
+script does it, into OUTPUT/seed_K (`--jobs` at a time, one thread each; about four minutes per
+seed on this project's 2-core machine), with its settings changed by --set as the script's
+--set changes them.
 
 It is asked held-out questions whose user turn shows the scene as its exact cell words
-(demo.pretrain.picture_in_words), the way its pretraining corpus does: greedy answers, scored as
-the demo scores stage 2. This is the ceiling stage 2 starts from: a question type the LLM misses
-from perfect words, the VLM will miss from pixels. Prints the accuracy per type for each
-directory, then the median and min-max over them.
+(make_demo_components.picture_in_words), the way its pretraining corpus does: greedy answers,
+scored as the demo scores stage 2. This is the ceiling stage 2 starts from: a question type the
+LLM misses from perfect words, the VLM will miss from pixels. Prints the accuracy per type for
+each directory, then the median and min-max over them.
 
 --two-turn adds the test for the "shape at" shortcut: in 2-shape scenes, the second of two
 "shape at" questions after a first answer that was right, that named the other shape, or that
@@ -25,12 +25,14 @@ answered the same question. An LLM that reads the place answers all three alike;
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -40,9 +42,8 @@ from transformers import AutoTokenizer
 
 from vlpretrain.config import ConfigError
 from vlpretrain.data.templates import get_template
-from vlpretrain.demo.pretrain import PretrainConfig, picture_in_words
-from vlpretrain.demo.run import DemoConfig, component_config, make_llm, pretrain_settings
-from vlpretrain.demo.shapes import (
+from vlpretrain.model.llm import load_llm
+from vlpretrain.testing.shapes import (
     BALANCED_NO,
     SINGLE_IMAGE_QUESTION_TYPES,
     SQUARE,
@@ -53,10 +54,17 @@ from vlpretrain.demo.shapes import (
     score_answer,
     single_image_question,
 )
-from vlpretrain.model.llm import load_llm
 
-DEMO = DemoConfig()
-CELL_GRID = component_config(DEMO).cell_grid
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_demo_components.py"
+_spec = importlib.util.spec_from_file_location("make_demo_components", TOOL)
+assert _spec is not None and _spec.loader is not None
+tool = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = tool  # its dataclasses look their module up while being made
+_spec.loader.exec_module(tool)
+PretrainConfig, picture_in_words = tool.PretrainConfig, tool.picture_in_words
+make_llm, pretrain_settings = tool.make_llm, tool.pretrain_settings
+SETTINGS = PretrainConfig()
+CELL_GRID = SETTINGS.cell_grid
 TWO_TURN_CASES = ("alone", "after a right answer", "after the other shape", "same question twice")
 
 Answerer = Callable[[list[tuple[str, str]]], str]
@@ -80,8 +88,8 @@ def answerer(llm_dir: Path) -> Answerer:
 
 def draw_held_out(rng: np.random.Generator) -> tuple[Scene, str]:
     """A held-out demo scene and its picture in words (the line before the question)."""
-    scene = draw_scene(rng, DEMO.image_size, aspects=SQUARE,
-                       held_out_fraction=DEMO.held_out_fraction, held_out=True)  # fmt: skip
+    scene = draw_scene(rng, SETTINGS.tile_size, aspects=SQUARE,
+                       held_out_fraction=SETTINGS.held_out_fraction, held_out=True)  # fmt: skip
     return scene, picture_in_words(scene, CELL_GRID) + "\n"
 
 
@@ -122,10 +130,10 @@ def probe_two_turns(answer: Answerer, scenes: int, seed: int) -> dict[str, float
 
 
 def pretrain_seed(seed: int, settings: PretrainConfig, directory: Path) -> Path:
-    """The demo's LLM for `seed`, pretrained as `vlpretrain demo --seed K --set ...` does."""
+    """The demo's LLM for `seed`, pretrained as tools/make_demo_components.py --set ... does."""
     if not (directory / "config.json").exists():
         start = time.perf_counter()
-        make_llm(component_config(DemoConfig(seed=seed, pretrain=settings)), directory)
+        make_llm(replace(settings, seed=seed), directory)
         print(f"seed {seed}: pretrained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return directory
 
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pretrain these seeds' LLMs first and probe them too")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="pretrain.FIELD=VALUE",
                         help="a component pretraining setting for --pretrain, as for "
-                        "`vlpretrain demo --set`, e.g. pretrain.llm_lr=3e-3")  # fmt: skip
+                        "tools/make_demo_components.py, e.g. pretrain.llm_lr=3e-3")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="--pretrain seeds at the same time")
     parser.add_argument("--output", type=Path, default=Path("llm_probe"))
     parser.add_argument("--per-type", type=int, default=100)

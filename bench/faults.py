@@ -102,6 +102,7 @@ class Inputs:
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             from vlpretrain.demo.tokenizer import train_tiny_tokenizer
+
             from vlpretrain.tokens import add_internvl_tokens
 
             self._tokenizer = train_tiny_tokenizer(self.root / "tokenizer")

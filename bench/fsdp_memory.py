@@ -28,8 +28,8 @@ import torch.multiprocessing as mp
 from rss import reset_peak, rss_mib
 
 from vlpretrain.config import build_run_config
-from vlpretrain.demo.components import TINY_VISION, build_tiny_components
 from vlpretrain.distributed.env import DistEnv
+from vlpretrain.testing.components import TINY_VISION, build_tiny_components
 from vlpretrain.train.loop import prepare_model
 
 TILE = 56

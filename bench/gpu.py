@@ -71,12 +71,12 @@ from vlpretrain.config import RunConfig, load_run_config  # noqa: E402
 from vlpretrain.data.build import build_sources  # noqa: E402
 from vlpretrain.data.collate import PackedBatch  # noqa: E402
 from vlpretrain.data.loader import build_dataloader  # noqa: E402
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer  # noqa: E402
 from vlpretrain.distributed.env import DistEnv, init_distributed, shutdown  # noqa: E402
 from vlpretrain.facts import RunFacts  # noqa: E402
 from vlpretrain.model import attention  # noqa: E402
 from vlpretrain.model.vision import VisionConfig  # noqa: E402
 from vlpretrain.model.vlm import InternVLModel  # noqa: E402
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer  # noqa: E402
 from vlpretrain.tokens import add_internvl_tokens  # noqa: E402
 from vlpretrain.train.flops import build_flops_counter, peak_tflops  # noqa: E402
 from vlpretrain.train.loop import autocast, prepare_built_model, train_step  # noqa: E402

@@ -33,8 +33,8 @@ from PIL import Image
 from vlpretrain.data.build import DatasetSource, SampleConfig
 from vlpretrain.data.index import AnnotationIndex
 from vlpretrain.data.meta import DatasetSpec
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.facts import RunFacts
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 from vlpretrain.tokens import add_internvl_tokens
 
 SIZES = [(640, 480), (1280, 720), (448, 448), (896, 448), (300, 500)]

@@ -35,8 +35,8 @@ from vlpretrain.data.build import DatasetSource, SampleConfig  # noqa: E402
 from vlpretrain.data.index import AnnotationIndex  # noqa: E402
 from vlpretrain.data.media import load_image  # noqa: E402
 from vlpretrain.data.meta import load_meta  # noqa: E402
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer  # noqa: E402
 from vlpretrain.facts import RunFacts  # noqa: E402
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer  # noqa: E402
 from vlpretrain.tokens import add_internvl_tokens  # noqa: E402
 
 TILE_SIZE = 448

@@ -44,11 +44,11 @@ from vlpretrain.data.build import SampleConfig, build_sources
 from vlpretrain.data.collate import PackedBatch, collate_rows
 from vlpretrain.data.packing import BestFitPacker, PackingConfig, PackItem, PieceRef
 from vlpretrain.data.samples import IGNORE_INDEX, TokenizedSample
-from vlpretrain.demo.components import TINY_VISION, build_tiny_components
-from vlpretrain.demo.shapes import caption_corpus
-from vlpretrain.demo.synthetic import make_shapes_dataset
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.model.build import run_facts
+from vlpretrain.testing.components import TINY_VISION, build_tiny_components
+from vlpretrain.testing.shapes import caption_corpus
+from vlpretrain.testing.synthetic import make_shapes_dataset
 from vlpretrain.train.loop import prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
 

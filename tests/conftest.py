@@ -7,9 +7,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from vlpretrain.demo.components import TinyComponents, build_tiny_components
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.model.build import BuiltModel, ModelConfig, build_model
+from vlpretrain.testing.components import TinyComponents, build_tiny_components
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, add_internvl_tokens
 
 TINY_TILE = 56

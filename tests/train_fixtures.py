@@ -27,9 +27,9 @@ import torch
 
 from vlpretrain.data.elastic import merge_stream_states
 from vlpretrain.data.loader import stream_states
-from vlpretrain.demo.components import TINY_VISION, TinyComponents, build_tiny_components
-from vlpretrain.demo.shapes import caption_corpus
-from vlpretrain.demo.synthetic import ShapesDataset, make_shapes_dataset
+from vlpretrain.testing.components import TINY_VISION, TinyComponents, build_tiny_components
+from vlpretrain.testing.shapes import caption_corpus
+from vlpretrain.testing.synthetic import ShapesDataset, make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 28

@@ -105,13 +105,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vlpretrain.demo.run import DemoConfig, pretrain_settings, run_demo
+    from vlpretrain.demo.run import DemoConfig, run_demo
 
-    config = DemoConfig(seed=args.seed, num_eval=args.eval_limit, max_steps=args.max_steps,
-                        pretrain=pretrain_settings(args.set or []))  # fmt: skip
+    config = DemoConfig(seed=args.seed, num_eval=args.eval_limit, max_steps=args.max_steps)
 
     def job(env: Any) -> None:
-        run_demo(args.output, env, config, args.pretrain_steps)
+        run_demo(args.output, env, config)
 
     return run_distributed(job, args.log_all_ranks)
 
@@ -275,11 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-limit", type=int, default=300,
                       help="held-out images (one question and one caption each)")  # fmt: skip
     demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
-    demo.add_argument("--pretrain-steps", type=int, default=None,
-                      help="override the component pretraining steps (quick runs)")  # fmt: skip
-    demo.add_argument("--set", action="append", metavar="pretrain.FIELD=VALUE",
-                      help="a component pretraining setting (demo.pretrain.PretrainConfig), "
-                      "e.g. pretrain.llm_steps=2000")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     add_data_commands(commands)
     add_chat_command(commands)

@@ -7,6 +7,7 @@ The accuracy assertions are invariants of a short run (seeded, CPU), not the REA
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -15,19 +16,14 @@ from vlpretrain.cli import main
 
 pytestmark = pytest.mark.slow
 
-STEPS = 80
-"""Every stage's steps."""
-PRETRAIN_STEPS = 600
-"""ViT and LLM pretraining steps: enough for the LLM to read the picture. At 250 stage 2 stayed
-below the image-blind guesser (43.3% vs 46.7%, measured at 6c0c223)."""
+STEPS = 150
+"""Every stage's steps, from the shipped pretrained components. At 80, stage 2 answered 48.3%
+against the image-blind guesser's 46.7%: too close to tell training from chance."""
 
 
 def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
     output = tmp_path / "demo"
-    code = main(
-        ["demo", "--output", str(output), "--max-steps", str(STEPS), "--pretrain-steps",
-         str(PRETRAIN_STEPS), "--eval-limit", "60"]
-    )  # fmt: skip
+    code = main(["demo", "--output", str(output), "--max-steps", str(STEPS), "--eval-limit", "60"])
     assert code == 0
     summary = json.loads((output / "summary.json").read_text())
     rows = {row["stage"]: row for row in summary["stages"]}
@@ -47,15 +43,19 @@ def test_demo_runs_all_stages_and_reports(tmp_path, capsys):
 
     for name in rows:
         assert 0.0 <= qa(name) <= 1.0
-    # Measured at these settings (one torch thread): captions 30.1% untrained -> 69.4% after
-    # stage 1; stage 2 answers 63.3% with the images, 33.3% with blank ones, against the
-    # blind guesser's 46.7%.
+    # Measured at these settings (two torch threads, Intel Xeon): captions 14.3% untrained ->
+    # 79.1% after stage 1; stage 2 answers 78.3% with the images, 36.7% with blank ones,
+    # against the blind guesser's 46.7%.
     captions = {name: sum(rows[name]["caption_by_attribute"].values()) / 4
                 for name in ("untrained", "stage1")}  # fmt: skip
     assert captions["stage1"] > captions["untrained"] + 0.1
-    assert qa("stage2") > qa("image-blind (majority per type)")
-    assert qa("stage2") > qa("stage2, blank image")
-    assert set(summary["phases"]) >= {"dataset", "component pretraining", "stage1", "stage2"}
+    assert qa("stage2") > qa("image-blind (majority per type)") + 0.1
+    assert qa("stage2") > qa("stage2, blank image") + 0.1
+    assert set(summary["phases"]) >= {"dataset", "stage1", "stage2"}
+    # Nothing is pretrained: the shipped components are copied as they are.
+    shipped = json.loads((output / "components" / "components.json").read_text())
+    for name, digest in shipped["files"].items():
+        assert hashlib.sha256((output / "components" / name).read_bytes()).hexdigest() == digest
     for name in ("loss_curves.png", "accuracy.png", "samples.html"):
         assert (output / name).stat().st_size > 0
     assert "<img src='data:image/png;base64," in (output / "samples.html").read_text()

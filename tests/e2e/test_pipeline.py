@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from vlpretrain.cli import main
-from vlpretrain.demo.components import TINY_VISION, build_tiny_components
-from vlpretrain.demo.shapes import caption_corpus
-from vlpretrain.demo.synthetic import make_shapes_dataset
+from vlpretrain.testing.components import TINY_VISION, build_tiny_components
+from vlpretrain.testing.shapes import caption_corpus
+from vlpretrain.testing.synthetic import make_shapes_dataset
 
 pytestmark = pytest.mark.slow
 

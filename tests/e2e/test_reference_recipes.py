@@ -25,12 +25,12 @@ from train_fixtures import REPO, run_torchrun
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlpretrain.cli import main
-from vlpretrain.demo.components import TINY_VISION
-from vlpretrain.demo.shapes import caption_corpus
-from vlpretrain.demo.synthetic import make_shapes_dataset
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.model import hub
 from vlpretrain.model.build import new_vision, save_vision
+from vlpretrain.testing.components import TINY_VISION
+from vlpretrain.testing.shapes import caption_corpus
+from vlpretrain.testing.synthetic import make_shapes_dataset
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 

@@ -1,7 +1,7 @@
 """output_dir/skipped.jsonl of a real run: every skipped record once, also across a crash.
 
 The tiny training data holds one deliberately broken line per CorruptReason in every
-annotation file (vlpretrain.demo.synthetic); a run lists the ones it consumed with file, line,
+annotation file (vlpretrain.testing.synthetic); a run lists the ones it consumed with file, line,
 dataset, reason and detail; a run that crashes after logging skips of steps its last
 checkpoint does not cover, then resumes, lists exactly what an uninterrupted run lists.
 """

@@ -27,7 +27,8 @@ from vlpretrain.pipeline import build_stages, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.toml"))
-SHIPPED_RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+SHIPPED_RECIPES = [*sorted((REPO / "recipes").glob("*.toml")),
+                   REPO / "vlpretrain" / "demo" / "assets" / "recipe.toml"]  # fmt: skip
 PATH_B = {"vision_path": "vit", "llm_path": "llm"}
 
 

@@ -13,7 +13,7 @@ from vlpretrain.demo.report import (
     format_tables,
     plot_accuracy,
 )
-from vlpretrain.demo.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES
+from vlpretrain.testing.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

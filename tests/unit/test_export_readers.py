@@ -22,12 +22,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from vlpretrain.config import TrainConfig
-from vlpretrain.demo.components import tiny_llm_config
-from vlpretrain.demo.shapes import caption_corpus
 from vlpretrain.model.build import ModelConfig, build_model, save_internvl
 from vlpretrain.model.export_files import copy_remote_code, legacy_rope_keys, remote_code_files
 from vlpretrain.model.hub import load_weights
 from vlpretrain.model.llm import load_tokenizer
+from vlpretrain.testing.components import tiny_llm_config
+from vlpretrain.testing.shapes import caption_corpus
 from vlpretrain.tokens import INTERNVL_TOKENS
 
 QWEN2_437_KEYS = (

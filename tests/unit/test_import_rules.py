@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "vlpretrain"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("vlpretrain.__main__", "vlpretrain.cli"),
     ("vlpretrain.demo",),
+    ("vlpretrain.testing",),
     ("vlpretrain.pipeline", "vlpretrain.chat", "vlpretrain.hf_export"),
     ("vlpretrain.flags",),
     ("vlpretrain.train",),

@@ -25,11 +25,11 @@ from llm_families import (
 )
 from safetensors.torch import load_file
 
-from vlpretrain.demo.components import TINY_VISION
 from vlpretrain.model import hub, internlm2
 from vlpretrain.model.build import ModelConfig, build_model, new_vision, save_internvl, save_vision
 from vlpretrain.model.llm import load_llm, load_tokenizer
 from vlpretrain.model.sentencepiece_tokenizer import InternLM2SentencePieceTokenizer
+from vlpretrain.testing.components import TINY_VISION
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOKENIZER_MODEL = ASSETS / "internlm2_tiny_tokenizer.model"

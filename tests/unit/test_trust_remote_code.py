@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from vlpretrain.config import build_run_config
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
 from vlpretrain.flags import apply_reference_flags
 from vlpretrain.model.build import ModelConfig
 from vlpretrain.model.llm import llm_from_config, load_tokenizer
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 
 REMOTE_TOKENIZER = """
 from pathlib import Path
@@ -80,8 +80,8 @@ def test_default_is_off_and_reference_flags_turn_it_on(tmp_path):
 def test_loaded_llm_uses_no_hub_kernels_in_train_mode(tmp_path):
     # transformers 5.25 turned Hub kernels on by default: code fetched from the Hub that
     # replaces layers, and a kernelize() in train() that fails on FSDP's meta-device init.
-    from vlpretrain.demo.components import build_tiny_components
     from vlpretrain.model.llm import load_llm
+    from vlpretrain.testing.components import build_tiny_components
 
     model = load_llm(build_tiny_components(tmp_path).llm_path)
     model.train()

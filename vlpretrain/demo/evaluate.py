@@ -25,7 +25,7 @@ from PIL import Image
 
 from vlpretrain.chat import ChatModel, load
 from vlpretrain.data.media import load_image
-from vlpretrain.demo.shapes import (
+from vlpretrain.testing.shapes import (
     CAPTION_ATTRIBUTES,
     caption_scores,
     last_question_and_answer,

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from vlpretrain.demo.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES, score_answer
 from vlpretrain.plots import new_figure, save_figure
+from vlpretrain.testing.shapes import CAPTION_ATTRIBUTES, SINGLE_IMAGE_QUESTION_TYPES, score_answer
 
 if TYPE_CHECKING:
     from vlpretrain.demo.evaluate import EvalItem, StageEval

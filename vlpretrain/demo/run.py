@@ -1,48 +1,55 @@
 """`vlpretrain demo`: the whole three-stage recipe on a generated dataset, on CPU, in minutes.
 
     make_shapes_dataset --> data/ (captions, QA, held-out eval, meta files, planted bad records)
-    pretrain_vision / pretrain_llm --> components/vit, components/llm (Path B inputs)
-    recipes/tiny_cpu.toml (placeholders filled) --> stage1 -> stage1_5 -> stage2
+    assets/vit, assets/llm (shipped, pretrained) --copy--> components/ (Path B inputs)
+    assets/recipe.toml (placeholders filled) --> stage1 -> stage1_5 -> stage2
     after each stage (and before the first): captions and answers on held-out images
         --> caption accuracy per attribute, QA accuracy per question type
     stage 2 again with blank images (ablation); majority answer per type (image-blind)
     --> tables, loss_curves.png, accuracy.png, samples.html, summary.json
 
 Each stage is judged on its own job: stages 1 and 1.5 train on captions, stage 2 on
-questions. Rerunning skips finished work (dataset, components and stages are reused).
-bench/demo_figures.py repeats the demo for several seeds and reports medians with ranges.
+questions. Rerunning skips finished stages. The components are package data made once by
+tools/make_demo_components.py (the same files on every machine), and so is the recipe, so the
+demo runs from an installed wheel. bench/demo_figures.py repeats the demo for several seeds and
+reports medians with ranges.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
+import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import tomllib
 import torch
 
-from vlpretrain.config import ConfigError, load_toml, override_dataclass
+from vlpretrain.config import ConfigError
 from vlpretrain.data.check import run_check
-from vlpretrain.data.templates import get_template
 from vlpretrain.demo.evaluate import EvalItem, StageEval, eval_items, evaluate_model, read_jsonl
-from vlpretrain.demo.pretrain import PretrainConfig, llm_corpus, pretrain_llm, pretrain_vision
 from vlpretrain.demo.report import StageResult, format_tables, plot_accuracy, write_samples_html
-from vlpretrain.demo.shapes import SQUARE, caption_corpus, majority_by_type
-from vlpretrain.demo.synthetic import ShapesDataset, make_shapes_dataset
 from vlpretrain.distributed.env import DistEnv, barrier
 from vlpretrain.model.build import build_model, read_run_facts, save_internvl
 from vlpretrain.packages import require
 from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
 from vlpretrain.plots import PLOTS_EXTRA, plot_metrics
+from vlpretrain.testing.shapes import SQUARE, majority_by_type
+from vlpretrain.testing.synthetic import ShapesDataset, make_shapes_dataset
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 logger = logging.getLogger(__name__)
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.toml"
+ASSETS = resources.files("vlpretrain.demo") / "assets"
+"""Package data: recipe.toml and the pretrained components (vit/, llm/, components.json)."""
 UNTRAINED = "untrained"
 ABLATION = "stage2, blank image"
 BLIND = "image-blind (majority per type)"
@@ -60,9 +67,9 @@ class DemoConfig:
     image_size: int = 48
     """Square images, one tile each: 6x6 patches of 8 px, a 3x3 grid of LLM tokens."""
     held_out_fraction: float = 0.1
+    """As the shipped components were pretrained: no component saw an evaluated layout."""
     max_steps: int | None = None
     """Override every stage's steps (quick runs)."""
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def fill_placeholders(value: Any, mapping: dict[str, str]) -> Any:
@@ -117,71 +124,40 @@ def make_data(output: Path, config: DemoConfig) -> ShapesDataset:
     )
 
 
-DEMO_SET_PRETRAIN_FIELDS = ("seed", "tile_size", "held_out_fraction")
-"""PretrainConfig fields that component_config takes from the DemoConfig."""
+def copy_components(output: Path) -> Path:
+    """components/: the shipped pretrained components (vit/, llm/, components.json), copied.
 
-
-def pretrain_settings(assignments: Sequence[str]) -> PretrainConfig:
-    """PretrainConfig with `pretrain.FIELD=VALUE` assignments (`vlpretrain demo --set`) applied.
-
-    The fields component_config overwrites are refused rather than silently ignored; every
-    problem is reported at once (ConfigError).
-    """
-    derived = {f"pretrain.{name}" for name in DEMO_SET_PRETRAIN_FIELDS}
-    problems, kept = [], []
-    for assignment in assignments:
-        if assignment.partition("=")[0].strip() in derived:
-            problems.append(f"--set {assignment!r}: the demo sets it from --seed and its images")
-        else:
-            kept.append(assignment)
-    settings = PretrainConfig()
-    try:
-        settings = override_dataclass(settings, "pretrain", kept)
-    except ConfigError as error:
-        problems += error.problems
-    if problems:
-        raise ConfigError(problems)
-    return settings
-
-
-def component_config(config: DemoConfig) -> PretrainConfig:
-    """The component pretraining settings, with the demo's seed, tile size and held-out split."""
-    return replace(config.pretrain, seed=config.seed, tile_size=config.image_size,
-                   held_out_fraction=config.held_out_fraction)  # fmt: skip
-
-
-def make_components(output: Path, config: DemoConfig) -> Path:
-    """components/vit and components/llm, pretrained unless a rerun finds them already made.
-
-    components/pretrain.json records the settings; a rerun with other settings is refused
-    instead of silently reusing components made another way.
+    A components/ that holds anything else (a demo of another version made its own) is refused
+    rather than mixed with stages trained from other weights.
     """
     components = output / "components"
-    pretrain = component_config(config)
-    record = components / "pretrain.json"
-    settings = json.loads(json.dumps(asdict(pretrain)))  # tuples as JSON lists, as read back
-    if record.exists() and (made := json.loads(record.read_text())) != settings:
-        changed = ", ".join(f"{key} {made.get(key)!r} -> {value!r}"
-                            for key, value in settings.items()
-                            if made.get(key) != value)  # fmt: skip
-        raise ConfigError([f"{components} was pretrained with other settings ({changed}); "
-                           "give another --output or delete it"])  # fmt: skip
-    components.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
-    if not (components / "vit" / "config.json").exists():
-        pretrain_vision(pretrain, components / "vit")
-    if not (components / "llm" / "config.json").exists():
-        make_llm(pretrain, components / "llm")
+    shipped = (ASSETS / "components.json").read_text()
+    if not components.exists():
+        partial = output / f"components.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        _copy_asset(ASSETS, partial, skip="recipe.toml")
+        try:
+            partial.rename(components)
+        except OSError:  # another rank copied it first
+            shutil.rmtree(partial)
+    record = components / "components.json"
+    if not record.exists() or record.read_text() != shipped:
+        raise ConfigError([f"{components} holds other components than the shipped ones "
+                           "(an older demo pretrained its own); give another --output or "
+                           "delete it"])  # fmt: skip
     return components
 
 
-def make_llm(pretrain: PretrainConfig, directory: Path) -> None:
-    """Pretrain the demo's LLM (BPE tokenizer, then weights) from its seed's corpus."""
-    system = get_template("internvl2_5").default_system
-    texts = llm_corpus(pretrain, system)
-    system_block = f"<|im_start|>system\n{system}<|im_end|>\n"
-    corpus = caption_corpus(pretrain.seed) + [system_block] * 200
-    pretrain_llm(pretrain, texts, corpus, directory)
+def _copy_asset(source: Traversable, target: Path, skip: str = "") -> None:
+    """Copy a package-data file or folder (an importlib Traversable) to `target`."""
+    if source.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        for child in source.iterdir():
+            if child.name != skip:
+                _copy_asset(child, target / child.name)
+    else:
+        with source.open("rb") as reader, open(target, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
 
 
 def untrained_model(stage: Stage, output: Path) -> Path:
@@ -221,23 +197,21 @@ def _result(name: str, evaluation: StageEval, *, params: int = 0, steps: int = 0
     )
 
 
-def run_demo(output: str | Path, env: DistEnv, config: DemoConfig = DemoConfig(),
-             pretrain_steps: int | None = None) -> list[StageResult]:  # fmt: skip
-    """Generate data and components, run the recipe, evaluate after each stage, report."""
+def run_demo(
+    output: str | Path, env: DistEnv, config: DemoConfig = DemoConfig()
+) -> list[StageResult]:
+    """Generate data, run the recipe from the shipped components, evaluate each stage, report."""
     # The report at the end draws with matplotlib: refuse now rather than after the training.
     require("matplotlib.figure", "the demo's report (loss curves, accuracy bars)", PLOTS_EXTRA)
     output = Path(output).resolve()
     clock = Clock()
     clock.start()
     data = make_data(output, config)
+    components = copy_components(output)
     clock.stop("dataset")
-    if pretrain_steps:
-        pretrain = replace(config.pretrain, vision_steps=pretrain_steps, llm_steps=pretrain_steps)
-        config = replace(config, pretrain=pretrain)
-    components = make_components(output, config)
-    clock.stop("component pretraining")
     mapping = {"data": str(data.root), "components": str(components), "output": str(output)}
-    recipe = fill_placeholders(load_toml(RECIPE), mapping)
+    recipe_text = (ASSETS / "recipe.toml").read_text(encoding="utf-8")
+    recipe = fill_placeholders(tomllib.loads(recipe_text), mapping)
     overrides = [f"train.max_steps={config.max_steps}"] if config.max_steps else []
     overrides.append(f"train.seed={config.seed}")
     stages = build_stages(recipe, overrides)

@@ -2,7 +2,7 @@
 
 It writes PNG images and annotation JSONL files in the reference formats (spec section 2),
 plus meta JSON files pointing at them. Everything depends only on the seed. It does not
-tokenize, tile or load anything back. Scenes and their grammar live in demo.shapes.
+tokenize, tile or load anything back. Scenes and their grammar live in testing.shapes.
 
     seed --> Scene (size, background, 1-3 shapes) --> PNG under images/
        |            +--> captions.jsonl (stage 1 / 1.5)
@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlpretrain.demo.shapes import (
+from vlpretrain.testing.shapes import (
     ASPECTS,
     BALANCED_NO,
     DESCRIBE,

@@ -1,7 +1,7 @@
 """The shapes world in words: scenes, captions, questions, answers, scoring and text corpora.
 
 Pure functions over small frozen dataclasses and seeded generators; no pixels and no files
-(demo.synthetic draws the scenes and writes the dataset). The grammar is closed: every
+(testing.synthetic draws the scenes and writes the dataset). The grammar is closed: every
 answer is one word from answer_vocabulary(), so accuracy is an exact match on the first word.
 """
 
@@ -94,7 +94,7 @@ ASPECTS: Aspects = ((2, 2), (3, 2), (2, 3), (4, 2), (2, 4), (4, 3))
 """Square, 3:2, 2:3, 2:1, 1:2 and 4:3, so dynamic tiling yields grids from 1x1 up to 3x2."""
 SQUARE: Aspects = ((2, 2),)
 """Square images only: one tile each, no thumbnail."""
-# Salt of the text corpora's generators, apart from demo.synthetic's salts 1-4.
+# Salt of the text corpora's generators, apart from testing.synthetic's salts 1-4.
 _SALT_TEXT = 5
 # Text corpora never render their scenes; any size gives the same words.
 _CORPUS_IMAGE_SIZE = 56

@@ -1,7 +1,16 @@
-"""Make the demo's "pretrained" components: a ViT and an LLM, each trained briefly on its own.
+"""Make the demo's "pretrained" components once: a ViT and an LLM, each trained briefly alone.
+
+    python tools/make_demo_components.py [--output vlpretrain/demo/assets] [--set pretrain.F=V]
+
+`vlpretrain demo` starts from the directories this writes (vit/, llm/ and components.json,
+shipped as package data), so a demo run trains only the three stages. Every random choice is
+seeded from PretrainConfig.seed, so rerunning the script gives the same components; shipping
+the files keeps the demo's figures from depending on this CPU's kernels for pretraining. Takes
+about 2.5 minutes on 2 cores. Rerun it (and commit what it writes) whenever this file changes:
+tests/unit/test_demo_assets.py checks that the shipped settings are the ones below.
 
 InternVL's recipe starts from a pretrained vision encoder and a pretrained LLM. With nothing
-to download, the demo pretrains tiny ones in a few minutes:
+to download, the demo uses tiny ones pretrained here:
 
     training-side shapes scenes --render as one tile--> InternViT --pixel shuffle--> one
         feature per cell of the token grid --linear probe--> what the cell holds (shape kind
@@ -22,11 +31,16 @@ probe is thrown away.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import hashlib
 import itertools
+import json
 import logging
 import math
-from dataclasses import dataclass, replace
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
+from vlpretrain.config import ConfigError, override_dataclass
+from vlpretrain.data.templates import get_template
 from vlpretrain.data.tiling import normalize
-from vlpretrain.demo.components import TINY_VISION, tiny_llm_config
-from vlpretrain.demo.shapes import (
+from vlpretrain.model.build import new_vision, save_vision
+from vlpretrain.model.projector import pixel_shuffle
+from vlpretrain.model.vision import InternViT, VisionConfig
+from vlpretrain.testing.components import TINY_VISION, tiny_llm_config
+from vlpretrain.testing.shapes import (
     COLOURS,
     DESCRIBE,
     KINDS,
@@ -47,18 +66,19 @@ from vlpretrain.demo.shapes import (
     Scene,
     Shape,
     caption,
+    caption_corpus,
     chat_text,
     draw_scene,
     text_question,
 )
-from vlpretrain.demo.synthetic import cell_index, question_pairs, render_scene
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
-from vlpretrain.model.build import new_vision, save_vision
-from vlpretrain.model.projector import pixel_shuffle
-from vlpretrain.model.vision import InternViT, VisionConfig
+from vlpretrain.testing.synthetic import cell_index, question_pairs, render_scene
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 from vlpretrain.tokens import IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[1] / "vlpretrain" / "demo" / "assets"
+"""Where the demo reads its components from (package data)."""
 
 IGNORE = -100
 """Target of a cell field that does not apply (the colour of an empty cell)."""
@@ -66,6 +86,8 @@ IGNORE = -100
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
+    """How the demo's components are pretrained; the defaults made the shipped ones."""
+
     seed: int = 0
     tile_size: int = 48
     vision_layers: int = 2
@@ -76,8 +98,10 @@ class PretrainConfig:
     vision_steps: int = 200
     vision_batch: int = 32
     vision_lr: float = 2e-3
-    held_out_fraction: float = 0.0
-    """Scenes of held-out layouts are never drawn (demo.shapes.is_held_out)."""
+    held_out_fraction: float = 0.1
+    """Scenes of held-out layouts are never drawn (testing.shapes.is_held_out); the demo's
+    dataset holds out the same share, so no component ever saw a layout the demo evaluates
+    on."""
     llm_hidden: int = 128
     llm_layers: int = 2
     llm_heads: tuple[int, int] = (4, 4)
@@ -480,3 +504,63 @@ def save_llm(model: Qwen2ForCausalLM, cells: CellWordEmbedding,
     cells.export(snapshot.model.embed_tokens)
     snapshot.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
+
+
+def make_llm(config: PretrainConfig, directory: Path) -> None:
+    """Pretrain the demo's LLM (BPE tokenizer, then weights) from its seed's corpus."""
+    system = get_template("internvl2_5").default_system
+    texts = llm_corpus(config, system)
+    system_block = f"<|im_start|>system\n{system}<|im_end|>\n"
+    corpus = caption_corpus(config.seed) + [system_block] * 200
+    pretrain_llm(config, texts, corpus, directory)
+
+
+def pretrain_settings(assignments: Sequence[str]) -> PretrainConfig:
+    """PretrainConfig with `pretrain.FIELD=VALUE` assignments applied, every problem at once.
+
+    Raises:
+        ConfigError: malformed assignments, unknown fields and mistyped values, all listed.
+    """
+    return override_dataclass(PretrainConfig(), "pretrain", assignments)
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file under vit/ and llm/, by path relative to `directory`."""
+    files = sorted(p for name in ("vit", "llm") for p in (directory / name).rglob("*"))
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in files
+        if path.is_file()
+    }
+
+
+def make_components(config: PretrainConfig, directory: Path) -> Path:
+    """vit/, llm/ and components.json (the settings and every file's sha256) in `directory`."""
+    for name in ("vit", "llm"):
+        shutil.rmtree(directory / name, ignore_errors=True)
+    pretrain_vision(config, directory / "vit")
+    make_llm(config, directory / "llm")
+    manifest = {"settings": asdict(config), "files": file_digests(directory)}
+    path = directory / "components.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=ASSETS, help="where vit/ and llm/ go")
+    parser.add_argument("--set", action="append", default=[], metavar="pretrain.FIELD=VALUE",
+                        help="a PretrainConfig setting, e.g. pretrain.llm_steps=2000")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        config = pretrain_settings(args.set)
+    except ConfigError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.output.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {make_components(config, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

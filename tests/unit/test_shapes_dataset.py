@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlpretrain.demo.shapes import (
+from vlpretrain.testing.shapes import (
     BALANCED_NO,
     KINDS,
     SINGLE_IMAGE_QUESTION_TYPES,
@@ -27,7 +27,7 @@ from vlpretrain.demo.shapes import (
     sample_scene,
     single_image_question,
 )
-from vlpretrain.demo.synthetic import (
+from vlpretrain.testing.synthetic import (
     CORRUPT_REASONS,
     ShapesDataset,
     answer_vocabulary,

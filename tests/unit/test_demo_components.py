@@ -1,24 +1,45 @@
-"""Demo component pretraining: cell words built from the words they name, the LLM's answer-only
-labels, isolated packing."""
+"""The demo's shipped components and tools/make_demo_components.py, which makes them: cell words
+built from the words they name, the LLM's answer-only labels, isolated packing, seeded
+pretraining, and shipped files that are the script's current settings."""
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import importlib.util
+import json
+import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
-from vlpretrain.demo.pretrain import (
-    CELL_TOKENS,
-    IGNORE,
-    CellWordEmbedding,
-    answer_labels,
-    attribute_value_ids,
-    pack_texts,
-)
-from vlpretrain.demo.shapes import caption_corpus, chat_text
-from vlpretrain.demo.tokenizer import train_tiny_tokenizer
+from vlpretrain.config import ConfigError
+from vlpretrain.demo.run import DemoConfig, copy_components
+from vlpretrain.testing.shapes import caption_corpus, chat_text
+from vlpretrain.testing.tokenizer import train_tiny_tokenizer
 from vlpretrain.tokens import IMG_END, IMG_START
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "make_demo_components.py"
+
+
+def load_tool():
+    """tools/make_demo_components.py as a module (registered first: its dataclasses need it)."""
+    spec = importlib.util.spec_from_file_location("make_demo_components", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = load_tool()
+CELL_TOKENS, IGNORE, CellWordEmbedding = tool.CELL_TOKENS, tool.IGNORE, tool.CellWordEmbedding
+answer_labels, attribute_value_ids, pack_texts = (
+    tool.answer_labels, tool.attribute_value_ids, tool.pack_texts
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +150,7 @@ def test_pack_texts_refuses_labels_for_other_texts() -> None:
 def test_tiny_llm_init_std_sets_the_initial_weight_scale() -> None:
     from transformers import Qwen2ForCausalLM
 
-    from vlpretrain.demo.components import tiny_llm_config
+    from vlpretrain.testing.components import tiny_llm_config
 
     def weight_std(init_std: float) -> float:
         torch.manual_seed(0)
@@ -143,8 +164,7 @@ def test_tiny_llm_init_std_sets_the_initial_weight_scale() -> None:
 def test_llm_snapshots_are_the_llm_at_those_steps_and_leave_training_alone(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from vlpretrain.demo.pretrain import PretrainConfig
-    from vlpretrain.demo.run import make_llm
+    PretrainConfig, make_llm = tool.PretrainConfig, tool.make_llm
 
     def weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(directory / "model.safetensors")
@@ -165,7 +185,7 @@ def test_vit_pretraining_depends_on_its_seed_only(tmp_path: Path) -> None:
     probe's initialisation drew from it: transformers 5.25 then gave another ViT than 5.24)."""
     from safetensors.torch import load_file
 
-    from vlpretrain.demo.pretrain import PretrainConfig, pretrain_vision
+    PretrainConfig, pretrain_vision = tool.PretrainConfig, tool.pretrain_vision
 
     settings = PretrainConfig(vision_steps=2, vision_batch=4)
     saved = []
@@ -174,3 +194,91 @@ def test_vit_pretraining_depends_on_its_seed_only(tmp_path: Path) -> None:
         directory = pretrain_vision(settings, tmp_path / f"vit_{global_seed}")
         saved.append(load_file(directory / "model.safetensors"))
     assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+
+
+def test_set_reads_toml_values_into_pretrain_config_fields() -> None:
+    settings = tool.pretrain_settings(
+        ["pretrain.llm_lr=3e-3", "pretrain.llm_heads=[8, 2]", "pretrain.llm_steps = 10"]
+    )
+    assert settings == dataclasses.replace(
+        tool.PretrainConfig(), llm_lr=3e-3, llm_heads=(8, 2), llm_steps=10
+    )
+    assert tool.pretrain_settings(["pretrain.llm_lr=1"]).llm_lr == 1.0  # TOML int widened
+
+
+def test_set_reports_every_bad_assignment_at_once() -> None:
+    with pytest.raises(ConfigError) as error:
+        tool.pretrain_settings(
+            ["pretrain.llm_lr=1", "pretrain.llm_rate=3e-3", "pretrain.llm_steps",
+             "llm_texts=10", "pretrain.llm_batch=eight"]
+        )  # fmt: skip
+    assert len(error.value.problems) == 4
+    message = str(error.value)
+    assert "pretrain.llm_rate" in message and "llm_lr" in message  # nearest valid key
+    assert "'pretrain.llm_steps'" in message and "'llm_texts=10'" in message
+    assert "pretrain.llm_batch must be an integer" in message
+
+
+def test_tool_refuses_bad_settings_before_writing_anything(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--set", "pretrain.llm_rate=1", "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "pretrain.llm_rate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+ASSETS = resources.files("vlpretrain.demo") / "assets"
+
+
+def test_shipped_components_are_what_the_tool_makes_today() -> None:
+    """Changing a default of PretrainConfig without rerunning the tool fails here, and so does
+    a shipped file that is not the one the tool wrote."""
+    manifest = json.loads((ASSETS / "components.json").read_text())
+    assert manifest["settings"] == json.loads(json.dumps(dataclasses.asdict(tool.PretrainConfig())))
+    with resources.as_file(ASSETS) as directory:
+        assert manifest["files"] == tool.file_digests(directory)
+        expected = {"vit/config.json", "vit/model.safetensors", "llm/config.json",
+                    "llm/model.safetensors", "llm/tokenizer.json"}  # fmt: skip
+        assert expected <= set(manifest["files"])
+        size = sum((directory / name).stat().st_size for name in manifest["files"])
+    assert size < 4 * 2**20  # package data stays small: a few MB
+
+
+def test_shipped_components_fit_the_demo_dataset() -> None:
+    # 48-px tiles (3x3 cells of 16 px) and the same held-out layouts as the demo's data, so no
+    # component has seen a layout the demo evaluates on.
+    settings = json.loads((ASSETS / "components.json").read_text())["settings"]
+    demo = DemoConfig()
+    assert (settings["tile_size"], settings["held_out_fraction"]) == (
+        demo.image_size, demo.held_out_fraction
+    )  # fmt: skip
+
+
+def test_every_demo_asset_is_package_data() -> None:
+    """The demo reads its recipe and components through importlib.resources, so an installed
+    wheel must carry every file under assets/: pyproject's package-data globs must match each."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["vlpretrain.demo"]
+    package = REPO / "vlpretrain" / "demo"
+    files = [p.relative_to(package).as_posix() for p in (package / "assets").rglob("*")
+             if p.is_file()]  # fmt: skip
+    assert "assets/recipe.toml" in files and "assets/llm/model.safetensors" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
+
+
+def test_demo_copies_the_shipped_components_once(tmp_path) -> None:
+    components = copy_components(tmp_path)
+    assert sorted(p.name for p in components.iterdir()) == ["components.json", "llm", "vit"]
+    manifest = json.loads((components / "components.json").read_text())
+    assert manifest["files"] == tool.file_digests(components)
+    assert copy_components(tmp_path) == components  # a rerun reuses them
+    assert [p.name for p in tmp_path.iterdir()] == ["components"]  # no partial copy left
+
+
+def test_demo_refuses_components_that_are_not_the_shipped_ones(tmp_path) -> None:
+    # An output directory of a demo that pretrained its own components: its stages were trained
+    # from other weights, so reusing them (or mixing in the shipped ones) would mislead.
+    (tmp_path / "components" / "llm").mkdir(parents=True)
+    (tmp_path / "components" / "pretrain.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"components holds other components.*another --output"):
+        copy_components(tmp_path)

@@ -1,8 +1,9 @@
 """Tiny stand-ins for pretrained components, saved as HF-format directories.
 
-Tests and the demo cannot download weights, so they build a small InternViT directory and a
-small Qwen2 directory (with a byte-level BPE tokenizer) here. Both are loaded back through
-exactly the same Path B code a real InternViT-300M and Qwen2.5 would use.
+Tests and benchmarks cannot download weights, so they build a small InternViT directory and a
+small Qwen2 directory (with a byte-level BPE tokenizer) here; tools/make_demo_components.py
+pretrains the demo's from the same configs. Both are loaded back through exactly the same
+Path B code a real InternViT-300M and Qwen2.5 would use.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from vlpretrain.demo.tokenizer import DEFAULT_CORPUS, train_tiny_tokenizer
 from vlpretrain.model.build import new_vision, save_vision
 from vlpretrain.model.vision import VisionConfig
+from vlpretrain.testing.tokenizer import DEFAULT_CORPUS, train_tiny_tokenizer
 
 TINY_VISION = VisionConfig(
     patch_size=14,
@@ -47,7 +48,7 @@ def tiny_llm_config(
     heads: tuple[int, int] = (4, 2),
 ) -> Qwen2Config:
     """A tiny Qwen2; `init_std` is the weights' initial standard deviation (Qwen2's 0.02 by
-    default: the demo's LLM pretraining starts wider, see demo.pretrain); `heads` is
+    default: the demo's LLM pretraining starts wider, see tools/make_demo_components.py); `heads` is
     (attention heads, key/value heads)."""
     # attn_implementation is a PreTrainedConfig kwarg consumed in __post_init__; the
     # dataclass_transform signature mypy sees lists only the Qwen2Config fields.
