@@ -1,7 +1,7 @@
 """Benchmark: straggler ratio of a 512-rank job for four ways of filling the ranks' rows.
 
     per rank: its own stream of the packing benchmark's mixture (bench/packing.py)
-      --> reference first-fit (spec 6.3; one blank tile per pure-text sample, spec 4.6)
+      --> reference first-fit (one blank tile per pure-text sample)
       --> best-fit on tokens (vlpretrain.data.packing, balance_flops off)
       --> best-fit on tokens and FLOPs (balance_flops on, balance_queue_rows 0)
       --> the same rows released in the rank-synchronised cost order (balance_queue_rows 8
@@ -194,7 +194,7 @@ def best_fit_rows(
 
 
 def reference_rows(stream: Iterator[Shape], count: int) -> list[Row]:
-    """The reference packer; pure-text samples carry their blank 448 px tile (spec 4.6)."""
+    """The reference packer; pure-text samples carry their blank 448 px tile."""
     shapes: list[Shape] = []
     while True:
         shapes += [next(stream) for _ in range(256)]

@@ -7,7 +7,7 @@ in stage 1 (only the projector trains: ViT and LLM frozen, in eval mode) and sta
 
 Activation memory = peak RSS during the measured step minus RSS just before it (weights,
 gradients and optimizer state already allocated). Each variant runs in its own process.
-Goal (issue 10): stage 1 with checkpointing <= 1/3 of without at 4k tokens.
+Goal: stage 1 with checkpointing <= 1/3 of without at 4k tokens.
 Run: `.venv/bin/python bench/checkpoint_memory.py` (about a minute on 2 cores).
 """
 

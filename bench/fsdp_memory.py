@@ -7,7 +7,7 @@
 
 Figures per rank, as a fraction of the full fp32 model's bytes: `peak` = VmHWM minus the RSS
 before the build (the high-water mark of the build), `held` = RSS after prepare_model minus
-that baseline. Goal (issue 10): <= 0.6 on every rank but the loading one.
+that baseline. Goal: <= 0.6 on every rank but the loading one.
 Run: `.venv/bin/python bench/fsdp_memory.py` (about a minute on 2 cores).
 """
 

@@ -1,7 +1,7 @@
 """Benchmark: fill ratio of the best-fit packer vs the reference's first-fit packer.
 
     seeded (tokens, tiles) mix --> BestFitPacker (vlpretrain.data.packing)  --> fill, rows
-                               --> reference_first_fit (spec 6.3, below)   --> fill, rows
+                               --> reference_first_fit (below)             --> fill, rows
 
 Fill ratio = real tokens / (emitted rows * max_packed_tokens). Both packers see the same
 10,000 samples in the same order, budgets 16384 tokens / 48 tiles, buffer 20, and flush
@@ -102,7 +102,7 @@ def run_best_fit(shapes: list[tuple[int, int]], config: PackingConfig) -> Result
 def reference_first_fit_rows(
     shapes: list[tuple[int, int]], max_tokens: int, max_tiles: int, max_buffer_size: int
 ) -> list[list[int]]:
-    """The reference main loop (spec 6.3) on (tokens, tiles) only; no split, no overflow.
+    """The reference main loop on (tokens, tiles) only; no split, no overflow.
 
     Returns the emitted rows (flushed open rows last) as lists of indices into `shapes`.
     """

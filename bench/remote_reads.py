@@ -8,7 +8,7 @@
         moto runs in this process, so its server threads count in this CPU time.
 
 Run: .venv/bin/python bench/remote_reads.py [--baseline-tree DIR]
-     baseline: mkdir /tmp/base && git archive ee2f6d2 | tar -x -C /tmp/base
+     baseline: git worktree add /tmp/base REVISION (the version to compare against)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
         --decode--> answer text
 
 The prompt is built by the training code paths (data.tiling, data.templates), so the ids a
-model sees at inference equal its training ids up to the first answer token (spec 3.2).
+model sees at inference equal its training ids up to the first answer token.
 What it does not do: batch several questions, read video, or parse arguments (`vlpretrain chat`
 lives in cli.py).
 

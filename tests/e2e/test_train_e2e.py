@@ -8,7 +8,7 @@ from stage 1's export). Regenerate them after an intended numeric change with
     VLPRETRAIN_UPDATE_GOLDEN=1 VLPRETRAIN_GOLDEN_REASON="why" .venv/bin/pytest \
         tests/e2e/test_train_e2e.py -k golden
 
-and commit it together with the change (house style rule 30).
+and commit it together with the change, so the diff shows what moved.
 
 Within a machine the losses repeat bit for bit (two processes at once, same losses). Across
 machines the deterministic environment pins ATen's and oneDNN's kernels, but not everything

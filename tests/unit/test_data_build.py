@@ -58,7 +58,7 @@ def test_single_image_sample(tmp_path, tokenizer):
 
 
 def test_multi_image_budget_tiles(tmp_path, tokenizer):
-    # spec Appendix A (896x448 + 300x300 at 448 px) scaled to 28-px tiles; the area tie-break
+    # the reference's worked example (896x448 + 300x300 at 448 px) scaled to 28-px tiles; the area tie-break
     # scales with the tile size, so the images are scaled by 28/448 too
     Image.new("RGB", (56, 28)).save(tmp_path / "wide.png")
     Image.new("RGB", (19, 19)).save(tmp_path / "sq.png")
@@ -75,7 +75,7 @@ def test_multi_image_budget_at_full_tile_size(tmp_path, tokenizer):
     record = {"image": ["wide.png", "sq.png"], "conversations": conv("<image><image>")}
     facts = facts_of(tokenizer, tile_size=448, num_image_token=1)
     source = make_source(tmp_path, tokenizer, [record], facts=facts)
-    assert source.load(0, 0, 0).num_tiles_per_image == (3, 1)  # spec Appendix A
+    assert source.load(0, 0, 0).num_tiles_per_image == (3, 1)  # as at 448 px: 2x1 + thumbnail, 1x1
 
 
 def test_text_sample_has_no_tiles(tmp_path, tokenizer):
@@ -125,7 +125,7 @@ def test_decompression_bomb_guard(tmp_path, tokenizer):
         tmp_path, tokenizer, [{"image": "big.png", "conversations": conv()}], max_image_pixels=999
     )
     result = source.load(0, 0, 0)
-    # 100x100 = 10000 pixels > 999, refused from the header (issue 11: its own reason)
+    # 100x100 = 10000 pixels > 999, refused from the header, under its own reason
     assert result.reason == "image_too_large"
     assert "100x100 = 10000 pixels exceeds data.max_image_pixels = 999" in result.detail
 

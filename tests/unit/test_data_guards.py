@@ -1,4 +1,4 @@
-"""Data guards that run before the expensive work (issue 11 item 8).
+"""Data guards that run before the expensive work.
 
 Byte cap per record before parsing, pixel cap from the image header before decoding, index
 validity beyond size + mtime, <image>/<video> tag counts checked against the media, meta
@@ -107,7 +107,7 @@ def png_with_header_size(path, width, height):
 
 
 def test_huge_png_is_refused_from_its_header(tmp_path, tokenizer):
-    # the 12000x12000 PNG of 140 KB from issue 11; here with an even smaller body: the
+    # a 12000x12000 PNG can weigh 140 KB; here with an even smaller body: the
     # header alone decides, so no pixel is decoded (decoding would report it corrupt)
     png_with_header_size(tmp_path / "huge.png", 12000, 12000)
     assert (tmp_path / "huge.png").stat().st_size < 200

@@ -1,4 +1,4 @@
-"""Template rendering and label masks, token by token (spec 3.2 and Appendix A)."""
+"""Template rendering and label masks, token by token (checked against the reference's ids)."""
 
 import numpy as np
 import pytest

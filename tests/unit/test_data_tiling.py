@@ -1,4 +1,4 @@
-"""Dynamic tiling: grid choice (spec 4.2 table and tie-breaks), tiles, normalisation."""
+"""Dynamic tiling: grid choice (the reference's grid table and tie-breaks), tiles, normalisation."""
 
 import random
 

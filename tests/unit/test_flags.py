@@ -293,7 +293,7 @@ def test_cli_splits_reference_flags_from_its_own_arguments():
     )
     assert own == ["--log-all-ranks", "train", "stage.toml", "--set", "a.b=1"]
     assert reference == ["--vision_path", "vit"]
-    # `data check/show` take the run's flags too (issue 11: the run's config, not defaults)
+    # `data check/show` take the run's flags too: the run's config, not the defaults
     own, reference = split_reference_flags(
         ["data", "check", "stage.toml", "--meta_path", "m.json", "--all", "--workers", "2"]
     )

@@ -1,4 +1,4 @@
-"""House-style import direction (DESIGN.md "Layout"): every module imports only layers below
+"""Import direction (DESIGN.md "Layout"): every module imports only layers below
 its own, so a lower layer never depends on a higher one. The one exception is config.py, which
 composes the `*Config` dataclasses that live next to the code they configure."""
 

@@ -1,5 +1,5 @@
-"""InternVL chat layout: Path B -> save_internvl -> Path A, config.json, weight keys (spec 8.3,
-8.4, 9.3, 9.5), ps_version precedence, image-size changes, loading a ViT from a full export."""
+"""InternVL chat layout: Path B -> save_internvl -> Path A, config.json, weight keys,
+lm_head of tied LLMs, ps_version precedence, image-size changes, loading a ViT from a full export."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_saved_weights_use_the_reference_key_names(tiny_model, exported):
         "language_model.lm_head.weight",
     ):
         assert key in keys
-    # The tiny Qwen2 was tied on disk; the export keeps lm_head (spec 9.5) with its values.
+    # The tiny Qwen2 was tied on disk; the export keeps lm_head with its values.
     assert state["vision_model.embeddings.position_embedding"].shape == (1, 17, 64)  # 4*4 + 1
     assert state["mlp1.1.weight"].shape == (64, 256)  # 4 * 64 -> 64
     lm_head = tiny_model.model.language_model.get_output_embeddings().weight
@@ -125,7 +125,7 @@ def test_saved_weights_use_the_reference_key_names(tiny_model, exported):
 
 
 def test_path_a_copies_input_embeddings_when_lm_head_is_missing(tiny_model, exported):
-    # A reference export of a tied LLM lacks lm_head (spec 9.5); we fill it from embed_tokens.
+    # A reference export of a tied LLM lacks lm_head; we fill it from embed_tokens.
     path = exported / "model.safetensors"
     state = load_file(str(path))
     del state["language_model.lm_head.weight"]
@@ -240,7 +240,7 @@ def test_vision_loads_from_a_full_internvl_directory(tiny_components, tiny_model
 
 
 def test_rms_norm_qk_norm_vit_has_reference_state_dict_keys():
-    # InternViT-6B style: rms_norm (no norm bias), qk_normalization, no qkv bias (spec 8.3).
+    # InternViT-6B style: rms_norm (no norm bias), qk_normalization, no qkv bias.
     config = VisionConfig(
         hidden_size=32,
         num_attention_heads=4,

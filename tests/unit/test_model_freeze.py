@@ -1,4 +1,4 @@
-"""Freeze policy (spec 7.5, 7.6): exact trainable sets per stage, eval mode, no frozen grads."""
+"""Freeze policy: exact trainable sets per stage, eval mode, no frozen grads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Chunked weighted cross-entropy (spec 7.3 step 7) and the VLM forward's loss and scatter."""
+"""Chunked weighted cross-entropy and the VLM forward's loss and scatter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InternVL special tokens on Path B (spec 3.1): reference order, mean-initialised rows, untied."""
+"""InternVL special tokens on Path B: reference order, mean-initialised rows, untied."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InternViT pieces and pixel shuffle: spec 7.2 and 8.2, test vectors of Appendix A."""
+"""InternViT pieces and pixel shuffle, with test vectors computed by the reference's code."""
 
 from __future__ import annotations
 

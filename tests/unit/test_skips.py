@@ -1,4 +1,4 @@
-"""Every skip on record (issue 11 item 9, issue 13: one skip policy).
+"""Every skip on record (one skip policy for training and data check).
 
 SkipPolicy is the one rule (data check and the loop); SkipTally counts and rate-limits the
 log; SkipLog is output_dir/skipped.jsonl; SkipRecorder (train/skips.py) feeds it from the

@@ -1,4 +1,4 @@
-"""Nothing in a model directory runs unless model.trust_remote_code says so (issue 11 item 4).
+"""Nothing in a model directory runs unless model.trust_remote_code says so.
 
 The remote tokenizer below is our own stand-in: importing it writes a marker file, so a test
 can see whether the directory's Python ran.

@@ -12,7 +12,7 @@ randomness comes from np.random.default_rng((seed, epoch, dataset_index, record_
 repeat_time r > 0: effective length int(N * r). Record indices [0, int(r) * N) are int(r)
 full copies of the file; the remaining int(N * r) - int(r) * N indices are a random subset of
 lines without replacement, drawn afresh per (seed, epoch) (the reference keeps the head of the
-file for r < 1 and drops the fraction for r > 1, spec section 11 item 5).
+file for r < 1 and drops the fraction for r > 1).
 """
 
 from __future__ import annotations

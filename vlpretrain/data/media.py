@@ -220,7 +220,7 @@ def check_pixels(path: Location, width: int, height: int, max_pixels: int) -> No
 
 
 def sample_frame_indices(num_frames: int, num_wanted: int, rng: np.random.Generator) -> list[int]:
-    """'rand' sampling (spec section 4.7): one random frame per equal interval of [0, n).
+    """The reference's 'rand' sampling: one random frame per equal interval of [0, n).
 
     `min(num_wanted, num_frames)` intervals from linspace(0, n, k+1).astype(int); a frame is
     drawn uniformly from each (including its last frame, fixing the reference's off-by-one);

@@ -4,7 +4,7 @@
 
 Every problem in the file is gathered and raised as ONE ValueError, each line naming the
 dataset and the field, so a user fixes the whole file in one go (the reference crashes on the
-first missing key, spec section 11 item 31). Unknown keys are logged, not rejected. A dataset
+first missing key). Unknown keys are logged, not rejected. A dataset
 name (or a field) given twice is an error: JSON parsers keep the last one silently. An
 annotation file without any record is an error here; a dataset whose repeat_time leaves no
 record (int(N * r) == 0) is one in data.build.build_sources, which counts the lines.

@@ -1,4 +1,4 @@
-"""Raw annotation line -> validated `Record` (spec section 2.2); nothing is loaded or tokenized.
+"""Raw annotation line -> validated `Record`; nothing is loaded or tokenized.
 
     bytes of one .jsonl line --parse_record--> Record | raises RecordError(reason, detail)
 

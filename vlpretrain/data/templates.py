@@ -1,4 +1,4 @@
-"""Chat templates as data: turns -> token segments -> input_ids + labels (spec section 3).
+"""Chat templates as data: turns -> token segments -> input_ids + labels.
 
     turns --expand placeholders--> turns --render_segments--> [Segment(role, ids, trainable)]
     [Segment] --join (+BOS) --> input_ids, labels --truncate--> <= max_seq_length
@@ -186,7 +186,7 @@ def _replace_turn(turns: Turns, position: int, value: str) -> Turns:
 def insert_image_tag(turns: Turns) -> Turns:
     """Single image: prepend '<image>\\n' to the first human turn if no human turn has <image>.
 
-    The reference inspects turn 0 even when it is the system turn (spec section 11 item 26).
+    The reference inspects turn 0 even when it is the system turn.
     """
     if any(role == "human" and IMAGE_TAG in value for role, value in turns):
         return turns
@@ -325,7 +325,7 @@ class TemplateRenderer:
         """input_ids of `turns` (ending with a human turn) followed by the assistant prefix.
 
         Equal to the training input_ids of the same turns plus an answer, up to the first
-        answer token (spec 3.2: the inference layout is the training layout).
+        answer token (the inference layout is the training layout).
         """
         if not turns or turns[-1][0] != "human":
             raise ValueError(

@@ -48,7 +48,7 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
 def closest_grid(
     width: int, height: int, grids: list[tuple[int, int]], tile_size: int
 ) -> tuple[int, int]:
-    """Grid whose aspect ratio is nearest to width/height (reference tie-break, spec 4.2.3)."""
+    """Grid whose aspect ratio is nearest to width/height (the reference's tie-break)."""
     aspect = width / height
     best, best_diff = (1, 1), float("inf")
     for cols, rows in grids:

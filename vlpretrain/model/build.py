@@ -4,7 +4,7 @@
             -> tokens added, embeddings resized (mean rows), LLM untied, fresh projector
     Path A: model_name_or_path (InternVL chat dir written by us or the reference)
             -> everything restored; settings the user does not set explicitly come from the
-               checkpoint (the reference overwrote them with its CLI defaults, spec 11.20)
+               checkpoint (the reference overwrote them with its CLI defaults)
 
 Also saves a model in the InternVL chat layout (`save_internvl`) and derives the RunFacts of
 a built model (`run_facts`) or, without loading weights, of a ModelConfig (`read_run_facts`).

@@ -2,7 +2,7 @@
 
 Jobs: load an LLM directory (and its tokenizer) or build one from a config dict, give it the
 InternVL special tokens (embedding resize with mean-initialised rows), and untie input and
-output embeddings so that saving never drops `lm_head` (the reference loses it, spec 9.5).
+output embeddings so that saving never drops `lm_head` (the reference loses it for tied LLMs).
 Every family runs as a transformers-native model (InternLM2 converted to Llama,
 model/internlm2.py; unsupported families refused, model/families.py), and training always
 runs with `use_cache=False`: only then does transformers derive the block-diagonal mask of
@@ -52,7 +52,7 @@ LORA_TARGETS: dict[str, list[str]] = {
         "mlp.down_proj",
     ],
 }
-"""LoRA target modules per LLM family (spec 7.7); Qwen2/Qwen3/Llama and InternLM2 (which
+"""LoRA target modules per LLM family; Qwen2/Qwen3/Llama and InternLM2 (which
 trains as a Llama, model/internlm2.py) use 'default'."""
 
 

@@ -1,6 +1,6 @@
 """InternViT vision encoder: tiles (N, 3, S, S) -> patch features (N, P, D).
 
-Written from the behavioural spec, state-dict compatible with InternViT checkpoints
+Written from InternViT's published architecture, state-dict compatible with InternViT checkpoints
 (`embeddings.*`, `encoder.layers.N.{attn,mlp,norm1,norm2,ls1,ls2}.*`) and config-compatible
 with `InternVisionConfig` (config.json fields). Attention uses PyTorch SDPA. What it does not
 do: pixel shuffle or projection (see projector.py).

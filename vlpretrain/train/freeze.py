@@ -1,6 +1,6 @@
 """Which parameters train in a stage: freeze flags, partial ViT unfreezing, lm_head, LoRA.
 
-Order matches the reference (spec 7.5): freeze_backbone, freeze_llm, unfreeze_lm_head,
+Order matches the reference: freeze_backbone, freeze_llm, unfreeze_lm_head,
 backbone LoRA, LLM LoRA, freeze_mlp, unfreeze_vit_layers. Two reference bugs are fixed:
 `unfreeze_lm_head` really makes the output head trainable, and `unfreeze_vit_layers = k`
 unfreezes the *last k* layers (the reference used a Python slice, so k > 0 unfroze all
