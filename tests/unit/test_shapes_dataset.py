@@ -140,7 +140,7 @@ def test_corrupt_lines_are_broken_the_stated_way(dataset: ShapesDataset) -> None
 
 
 def test_corrupt_lines_lie_in_the_head_kept_by_repeat_time_half(dataset: ShapesDataset) -> None:
-    # meta_finetune keeps the first int(N * 0.5) caption lines (spec 2.1).
+    # meta_finetune keeps the first int(N * 0.5) caption lines in the reference.
     num_kept = int(len(_lines(dataset.captions_path)) * 0.5)
     lines = [c.line for c in dataset.corrupt if c.annotation == "captions.jsonl"]
     # 44 lines: corrupt ones at 0-based k * 44 // 10 for k = 1..4, i.e. lines 5, 9, 14, 18.

@@ -1,6 +1,6 @@
 """Generate the synthetic coloured-shapes dataset that the demo trains and evaluates on.
 
-It writes PNG images and annotation JSONL files in the reference formats (spec section 2),
+It writes PNG images and annotation JSONL files in the reference's formats,
 plus meta JSON files pointing at them. Everything depends only on the seed. It does not
 tokenize, tile or load anything back. Scenes and their grammar live in testing.shapes.
 
@@ -226,8 +226,8 @@ def question_pairs(
     shape by place, and one question per scene left that skill the least trained of all
     (held-out "shape at" answers stuck near 60%). Each of those questions picks its shape
     afresh (with replacement): asked about every shape once, in turn, an LLM learns to name a
-    kind not yet named instead of looking the place up (seed 0's LLM pretrained that way, at
-    127b8a6, answers the second "shape at" question of a 2-shape scene 100% right after a right
+    kind not yet named instead of looking the place up (seed 0's LLM pretrained that way
+    answered the second "shape at" question of a 2-shape scene 100% right after a right
     first answer but 13% after a first answer naming the second shape's kind:
     bench/demo_llm_probe.py --two-turn). Without balanced, one question per type, drawn as the
     golden files' data was.
@@ -331,7 +331,7 @@ def _corrupt_lines(
 def _corrupt_positions(num_valid: int) -> list[int]:
     """0-based line indices for the corrupt lines: spread over the first half of the file.
 
-    The first half, because a repeat_time below 1 keeps the head of the file (spec 2.1) and the
+    The first half, because a repeat_time below 1 keeps the head of the file in the reference and the
     corrupt lines should survive it.
     """
     total = num_valid + len(CORRUPT_REASONS)
