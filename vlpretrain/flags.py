@@ -4,6 +4,8 @@ Lets users keep their InternVL stage shell scripts: `vlpretrain train --vision_p
 --freeze_llm True ...`. Values use the reference's syntax (`True`/`False`, bare numbers,
 quoted strings). Flags that only steered HF Trainer/DeepSpeed plumbing we do not have are
 accepted and ignored (listed in IGNORED with the reason), so nothing is silently misread.
+--evaluation_strategy and --eval_steps keep HF Trainer's meaning (eval.steps); the reference
+passes no evaluation data, so --eval_meta_path, ours, names it (eval.meta).
 """
 
 from __future__ import annotations
