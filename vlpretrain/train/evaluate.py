@@ -20,7 +20,8 @@ What it does not do: generation or task metrics (demo/evaluate.py scores saved m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -226,18 +227,20 @@ def evaluate(
     held_out: HeldOut,
     max_batches: int,
     normalize_type: NormalizeType,
-    autocast: Any,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> EvalResult:
     """Held-out loss of `model` over every rank's share (a collective: every rank calls it).
 
-    `autocast`: a callable returning the run's autocast context."""
+    `autocast`: the run's autocast context; `heartbeat`: called before every micro-batch
+    (the loop re-arms its stall watch: a long held-out set is progress, not a stall)."""
     env = held_out.env
     modes = {module: module.training for module in model.modules()}
     devices = [env.device] if env.device.type == "cuda" else []
     model.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            return _evaluate(model, held_out, max_batches, normalize_type, autocast)
+            return _evaluate(model, held_out, max_batches, normalize_type, autocast, heartbeat)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -248,7 +251,8 @@ def _evaluate(
     held_out: HeldOut,
     max_batches: int,
     normalize_type: NormalizeType,
-    autocast: Any,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    heartbeat: Callable[[], None],
 ) -> EvalResult:
     env = held_out.env
     num_datasets = len(held_out.filler.layout.dataset_weight_sums)  # type: ignore[union-attr]
@@ -256,6 +260,7 @@ def _evaluate(
     dataset_weights = np.zeros(num_datasets, dtype=np.float64)
     totals = _Totals()
     for batch, real in lockstep(held_out.batches(), held_out.filler, max_batches):
+        heartbeat()
         device_batch = batch.to(env.device, non_blocking=True)
         with autocast():
             out = model(

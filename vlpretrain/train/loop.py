@@ -232,13 +232,15 @@ def held_out_data(config: RunConfig, facts: Any, tokenizer: Any, env: DistEnv) -
 
 
 def evaluate_held_out(model: nn.Module, held_out: HeldOut, config: RunConfig) -> dict[str, Any]:
-    """The metrics record of one evaluation of the held-out set (a collective)."""
+    """The metrics record of one evaluation of the held-out set (a collective); the stall
+    watch is re-armed for every micro-batch."""
     result = evaluate(
         model,
         held_out,
         config.eval.max_batches,
         config.data.normalize_type,
         partial(autocast, config.train.precision, held_out.env.device),
+        partial(arm_stack_dump, 60 * config.train.collective_timeout_minutes),
     )
     return result.metrics(held_out.names)
 
