@@ -110,7 +110,9 @@ def text_only_batch(tokenizer, config: RunConfig, facts) -> PackedBatch:
     row = PackRow()
     for index, sample in enumerate(samples):
         row.append(PackItem(PieceRef.whole(sample, index, 0), sample))
-    return collate_rows([row], config.packing, facts, num_datasets=1)
+    # One entry per dataset of the run's mixture (QA and captions), as on the other rank:
+    # every rank's step reduces the loss and weight sums of every dataset of the run.
+    return collate_rows([row], config.packing, facts, num_datasets=2)
 
 
 def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  # noqa: F811
