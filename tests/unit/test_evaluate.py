@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stream_fakes import FACTS, FakeSource
 from train_fixtures import stage_raw, train_assets  # noqa: F401  (pytest fixture)
 
 from vlpretrain.config import build_run_config
+from vlpretrain.data.loader import StreamConfig
+from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.model.build import run_facts
 from vlpretrain.train import evaluate as evaluation
@@ -43,6 +46,16 @@ def test_evaluation_needs_held_out_data():
     assert [evaluation.EvalConfig(meta="m", steps=3).due(s, 7) for s in range(1, 8)] == [
         False, False, True, False, False, True, True,  # every 3 steps, and the last (7)
     ]  # fmt: skip
+
+
+def test_a_held_out_set_smaller_than_the_streams_is_refused_by_name():
+    # 2 ranks x 2 workers = 4 streams, the largest dataset has 3 records: one stream reads none
+    env = DistEnv(0, 0, 2, torch.device("cpu"), "gloo")
+    sources = [FakeSource(0, 3), FakeSource(1, 2)]
+    with pytest.raises(ValueError, match=r"eval.meta held.json: .* 3 records, fewer than the 4"):
+        evaluation.HeldOut(
+            "held.json", sources, PackingConfig(), StreamConfig(num_workers=2), FACTS, env
+        )
 
 
 def test_evaluation_runs_in_eval_mode_and_restores_modes_and_rng(train_assets):  # noqa: F811
