@@ -36,6 +36,7 @@ from vlpretrain.facts import RunFacts
 from vlpretrain.files import read_user_text
 from vlpretrain.model.build import ModelConfig
 from vlpretrain.trackers import TrackerName
+from vlpretrain.train.evaluate import EvalConfig
 from vlpretrain.train.freeze import FreezeConfig
 from vlpretrain.train.optim import OptimConfig
 
@@ -196,6 +197,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -207,6 +209,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "dist": DistConfig,
+    "eval": EvalConfig,
 }
 
 FACT_ALIASES = {"conv_style": "template"}
@@ -458,6 +461,9 @@ def validate(config: RunConfig, world_size: int) -> None:
     elif "://" not in config.train.meta_path and not Path(config.train.meta_path).is_file():
         # a URL (s3://...) is checked when data.meta reads it
         problems.append(f"train.meta_path {config.train.meta_path} does not exist")
+    meta = config.eval.meta
+    if config.eval.steps > 0 and "://" not in meta and not Path(meta).is_file():
+        problems.append(f"eval.meta {meta} does not exist")
     for name in ("model_name_or_path", "vision_path", "llm_path", "mlp_path"):
         value = getattr(config.model, name)
         if value and not Path(value).exists():

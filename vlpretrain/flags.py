@@ -4,6 +4,8 @@ Lets users keep their InternVL stage shell scripts: `vlpretrain train --vision_p
 --freeze_llm True ...`. Values use the reference's syntax (`True`/`False`, bare numbers,
 quoted strings). Flags that only steered HF Trainer/DeepSpeed plumbing we do not have are
 accepted and ignored (listed in IGNORED with the reason), so nothing is silently misread.
+--evaluation_strategy and --eval_steps keep HF Trainer's meaning (eval.steps); the reference
+passes no evaluation data, so --eval_meta_path, ours, names it (eval.meta).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vlpretrain.config import ConfigError, parse_override_value
+from vlpretrain.config import ConfigError, TrainConfig, parse_override_value
 from vlpretrain.distributed.parallel import DistConfig
 
 FLAG_TABLE: dict[str, str] = {
@@ -78,10 +80,11 @@ FLAG_TABLE: dict[str, str] = {
     # Whether the LLM is checkpointed; train.llm_checkpointing 'auto' then means full (or none).
     "grad_checkpoint": "train.grad_checkpoint",
     "loss_reduction_all_gather": "train.loss_reduction_all_gather",
+    # Not a reference flag: the reference passes no evaluation data (eval_dataset=None).
+    "eval_meta_path": "eval.meta",
 }
 
 IGNORED: dict[str, str] = {
-    "evaluation_strategy": "no periodic evaluation in the packed pretraining loop",
     "save_strategy": "checkpoints are step based (save_steps)",
     "do_train": "always trains",
     "group_by_length": "packing replaces length grouping",
@@ -111,6 +114,35 @@ def _value(text: str) -> Any:
 
 
 SPECIAL: dict[str, Callable[[dict[str, Any], str], None]] = {}
+
+EVALUATION_FLAGS = ("evaluation_strategy", "eval_steps")
+"""Read together after every other flag (_evaluation): one's meaning depends on the other."""
+
+
+def _evaluation(raw: dict[str, Any], values: dict[str, str]) -> None:
+    """--evaluation_strategy and --eval_steps as HF Trainer reads them: 'no' never evaluates
+    (eval_steps is then ignored), 'steps' every eval_steps optimizer steps, which default to
+    logging_steps; 'epoch' has no meaning in an endless packed stream and is refused."""
+    strategy = _value(values.get("evaluation_strategy", "no"))
+    if strategy == "no":
+        if "evaluation_strategy" in values:
+            raw.setdefault("eval", {})["steps"] = 0
+        return
+    if strategy != "steps":
+        raise ValueError(
+            f"--evaluation_strategy {strategy!r}: use 'steps' (with --eval_steps N) or 'no'; "
+            "the packed stream has no epochs to end"
+        )
+    train = raw.get("train", {})
+    steps = _value(values["eval_steps"]) if "eval_steps" in values else None
+    if steps is None:
+        steps = train.get("logging_steps", TrainConfig.logging_steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"--eval_steps {steps!r}: give a whole number of steps >= 1 (a fraction of the run "
+            "is not supported)"
+        )
+    raw.setdefault("eval", {})["steps"] = steps
 
 
 def _bf16(raw: dict[str, Any], text: str) -> None:
@@ -191,10 +223,13 @@ def apply_reference_flags(raw: dict[str, Any], argv: list[str]) -> list[str]:
     (model.trust_remote_code, unless the TOML or `--trust_remote_code False` says otherwise).
     """
     problems, notes = [], []
+    evaluation: dict[str, str] = {}
     if argv:
         raw.setdefault("model", {}).setdefault("trust_remote_code", True)
     for name, text in split_flags(argv):
-        if name in SPECIAL:
+        if name in EVALUATION_FLAGS:
+            evaluation[name] = text
+        elif name in SPECIAL:
             try:
                 SPECIAL[name](raw, text)
             except ValueError as error:
@@ -210,8 +245,12 @@ def apply_reference_flags(raw: dict[str, Any], argv: list[str]) -> list[str]:
         elif name in IGNORED:
             notes.append(f"--{name} ignored: {IGNORED[name]}")
         else:
-            known = sorted([*FLAG_TABLE, *SPECIAL, *IGNORED])
+            known = sorted([*FLAG_TABLE, *SPECIAL, *IGNORED, *EVALUATION_FLAGS])
             problems.append(f"unknown flag --{name}; known flags: {', '.join(known)}")
+    try:
+        _evaluation(raw, evaluation)
+    except ValueError as error:
+        problems.append(str(error))
     if problems:
         raise ConfigError(problems)
     return notes

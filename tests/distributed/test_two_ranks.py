@@ -55,7 +55,8 @@ from vlpretrain.data.skips import SKIP_LOG_NAME, SkipLog
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.model.build import run_facts
 from vlpretrain.train.checkpoint import list_checkpoints
-from vlpretrain.train.loop import prepare_model, train_step
+from vlpretrain.train.evaluate import EvalConfig
+from vlpretrain.train.loop import evaluate_held_out, held_out_data, prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -109,7 +110,9 @@ def text_only_batch(tokenizer, config: RunConfig, facts) -> PackedBatch:
     row = PackRow()
     for index, sample in enumerate(samples):
         row.append(PackItem(PieceRef.whole(sample, index, 0), sample))
-    return collate_rows([row], config.packing, facts, num_datasets=1)
+    # One entry per dataset of the run's mixture (QA and captions), as on the other rank:
+    # every rank's step reduces the loss and weight sums of every dataset of the run.
+    return collate_rows([row], config.packing, facts, num_datasets=2)
 
 
 def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  # noqa: F811
@@ -127,13 +130,28 @@ def reference_batches(train_assets) -> tuple[list[PackedBatch], PackedBatch]:  #
 def single_rank(config: RunConfig, steps: list[list[PackedBatch]]) -> dict:
     """Losses and final weights of one process doing gradient accumulation over each step."""
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
-    model, _, _, _ = prepare_model(config, env)
+    model, plain, tokenizer, _ = prepare_model(config, env)
     optimizer = build_optimizer(model, config.optim)
-    losses = [train_step(model, optimizer, batches, config, env).loss for batches in steps]
+    results = [train_step(model, optimizer, batches, config, env) for batches in steps]
     return {
-        "losses": losses,
+        "losses": [r.loss for r in results],
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        **evaluation(model, config, run_facts(plain, tokenizer), tokenizer, env, results),
     }
+
+
+def evaluation(model, config: RunConfig, facts, tokenizer, env: DistEnv, results) -> dict:
+    """With eval.steps set: the held-out metrics of the trained model, and each step's loss
+    and weight sums per dataset."""
+    if config.eval.steps == 0:
+        return {}
+    sums = [(r.dataset_loss_sums, r.dataset_weight_sums, r.loss, r.weight_sum) for r in results]
+    held_out = held_out_data(config, facts, tokenizer, env)
+    return {"eval": evaluate_held_out(model, held_out, config), "dataset_sums": sums}
+
+
+def with_evaluation(config: RunConfig, meta: Path) -> RunConfig:
+    return replace(config, eval=EvalConfig(meta=str(meta), steps=NUM_STEPS))
 
 
 def rank_worker(rank: int, port: int, jobs: list, result_dir: str) -> None:
@@ -147,16 +165,19 @@ def rank_worker(rank: int, port: int, jobs: list, result_dir: str) -> None:
     env = DistEnv(rank, rank, 2, torch.device("cpu"), "gloo")
     try:
         for name, config, steps in jobs:
-            model, _, _, _ = prepare_model(config, env)
+            model, plain, tokenizer, _ = prepare_model(config, env)
             optimizer = build_optimizer(model, config.optim)
-            losses = [
-                train_step(model, optimizer, [per_rank[rank]], config, env).loss
-                for per_rank in steps
+            results = [
+                train_step(model, optimizer, [per_rank[rank]], config, env) for per_rank in steps
             ]
+            facts = run_facts(plain, tokenizer)
+            evaluated = evaluation(model, config, facts, tokenizer, env, results)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = get_model_state_dict(model, options=options)
             if rank == 0:
-                torch.save({"losses": losses, "state": state}, Path(result_dir) / f"{name}.pt")
+                losses = [r.loss for r in results]
+                torch.save({"losses": losses, "state": state, **evaluated},
+                           Path(result_dir) / f"{name}.pt")  # fmt: skip
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -195,9 +216,11 @@ def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
     assert text_batch.stats.num_tiles == 0 and text_batch.stats.num_dummy_tiles == 1
 
     jobs = []
+    held_out = train_assets.data.meta_finetune_path
     for strategy in ("ddp", "fsdp"):
         config = run_config(train_assets, strategy, 1)
-        jobs.append((f"{strategy}_images", config, image_steps))
+        # Evaluated after its steps: the weights compared below are those after evaluating.
+        jobs.append((f"{strategy}_images", with_evaluation(config, held_out), image_steps))
         jobs.append((f"{strategy}_imageless", config, imageless_steps))
     # FSDP2 builds on rank 0 and shards from the meta device by default; this job builds the
     # full model on both ranks, the path it must reproduce bit for bit.
@@ -216,7 +239,7 @@ def two_rank_results(train_assets, tmp_path_factory):  # noqa: F811
     reference_config = run_config(train_assets, "ddp", 2)
     with torch_threads(1):
         results = {
-            "single_images": single_rank(reference_config, image_steps),
+            "single_images": single_rank(with_evaluation(reference_config, held_out), image_steps),
             "single_imageless": single_rank(reference_config, imageless_steps),
             "single_sdpa_bf16": single_rank(
                 run_config(train_assets, "ddp", 2, "sdpa", "bf16"), image_steps
@@ -276,6 +299,33 @@ def test_global_loss_normalisation_weights_ranks_by_tokens(two_rank_results):
         assert two_rank_results[f"{strategy}_images"]["losses"][0] == pytest.approx(
             single, rel=1e-7
         )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_evaluate_every_held_out_record_once_as_one_rank(two_rank_results, strategy):
+    got = two_rank_results[f"{strategy}_images"]["eval"]
+    expected = two_rank_results["single_images"]["eval"]
+    # The two ranks' shares are disjoint and cover the held-out set: the same records, the
+    # same samples and tokens as one rank reading all of it.
+    for key in ("eval/records", "eval/skipped", "eval/samples", "eval/tokens"):
+        assert got[key] == expected[key], key
+    assert got["eval/records"] > 0 and got["kind"] == "eval"
+    # The same weights within RTOL (the tests above): the same loss within float rounding.
+    for key in ("eval/loss", "eval/loss/shapes_qa", "eval/loss/shapes_captions"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_per_dataset_sums_cover_both_ranks_and_combine_to_the_loss(two_rank_results, strategy):
+    got = two_rank_results[f"{strategy}_images"]["dataset_sums"]
+    expected = two_rank_results["single_images"]["dataset_sums"]
+    for (loss_sums, weight_sums, loss, weight), (_, one_rank_weights, _, _) in zip(
+        got, expected, strict=True
+    ):
+        # weights are host values: summed over the two ranks they are one rank's exactly
+        assert weight_sums == pytest.approx(one_rank_weights, rel=1e-12)
+        assert sum(weight_sums) == pytest.approx(weight, rel=1e-6)
+        assert sum(loss_sums) / weight == pytest.approx(loss, rel=1e-6)
 
 
 def torchrun(config: Path, *extra: str) -> subprocess.Popen:

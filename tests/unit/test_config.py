@@ -326,6 +326,21 @@ def test_config_file_errors_reach_the_command_line_as_one_line(tmp_path, capsys)
         assert "Traceback" not in err and str(bad) in err
 
 
+def test_held_out_meta_must_exist_when_the_run_evaluates(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}")
+    paths = {"vision_path": str(tmp_path), "llm_path": str(tmp_path)}
+    held_out = {"meta": str(tmp_path / "gone.json")}
+    raw = minimal(train={"meta_path": str(meta)}, model=paths, eval=held_out)
+    validate(build_run_config(raw), world_size=1)  # eval.steps 0: the meta is not read
+    raw["eval"]["steps"] = 10
+    with pytest.raises(ConfigError, match=r"eval.meta .*gone.json does not exist"):
+        validate(build_run_config(raw), world_size=1)
+    assert any(
+        "eval.steps = 10 needs eval.meta" in p for p in problems_of(minimal(eval={"steps": 10}))
+    )
+
+
 def test_validate_lists_every_cross_field_problem(tmp_path):
     config = build_run_config(
         {

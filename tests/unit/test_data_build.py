@@ -58,8 +58,8 @@ def test_single_image_sample(tmp_path, tokenizer):
 
 
 def test_multi_image_budget_tiles(tmp_path, tokenizer):
-    # the reference's worked example (896x448 + 300x300 at 448 px) scaled to 28-px tiles; the area tie-break
-    # scales with the tile size, so the images are scaled by 28/448 too
+    # the reference's worked example (896x448 + 300x300 at 448 px) scaled to 28-px tiles; the
+    # area tie-break scales with the tile size, so the images are scaled by 28/448 too
     Image.new("RGB", (56, 28)).save(tmp_path / "wide.png")
     Image.new("RGB", (19, 19)).save(tmp_path / "sq.png")
     record = {"image": ["wide.png", "sq.png"], "conversations": conv("<image><image>")}

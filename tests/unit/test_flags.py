@@ -15,7 +15,7 @@ import pytest
 
 from vlpretrain.cli import main, split_reference_flags
 from vlpretrain.config import ConfigError, build_run_config, validate
-from vlpretrain.flags import FLAG_TABLE, IGNORED, SPECIAL, apply_reference_flags
+from vlpretrain.flags import EVALUATION_FLAGS, FLAG_TABLE, IGNORED, SPECIAL, apply_reference_flags
 from vlpretrain.train.optim import warmup_steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,7 +154,6 @@ def test_plumbing_flags_are_ignored_with_a_note(tmp_path):
     ignored = sorted(note.split()[0] for note in notes)
     assert ignored == sorted(
         [
-            "--evaluation_strategy",
             "--save_strategy",
             "--do_train",
             "--group_by_length",
@@ -167,10 +166,53 @@ def test_plumbing_flags_are_ignored_with_a_note(tmp_path):
 
 
 def test_every_flag_of_every_stage_is_mapped_or_ignored():
-    known = {*FLAG_TABLE, *SPECIAL, *IGNORED}
+    known = {*FLAG_TABLE, *SPECIAL, *IGNORED, *EVALUATION_FLAGS}
     for name in EXPECTED:
         argv = shlex.split((FLAGS_DIR / f"{name}.flags").read_text())
         assert {flag[2:] for flag in argv[::2]} <= known, name
+
+
+def test_reference_scripts_evaluation_strategy_no_means_no_evaluation(tmp_path):
+    config, _ = resolve(flag_argv(STAGE_8B_15, tmp_path))  # --evaluation_strategy "no"
+    assert config.eval.steps == 0
+
+
+PATHS = ["--vision_path", "v", "--llm_path", "l", "--eval_meta_path", "held_out.json"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "steps"),
+    [
+        (["--evaluation_strategy", "steps", "--eval_steps", "50"], 50),
+        (["--eval_steps", "50", "--evaluation_strategy", "steps"], 50),  # order does not matter
+        # HF Trainer: eval_steps defaults to logging_steps
+        (["--logging_steps", "10", "--evaluation_strategy", "steps"], 10),
+        (["--evaluation_strategy", "no", "--eval_steps", "50"], 0),  # no: eval_steps unused
+        (["--eval_steps", "50"], 0),  # the default strategy is no
+    ],
+)
+def test_evaluation_flags_map_as_hf_trainer_reads_them(flags, steps):
+    config, notes = resolve([*PATHS, *flags])
+    assert config.eval.steps == steps and config.eval.meta == "held_out.json"
+    assert notes == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--evaluation_strategy", "epoch"], "no epochs"),
+        (["--evaluation_strategy", "steps", "--eval_steps", "0.1"], "whole number"),
+    ],
+)
+def test_evaluation_flags_without_a_meaning_here_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve([*PATHS, *flags])
+
+
+def test_evaluation_without_held_out_data_is_refused():
+    # The reference passes no evaluation data, so its steps strategy needs our flag.
+    with pytest.raises(ConfigError, match="eval.meta"):
+        resolve(["--vision_path", "v", "--llm_path", "l", "--evaluation_strategy", "steps"])
 
 
 @pytest.mark.parametrize(

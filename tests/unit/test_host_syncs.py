@@ -62,9 +62,9 @@ def step_parts(train_assets):  # noqa: F811
     return config, env, model, [next(batches), next(batches)]
 
 
-def counted_step(step_parts, monkeypatch, batches) -> tuple[list[str], int]:
+def counted_step(step_parts, monkeypatch, batches) -> tuple[list[str], list[tuple]]:
     """Syncing ops dispatched by one train_step outside the optimizer update and the
-    kernel stand-in, and the number of explicit reads of the step's values."""
+    kernel stand-in, and the arguments of each explicit read of the step's values."""
     config, env, model, _ = step_parts
     optimizer = build_optimizer(model, config.optim)
     mode = DeviceReads()
@@ -92,16 +92,19 @@ def counted_step(step_parts, monkeypatch, batches) -> tuple[list[str], int]:
     # A host scalar summed over gloo, read on the host: no device involved on CUDA either.
     monkeypatch.setattr(loop, "all_reduce_host_sum", outside(loop.all_reduce_host_sum))
     read = loop.read_step_values
-    monkeypatch.setattr(loop, "read_step_values", lambda *a: explicit.append(1) or read(*a))
+    monkeypatch.setattr(loop, "read_step_values", lambda *a: explicit.append(a) or read(*a))
     with mode:
         loop.train_step(model, optimizer, batches, config, env)
     assert paused  # the stand-ins did run inside the step
-    return mode.reads, len(explicit)
+    return mode.reads, explicit
 
 
 def test_a_step_reads_the_device_once(step_parts, monkeypatch):
     reads, explicit = counted_step(step_parts, monkeypatch, step_parts[3])
-    assert reads == [] and explicit == 1
+    assert reads == [] and len(explicit) == 1
+    # The loss sum of each dataset of the mixture travels in that same read.
+    _, _, dataset_sums = explicit[0]
+    assert dataset_sums is not None and dataset_sums.shape == (2,)
 
 
 def test_without_the_host_layout_the_forward_reads_the_device(step_parts, monkeypatch):

@@ -1,5 +1,5 @@
-"""InternVL chat layout: Path B -> save_internvl -> Path A, config.json, weight keys,
-lm_head of tied LLMs, ps_version precedence, image-size changes, loading a ViT from a full export."""
+"""InternVL chat layout: Path B -> save_internvl -> Path A, config.json, weight keys, lm_head
+of tied LLMs, ps_version precedence, image-size changes, loading a ViT from a full export."""
 
 from __future__ import annotations
 

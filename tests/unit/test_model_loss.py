@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpretrain.data.collate import len2weight
-from vlpretrain.model.loss import weighted_cross_entropy_sum
+from vlpretrain.model.loss import weighted_cross_entropy_sum, weighted_cross_entropy_sums
 from vlpretrain.model.vlm import ImageTokenMismatchError
 
 NUM_POSITIONS, HIDDEN, VOCAB = 7, 5, 11
@@ -73,6 +73,25 @@ def test_chunked_loss_applies_per_sample_weights(problem, reduction):
     torch.testing.assert_close(chunked, by_hand)
     for got, want in zip(_grads(chunked, hidden, head), _grads(by_hand, hidden, head), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_per_group_sums_come_from_the_same_losses_and_leave_the_total_and_grads_alone(problem):
+    hidden, head, targets = problem
+    # Positions 0-2 in group 2, 3-6 in group 0 (group 1 empty); chunks of 3 split group 0.
+    weights = torch.tensor([1 / 3] * 3 + [1 / 4] * 4)
+    groups = torch.tensor([2, 2, 2, 0, 0, 0, 0])
+    plain = weighted_cross_entropy_sum(hidden, head, targets, weights, chunk_size=3)
+    total, per_group = weighted_cross_entropy_sums(
+        hidden, head, targets, weights, groups, 3, chunk_size=3
+    )
+    assert torch.equal(total, plain)  # bit for bit: the group sums are a side output
+    ce = F.cross_entropy(head(hidden), targets, reduction="none").detach()
+    by_hand = torch.stack([(ce[3:] / 4).sum(), torch.tensor(0.0), (ce[:3] / 3).sum()])
+    torch.testing.assert_close(per_group, by_hand)
+    torch.testing.assert_close(per_group.sum(), total.detach())
+    assert not per_group.requires_grad
+    for got, want in zip(_grads(total, hidden, head), _grads(plain, hidden, head), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_chunked_loss_without_grad_and_when_empty(problem):

@@ -28,7 +28,7 @@ def result(applied: bool) -> dict:
      (3.0, math.nan, False)],
 )  # fmt: skip
 def test_a_step_is_finite_only_if_loss_and_gradient_norm_are(loss_sum, grad_norm, finite):
-    loss, ok = global_loss_and_finiteness(
+    loss, ok, _ = global_loss_and_finiteness(
         torch.tensor(loss_sum, dtype=torch.float64), grad_norm, 4.0
     )
     assert ok is finite
@@ -37,7 +37,7 @@ def test_a_step_is_finite_only_if_loss_and_gradient_norm_are(loss_sum, grad_norm
 
 
 def test_a_step_without_supervised_tokens_is_not_a_nonfinite_step():
-    loss, ok = global_loss_and_finiteness(torch.zeros((), dtype=torch.float64), 0.0, 0.0)
+    loss, ok, _ = global_loss_and_finiteness(torch.zeros((), dtype=torch.float64), 0.0, 0.0)
     assert ok and math.isnan(loss)  # nothing to average, but nothing non-finite either
 
 

@@ -57,6 +57,22 @@ def test_appendix_a_toy_pack_positions_cu_seqlens_and_square_weights():
     assert batch.image_flags.tolist() == [0] and batch.stats.num_dummy_tiles == 1
 
 
+def test_layout_names_the_dataset_of_every_supervised_position_and_sums_weights_per_dataset():
+    # Row: dataset 1 (10 tokens, 4 trained), dataset 0 (8 tokens, 3 trained), dataset 1 (6
+    # tokens, 1 trained), under sample reduction: each sample's weights sum to 1.
+    config = _config(max_packed_tokens=64, num_images_expected=4, loss_reduction="sample")
+    row = PackRow()
+    for record, (n, s, dataset) in enumerate([(10, 4, 1), (8, 3, 0), (6, 1, 1)]):
+        row.append(_text(n, s, record=record, dataset=dataset))
+    batch = collate_rows([row], config, FACTS, num_datasets=3)
+    layout = batch.layout
+    assert layout.supervised_datasets.tolist() == [1] * 4 + [0] * 3 + [1] * 1
+    assert layout.supervised_datasets.dtype == torch.int64
+    # dataset 0: one sample -> 1.0; dataset 1: two samples -> 2.0; dataset 2: nothing packed
+    assert layout.dataset_weight_sums == pytest.approx((1.0, 2.0, 0.0), abs=1e-6)
+    assert sum(layout.dataset_weight_sums) == pytest.approx(layout.weight_sum, abs=1e-6)
+
+
 def test_strict_mode_pads_tokens_as_own_segment_and_tiles_with_flag_zero():
     config = _config(max_packed_tokens=128, num_images_expected=4, strict_mode=True)
     rows = []

@@ -75,6 +75,9 @@ class SampleConfig:
     """Pad non-tiled images to a square with the mean colour (no augmentation only)."""
     max_skip_fraction: float = 0.01
     """Fail when more than this fraction of the records seen were skipped."""
+    log_per_dataset: bool = True
+    """Log each dataset's loss (`loss/<dataset name>`) with every logged step, summed per
+    dataset in the same pass as the loss and read with it in the step's one device read."""
     max_image_pixels: int = media.DEFAULT_MAX_IMAGE_PIXELS
     """Images and video frames with more pixels (width x height) are skipped as
     image_too_large: checked from the file header before decoding and again on every decoded

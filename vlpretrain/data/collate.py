@@ -78,6 +78,11 @@ class PackedLayout:
     (label not -100 and weight > 0), in row-major order."""
     weight_sum: float
     """Sum of loss_weight[:, 1:] (as a float32 torch sum, like the model's)."""
+    supervised_datasets: torch.Tensor
+    """(K,) int64 dataset index of the sample each supervised position belongs to, aligned
+    with `supervised` (the model sums the loss per dataset with it)."""
+    dataset_weight_sums: tuple[float, ...]
+    """Sum of loss_weight[:, 1:] per dataset index (one entry per dataset of the stream)."""
 
     @property
     def num_supervised(self) -> int:
@@ -100,12 +105,24 @@ def packed_layout(
     image_flags_T: torch.Tensor,
     boundaries: Sequence[int],
     img_context_token_id: int,
+    datasets_BL: torch.Tensor | None = None,
+    num_datasets: int = 1,
 ) -> PackedLayout:
-    """The layout of a micro-batch from its CPU tensors (no device involved)."""
+    """The layout of a micro-batch from its CPU tensors (no device involved).
+
+    `datasets_BL`: the dataset index of every token's sample (None: all of dataset 0)."""
     length = labels_BL.shape[1]
     targets_BL, weights_BL = labels_BL[:, 1:], loss_weight_BL[:, 1:]
     keep_BK = (targets_BL != IGNORE_INDEX) & (weights_BL > 0)  # K = L - 1 predictions per row
     rows, predictions = torch.nonzero(keep_BK, as_tuple=True)
+    if datasets_BL is None:
+        datasets_BL = torch.zeros_like(labels_BL)
+    # A target and the position predicting it belong to the same sample: the first token of
+    # every sample is never a target.
+    targets_datasets_BK = datasets_BL[:, 1:]
+    per_dataset = torch.zeros(num_datasets, dtype=torch.float64).index_add_(
+        0, targets_datasets_BK.reshape(-1), weights_BL.reshape(-1).double()
+    )
     return PackedLayout(
         cu_seqlens=torch.tensor(list(boundaries), dtype=torch.int32),
         max_seqlen=int(np.diff(np.asarray(boundaries)).max()),
@@ -113,6 +130,8 @@ def packed_layout(
         num_image_slots=int((input_ids_BL == img_context_token_id).sum()),
         supervised=rows * length + predictions,
         weight_sum=float(weights_BL.sum()),
+        supervised_datasets=targets_datasets_BK[rows, predictions],
+        dataset_weight_sums=tuple(per_dataset.tolist()),
     )
 
 
@@ -209,6 +228,7 @@ def collate_rows(
     labels_BL = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int64)
     positions_BL = np.zeros((num_rows, seq_len), dtype=np.int64)
     weight_BL = np.zeros((num_rows, seq_len), dtype=np.float32)
+    dataset_BL = np.zeros((num_rows, seq_len), dtype=np.int64)  # padding: 0, never supervised
     boundaries = [0]
     for b, row in enumerate(rows):
         offset = 0
@@ -222,6 +242,7 @@ def collate_rows(
             labels_BL[b, offset : offset + n] = labels_L
             positions_BL[b, offset : offset + n] = np.arange(n)
             weight_BL[b, offset : offset + n] = np.where(supervised_L, weight, 0.0)
+            dataset_BL[b, offset : offset + n] = item.ref.dataset_index
             offset += n
             boundaries.append(b * seq_len + offset)
         if offset < seq_len:
@@ -239,7 +260,14 @@ def collate_rows(
     input_ids, labels = torch.from_numpy(ids_BL), torch.from_numpy(labels_BL)
     loss_weight, image_flags = torch.from_numpy(weight_BL), torch.from_numpy(flags_T)
     layout = packed_layout(
-        input_ids, labels, loss_weight, image_flags, boundaries, facts.img_context_token_id
+        input_ids,
+        labels,
+        loss_weight,
+        image_flags,
+        boundaries,
+        facts.img_context_token_id,
+        torch.from_numpy(dataset_BL),
+        num_datasets,
     )
     return PackedBatch(
         input_ids=input_ids,

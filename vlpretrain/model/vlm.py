@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from vlpretrain.data.collate import PackedLayout
 from vlpretrain.model.attention import is_varlen, varlen_kwargs
-from vlpretrain.model.loss import weighted_cross_entropy_sum
+from vlpretrain.model.loss import weighted_cross_entropy_sums
 from vlpretrain.model.projector import PixelShuffleVersion, Projector, pixel_shuffle
 from vlpretrain.model.vision import InternViT
 
@@ -75,6 +75,8 @@ class LossOutput:
     weight_sum: torch.Tensor
     """Sum of the weights of those positions."""
     num_supervised: int
+    dataset_loss_sums: torch.Tensor | None = None
+    """(datasets,) fp32 share of loss_sum per dataset index (detached), when asked for."""
 
 
 class ImageTokenMismatchError(ValueError):
@@ -182,11 +184,13 @@ class InternVLModel(nn.Module):
         labels: torch.Tensor,
         loss_weight: torch.Tensor,
         layout: PackedLayout | None = None,
+        per_dataset: bool = False,
     ) -> LossOutput:
         """Weighted loss sum of a packed micro-batch; labels and weights align with input_ids.
 
         `layout` (from collate_rows): the same result without reading anything back from the
-        device (sizes and counts come from the host)."""
+        device (sizes and counts come from the host). `per_dataset` (needs `layout`): also
+        the loss sum of each dataset, from the same per-position losses."""
         hidden_BLD = self.hidden_states(input_ids, position_ids, pixel_values, image_flags, layout)
         # Position t predicts token t+1.
         targets_BL = labels[:, 1:]
@@ -201,8 +205,17 @@ class InternVLModel(nn.Module):
             targets_K = labels.reshape(-1).index_select(0, targets_at)
             weights_K = loss_weight.reshape(-1).float().index_select(0, targets_at)
             num_supervised = layout.num_supervised
-        loss_sum = weighted_cross_entropy_sum(
-            hidden_KD, self.language_model.get_output_embeddings(), targets_K, weights_K
+        if per_dataset and layout is None:
+            raise ValueError("per_dataset needs the batch's host layout (collate_rows makes it)")
+        groups_K = layout.supervised_datasets if per_dataset and layout is not None else None
+        num_datasets = len(layout.dataset_weight_sums) if layout is not None else 0
+        loss_sum, dataset_loss_sums = weighted_cross_entropy_sums(
+            hidden_KD,
+            self.language_model.get_output_embeddings(),
+            targets_K,
+            weights_K,
+            groups_K,
+            num_datasets,
         )
         # A micro-batch may have no supervised token. Passing one position through the head
         # with weight zero keeps the decoder *and* the head in the graph, so backward reaches
@@ -210,7 +223,10 @@ class InternVLModel(nn.Module):
         head = self.language_model.get_output_embeddings()
         loss_sum = loss_sum + head(hidden_BLD[:, :1]).float().sum() * 0.0
         return LossOutput(
-            loss_sum=loss_sum, weight_sum=weights_K.sum(), num_supervised=num_supervised
+            loss_sum=loss_sum,
+            weight_sum=weights_K.sum(),
+            num_supervised=num_supervised,
+            dataset_loss_sums=dataset_loss_sums,
         )
 
     @torch.no_grad()

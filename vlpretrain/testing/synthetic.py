@@ -331,8 +331,8 @@ def _corrupt_lines(
 def _corrupt_positions(num_valid: int) -> list[int]:
     """0-based line indices for the corrupt lines: spread over the first half of the file.
 
-    The first half, because a repeat_time below 1 keeps the head of the file in the reference and the
-    corrupt lines should survive it.
+    The first half, because a repeat_time below 1 keeps the head of the file in the reference,
+    and the corrupt lines should survive it.
     """
     total = num_valid + len(CORRUPT_REASONS)
     positions: list[int] = []

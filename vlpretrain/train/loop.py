@@ -74,6 +74,13 @@ from vlpretrain.train.checkpoint import (
     read_shared,
 )
 from vlpretrain.train.eta import EtaClock
+from vlpretrain.train.evaluate import (
+    EVAL_LINE_KEYS,
+    HeldOut,
+    build_held_out,
+    dataset_losses,
+    evaluate,
+)
 from vlpretrain.train.flops import FlopsCounter, build_flops_counter, peak_tflops
 from vlpretrain.train.freeze import apply_freeze_policy, apply_train_mode, log_trainable
 from vlpretrain.train.memory import memory_metrics
@@ -117,6 +124,10 @@ class StepResult:
     num_supervised: int
     applied: bool = True
     """False when the loss or gradient norm was not finite on some rank: no update was made."""
+    dataset_loss_sums: tuple[float, ...] = ()
+    """Loss sum per dataset index over all ranks (empty when data.log_per_dataset is off)."""
+    dataset_weight_sums: tuple[float, ...] = ()
+    """Loss-weight sum per dataset index over all ranks, as dataset_loss_sums."""
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -150,10 +161,22 @@ def micro_batch_scales(
     return [1.0 / (w * len(batches)) if w > 0 else 0.0 for w in local.tolist()], total
 
 
-def read_step_values(loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
-    """The step's one device-to-host read: whether to step depends on both values."""
-    local_loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).cpu().tolist()
-    return local_loss, norm
+def read_step_values(
+    loss_sum: torch.Tensor, grad_norm: torch.Tensor, dataset_sums: torch.Tensor | None = None
+) -> tuple[float, float, list[float]]:
+    """The step's one device-to-host read: whether to step depends on both values; the
+    per-dataset loss sums (when logged) travel in the same transfer."""
+    parts = [loss_sum.reshape(1), grad_norm.to(loss_sum).reshape(1)]
+    if dataset_sums is not None:
+        parts.append(dataset_sums.to(loss_sum))
+    local_loss, norm, *per_dataset = torch.cat(parts).cpu().tolist()
+    return local_loss, norm, per_dataset
+
+
+def dataset_weight_sums(batches: list[PackedBatch]) -> list[float]:
+    """Loss-weight sum per dataset index over the micro-batches, from their host layouts."""
+    per_batch = [b.layout.dataset_weight_sums for b in batches if b.layout is not None]
+    return [math.fsum(column) for column in zip(*per_batch, strict=True)]
 
 
 def train_step(
@@ -165,12 +188,15 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over gradient-accumulation micro-batches.
 
-    Reads the device once (loss and gradient norm together) when the batches carry their
-    host layout: every size and count the forward needs comes from the host."""
+    Reads the device once (loss, gradient norm and the per-dataset loss sums together) when
+    the batches carry their host layout: every size and count the forward needs comes from
+    the host."""
     scales, total_weight = micro_batch_scales(
         batches, config.train.loss_reduction_all_gather, env.world_size
     )
+    per_dataset = config.data.log_per_dataset and all(b.layout is not None for b in batches)
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    dataset_sums: torch.Tensor | None = None
     num_supervised = 0
     for index, (batch, scale) in enumerate(zip(batches, scales, strict=True)):
         with gradient_sync(model, enabled=index == len(batches) - 1):
@@ -183,23 +209,55 @@ def train_step(
                     labels=batch.labels,
                     loss_weight=batch.loss_weight,
                     layout=batch.layout,
+                    per_dataset=per_dataset,
                 )
             (out.loss_sum * scale).backward()
         loss_sum += out.loss_sum.detach().double()
+        if out.dataset_loss_sums is not None:
+            part = out.dataset_loss_sums.double()
+            dataset_sums = part if dataset_sums is None else dataset_sums + part
         num_supervised += out.num_supervised
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    local_loss, norm = read_step_values(loss_sum, grad_norm)
-    global_loss, finite = global_loss_and_finiteness(
-        torch.tensor(local_loss, dtype=torch.float64), norm, total_weight
+    local_loss, norm, local_sums = read_step_values(loss_sum, grad_norm, dataset_sums)
+    extra = None
+    if dataset_sums is not None:  # loss sums, then weight sums, per dataset index
+        extra = torch.tensor(local_sums + dataset_weight_sums(batches), dtype=torch.float64)
+    global_loss, finite, sums = global_loss_and_finiteness(
+        torch.tensor(local_loss, dtype=torch.float64), norm, total_weight, extra
     )
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(global_loss, norm, total_weight, num_supervised, applied=finite)
+    half = len(sums) // 2
+    return StepResult(global_loss, norm, total_weight, num_supervised, applied=finite,
+                      dataset_loss_sums=tuple(sums[:half]),
+                      dataset_weight_sums=tuple(sums[half:]))  # fmt: skip
+
+
+def held_out_data(config: RunConfig, facts: Any, tokenizer: Any, env: DistEnv) -> HeldOut | None:
+    """The held-out data of eval.meta, or None when the run does not evaluate."""
+    if config.eval.steps == 0:
+        return None
+    return build_held_out(config.eval.meta, config.data, config.packing, config.stream, facts,
+                          tokenizer, env)  # fmt: skip
+
+
+def evaluate_held_out(model: nn.Module, held_out: HeldOut, config: RunConfig) -> dict[str, Any]:
+    """The metrics record of one evaluation of the held-out set (a collective); the stall
+    watch is re-armed for every micro-batch."""
+    result = evaluate(
+        model,
+        held_out,
+        config.eval.max_batches,
+        config.data.normalize_type,
+        partial(autocast, config.train.precision, held_out.env.device),
+        partial(arm_stack_dump, 60 * config.train.collective_timeout_minutes),
+    )
+    return result.metrics(held_out.names)
 
 
 def prepare_model(config: RunConfig, env: DistEnv) -> tuple[nn.Module, InternVLModel, Any, int]:
@@ -451,6 +509,8 @@ def run_stage(
         on_changed_media=config.data.on_changed_media,
         worker_init_fn=keep_worker_through_stop_signals,
     )
+    held_out = held_out_data(config, facts, tokenizer, env)
+    names = {s.dataset_index: s.name for s in sources}
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)
     checkpointer = Checkpointer(config.train.async_checkpoint)
@@ -499,12 +559,17 @@ def run_stage(
             )
             last["data_wait_seconds"] = data_wait
             last["eta_seconds"] = eta.tick(state.step)
+            last.update(dataset_losses(result.dataset_loss_sums, result.dataset_weight_sums,
+                                       names, "loss"))  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
                 skips.flush(state)  # skipped.jsonl + the skip policy
                 last.update(memory_metrics(env.device))
                 metrics.write(state.step, last, LINE_KEYS)
+            if held_out is not None and config.eval.due(state.step, config.train.max_steps):
+                metrics.write(state.step, evaluate_held_out(model, held_out, config),
+                              EVAL_LINE_KEYS)  # fmt: skip
             if state.step % config.train.save_steps == 0 or is_last:
                 skips.flush(state)  # every skip the checkpoint covers is on disk
                 checkpointer.save(

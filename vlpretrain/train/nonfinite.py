@@ -30,14 +30,21 @@ class NonFiniteError(RefusedError, RuntimeError):
 
 
 def global_loss_and_finiteness(
-    loss_sum: torch.Tensor, grad_norm: float, weight_sum: float
-) -> tuple[float, bool]:
-    """The step loss over all ranks, and whether every rank's loss and gradient norm are
-    finite (one all-reduce, so all ranks take the same decision)."""
-    local = torch.stack([loss_sum, torch.tensor(float(not math.isfinite(grad_norm)))])
-    total_loss_sum, num_nonfinite = all_reduce_sum(local.double()).tolist()
+    loss_sum: torch.Tensor,
+    grad_norm: float,
+    weight_sum: float,
+    extra_sums: torch.Tensor | None = None,
+) -> tuple[float, bool, list[float]]:
+    """The step loss over all ranks, whether every rank's loss and gradient norm are finite,
+    and `extra_sums` (float64 vector, e.g. per-dataset sums) summed over ranks: one
+    all-reduce, so all ranks take the same decision."""
+    flag = torch.tensor(float(not math.isfinite(grad_norm)), dtype=torch.float64)
+    parts = [loss_sum.double().reshape(1), flag.reshape(1)]
+    if extra_sums is not None:
+        parts.append(extra_sums.double().reshape(-1))
+    total_loss_sum, num_nonfinite, *extra = all_reduce_sum(torch.cat(parts)).tolist()
     finite = math.isfinite(total_loss_sum) and num_nonfinite == 0
-    return (total_loss_sum / weight_sum if weight_sum > 0 else float("nan")), finite
+    return (total_loss_sum / weight_sum if weight_sum > 0 else float("nan")), finite, extra
 
 
 def batch_sources(batches: list[Any], sources: list[Any], seed: int, limit: int = 8) -> str:

@@ -48,14 +48,19 @@ RESUME_SAFE_FIELDS = frozenset(
         "train.preemption_grace_seconds",
         "data.cache_dir",
         "data.on_changed_media",
+        "data.log_per_dataset",
+        "eval.meta",
+        "eval.steps",
+        "eval.max_batches",
         "stream.prefetch_factor",
         "stream.pin_memory",
         "stream.num_workers",
     }
 )
-"""Fields that do not change what a step computes; they may differ on resume. The worker
-count (like the world size) changes the order of the data still to come, never which records
-an epoch holds: the loader re-deals what is left (data.elastic, docs/checkpoints.md)."""
+"""Fields that do not change what a step computes (evaluation leaves training untouched);
+they may differ on resume. The worker count (like the world size) changes the order of the
+data still to come, never which records an epoch holds: the loader re-deals what is left
+(data.elastic, docs/checkpoints.md)."""
 
 PREVIOUS_RUN_ITEMS = (
     "checkpoints",
