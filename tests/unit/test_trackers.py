@@ -61,6 +61,17 @@ def test_mlflow_gets_metrics_and_params_and_a_resume_continues_its_run(tmp_path,
     assert run.info.run_name == "stage1"  # the output directory's name
 
 
+def test_mlflow_takes_a_loss_and_the_losses_of_its_datasets(tmp_path, mlflow_store):
+    # The file store keeps a metric at its name's path: `loss` and `loss/<dataset>` collide.
+    writer = MetricsWriter(tmp_path / "stage2", ["mlflow"])
+    writer.write(1, {"loss": 2.0, "loss/captions": 1.5, "eval/loss": 3.0, "eval/loss/qa": 2.5})
+    writer.close()
+    run_id = read_run_ids(tmp_path / "stage2")["mlflow"]
+    assert mlflow_store.get_run(run_id).data.metrics == {
+        "loss": 2.0, "loss.captions": 1.5, "eval.loss": 3.0, "eval.loss.qa": 2.5,
+    }  # fmt: skip
+
+
 def test_wandb_offline_writes_the_run_under_output_dir_and_a_resume_keeps_its_id(
     tmp_path, monkeypatch
 ):
