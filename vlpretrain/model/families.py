@@ -84,7 +84,7 @@ def check_family(config: dict[str, Any], where: str) -> None:
     model_type = config.get("model_type")
     if model_type in ADAPTERS:
         return
-    supported = ", ".join(sorted(PACKED_FAMILIES))
+    supported = ", ".join(sorted(ADAPTERS))
     if model_type not in CONFIG_MAPPING:
         reason = (
             "it exists only as remote code, which builds its own causal mask over the whole "
