@@ -177,7 +177,8 @@ def _from_state(
 ) -> PreTrainedModel:
     """The native causal LM of `config` from converted tensors (meta init, then the tensors
     cast to fp32)."""
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # Any: the lazy mapping's stub types its values as tuples; it returns the model class.
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # output_loading_info makes from_pretrained return (model, info); its stub says model only.
     loaded: Any = model_class.from_pretrained(
         None,
