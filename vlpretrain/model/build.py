@@ -21,8 +21,9 @@ from typing import Any, Literal, cast
 import torch
 
 from vlpretrain.facts import RunFacts
-from vlpretrain.model import attention, hub, internlm2
-from vlpretrain.model.export_files import complete_tokenizer, copy_remote_code, with_legacy_keys
+from vlpretrain.model import attention, hub
+from vlpretrain.model.export_files import complete_tokenizer, with_legacy_keys
+from vlpretrain.model.families import adapter_of
 from vlpretrain.model.llm import (
     llm_from_config,
     load_llm,
@@ -233,8 +234,7 @@ def _instantiate(
         )
     model = InternVLModel(VLMConfig.from_dict(raw), vision, llm, token_id(tokenizer, IMG_CONTEXT))
     state = hub.from_reference_keys(hub.load_weights(directory))
-    if internlm2.is_converted(llm.config):
-        state = internlm2.state_to_llama(state, llm.config, prefix=LLM_PREFIX)
+    state = adapter_of(llm.config).to_native_state(state, llm.config, prefix=LLM_PREFIX)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # A tied-embedding export written by the reference has no lm_head: untie from the input.
     head_key = "language_model.lm_head.weight"
@@ -277,15 +277,11 @@ def internvl_config_dict(
     image_settings: dict[str, Any] | None = None,
     torch_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """config.json content of the InternVL chat layout (an InternLM2 back in its own keys);
+    """config.json content of the InternVL chat layout (a converted LLM back in its own keys);
     `image_settings` (VLMConfig tiling fields, e.g. SampleConfig.image_settings()) replace the
     model's own; weights are saved in `torch_dtype`."""
     config = model.language_model.config
-    llm_config = (
-        internlm2.internlm2_config_from_llama(config)
-        if internlm2.is_converted(config)
-        else config.to_dict()
-    )
+    llm_config = adapter_of(config).disk_config(config)
     llm_config["tie_word_embeddings"] = False
     input_embeddings = cast(torch.Tensor, model.language_model.get_input_embeddings().weight)
     llm_config["vocab_size"] = input_embeddings.shape[0]
@@ -337,20 +333,15 @@ def save_internvl(
     directory.mkdir(parents=True, exist_ok=True)
     weights = hub.to_reference_keys(state if state is not None else model.state_dict())
     llm_config = model.language_model.config
-    if internlm2.is_converted(llm_config):
-        weights = internlm2.state_to_internlm2(weights, llm_config, prefix=LLM_PREFIX)
+    adapter = adapter_of(llm_config)
+    weights = adapter.to_disk_state(weights, llm_config, prefix=LLM_PREFIX)
     hub.save_weights(weights, directory, dtype)
     config = internvl_config_dict(model, image_settings, str(dtype).removeprefix("torch."))
     hub.write_config(directory, config)
     tokenizer.save_pretrained(str(directory))
     source = Path(tokenizer.name_or_path)
-    if internlm2.is_converted(llm_config):
-        internlm2.save_internlm2_files(llm_config, tokenizer, directory)  # copies its *.py too
     complete_tokenizer(tokenizer, source if source.is_dir() else None, directory)
-    if not internlm2.is_converted(llm_config):
-        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
-        auto_maps = [config["llm_config"].get("auto_map"), tokenizer_config.get("auto_map")]
-        copy_remote_code(source, directory, auto_maps)
+    adapter.save_files(llm_config, tokenizer, source, directory)
     generation = {"eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING, InternVLConfig, PreTrainedConfig
 
-from vlpretrain.model import hub, internlm2
-from vlpretrain.model.build import chat_config_dict
+from vlpretrain.model import hub
+from vlpretrain.model.build import LLM_PREFIX, chat_config_dict
+from vlpretrain.model.families import family_adapter
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.model.vision import VisionConfig
 from vlpretrain.model.vlm import VLMConfig, num_image_tokens
@@ -407,6 +408,18 @@ def _prepare_output(source: Path, out_dir: str | Path) -> Path:
     return out
 
 
+def _native_llm(
+    chat: dict[str, Any], state: dict[str, torch.Tensor], where: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The chat config and tensors with the LLM in the native family it trains as (unchanged
+    for a native family)."""
+    llm_config = chat["llm_config"]
+    adapter = family_adapter(llm_config, where)
+    native = adapter.native_config(llm_config, where=where)
+    state = adapter.to_native_state(state, native, prefix=LLM_PREFIX)
+    return {**chat, "llm_config": adapter.native_config_dict(llm_config, where)}, state
+
+
 def export_hf(internvl_dir: str | Path, out_dir: str | Path) -> Path:
     """Write an InternVL chat directory in transformers' native InternVL format."""
     source = Path(internvl_dir)
@@ -419,8 +432,9 @@ def export_hf(internvl_dir: str | Path, out_dir: str | Path) -> Path:
     tokenizer, num_added = load_tokenizer(source)
     if num_added:
         raise ValueError(f"{source}: tokenizer lacks the InternVL tokens; not an InternVL export")
-    # transformers' InternVL has no InternLM2: it becomes the Llama it computes as.
-    chat, weights = internlm2.chat_to_llama(chat, hub.load_weights(source))
+    # transformers' InternVL knows native LLMs only: a converted one (InternLM2) becomes the
+    # native model it computes as.
+    chat, weights = _native_llm(chat, hub.load_weights(source), f"{source}/config.json llm_config")
     state = _untie_head(weights, source)
     config = hf_config_from_chat(chat, token_id(tokenizer, IMG_CONTEXT), _dtype_name(state))
     hf_state = state_to_hf(state)

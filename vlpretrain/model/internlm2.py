@@ -23,6 +23,8 @@ Loading converts config and weights to Llama, so transformers' own packed-row ma
 config keys (`model_type internlm2`, `auto_map`, `bias`, `rope_theta`, `rope_scaling`), so
 the InternVL ecosystem loads the result with its InternLM2 code unchanged. The converted
 model's logits equal the remote code's (golden file, tests/unit/test_internlm2.py).
+`ADAPTER` wraps these conversions as InternLM2's FamilyAdapter (registered in
+model/families.py), with its tokenizer read without remote code (model/sentencepiece_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from typing import Any
 
 import torch
 from transformers import LlamaConfig
+
+from vlpretrain.model.family_adapter import FamilyAdapter
+from vlpretrain.model.sentencepiece_tokenizer import (
+    REMOTE_CLASS_NAMES,
+    InternLM2SentencePieceTokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -323,19 +331,6 @@ def state_to_internlm2(
     )
 
 
-def chat_to_llama(
-    chat: dict[str, Any], state: dict[str, torch.Tensor], prefix: str = "language_model."
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """An InternVL chat config + tensors with an InternLM2 LLM rewritten as Llama (for formats
-    without InternLM2, such as transformers' InternVL); other LLMs unchanged."""
-    if not is_internlm2(chat["llm_config"]):
-        return chat, state
-    config = llama_config_from_internlm2(chat["llm_config"], where="llm_config")
-    llm_config = config.to_dict()
-    llm_config.pop(SOURCE_KEY, None)
-    return {**chat, "llm_config": llm_config}, state_to_llama(state, config, prefix)
-
-
 # ----------------------------------------------------------------------------- files
 
 
@@ -385,3 +380,81 @@ def copy_remote_code(source: Path | None, destination: Path) -> list[str]:
             ", ".join(missing),
         )
     return copied
+
+
+# ----------------------------------------------------------------------------- adapter
+
+
+def is_internlm2_tokenizer(directory: Path) -> bool:
+    """Whether `directory` holds InternLM2's remote-code tokenizer (its tokenizer_config.json
+    names InternLM2Tokenizer beside a sentencepiece tokenizer.model)."""
+    config_path = directory / "tokenizer_config.json"
+    if not (config_path.is_file() and (directory / "tokenizer.model").is_file()):
+        return False
+    try:
+        tokenizer_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: invalid JSON ({error})") from None
+    return tokenizer_config.get("tokenizer_class") in REMOTE_CLASS_NAMES
+
+
+def require_sentencepiece(directory: Path) -> None:
+    """Raise a clear ImportError naming the packages when sentencepiece is missing."""
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"{directory}/tokenizer.model is an InternLM2 sentencepiece tokenizer, which needs "
+            "the 'sentencepiece' package: pip install 'vlpretrain[internlm2]' "
+            "(sentencepiece, einops)"
+        ) from None
+
+
+class InternLM2Adapter(FamilyAdapter):
+    """InternLM2 trained as a Llama and saved back in its own layout (this module's functions)."""
+
+    reads_directory_natively = False
+
+    def owns(self, native_config: Any) -> bool:
+        return is_converted(native_config)
+
+    def native_config(
+        self,
+        config_dict: dict[str, Any],
+        code_dir: str | Path | None = None,
+        where: str = "llm config",
+    ) -> LlamaConfig:
+        return llama_config_from_internlm2(config_dict, code_dir=code_dir, where=where)
+
+    def disk_config(self, native_config: Any) -> dict[str, Any]:
+        return internlm2_config_from_llama(native_config)
+
+    def native_config_dict(self, config_dict: dict[str, Any], where: str) -> dict[str, Any]:
+        llm_config = self.native_config(config_dict, where=where).to_dict()
+        llm_config.pop(SOURCE_KEY, None)
+        return llm_config
+
+    def to_native_state(
+        self, state: dict[str, torch.Tensor], native_config: Any, prefix: str = ""
+    ) -> dict[str, torch.Tensor]:
+        return state_to_llama(state, native_config, prefix)
+
+    def to_disk_state(
+        self, state: dict[str, torch.Tensor], native_config: Any, prefix: str = ""
+    ) -> dict[str, torch.Tensor]:
+        return state_to_internlm2(state, native_config, prefix)
+
+    def load_tokenizer(self, directory: Path) -> Any | None:
+        if not is_internlm2_tokenizer(directory):
+            return None
+        require_sentencepiece(directory)
+        return InternLM2SentencePieceTokenizer.from_pretrained(str(directory))
+
+    def save_files(self, native_config: Any, tokenizer: Any, source: Path, directory: Path) -> None:
+        # The remote code comes from the LLM's own directory (recorded on load), whichever
+        # directory the tokenizer came from.
+        save_internlm2_files(native_config, tokenizer, directory)
+
+
+ADAPTER = InternLM2Adapter(MODEL_TYPE, "LlamaForCausalLM (converted from InternLM2's layout)")
+"""InternLM2's FamilyAdapter (registered in model/families.py)."""

@@ -3,8 +3,8 @@
 Jobs: load an LLM directory (and its tokenizer) or build one from a config dict, give it the
 InternVL special tokens (embedding resize with mean-initialised rows), and untie input and
 output embeddings so that saving never drops `lm_head` (the reference loses it for tied LLMs).
-Every family runs as a transformers-native model (InternLM2 converted to Llama,
-model/internlm2.py; unsupported families refused, model/families.py), and training always
+Every family runs as a transformers-native model (converted ones through their adapter;
+unsupported families refused, model/families.py), and training always
 runs with `use_cache=False`: only then does transformers derive the block-diagonal mask of
 packed rows from restarting `position_ids`. Nothing from a directory executes unless
 `trust_remote_code` is set (model.trust_remote_code).
@@ -20,22 +20,17 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-from vlpretrain.model import hub, internlm2
-from vlpretrain.model.families import check_family
-from vlpretrain.model.sentencepiece_tokenizer import (
-    REMOTE_CLASS_NAMES,
-    InternLM2SentencePieceTokenizer,
-)
+from vlpretrain.model import hub
+from vlpretrain.model.families import converted_tokenizer, family_adapter
 from vlpretrain.tokens import add_internvl_tokens
 
 logger = logging.getLogger(__name__)
@@ -52,8 +47,8 @@ LORA_TARGETS: dict[str, list[str]] = {
         "mlp.down_proj",
     ],
 }
-"""LoRA target modules per LLM family; Qwen2/Qwen3/Llama and InternLM2 (which
-trains as a Llama, model/internlm2.py) use 'default'."""
+"""LoRA target modules per LLM family, by the native model_type it trains as:
+Qwen2/Qwen3/Llama and InternLM2 (converted to a Llama) use 'default'."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -79,25 +74,6 @@ def _tokenizer_needs_remote_code(directory: Path) -> str | None:
     return str(class_name)
 
 
-def _is_internlm2_tokenizer(directory: Path) -> bool:
-    config_path = directory / "tokenizer_config.json"
-    if not (config_path.is_file() and (directory / "tokenizer.model").is_file()):
-        return False
-    return _read_json(config_path).get("tokenizer_class") in REMOTE_CLASS_NAMES
-
-
-def require_sentencepiece(directory: Path) -> None:
-    """Raise a clear ImportError naming the packages when sentencepiece is missing."""
-    try:
-        import sentencepiece  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            f"{directory}/tokenizer.model is an InternLM2 sentencepiece tokenizer, which needs "
-            "the 'sentencepiece' package: pip install 'vlpretrain[internlm2]' "
-            "(sentencepiece, einops)"
-        ) from None
-
-
 def slow_tokenizer_ref(directory: Path) -> str | None:
     """The directory's own slow (sentencepiece) tokenizer class reference, or None.
 
@@ -115,30 +91,15 @@ def slow_tokenizer_ref(directory: Path) -> str | None:
     return str(refs[0])
 
 
-def load_tokenizer(
-    path: str | Path, trust_remote_code: bool = False, use_fast: bool = True
-) -> tuple[Any, int]:
-    """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A).
-
-    InternLM2's remote tokenizer is replaced by InternLM2SentencePieceTokenizer (same ids, no
-    code from the directory; it is the slow sentencepiece tokenizer either way). Any other
-    tokenizer that only exists as remote code needs `trust_remote_code`
-    (model.trust_remote_code); without it the error names that setting. `use_fast` False
-    selects the directory's own slow tokenizer where it has one (the reference's
-    `--use_fast_tokenizer False`; remote code, so it also needs `trust_remote_code`), else the
-    one transformers 5 has (logged).
-    """
-    directory = Path(path)
+def _directory_tokenizer(directory: Path, trust_remote_code: bool, use_fast: bool) -> Any:
+    """The tokenizer `directory` names, through transformers (remote code only when allowed)."""
     extra: dict[str, Any] = {}
     config_path = directory / "config.json"
     if config_path.exists() and _read_json(config_path).get("model_type") == "internvl_chat":
         # transformers has no config class for internvl_chat; without this it warns that it
         # is "instantiating a model of another type" while only reading the tokenizer.
         extra["config"] = PretrainedConfig()
-    if _is_internlm2_tokenizer(directory):
-        require_sentencepiece(directory)
-        tokenizer: Any = InternLM2SentencePieceTokenizer.from_pretrained(str(directory))
-    elif not use_fast and (slow_ref := slow_tokenizer_ref(directory)) is not None:
+    if not use_fast and (slow_ref := slow_tokenizer_ref(directory)) is not None:
         if not trust_remote_code:
             raise ValueError(
                 f"{directory}/tokenizer_config.json: the slow tokenizer {slow_ref} "
@@ -146,20 +107,39 @@ def load_tokenizer(
                 "from that directory. Set model.trust_remote_code = true to allow it"
             )
         slow: Any = get_class_from_dynamic_module(slow_ref, str(directory), trust_remote_code=True)
-        tokenizer = slow.from_pretrained(str(directory), trust_remote_code=True, **extra)
-    else:
-        if not use_fast:
-            logger.info("%s has no slow tokenizer of its own; using the fast one", path)
-        remote_class = _tokenizer_needs_remote_code(directory)
-        if remote_class and not trust_remote_code:
-            raise ValueError(
-                f"{directory}/tokenizer_config.json: tokenizer_class {remote_class} exists only "
-                "as remote code (auto_map); loading it runs Python from that directory. Set "
-                "model.trust_remote_code = true to allow it"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(directory), trust_remote_code=trust_remote_code, **extra
+        return slow.from_pretrained(str(directory), trust_remote_code=True, **extra)
+    if not use_fast:
+        logger.info("%s has no slow tokenizer of its own; using the fast one", directory)
+    remote_class = _tokenizer_needs_remote_code(directory)
+    if remote_class and not trust_remote_code:
+        raise ValueError(
+            f"{directory}/tokenizer_config.json: tokenizer_class {remote_class} exists only "
+            "as remote code (auto_map); loading it runs Python from that directory. Set "
+            "model.trust_remote_code = true to allow it"
         )
+    return AutoTokenizer.from_pretrained(
+        str(directory), trust_remote_code=trust_remote_code, **extra
+    )
+
+
+def load_tokenizer(
+    path: str | Path, trust_remote_code: bool = False, use_fast: bool = True
+) -> tuple[Any, int]:
+    """The tokenizer with the InternVL tokens added, and how many were new (0 on Path A).
+
+    A converted family's remote tokenizer is replaced by its adapter's (InternLM2's by
+    InternLM2SentencePieceTokenizer: same ids, no code from the directory; it is the slow
+    sentencepiece tokenizer either way). Any other tokenizer that only exists as remote code
+    needs `trust_remote_code` (model.trust_remote_code); without it the error names that
+    setting. `use_fast` False
+    selects the directory's own slow tokenizer where it has one (the reference's
+    `--use_fast_tokenizer False`; remote code, so it also needs `trust_remote_code`), else the
+    one transformers 5 has (logged).
+    """
+    directory = Path(path)
+    tokenizer = converted_tokenizer(directory)
+    if tokenizer is None:
+        tokenizer = _directory_tokenizer(directory, trust_remote_code, use_fast)
     added = add_internvl_tokens(tokenizer)
     logger.info("tokenizer %s: %d InternVL tokens added, %d in total", path, added, len(tokenizer))
     return tokenizer, added
@@ -167,7 +147,8 @@ def load_tokenizer(
 
 def load_llm(path: str | Path, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """A pretrained causal LM from a local directory, in fp32 (autocast handles bf16), as a
-    transformers-native model whose packed rows are isolated (InternLM2 converted to Llama).
+    transformers-native model whose packed rows are isolated (a converted family through its
+    adapter: config and tensors converted, then handed to the native class).
 
     No LLM runs its remote code, whatever trust_remote_code says: the supported families are
     native or converted, the others are refused before loading (families.py). Nor Hub kernels:
@@ -176,17 +157,16 @@ def load_llm(path: str | Path, attn_implementation: str = "sdpa") -> PreTrainedM
     """
     directory = Path(path)
     raw = _read_json(directory / "config.json")
-    check_family(raw, f"{directory}/config.json")
-    if internlm2.is_internlm2(raw):
-        config = internlm2.llama_config_from_internlm2(
-            raw, code_dir=directory, where=f"{directory}/config.json"
-        )
-        state = internlm2.state_to_llama(hub.load_weights(directory), config)
-        return _from_state(config, state, attn_implementation, directory)
-    return AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, attn_implementation=attn_implementation,
-        use_kernels=False,
-    )  # fmt: skip
+    where = f"{directory}/config.json"
+    adapter = family_adapter(raw, where)
+    if adapter.reads_directory_natively:
+        return AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=torch.float32, attn_implementation=attn_implementation,
+            use_kernels=False,
+        )  # fmt: skip
+    config = adapter.native_config(raw, code_dir=directory, where=where)
+    state = adapter.to_native_state(hub.load_weights(directory), config)
+    return _from_state(config, state, attn_implementation, directory)
 
 
 def _from_state(
@@ -195,9 +175,12 @@ def _from_state(
     attn_implementation: str,
     directory: Path,
 ) -> PreTrainedModel:
-    """LlamaForCausalLM from converted tensors (meta init, then the tensors cast to fp32)."""
+    """The native causal LM of `config` from converted tensors (meta init, then the tensors
+    cast to fp32)."""
+    # Any: the lazy mapping's stub types its values as tuples; it returns the model class.
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # output_loading_info makes from_pretrained return (model, info); its stub says model only.
-    loaded: Any = LlamaForCausalLM.from_pretrained(
+    loaded: Any = model_class.from_pretrained(
         None,
         config=config,
         state_dict=state,
@@ -209,7 +192,7 @@ def _from_state(
     model, info = loaded
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
     if problems:
-        raise ValueError(f"{directory}: converted InternLM2 weights do not match: {problems}")
+        raise ValueError(f"{directory}: converted weights do not match: {problems}")
     return cast(PreTrainedModel, model)
 
 
@@ -220,18 +203,12 @@ def llm_from_config(
 ) -> PreTrainedModel:
     """An LLM shaped like `config_dict` (a saved `llm_config`); weights uninitialised.
 
-    An InternLM2 `llm_config` becomes a Llama (`code_dir`: where its remote-code files are,
-    copied again when saving); the weights must then go through internlm2.state_to_llama.
+    The family's adapter makes the native config (a converted family's `code_dir`: where its
+    remote-code files are, copied again when saving); the weights must then go through the
+    adapter's to_native_state.
     """
-    check_family(config_dict, "llm_config")
-    if internlm2.is_internlm2(config_dict):
-        config: PretrainedConfig = internlm2.llama_config_from_internlm2(
-            config_dict, code_dir=code_dir, where="llm_config"
-        )
-    else:
-        config_dict = dict(config_dict)
-        model_type = config_dict.pop("model_type")
-        config = AutoConfig.for_model(model_type, **config_dict)
+    adapter = family_adapter(config_dict, "llm_config")
+    config = adapter.native_config(config_dict, code_dir=code_dir, where="llm_config")
     config._attn_implementation = attn_implementation
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
