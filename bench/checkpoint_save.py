@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlpretrain.train.checkpoint import Checkpointer
-from vlpretrain.train.states import TrainState, training_states
+from vlpretrain.train.checkpoint.states import TrainState, training_states
+from vlpretrain.train.checkpoint.store import Checkpointer
 
 WIDTH, LAYERS = 2048, 6
 """6 x 2048^2 weights = 25M parameters: 100 MB of weights plus 200 MB of Adam moments."""

@@ -8,7 +8,7 @@
    40. At every checkpoint the records the batches were made of (records_seen, all ranks)
    must equal the records the data stream counts as read: none loaded twice, none skipped.
 2. reshard: a tiny FSDP2 model + AdamW, three steps on 2 gloo ranks, saved by
-   train.checkpoint.save_checkpoint; loaded by load_checkpoint on 3 ranks and on 1 rank
+   train.checkpoint.store.save_checkpoint; loaded by load_checkpoint on 3 ranks and on 1 rank
    (FSDP2 on 3, a plain module on 1, as the loop runs them). Every full model tensor and
    every AdamW moment must equal the saved ones bit for bit.
 3. merge: the saved streams of a `--ranks` x `--workers` job half-way through an epoch of a
@@ -67,14 +67,14 @@ from train_fixtures import (  # noqa: E402
 
 from vlpretrain.data import sharding  # noqa: E402
 from vlpretrain.data.elastic import merge_stream_states  # noqa: E402
-from vlpretrain.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
-from vlpretrain.train.states import (  # noqa: E402
+from vlpretrain.train.checkpoint.states import (  # noqa: E402
     LoaderState,
     ModelState,
     OptimizerState,
     RNGState,
     TrainState,
 )
+from vlpretrain.train.checkpoint.store import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def _train(config: Path, num_ranks: int, *overrides: str) -> None:

@@ -329,8 +329,8 @@ def payload_case(where: str) -> Callable[[Path], tuple[str, str]]:
         import test_checkpoint as checkpoints
         import torch
 
-        from vlpretrain.train.checkpoint import load_checkpoint
-        from vlpretrain.train.checkpoint_manifest import MANIFEST, CheckpointError, hash_files
+        from vlpretrain.train.checkpoint.manifest import MANIFEST, CheckpointError, hash_files
+        from vlpretrain.train.checkpoint.store import load_checkpoint
 
         run = checkpoints.make_run(seed=0)
         checkpoints.step(run)
@@ -360,8 +360,8 @@ def payload_case(where: str) -> Callable[[Path], tuple[str, str]]:
 def outside_manifest(folder: Path) -> tuple[str, str]:
     import test_checkpoint as checkpoints
 
-    from vlpretrain.train.checkpoint import check_resume_checkpoint
-    from vlpretrain.train.checkpoint_manifest import CheckpointError
+    from vlpretrain.train.checkpoint.manifest import CheckpointError
+    from vlpretrain.train.checkpoint.store import check_resume_checkpoint
 
     path = checkpoints.save(checkpoints.make_run(seed=0), folder / "run")
     outside = folder / "secret.txt"
@@ -381,7 +381,7 @@ def damaged_latest(damage: Callable[[Path], None]) -> Callable[[Path], tuple[str
     def run(folder: Path) -> tuple[str, str]:
         import test_checkpoint as checkpoints
 
-        from vlpretrain.train.checkpoint import find_resume_checkpoint, load_checkpoint
+        from vlpretrain.train.checkpoint.store import find_resume_checkpoint, load_checkpoint
 
         _, second, third = checkpoints.three_checkpoints(folder)
         damage(third / "__0_0.distcp")
@@ -427,7 +427,7 @@ def signalled_run(inputs: Inputs, signum: int) -> Callable[[Path], tuple[str, st
         import test_train_preemption as preemption
         from train_fixtures import last_logged_step, losses_by_step
 
-        from vlpretrain.train.checkpoint import list_checkpoints
+        from vlpretrain.train.checkpoint.store import list_checkpoints
         from vlpretrain.train.preemption import PREEMPTED_EXIT
 
         reference = inputs.reference_losses()
@@ -601,7 +601,7 @@ def load_run_config(path: Path) -> Any:
 def foreign_lock(folder: Path) -> tuple[str, str]:
     from test_run_lock import plant
 
-    from vlpretrain.train.run_lock import RunLockError, acquire, this_process
+    from vlpretrain.train.checkpoint.lock import RunLockError, acquire, this_process
 
     plant(folder, replace(this_process(), host="dead-node", pid=4242), age_seconds=600)
     try:
@@ -615,7 +615,7 @@ def unlocked_foreign_lock(folder: Path) -> tuple[str, str]:
     from test_run_lock import plant
 
     from vlpretrain.cli import main
-    from vlpretrain.train.run_lock import LOCK_FILE, acquire, read_holder, this_process
+    from vlpretrain.train.checkpoint.lock import LOCK_FILE, acquire, read_holder, this_process
 
     plant(folder, replace(this_process(), host="dead-node", pid=4242), age_seconds=600)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -631,7 +631,7 @@ def lock_left_by(alive: bool, torn: bool = False) -> Callable[[Path], tuple[str,
     def run(folder: Path) -> tuple[str, str]:
         from test_run_lock import other_process, plant
 
-        from vlpretrain.train.run_lock import (
+        from vlpretrain.train.checkpoint.lock import (
             LOCK_FILE,
             RunLockError,
             acquire,

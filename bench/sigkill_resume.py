@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from train_fixtures import build_train_assets, cli_env, read_metrics, stage_raw, write_stage  # noqa: E402
 
-from vlpretrain.train.checkpoint import list_checkpoints  # noqa: E402
+from vlpretrain.train.checkpoint.store import list_checkpoints  # noqa: E402
 
 
 def free_port() -> int:

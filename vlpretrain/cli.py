@@ -320,7 +320,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     is a live process on this host)."""
     from pathlib import Path
 
-    from vlpretrain.train.run_lock import LOCK_FILE, RunLockError, break_lock
+    from vlpretrain.train.checkpoint.lock import LOCK_FILE, RunLockError, break_lock
 
     output_dir = Path(args.output_dir)
     try:

@@ -40,8 +40,8 @@ from vlpretrain.config import (
     validate,
 )
 from vlpretrain.distributed.env import DistEnv
+from vlpretrain.train.checkpoint.resume import RESUME_SAFE_FIELDS, changed_fields
 from vlpretrain.train.loop import train
-from vlpretrain.train.resume import RESUME_SAFE_FIELDS, changed_fields
 from vlpretrain.train.summary import FINAL_MARKER, RECORDED_CONFIG
 
 logger = logging.getLogger(__name__)

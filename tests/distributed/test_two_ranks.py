@@ -54,7 +54,7 @@ from vlpretrain.data.samples import IGNORE_INDEX, SampleSource, TokenizedSample
 from vlpretrain.data.skips import SKIP_LOG_NAME, SkipLog
 from vlpretrain.distributed.env import DistEnv
 from vlpretrain.model.build import run_facts
-from vlpretrain.train.checkpoint import list_checkpoints
+from vlpretrain.train.checkpoint.store import list_checkpoints
 from vlpretrain.train.evaluate import EvalConfig
 from vlpretrain.train.loop import evaluate_held_out, held_out_data, prepare_model, train_step
 from vlpretrain.train.optim import build_optimizer

@@ -27,7 +27,7 @@ from train_fixtures import (
     write_stage,
 )
 
-from vlpretrain.train.checkpoint import list_checkpoints
+from vlpretrain.train.checkpoint.store import list_checkpoints
 from vlpretrain.train.loop import FINAL_MARKER
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

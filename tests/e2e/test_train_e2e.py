@@ -48,7 +48,7 @@ from train_fixtures import (
 
 from vlpretrain.cli import main
 from vlpretrain.model.build import ModelConfig, build_model
-from vlpretrain.train.checkpoint import latest_checkpoint, list_checkpoints
+from vlpretrain.train.checkpoint.store import latest_checkpoint, list_checkpoints
 from vlpretrain.train.loop import FINAL_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -23,9 +23,9 @@ from train_fixtures import (
 
 import vlpretrain.train.loop as loop
 from vlpretrain.cli import main
+from vlpretrain.train.checkpoint.lock import LOCK_FILE, RunLockError, this_process
 from vlpretrain.train.loop import FINAL_MARKER
 from vlpretrain.train.nonfinite import NonFiniteError
-from vlpretrain.train.run_lock import LOCK_FILE, RunLockError, this_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -31,7 +31,7 @@ from train_fixtures import (
 )
 
 from vlpretrain.distributed.env import STALL_EXIT
-from vlpretrain.train.checkpoint import list_checkpoints
+from vlpretrain.train.checkpoint.store import list_checkpoints
 from vlpretrain.train.loop import FINAL_MARKER
 from vlpretrain.train.preemption import PREEMPTED_EXIT
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from vlpretrain.train.checkpoint import (
+from vlpretrain.train.checkpoint.manifest import MANIFEST, CheckpointError, hash_files
+from vlpretrain.train.checkpoint.states import LoaderState, TrainState, training_states
+from vlpretrain.train.checkpoint.store import (
     FORMAT_VERSION,
     STATE_LAYOUT,
     Checkpointer,
@@ -29,8 +31,6 @@ from vlpretrain.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vlpretrain.train.checkpoint_manifest import MANIFEST, CheckpointError, hash_files
-from vlpretrain.train.states import LoaderState, TrainState, training_states
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"train": {"max_steps": 4}}
@@ -395,7 +395,7 @@ def test_a_pickled_entry_is_refused_by_the_load_planner_too(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from vlpretrain.train.checkpoint_tensors import TensorOnlyLoadPlanner, split_tensors
+    from vlpretrain.train.checkpoint.tensors import TensorOnlyLoadPlanner, split_tensors
 
     run = make_run(seed=0)
     step(run)
@@ -414,7 +414,7 @@ def test_a_pickled_entry_is_refused_by_the_load_planner_too(tmp_path):
 def test_dcp_files_hold_only_tensors_and_the_optimizer_settings_are_json(tmp_path):
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from vlpretrain.train.checkpoint_manifest import MetadataSafeReader
+    from vlpretrain.train.checkpoint.manifest import MetadataSafeReader
 
     straight = make_run(seed=0)
     step(straight)
@@ -455,7 +455,7 @@ def test_a_checkpoint_with_pickled_optimizer_settings_is_refused_saying_why(tmp_
 
 def rewrite_manifest(path: Path, name: str, target: Path) -> None:
     """List `name` in the manifest with `target`'s true size and hash, as an attacker would."""
-    from vlpretrain.train.checkpoint_manifest import HASH, file_hash
+    from vlpretrain.train.checkpoint.manifest import HASH, file_hash
 
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["files"][name] = {"size": target.stat().st_size, HASH: file_hash(target)}

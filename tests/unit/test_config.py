@@ -483,7 +483,7 @@ def test_a_config_error_is_one_line_on_ranks_other_than_rank_0(tmp_path, capsys,
 
 def test_a_refusal_from_deep_in_a_command_is_a_message_not_a_traceback(capsys, monkeypatch):
     from vlpretrain import cli
-    from vlpretrain.train.resume import ChangedConfigError
+    from vlpretrain.train.checkpoint.resume import ChangedConfigError
 
     def refuse(*args, **kwargs):
         raise ChangedConfigError("the configuration differs\n  - train.max_steps: 6 -> 8")

@@ -24,8 +24,8 @@ from vlpretrain.data.elastic import merge_stream_states
 from vlpretrain.data.loader import StreamConfig, build_dataloader, stream_states
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.data.samples import SkippedSample
-from vlpretrain.train.checkpoint import load_checkpoint, save_checkpoint
-from vlpretrain.train.states import TrainState, training_states
+from vlpretrain.train.checkpoint.states import TrainState, training_states
+from vlpretrain.train.checkpoint.store import load_checkpoint, save_checkpoint
 
 PACKING = PackingConfig(
     max_packed_tokens=128, num_images_expected=6, max_buffer_size=4, rows_per_batch=2

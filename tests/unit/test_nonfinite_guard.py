@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
+from vlpretrain.train.checkpoint.states import TrainState
 from vlpretrain.train.nonfinite import (
     NonFiniteError,
     global_loss_and_finiteness,
     guard_nonfinite,
     refuse_nonfinite_weights,
 )
-from vlpretrain.train.states import TrainState
 
 
 def result(applied: bool) -> dict:

@@ -11,7 +11,7 @@ import pytest
 
 from vlpretrain.config import ConfigError, build_run_config, to_dict, validate
 from vlpretrain.log import MetricsWriter, truncate_metrics
-from vlpretrain.train.resume import (
+from vlpretrain.train.checkpoint.resume import (
     changed_fields,
     check_config_on_resume,
     set_aside_previous_run,

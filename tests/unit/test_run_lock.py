@@ -18,7 +18,7 @@ import torch
 
 from vlpretrain.cli import main
 from vlpretrain.distributed.env import DistEnv
-from vlpretrain.train.run_lock import (
+from vlpretrain.train.checkpoint.lock import (
     FOREIGN_STALE_SECONDS,
     LOCK_FILE,
     LOCK_LOST_EXIT,
@@ -167,7 +167,7 @@ import sys, time, torch
 from pathlib import Path
 from vlpretrain.cli import main
 from vlpretrain.distributed.env import DistEnv
-from vlpretrain.train.run_lock import hold_run_lock
+from vlpretrain.train.checkpoint.lock import hold_run_lock
 out = Path(sys.argv[1])
 with hold_run_lock(out, DistEnv(0, 0, 1, torch.device("cpu"), "gloo")):
     (out / "ready").touch()

@@ -12,7 +12,7 @@ import pytest
 from vlpretrain.log import MetricsWriter
 from vlpretrain.packages import MissingPackageError
 from vlpretrain.trackers import RUN_IDS_FILE, backend_names, read_run_ids
-from vlpretrain.train.resume import set_aside_previous_run
+from vlpretrain.train.checkpoint.resume import set_aside_previous_run
 
 
 @pytest.fixture

@@ -65,7 +65,14 @@ from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel
 from vlpretrain.plots import plot_stage_or_say_how
-from vlpretrain.train.checkpoint import (
+from vlpretrain.train.checkpoint.lock import hold_run_lock
+from vlpretrain.train.checkpoint.resume import (
+    check_config_on_resume,
+    flatten,
+    set_aside_previous_run,
+)
+from vlpretrain.train.checkpoint.states import LoaderState, TrainState, training_states
+from vlpretrain.train.checkpoint.store import (
     Checkpointer,
     check_resume_checkpoint,
     find_resume_checkpoint,
@@ -98,10 +105,7 @@ from vlpretrain.train.preemption import (
     catch_stop_signals,
     keep_worker_through_stop_signals,
 )
-from vlpretrain.train.resume import check_config_on_resume, flatten, set_aside_previous_run
-from vlpretrain.train.run_lock import hold_run_lock
 from vlpretrain.train.skips import SkipRecorder
-from vlpretrain.train.states import LoaderState, TrainState, training_states
 from vlpretrain.train.summary import (
     FINAL_MARKER,
     RECORDED_CONFIG,
@@ -457,7 +461,7 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
     """Run one stage to max_steps (resuming if a checkpoint exists); returns final metrics.
 
     Every rank first checks that all run the same job; output_dir's run lock is held
-    throughout (train.run_lock), and an iteration that takes longer than the collective
+    throughout (train/checkpoint/lock.py), and an iteration that takes longer than the collective
     timeout dumps every thread's stack to stderr (a loader that long silent ends the run).
     A preemption signal (train.preemption_signals) ends the stage after a checkpoint of the
     step in progress: Preempted, a SystemExit with code PREEMPTED_EXIT. A stage that already

@@ -20,7 +20,7 @@ import torch
 
 from vlpretrain.distributed.env import all_gather_objects, all_reduce_sum
 from vlpretrain.errors import RefusedError
-from vlpretrain.train.states import TrainState
+from vlpretrain.train.checkpoint.states import TrainState
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class SkipCounts(Protocol):
-    """What the recorder reads of the train state (train.checkpoint.TrainState has it)."""
+    """What the recorder reads of the train state (train/checkpoint/states.py TrainState has it)."""
 
     step: int
     skipped: dict[str, int]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpretrain.config import RunConfig, to_dict
-from vlpretrain.train.resume import RESUME_SAFE_FIELDS, changed_fields
+from vlpretrain.train.checkpoint.resume import RESUME_SAFE_FIELDS, changed_fields
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The stateful parts of a training run, each with state_dict() / load_state_dict().
 
-train.checkpoint saves and restores them (in its STATE_LAYOUT order); this module only says
+store.py saves and restores them (in its STATE_LAYOUT order); this module only says
 what each part's state is. TrainState is the progress that is not a tensor.
 
 A per-rank part that can resume on another world size (or, for the loader, another worker

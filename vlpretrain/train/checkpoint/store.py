@@ -16,18 +16,18 @@ loader creates its iterator (LoaderState), which draws from the torch RNG.
 
 Nothing in a checkpoint is a pickle that we run: JSON for plain state, safetensors for RNG
 tensors, DCP files that hold tensors only (the optimizer's lr, betas, ... are JSON in
-shared.json, see checkpoint_tensors.py; DCP reads tensors with torch.load(weights_only=True)),
+shared.json, see tensors.py; DCP reads tensors with torch.load(weights_only=True)),
 and DCP's `.metadata` is read with an unpickler that only builds DCP's own metadata classes
 and refuses entries that are not tensors. Every file gets the umask's permissions.
 
-A checkpoint is written into `step-N.tmp`, hashed (checkpoint_manifest.py) and renamed once
+A checkpoint is written into `step-N.tmp`, hashed (manifest.py) and renamed once
 every rank has finished, so a crash never leaves a half-written directory under a final name;
 resume verifies the manifest (which may name only files inside the checkpoint) and falls back
 to the newest intact checkpoint. What a checkpoint does not hold is the exported model: that
 is written once at the end of a stage (model.build.save_internvl).
 
 Resume on another world size: DCP reshards the model and optimizer tensors (FSDP2 or DDP);
-each `rank` part is `Reshardable` (train.states) and is handed every saved rank's state (also
+each `rank` part is `Reshardable` (states.py) and is handed every saved rank's state (also
 the loader on the same world size with another worker count); the RNG of a rank that did
 not exist comes from saved rank `rank % saved world size`.
 """
@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from vlpretrain.distributed.env import all_gather_objects, barrier, rank_and_world
 from vlpretrain.files import apply_umask
-from vlpretrain.train.checkpoint_manifest import (
+from vlpretrain.train.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
     MetadataSafeReader,
@@ -61,8 +61,8 @@ from vlpretrain.train.checkpoint_manifest import (
     verify_checkpoint,
     write_json_file,
 )
-from vlpretrain.train.checkpoint_tensors import TensorOnlyLoadPlanner, join_tensors, split_tensors
-from vlpretrain.train.states import Reshardable, Stateful
+from vlpretrain.train.checkpoint.states import Reshardable, Stateful
+from vlpretrain.train.checkpoint.tensors import TensorOnlyLoadPlanner, join_tensors, split_tensors
 
 logger = logging.getLogger(__name__)
 

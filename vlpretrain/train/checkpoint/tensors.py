@@ -26,7 +26,7 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from vlpretrain.train.checkpoint_manifest import CheckpointError
+from vlpretrain.train.checkpoint.manifest import CheckpointError
 
 _SCALARS = (bool, int, float, str, type(None))
 
