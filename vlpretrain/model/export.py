@@ -37,6 +37,7 @@ from transformers import CONFIG_MAPPING, InternVLConfig, PreTrainedConfig
 
 from vlpretrain.model import hub, internlm2
 from vlpretrain.model.build import chat_config_dict
+from vlpretrain.model.export_files import write_legacy_bpe_files
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.model.vision import VisionConfig
 from vlpretrain.model.vlm import VLMConfig, num_image_tokens
@@ -385,13 +386,17 @@ def chat_config_from_hf(hf: InternVLConfig, vocab_size: int) -> dict[str, Any]:
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    """Copy tokenizer and generation files that exist in `source`; returns their names."""
+    """Copy tokenizer and generation files that exist in `source`, a BPE tokenizer.json in the
+    form tokenizers 0.15 reads, with its slow files; returns the names written."""
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, destination / name)
     if not copied:
         raise FileNotFoundError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    return copied
+    # A directory written before BPE files got their older form (or by another tool) gets it
+    # here, so the export loads under tokenizers 0.15 and the slow classes too.
+    written = write_legacy_bpe_files(destination)
+    return [*copied, *(name for name in written if name not in copied)]
 
 
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:
