@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 PROCESSOR_CLASS = "InternVLProcessor"
 IMAGE_PROCESSOR_TYPE = "GotOcr2ImageProcessor"
-"""transformers picks its torchvision or PIL backend (GotOcr2ImageProcessorPil) itself."""
+"""transformers picks its torchvision or PIL backend (GotOcr2ImageProcessorPil) itself: torchvision
+when importable, and naming the PIL class here resolves to the same pair, so the config cannot
+pin PIL (whose pixels equal training's); docs/checkpoints.md says how readers choose it."""
 PIL_BICUBIC = 3
 """PIL.Image.Resampling.BICUBIC, the resampling of our tiling."""
 VIDEO_TOKEN = "<video>"

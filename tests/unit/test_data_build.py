@@ -297,3 +297,18 @@ def test_sixteen_bit_greyscale_saturates_at_255(tmp_path):
     # Pillow clips I;16 values at 255 on the way to RGB (no scaling), as the reference does.
     rgb = np.asarray(load_image(tmp_path / "grey16.png"))
     assert rgb[0, :, 0].tolist() == [0, 100, 255, 255, 255, 255]
+
+
+def test_legacy_template_drops_a_leading_answer_and_skips_a_system_turn(tmp_path, tokenizer):
+    system = {"from": "system", "value": "S"}
+    leading = {"from": "gpt", "value": "stray"}
+    records = [{"conversations": [leading, *conv("Hi", "Yo")]},
+               {"conversations": [system, *conv("Hi", "Yo")]}]  # fmt: skip
+    facts = facts_of(tokenizer, template="internlm2-chat")
+    source = make_source(tmp_path, tokenizer, records, facts=facts)
+    dropped, skipped = source.load(0, 0, 0), source.load(1, 0, 0)
+    assert isinstance(dropped, TokenizedSample)
+    assert "stray" not in tokenizer.decode(dropped.input_ids.tolist())
+    assert tokenizer.decode(dropped.labels[dropped.labels >= 0].tolist()) == "Yo<|im_end|>"
+    assert isinstance(skipped, SkippedSample) and skipped.reason == "unknown_role"
+    assert "'system' turn" in skipped.detail and skipped.source.line == 2

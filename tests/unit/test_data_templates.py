@@ -1,19 +1,31 @@
 """Template rendering and label masks, token by token (checked against the reference's ids)."""
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
+from llm_families import write_internlm2_dir
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from vlpretrain.data.records import RecordError
 from vlpretrain.data.samples import IGNORE_INDEX
 from vlpretrain.data.templates import (
     TEMPLATES,
     TemplateRenderer,
+    check_turn_order,
     expand_image_placeholders,
     expand_video_tag,
     insert_image_tag,
 )
+from vlpretrain.model.llm import load_tokenizer
+from vlpretrain.tokens import add_internvl_tokens
 
 DEFAULT_SYSTEM = TEMPLATES["internvl2_5"].default_system
+INTERNLM2_TOKENIZER_MODEL = (
+    Path(__file__).resolve().parents[1] / "assets" / ("internlm2_tiny_tokenizer.model")
+)
 
 
 def supervised_spans(tokenizer, input_ids, labels):
@@ -147,3 +159,100 @@ def test_truncation_never_cuts_an_image_span(tokenizer):
     # cut after the span but before any answer token: skipped (no supervision)
     with pytest.raises(RecordError, match="no supervised token"):
         renderer.truncate(ids, labels, img_end + 2)
+
+
+def newline_dropping_tokenizer():
+    """Words split at whitespace, which is dropped: "\n" alone encodes to no token."""
+    words = ["[UNK]", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "Hi", "Yo"]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]")
+    add_internvl_tokens(tokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def dummy_prefix_tokenizer(tmp_path_factory):
+    """InternLM2's sentencepiece tokenizer: "\n" alone (and after <|im_end|>) is U+2581 "\n"."""
+    directory = tmp_path_factory.mktemp("internlm2")
+    write_internlm2_dir(directory, INTERNLM2_TOKENIZER_MODEL)
+    tokenizer, _ = load_tokenizer(directory)
+    return tokenizer
+
+
+def reference_answer_mask(tokenizer, text):
+    """The reference's internvl2_5 label mask of one assistant segment: prefix and last token
+    untrained (its preprocessing tokenises the segment with special tokens, drops the BOS)."""
+    bos = int(bool(getattr(tokenizer, "add_bos_token", False)))
+    num_ids = len(tokenizer(text).input_ids) - bos
+    num_prefix = len(tokenizer("<|im_start|>assistant\n").input_ids) - bos
+    mask = [True] * num_ids
+    mask[:num_prefix] = [False] * num_prefix
+    mask[-1] = False
+    return tuple(mask)
+
+
+@pytest.mark.parametrize(
+    ("which", "trained"),
+    [
+        # "\n" is one token: the answer and <|im_end|> train, the "\n" does not
+        ("byte_level", ["Y", "o", "<|im_end|>"]),
+        # "\n" is no token: the last token is <|im_end|>, so only the answer trains
+        ("newline_dropping", ["Yo"]),
+        # "<|im_end|>\n" is <|im_end|> U+2581 "\n": the stray U+2581 trains, as the reference
+        ("dummy_prefix", ["<0x59>", "o", "<|im_end|>", "\u2581"]),
+    ],
+)
+def test_internvl2_5_leaves_exactly_the_last_answer_token_untrained(
+    tokenizer, dummy_prefix_tokenizer, which, trained
+):
+    tok = {
+        "byte_level": tokenizer,
+        "newline_dropping": newline_dropping_tokenizer(),
+        "dummy_prefix": dummy_prefix_tokenizer,
+    }[which]
+    renderer = TemplateRenderer(TEMPLATES["internvl2_5"], tok)
+    answer = renderer.render_segments((("human", "Hi"), ("gpt", "Yo")))[2]
+    text = "<|im_start|>assistant\nYo<|im_end|>\n"
+    assert answer.trainable == reference_answer_mask(tok, text)
+    pieces = tok.convert_ids_to_tokens(list(answer.token_ids))
+    assert [p for p, keep in zip(pieces, answer.trainable, strict=True) if keep] == [
+        p.replace("\u0120", " ") for p in trained
+    ]
+
+
+def test_a_separator_of_other_than_one_token_is_named_in_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.templates"):
+        TemplateRenderer(TEMPLATES["internvl2_5"], newline_dropping_tokenizer())
+    assert "<|im_end|> is not trained either" in caplog.text
+
+
+@pytest.mark.parametrize("style", ["internlm2-chat", "Hermes-2", "phi3-chat"])
+def test_legacy_templates_drop_a_leading_gpt_turn(style):
+    turns = (("gpt", "hello"), ("human", "q"), ("gpt", "a"))
+    assert check_turn_order(TEMPLATES[style], turns) == (("human", "q"), ("gpt", "a"))
+
+
+S, Q, Q2, A, A2 = ("system", "S"), ("human", "q"), ("human", "q2"), ("gpt", "a"), ("gpt", "a2")
+
+
+@pytest.mark.parametrize(
+    ("turns", "reason", "detail"),
+    [
+        ((S, Q, A), "unknown_role", "conversations[0] is a 'system' turn"),
+        ((Q, Q2, A), "unknown_role", "conversations[1] is a 'human' turn where"),
+        ((Q, A, A2), "unknown_role", "conversations[2] is a 'gpt' turn where"),
+        ((A, A2, Q), "unknown_role", "conversations[1] is a 'gpt' turn where"),
+        ((A, Q), "empty_conversation", "nothing to train on"),
+    ],
+)
+def test_legacy_templates_refuse_what_the_reference_fails_on(turns, reason, detail):
+    with pytest.raises(RecordError) as info:
+        check_turn_order(TEMPLATES["internlm2-chat"], turns)
+    assert info.value.reason == reason and detail in info.value.detail
+
+
+def test_internvl2_5_takes_any_turn_order():
+    turns = (("system", "S"), ("gpt", "a"), ("human", "q"), ("human", "q2"), ("gpt", "b"))
+    assert check_turn_order(TEMPLATES["internvl2_5"], turns) == turns

@@ -19,6 +19,7 @@ import sentencepiece
 import torch
 from conftest import TINY_TILE
 from safetensors import safe_open
+from tokenizers import Tokenizer, models
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from vlpretrain.config import TrainConfig
@@ -171,6 +172,28 @@ def test_export_carries_the_slow_tokenizer_files(tiny_components, tmp_path):
     reloaded = build_model(ModelConfig(model_name_or_path=str(out)))
     text = "<|im_start|>user\n<img><IMG_CONTEXT></img> a red circle<|im_end|>"
     assert reloaded.tokenizer(text).input_ids == built.tokenizer(text).input_ids
+
+
+def test_bpe_export_is_in_the_form_tokenizers_015_and_slow_classes_read(tiny_components, tmp_path):
+    llm = _qwen25_dir(tiny_components, tmp_path / "qwen25")
+    assert not (llm / "merges.txt").exists()  # the source has tokenizer.json only
+    built, _ = _export(tiny_components, llm, tmp_path / "out")
+    out = tmp_path / "out"
+    # tokenizers 0.15 refuses a merge written as a pair ("data did not match any variant of
+    # untagged enum ModelWrapper"); "left right" strings are read by every version.
+    merges = json.loads((out / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+    # The slow BPE files carry the same vocabulary and merges: swapped into the fast
+    # tokenizer, they give the same ids.
+    lines = (out / "merges.txt").read_text().splitlines()
+    assert lines == ["#version: 0.2", *merges]
+    fast = Tokenizer.from_file(str(out / "tokenizer.json"))
+    slow = Tokenizer.from_file(str(out / "tokenizer.json"))
+    slow.model = models.BPE.from_file(str(out / "vocab.json"), str(out / "merges.txt"))
+    text = "<|im_start|>user\n<img><IMG_CONTEXT></img> a red circle, the quick fox<|im_end|>"
+    ids = built.tokenizer(text, add_special_tokens=False).input_ids
+    assert fast.encode(text, add_special_tokens=False).ids == ids
+    assert slow.encode(text, add_special_tokens=False).ids == ids
 
 
 def test_weights_are_saved_in_the_requested_dtype(tiny_components, tmp_path):

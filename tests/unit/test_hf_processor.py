@@ -93,6 +93,26 @@ def test_image_processor_pixels_equal_ours(exported, photo, num_tiles):
     assert type(AutoImageProcessor.from_pretrained(str(hf_dir))) is GotOcr2ImageProcessorPil
 
 
+@pytest.mark.parametrize(("backend", "bound"), [("pil", 1e-6), ("torchvision", 0.05)])
+def test_image_processor_backend_pixel_difference(exported, backend, bound):
+    """The largest pixel difference from training's tiles, per backend (docs/checkpoints.md).
+
+    transformers picks torchvision when it can import it; its bicubic resize is not PIL's.
+    """
+    if backend == "torchvision":
+        pytest.importorskip("torchvision", reason="torchvision backend not importable")
+    chat_dir, hf_dir = exported
+    processor = AutoImageProcessor.from_pretrained(str(hf_dir), backend=backend)
+    worst = 0.0
+    for photo in ("chelsea", "astronaut", "coffee", "rocket"):
+        image = Image.fromarray(getattr(skimage.data, photo)()).convert("RGB")
+        theirs = processor(images=[image], return_tensors="pt")["pixel_values"]
+        _, ours = load(chat_dir).prompt_inputs([image], "what is it?")
+        worst = max(worst, (theirs - ours).abs().max().item())
+    print(f"{backend}: max |pixel difference| {worst:.3g}")
+    assert worst < bound
+
+
 def test_chat_template_ids_equal_our_prompt(exported):
     chat_dir, hf_dir = exported
     ours_model = load(chat_dir)

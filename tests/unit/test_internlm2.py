@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 
 from vlpretrain.model import hub, internlm2
 from vlpretrain.model.build import ModelConfig, build_model, new_vision, save_internvl, save_vision
+from vlpretrain.model.export import export_hf
+from vlpretrain.model.export_files import remote_code_files
 from vlpretrain.model.llm import load_llm, load_tokenizer
 from vlpretrain.model.sentencepiece_tokenizer import InternLM2SentencePieceTokenizer
 from vlpretrain.testing.components import TINY_VISION
@@ -171,6 +173,26 @@ def test_internvl_save_is_internlm2_layout_and_reloads_equal(internlm2_dir, tmp_
     first_state, second_state = hub.load_weights(out), hub.load_weights(again)
     assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
     assert all((again / name).is_file() for name in REMOTE_FILES)
+
+
+def test_hf_export_carries_the_tokenizer_code_its_config_names(tmp_path):
+    llm = tmp_path / "internlm2"
+    write_internlm2_dir(llm, TOKENIZER_MODEL)
+    for name in REMOTE_FILES:  # stand-ins for the remote-code files, as above
+        (llm / name).write_text(f"# stand-in for {name}\n")
+    vision = save_vision(new_vision(replace(TINY_VISION, image_size=28), 0), tmp_path / "vit")
+    config = ModelConfig(vision_path=str(vision), llm_path=str(llm), force_image_size=28)
+    built = build_model(config)
+    hf = export_hf(save_internvl(built.model, built.tokenizer, tmp_path / "chat"), tmp_path / "hf")
+    # The LLM is a native Llama there; only the tokenizer stays InternLM2's remote class, and
+    # a trust_remote_code reader needs every module its auto_map names beside it.
+    tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
+    named = remote_code_files(tokenizer_config["auto_map"])
+    assert named == ["tokenization_internlm2.py", "tokenization_internlm2_fast.py"]
+    assert all((hf / name).read_text() == f"# stand-in for {name}\n" for name in named)
+    tokenizer, _ = load_tokenizer(hf)
+    text = "<|im_start|>user\nhow many shapes?<|im_end|>"
+    assert tokenizer(text).input_ids == built.tokenizer(text).input_ids
 
 
 def test_missing_sentencepiece_names_the_packages(internlm2_dir, monkeypatch):

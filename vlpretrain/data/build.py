@@ -37,6 +37,7 @@ from vlpretrain.data.templates import (
     Turns,
     check_media_tags,
     check_reserved_strings,
+    check_turn_order,
     expand_image_placeholders,
     expand_video_tag,
     get_template,
@@ -347,7 +348,7 @@ class DatasetSource:
         self, record: Record, rng: np.random.Generator, source: SampleSource
     ) -> TokenizedSample:
         """Tile the media of `record`, render its template, truncate; raises RecordError."""
-        turns = record.conversations
+        turns = check_turn_order(self.renderer.template, record.conversations)
         check_reserved_strings(turns)
         check_media_tags(record.kind, turns, len(record.images))
         if self.config.media_under_root:

@@ -4,9 +4,11 @@
     [Segment] --join (+BOS) --> input_ids, labels --truncate--> <= max_seq_length
 
 Every segment string is `prefix[role] + value + end + after_end`, tokenised on its own (as the
-reference's internvl2_5 path). In an assistant segment the tokens of the prefix and of
-`after_end` are not trained; the answer and `end` are. A system segment is always emitted
-(default message unless the first turn is a system turn). Layout per template:
+reference's internvl2_5 path). In an assistant segment the tokens of the prefix are not
+trained; the answer and `end` are, except that a template with `after_end` leaves exactly the
+segment's last token untrained, as the reference does whatever `after_end` encodes to (see
+TemplateRenderer). A system segment is always emitted (default message unless the first turn
+is a system turn). Layout per template:
 
     internvl2_5     <|im_start|>system\\n{sys}<|im_end|>\\n <|im_start|>user\\n{q}<|im_end|>\\n
                     <|im_start|>assistant\\n{a}<|im_end|>\\n        (trained: a<|im_end|>)
@@ -15,10 +17,13 @@ reference's internvl2_5 path). In an assistant segment the tokens of the prefix 
     phi3-chat       <|system|>\\n{sys}<|end|> <|user|>\\n{q}<|end|> <|assistant|>\\n{a}<|end|>
 
 Image placeholders are expanded here and nowhere else (expand_image_placeholders).
+Training turns of the legacy templates (internlm2-chat, Hermes-2, phi3-chat) must alternate
+human, gpt, ... as the reference's preprocessing for them requires (check_turn_order).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +33,8 @@ import numpy as np
 from vlpretrain.data.records import RecordError
 from vlpretrain.data.samples import IGNORE_INDEX
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START, token_id
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
@@ -56,6 +63,9 @@ class ChatTemplate:
     """Text after `end` (never trained)."""
     default_system: str
     strip_values: bool = False
+    alternating_turns: bool = False
+    """Training turns are human, gpt, human, ...: a leading gpt turn is dropped, a system turn
+    or two turns of one role in a row are refused (the reference's legacy preprocessing)."""
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -82,6 +92,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             after_end="",
             default_system=_INTERNLM_SYSTEM,
             strip_values=True,
+            alternating_turns=True,
         ),
         ChatTemplate(
             name="Hermes-2",
@@ -91,6 +102,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             end="<|im_end|>",
             after_end="",
             default_system=_INTERNLM_SYSTEM,
+            alternating_turns=True,
         ),
         ChatTemplate(
             name="phi3-chat",
@@ -100,6 +112,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             end="<|end|>",
             after_end="",
             default_system=_INTERNLM_SYSTEM,
+            alternating_turns=True,
         ),
     )
 }
@@ -119,6 +132,49 @@ def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
         raise ValueError(f"unknown conv_style {name!r}; known: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def check_turn_order(template: ChatTemplate, turns: Turns) -> Turns:
+    """The training turns `template` accepts: for the legacy templates, human and gpt in turn.
+
+    The reference's preprocessing for internlm2-chat, Hermes-2 and phi3-chat drops a leading
+    gpt turn and fails on a system turn and on two turns of one role in a row (the record is
+    then replaced by a random other one); here such a record is a counted skip. Templates
+    without `alternating_turns` take every order.
+
+    Raises:
+        RecordError: unknown_role naming the turn at fault; empty_conversation when only the
+            dropped leading gpt turn had an answer.
+    """
+    if not template.alternating_turns:
+        return turns
+    first = 0
+    if turns and turns[0][0] == "gpt":
+        first = 1  # the reference drops it: an answer to no question
+    for position in range(first, len(turns)):
+        role = turns[position][0]
+        expected = ("human", "gpt")[(position - first) % 2]
+        if role == "system":
+            raise RecordError(
+                "unknown_role",
+                f"conversations[{position}] is a 'system' turn, which the {template.name} "
+                "template does not take in training data (the reference fails on it); drop "
+                "the turn or use the internvl2_5 template",
+            )
+        if role != expected:
+            raise RecordError(
+                "unknown_role",
+                f"conversations[{position}] is a {role!r} turn where the {template.name} "
+                f"template needs a {expected!r} one: turns must alternate human, gpt, ...",
+            )
+    kept = turns[first:]
+    if not any(role == "gpt" for role, _ in kept):
+        raise RecordError(
+            "empty_conversation",
+            "the only 'gpt' turn is the leading one, which the "
+            f"{template.name} template drops: nothing to train on",
+        )
+    return kept
 
 
 def check_reserved_strings(turns: Turns) -> None:
@@ -250,9 +306,32 @@ class TemplateRenderer:
         bos = tokenizer.bos_token_id
         self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
         self._num_prefix = len(self._encode([template.assistant_prefix])[0])
-        self._num_suffix = len(self._encode([template.after_end])[0]) if template.after_end else 0
+        # The reference masks exactly one token after `end`, whatever the tokenizer makes of
+        # `after_end`; we follow it so labels match, and say where that is not the separator.
+        self._num_suffix = 1 if template.after_end else 0
+        if template.after_end:
+            self._warn_uneven_separator()
         self.img_start_id = token_id(tokenizer, IMG_START)
         self.img_end_id = token_id(tokenizer, IMG_END)
+
+    def _warn_uneven_separator(self) -> None:
+        """Warn when the token after each answer is not exactly the encoded `after_end`."""
+        end, after_end = self.template.end, self.template.after_end
+        ids = self._encode([end + after_end])[0]
+        num_separator = len(ids) - len(self._encode([end])[0])
+        if num_separator == 1:
+            return
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        outcome = (
+            f"so {end} is not trained either (the model is not taught to stop)"
+            if num_separator == 0
+            else f"so {tokens[-num_separator:-1]} after {end} are trained"
+        )
+        logger.warning(
+            "%s template: this tokenizer encodes %r as %s; as in the reference only the last "
+            "token of each answer is left untrained, %s (DIFFERENCES.md)",
+            self.template.name, end + after_end, tokens, outcome,
+        )  # fmt: skip
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False).input_ids

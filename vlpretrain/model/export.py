@@ -27,6 +27,7 @@ or write the processor files (vlpretrain.hf_export, which needs the data-side se
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -37,6 +38,7 @@ from transformers import CONFIG_MAPPING, InternVLConfig, PreTrainedConfig
 
 from vlpretrain.model import hub
 from vlpretrain.model.build import LLM_PREFIX, chat_config_dict
+from vlpretrain.model.export_files import copy_remote_code, write_legacy_bpe_files
 from vlpretrain.model.families import family_adapter
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.model.vision import VisionConfig
@@ -386,13 +388,32 @@ def chat_config_from_hf(hf: InternVLConfig, vocab_size: int) -> dict[str, Any]:
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    """Copy tokenizer and generation files that exist in `source`; returns their names."""
+    """Copy tokenizer and generation files that exist in `source` and the tokenizer code its
+    auto_map names; a BPE tokenizer.json in the form tokenizers 0.15 reads, with its slow
+    files. Returns the names written."""
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, destination / name)
     if not copied:
         raise FileNotFoundError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    return copied
+    # A directory written before BPE files got their older form (or by another tool) gets it
+    # here, so the export loads under tokenizers 0.15 and the slow classes too.
+    written = write_legacy_bpe_files(destination)
+    copied += [name for name in written if name not in copied]
+    return copied + _copy_tokenizer_code(source, destination)
+
+
+def _copy_tokenizer_code(source: Path, destination: Path) -> list[str]:
+    """Copy the remote-code tokenizer files the copied tokenizer_config names (InternLM2's).
+
+    Readers that load the tokenizer through `auto_map` (trust_remote_code=True) find them
+    beside the export; without them such a reader fails on a missing module.
+    """
+    config_path = destination / "tokenizer_config.json"
+    if not config_path.is_file():
+        return []
+    auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map")
+    return copy_remote_code(source, destination, [auto_map])
 
 
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:

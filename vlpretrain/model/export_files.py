@@ -9,6 +9,10 @@ write must load unchanged in both, so this module owns the parts that differ:
                                                special_tokens_map.json, the slow tokenizer's
                                                vocabulary (tokenizer.model | vocab.json +
                                                merges.txt) copied from the source
+    tokenizer.json (tokenizers 0.20+ form)   --write_legacy_bpe_files--> merges as "a b"
+                                               strings (what tokenizers 0.15 reads), and
+                                               vocab.json + merges.txt for a BPE the source
+                                               gave no slow files for
     source LLM directory                     --copy_remote_code--> the *.py its auto_map names
 
 The 4.x reader of an LLM config is the family's config constructor (`Qwen2Config`,
@@ -37,6 +41,8 @@ SLOW_VOCABULARY_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
 """The slow tokenizers' vocabulary: sentencepiece (InternLM2, Llama) or BPE (Qwen2)."""
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 """Special-token attributes written to special_tokens_map.json when the source has none."""
+MERGES_HEADER = "#version: 0.2"
+"""First line of a merges.txt (GPT-2's format; the slow BPE tokenizers skip it)."""
 FAST_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 """transformers 5 generic tokenizer class names -> the name a 4.x reader resolves."""
 
@@ -138,7 +144,8 @@ def complete_tokenizer(tokenizer: Any, source: Path | None, destination: Path) -
     - tokenizer_config.json gets `added_tokens_decoder` (4.x slow tokenizers read added
       tokens, such as the InternVL ones, only from there) and a class name 4.x resolves;
     - special_tokens_map.json is copied from `source`, or written from the tokenizer;
-    - the slow tokenizer's vocabulary files are copied from `source` where it has them.
+    - the slow tokenizer's vocabulary files are copied from `source` where it has them;
+    - a BPE tokenizer.json gets its older form and its slow files (write_legacy_bpe_files).
     Returns the names of the files added or changed.
     """
     written = []
@@ -166,4 +173,50 @@ def complete_tokenizer(tokenizer: Any, source: Path | None, destination: Path) -
             if (source / name).resolve() != (destination / name).resolve():
                 shutil.copyfile(source / name, destination / name)
             written.append(name)
+    written += [name for name in write_legacy_bpe_files(destination) if name not in written]
+    return written
+
+
+def _bpe_merges_as_text(model: dict[str, Any], path: Path) -> list[str] | None:
+    """The BPE merges as "left right" strings; None (with a warning) if a piece has a space."""
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    pairs = [m for m in model["merges"] if not isinstance(m, str)]
+    if any(" " in piece for pair in pairs for piece in pair):
+        logger.warning(
+            "%s: a BPE merge holds a space, which tokenizers 0.15 and the slow tokenizers "
+            "cannot represent; readers older than tokenizers 0.20 cannot load it",
+            path,
+        )
+        return None
+    return merges
+
+
+def write_legacy_bpe_files(directory: Path) -> list[str]:
+    """Make `directory`'s BPE tokenizer readable by the reference's tokenizers and slow classes.
+
+    tokenizers 0.20+ writes each BPE merge as a pair of strings; tokenizers 0.15 (the
+    reference's, under transformers 4.37) reads only "left right" strings and refuses the
+    whole file. Newer tokenizers read both, so tokenizer.json is rewritten with strings. The
+    slow BPE tokenizers (Qwen2Tokenizer, the reference's `--use_fast_tokenizer False`) read
+    vocab.json + merges.txt instead: they are written from tokenizer.json where the directory
+    has none. Returns the names of the files written; a non-BPE tokenizer is left as it is.
+    """
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return []
+    content = json.loads(path.read_text(encoding="utf-8"))
+    model = content.get("model", {})
+    if model.get("type") != "BPE" or (merges := _bpe_merges_as_text(model, path)) is None:
+        return []
+    written = []
+    if merges != model["merges"]:
+        model["merges"] = merges
+        path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(path.name)
+    if not (directory / "vocab.json").exists() and not (directory / "merges.txt").exists():
+        vocab = json.dumps(model["vocab"], ensure_ascii=False) + "\n"
+        (directory / "vocab.json").write_text(vocab, encoding="utf-8")
+        text = "\n".join([MERGES_HEADER, *merges]) + "\n"
+        (directory / "merges.txt").write_text(text, encoding="utf-8")
+        written += ["vocab.json", "merges.txt"]
     return written
