@@ -1,10 +1,12 @@
-"""Meta, annotation and media read from object storage: a real S3 API (moto's server) on
-127.0.0.1, s3fs as the client, a proxy that drops or stalls chosen replies (tests/s3_server.py).
+"""Meta, annotation and media read from object storage, and a Location's reads of a file and
+of the same bytes as an object: a real S3 API (moto's server) on 127.0.0.1, s3fs as the
+client, a proxy that drops or stalls chosen replies (tests/s3_server.py).
 """
 
 import io
 import json
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -19,9 +21,9 @@ from vlpretrain.config import build_run_config, validate
 from vlpretrain.data import media, remote
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
 from vlpretrain.data.index import AnnotationIndex
+from vlpretrain.data.location import Location
 from vlpretrain.data.meta import DatasetSpec, load_meta
 from vlpretrain.data.records import RecordError
-from vlpretrain.data.location import Location
 from vlpretrain.data.remote import RemoteSettings
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.data.skips import SkipTally, skip_entry
@@ -304,3 +306,52 @@ def test_remote_settings_come_from_the_data_config(tmp_path):
         SampleConfig(remote_timeout_seconds=0)
     with pytest.raises(ValueError, match="remote_retries must be >= 0"):
         SampleConfig(remote_retries=-1)
+
+
+RANGES = [(0, 5), (7, 100), (250, 10), (259, 5), (3, 0)]
+"""(offset, length) pairs of a 260-byte file: inside, across the end (fewer bytes), empty."""
+
+
+def test_ranged_reads_of_a_file_and_of_its_object_agree(s3, tmp_path):
+    data = bytes(range(256)) + b"tail"  # 260 bytes
+    (tmp_path / "blob.bin").write_bytes(data)
+    local = Location.parse(tmp_path / "blob.bin")
+    url = Location.parse(s3.put("location/blob.bin", data), settings=FAST)
+    for offset, length in RANGES:
+        want = data[offset : offset + length]
+        assert local.read_range(offset, length) == url.read_range(offset, length) == want
+    for location in (local, url):
+        with location.open() as stream:
+            assert stream.size == 260 and stream.read(4) == data[:4]
+            stream.seek(-4, os.SEEK_END)
+            assert stream.read() == b"tail" and stream.read(1) == b""
+        assert location.read_all() == data and location.info().size == 260
+
+
+def test_a_missing_object_and_a_prefix_fail_as_missing_files_and_folders_do(s3, tmp_path):
+    s3.put("location/folder/one.png", b"x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "one.png").write_bytes(b"x")
+    prefix = Location.parse(f"s3://{BUCKET}/location/folder", settings=FAST)
+    for where in (prefix, Location.parse(tmp_path / "folder")):
+        assert where.is_dir() and not where.is_file()
+        assert [p.name for p in where.list_files()] == ["one.png"]
+        missing = where.join("none.bin")
+        assert not missing.exists()
+        with pytest.raises(FileNotFoundError):
+            missing.info()
+        with pytest.raises(FileNotFoundError):
+            missing.read_range(0, 1)
+    with pytest.raises(IsADirectoryError, match="is a prefix"):
+        prefix.fingerprint()
+
+
+def test_an_index_reads_a_file_and_its_object_alike(s3, tmp_path):
+    lines = b'{"a": 1}\r\n\n   \n{"b": 22}\n{"c": 3}'
+    (tmp_path / "ann.jsonl").write_bytes(lines)
+    url = s3.put("location/ann.jsonl", lines)
+    local = AnnotationIndex(tmp_path / "ann.jsonl", tmp_path / "cache")
+    remote_index = AnnotationIndex(url, tmp_path / "cache", FAST)
+    records = [b'{"a": 1}', b'{"b": 22}', b'{"c": 3}']
+    assert [local.read(i) for i in range(3)] == [remote_index.read(i) for i in range(3)] == records
+    assert [local.line_number(i) for i in range(3)] == [1, 4, 5]

@@ -77,8 +77,9 @@ class Fingerprint:
 class LocationStream(io.RawIOBase):
     """A seekable binary stream of one file that can also be read by range.
 
-    `read_range` reads exactly [offset, offset + length) (fewer bytes at the end of the file)
-    whatever the position; `size` is the length of the file.
+    `read_range` reads exactly [offset, offset + length) whatever the position: fewer bytes
+    where the range passes the end of the file, but `offset` must lie inside it (an object
+    store refuses a range that starts past the end); `size` is the length of the file.
     """
 
     @property
@@ -151,6 +152,12 @@ class _RemoteStream(LocationStream):
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
+
+    def readall(self) -> bytes:
+        """The rest of the object in one ranged request (not io's many small reads)."""
+        data = self.read_range(self._position, max(self.size - self._position, 0))
+        self._position += len(data)
+        return data
 
     def read_range(self, offset: int, length: int) -> bytes:
         return remote.read_range(self._url, offset, offset + length, self._settings)
@@ -270,7 +277,7 @@ class Location(ABC):
         stores keep no folders to check: any URL prefix may be one)."""
 
     def read_range(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset + length) (fewer at the end of the file)."""
+        """Bytes [offset, offset + length) (fewer at the end of the file; see LocationStream)."""
         with self.open() as stream:
             return stream.read_range(offset, length)
 
