@@ -101,14 +101,13 @@ class _LocalStream(io.FileIO, LocationStream):
         return os.fstat(self.fileno()).st_size
 
     def read_range(self, offset: int, length: int) -> bytes:
-        parts, done = [], 0
-        while done < length:  # pread returns fewer bytes only at the end or above 2 GiB
-            part = os.pread(self.fileno(), length - done, offset + done)
-            if not part:
+        data = os.pread(self.fileno(), length, offset)
+        while 0 < len(data) < length:  # fewer bytes: the end of the file, or a read above 2 GiB
+            more = os.pread(self.fileno(), length - len(data), offset + len(data))
+            if not more:
                 break
-            parts.append(part)
-            done += len(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            data += more
+        return data
 
 
 class _RemoteStream(LocationStream):
@@ -276,6 +275,11 @@ class Location(ABC):
         """False if this cannot be a dataset root: a local path that is no directory (object
         stores keep no folders to check: any URL prefix may be one)."""
 
+    @abstractmethod
+    def may_be_file(self) -> bool:
+        """False if this is known, without a network request, not to be a file: a local path
+        that is none (an object is checked when it is read)."""
+
     def read_range(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset + length) (fewer at the end of the file; see LocationStream)."""
         with self.open() as stream:
@@ -397,6 +401,9 @@ class LocalLocation(Location):
     def may_be_folder(self) -> bool:
         return self.path.is_dir()
 
+    def may_be_file(self) -> bool:
+        return self.path.is_file()
+
     # the fast paths of the base class's generic methods: one system call each
     def exists(self) -> bool:
         return self.path.exists()
@@ -480,4 +487,7 @@ class RemoteLocation(Location):
         return remote.check_protocol(self.protocol)
 
     def may_be_folder(self) -> bool:
+        return True
+
+    def may_be_file(self) -> bool:
         return True
