@@ -137,7 +137,7 @@ def main() -> None:
         figures = measure(folder, folder, folder / "images.jsonl", folder / "big.jsonl", NUM_LINES)
         print(json.dumps(figures))
         return
-    from vlpretrain.data.remote import URL  # not in the baseline tree
+    from vlpretrain.data.location import Location  # not in the baseline tree
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data"
@@ -162,7 +162,8 @@ def main() -> None:
                 line += f"  ratio {ratio:.3f} (this tree / baseline)"
             print(line)
         with serve_directory(folder, names) as url:
-            remote = measure(folder, URL(url), URL(f"{url}/images.jsonl"), f"{url}/big.jsonl", 200)
+            root, annotation = Location.parse(url), Location.parse(f"{url}/images.jsonl")
+            remote = measure(folder, root, annotation, f"{url}/big.jsonl", 200)
         print("(2) the same from s3:// (moto on 127.0.0.1, in this process):")
         for key, (median, low, high) in remote.items():
             local = medians["this tree"][key]

@@ -29,6 +29,7 @@ import tomllib
 
 from vlpretrain.data.build import SampleConfig
 from vlpretrain.data.loader import StreamConfig
+from vlpretrain.data.location import Location
 from vlpretrain.data.packing import PackingConfig
 from vlpretrain.distributed.parallel import DistConfig
 from vlpretrain.errors import RefusedError
@@ -458,7 +459,7 @@ def validate(config: RunConfig, world_size: int) -> None:
     problems = []
     if not config.train.meta_path:
         problems.append("train.meta_path is required (the meta JSON of the training data)")
-    elif "://" not in config.train.meta_path and not Path(config.train.meta_path).is_file():
+    elif not Location.parse(config.train.meta_path).may_be_file():
         # a URL (s3://...) is checked when data.meta reads it
         problems.append(f"train.meta_path {config.train.meta_path} does not exist")
     meta = config.eval.meta

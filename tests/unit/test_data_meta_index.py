@@ -37,7 +37,8 @@ def test_meta_valid_entry_resolves_relative_to_meta_dir(tmp_path, monkeypatch):
     specs = load_meta(meta)
     assert [s.name for s in specs] == ["first", "second"]
     assert [s.dataset_index for s in specs] == [0, 1]
-    assert specs[0].root == tmp_path / "imgs" and specs[0].annotation == tmp_path / "a.jsonl"
+    assert str(specs[0].root) == str(tmp_path / "imgs")
+    assert str(specs[0].annotation) == str(tmp_path / "a.jsonl")
     assert specs[0].max_dynamic_patch == 6 and specs[1].max_dynamic_patch is None
     assert specs[1].repeat_time == 2.0
 

@@ -1,10 +1,12 @@
-"""Meta, annotation and media read from object storage: a real S3 API (moto's server) on
-127.0.0.1, s3fs as the client, a proxy that drops or stalls chosen replies (tests/s3_server.py).
+"""Meta, annotation and media read from object storage, and a Location's reads of a file and
+of the same bytes as an object: a real S3 API (moto's server) on 127.0.0.1, s3fs as the
+client, a proxy that drops or stalls chosen replies (tests/s3_server.py).
 """
 
 import io
 import json
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -19,9 +21,10 @@ from vlpretrain.config import build_run_config, validate
 from vlpretrain.data import media, remote
 from vlpretrain.data.build import DatasetSource, SampleConfig, build_sources
 from vlpretrain.data.index import AnnotationIndex
+from vlpretrain.data.location import Location
 from vlpretrain.data.meta import DatasetSpec, load_meta
 from vlpretrain.data.records import RecordError
-from vlpretrain.data.remote import URL, RemoteSettings
+from vlpretrain.data.remote import RemoteSettings
 from vlpretrain.data.samples import SkippedSample, TokenizedSample
 from vlpretrain.data.skips import SkipTally, skip_entry
 from vlpretrain.facts import RunFacts
@@ -41,6 +44,11 @@ def s3():
 @pytest.fixture(autouse=True)
 def no_faults(s3):
     s3.proxy.clear()
+
+
+def at(url, settings=FAST):
+    """The location of `url`, read with `settings`."""
+    return Location.parse(url, settings=settings)
 
 
 def facts_of(tokenizer):
@@ -95,7 +103,7 @@ def test_samples_from_s3_equal_the_same_samples_from_disk(s3, tmp_path, tokenize
     config = SampleConfig(**SMALL, cache_dir=str(tmp_path / "cache"))
     local = build_sources(local_meta, config, facts_of(tokenizer), tokenizer)[0]
     remote_source = build_sources(url_meta, config, facts_of(tokenizer), tokenizer)[0]
-    assert remote_source.spec.annotation == f"s3://{BUCKET}/same/ann.jsonl"  # meta-relative
+    assert str(remote_source.spec.annotation) == f"s3://{BUCKET}/same/ann.jsonl"  # meta-relative
     assert len(remote_source) == len(local) == len(records)
     for i in range(len(records)):
         want, got = local.load(i, 0, 7), remote_source.load(i, 0, 7)
@@ -104,7 +112,7 @@ def test_samples_from_s3_equal_the_same_samples_from_disk(s3, tmp_path, tokenize
         assert np.array_equal(want.input_ids, got.input_ids)
         assert np.array_equal(want.pixel_values, got.pixel_values)
         assert got.num_tiles_per_image == want.num_tiles_per_image
-        assert got.source.path == remote_source.spec.annotation and got.source.line == i + 1
+        assert got.source.path == str(remote_source.spec.annotation) and got.source.line == i + 1
 
 
 def test_remote_index_is_cached_by_etag_and_read_by_ranges(s3, tmp_path):
@@ -129,9 +137,9 @@ def test_remote_index_is_cached_by_etag_and_read_by_ranges(s3, tmp_path):
 
 def test_a_connection_dropped_mid_read_is_retried(s3):
     data = png((40, 30), "green")
-    url = URL(s3.put("flaky/img.png", data))
+    url = at(s3.put("flaky/img.png", data))
     s3.proxy.plan("flaky/img.png", "drop", "ok")
-    image = media.load_image(url, settings=FAST)
+    image = media.load_image(url)
     assert image.size == (40, 30) and image.getpixel((0, 0)) == (0, 128, 0)
     assert len(s3.proxy.seen("flaky/img.png")) == 2  # the dropped read and its retry
 
@@ -163,31 +171,31 @@ def test_a_read_that_keeps_failing_is_a_counted_skip_naming_the_url(s3, tmp_path
 
 
 def test_a_stalled_server_times_out_instead_of_hanging(s3):
-    url = URL(s3.put("stall/img.png", png((8, 8), "red")))
-    s3.proxy.plan("stall/img.png", "stall")
     settings = RemoteSettings(timeout_seconds=0.5, retries=1, backoff_seconds=0.01)
+    url = at(s3.put("stall/img.png", png((8, 8), "red")), settings)
+    s3.proxy.plan("stall/img.png", "stall")
     start = time.monotonic()
     with pytest.raises(RecordError) as caught:
-        media.load_image(url, settings=settings)
+        media.load_image(url)
     assert time.monotonic() - start < 5.0  # 2 attempts of 0.5 s, not the 20 s stall
-    assert caught.value.reason == "read_error" and url in caught.value.detail
+    assert caught.value.reason == "read_error" and str(url) in caught.value.detail
     assert "0.5 s timeout" in caught.value.detail
-    head = URL(s3.put("stall/head.png", png((8, 8), "red")))
+    head = at(s3.put("stall/head.png", png((8, 8), "red")), settings)
     s3.proxy.plan("stall/head.png", "stall", method="HEAD")  # the metadata request stalls
     start = time.monotonic()
     with pytest.raises(RecordError, match=f"read_error: {head}: info failed 2 time"):
-        media.load_image(head, settings=settings)
+        media.load_image(head)
     assert time.monotonic() - start < 5.0
 
 
 def test_missing_objects_are_named(s3, tmp_path):
-    missing = URL(f"s3://{BUCKET}/nowhere/img.png")
+    missing = at(f"s3://{BUCKET}/nowhere/img.png")
     with pytest.raises(RecordError, match="missing_image: no image object s3://") as caught:
-        media.load_image(missing, settings=FAST)
-    assert missing in caught.value.detail
+        media.load_image(missing)
+    assert str(missing) in caught.value.detail
     rng = np.random.default_rng(0)
     with pytest.raises(RecordError, match=f"video_error: .*{BUCKET}/nowhere/clip.mp4"):
-        media.load_video_frames(URL(f"s3://{BUCKET}/nowhere/clip.mp4"), 2, 2, rng, settings=FAST)
+        media.load_video_frames(at(f"s3://{BUCKET}/nowhere/clip.mp4"), 2, 2, rng)
     meta = {
         "gone": {"root": ".", "annotation": "gone.jsonl", "repeat_time": 1, "data_augment": False},
         "blank": {"root": ".", "annotation": "blank.jsonl", "repeat_time": 1,
@@ -217,12 +225,12 @@ def test_pixel_cap_is_checked_from_a_ranged_header_read(s3):
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, format="PNG")
     assert len(buffer.getvalue()) > 4 * media.HEADER_BYTES
-    url = URL(s3.put("big/noise.png", buffer.getvalue()))
+    url = at(s3.put("big/noise.png", buffer.getvalue()))
     with pytest.raises(RecordError, match="image_too_large: .*300x300 = 90000 pixels"):
-        media.load_image(url, max_pixels=10_000, settings=FAST)
+        media.load_image(url, max_pixels=10_000)
     (read,) = s3.proxy.seen("big/noise.png")  # only the header was fetched
     assert read.range == f"bytes=0-{media.HEADER_BYTES - 1}"
-    assert media.image_size(url, FAST) == (300, 300)
+    assert media.image_size(url) == (300, 300)
 
 
 def test_plain_http_urls_work_too(s3, tmp_path):
@@ -231,9 +239,9 @@ def test_plain_http_urls_work_too(s3, tmp_path):
     s3.put("http/a.png", png((30, 20), "red"), public=True)
     index = AnnotationIndex(s3.http_url("http/ann.jsonl"), tmp_path / "cache", FAST)
     assert len(index) == 3 and index.read(2) == b'{"k": 2}'
-    assert media.load_image(URL(s3.http_url("http/a.png")), settings=FAST).size == (30, 20)
+    assert media.load_image(at(s3.http_url("http/a.png"))).size == (30, 20)
     with pytest.raises(RecordError, match="missing_image: no image object http://"):
-        media.load_image(URL(s3.http_url("http/none.png")), settings=FAST)
+        media.load_image(at(s3.http_url("http/none.png")))
 
 
 def _read_in_child(index, i):
@@ -298,3 +306,52 @@ def test_remote_settings_come_from_the_data_config(tmp_path):
         SampleConfig(remote_timeout_seconds=0)
     with pytest.raises(ValueError, match="remote_retries must be >= 0"):
         SampleConfig(remote_retries=-1)
+
+
+RANGES = [(0, 5), (7, 100), (250, 10), (259, 5), (3, 0)]
+"""(offset, length) pairs of a 260-byte file: inside, across the end (fewer bytes), empty."""
+
+
+def test_ranged_reads_of_a_file_and_of_its_object_agree(s3, tmp_path):
+    data = bytes(range(256)) + b"tail"  # 260 bytes
+    (tmp_path / "blob.bin").write_bytes(data)
+    local = Location.parse(tmp_path / "blob.bin")
+    url = Location.parse(s3.put("location/blob.bin", data), settings=FAST)
+    for offset, length in RANGES:
+        want = data[offset : offset + length]
+        assert local.read_range(offset, length) == url.read_range(offset, length) == want
+    for location in (local, url):
+        with location.open() as stream:
+            assert stream.size == 260 and stream.read(4) == data[:4]
+            stream.seek(-4, os.SEEK_END)
+            assert stream.read() == b"tail" and stream.read(1) == b""
+        assert location.read_all() == data and location.info().size == 260
+
+
+def test_a_missing_object_and_a_prefix_fail_as_missing_files_and_folders_do(s3, tmp_path):
+    s3.put("location/folder/one.png", b"x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "one.png").write_bytes(b"x")
+    prefix = Location.parse(f"s3://{BUCKET}/location/folder", settings=FAST)
+    for where in (prefix, Location.parse(tmp_path / "folder")):
+        assert where.is_dir() and not where.is_file()
+        assert [p.name for p in where.list_files()] == ["one.png"]
+        missing = where.join("none.bin")
+        assert not missing.exists()
+        with pytest.raises(FileNotFoundError):
+            missing.info()
+        with pytest.raises(FileNotFoundError):
+            missing.read_range(0, 1)
+    with pytest.raises(IsADirectoryError, match="is a prefix"):
+        prefix.fingerprint()
+
+
+def test_an_index_reads_a_file_and_its_object_alike(s3, tmp_path):
+    lines = b'{"a": 1}\r\n\n   \n{"b": 22}\n{"c": 3}'
+    (tmp_path / "ann.jsonl").write_bytes(lines)
+    url = s3.put("location/ann.jsonl", lines)
+    local = AnnotationIndex(tmp_path / "ann.jsonl", tmp_path / "cache")
+    remote_index = AnnotationIndex(url, tmp_path / "cache", FAST)
+    records = [b'{"a": 1}', b'{"b": 22}', b'{"c": 3}']
+    assert [local.read(i) for i in range(3)] == [remote_index.read(i) for i in range(3)] == records
+    assert [local.line_number(i) for i in range(3)] == [1, 4, 5]

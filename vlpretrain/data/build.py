@@ -29,6 +29,7 @@ from PIL import Image
 
 from vlpretrain.data import media, remote, tiling
 from vlpretrain.data.index import AnnotationIndex
+from vlpretrain.data.location import Location, PathLike
 from vlpretrain.data.meta import DatasetSpec, load_meta, problems_error
 from vlpretrain.data.records import Record, RecordError, parse_record
 from vlpretrain.data.samples import SampleSource, SkippedSample, TokenizedSample
@@ -236,6 +237,8 @@ class DatasetSource:
         self.facts = facts
         self.renderer = TemplateRenderer(get_template(facts.template), tokenizer)
         self.remote = config.remote_settings()
+        # media joined to the root are read with this run's remote settings
+        self.root = Location.parse(spec.root, settings=self.remote)
         self.index = index or AnnotationIndex(spec.annotation, config.cache_dir, self.remote)
         self._subset_key: tuple[int, int] | None = None
         self._subset = np.zeros(0, dtype=np.int64)
@@ -328,7 +331,7 @@ class DatasetSource:
         except RecordError as err:  # too_long, read_error of a remote record
             return SkippedSample(self.dataset_index, source, err.reason, err.detail)
         try:
-            return self.build(parse_record(line, self.spec.root), rng, source)
+            return self.build(parse_record(line, self.root), rng, source)
         except Exception as err:  # one record never stops the job; machine failures go on
             failure = machine_failure(err)
             if failure is err:
@@ -353,7 +356,7 @@ class DatasetSource:
         check_media_tags(record.kind, turns, len(record.images))
         if self.config.media_under_root:
             for path in (*record.images, *([record.video] if record.video else [])):
-                media.check_under_root(path, self.spec.root)
+                media.check_under_root(path, self.root)
         tiles_per_image, tiles, turns = self._media(record, turns, rng)
         turns = expand_image_placeholders(
             turns, [self.facts.num_image_token * n for n in tiles_per_image]
@@ -387,7 +390,6 @@ class DatasetSource:
                 rng,
                 record.clip,
                 max_pixels=cfg.max_image_pixels,
-                settings=self.remote,
             )
             tiles = [t for frame in frames for t in self._tiles(frame, 1, False, rng)]
             return [1] * len(frames), tiles, expand_video_tag(turns, len(frames))
@@ -397,8 +399,7 @@ class DatasetSource:
         else:
             max_patch = tiling.image_tile_budget(max_patch, len(record.images))
         images = [
-            media.load_image(p, cfg.max_image_pixels, self.remote, cfg.exif_transpose)
-            for p in record.images
+            media.load_image(p, cfg.max_image_pixels, cfg.exif_transpose) for p in record.images
         ]
         per_image = [self._tiles(img, max_patch, cfg.dynamic_image_size, rng) for img in images]
         return [len(t) for t in per_image], [t for ts in per_image for t in ts], turns
@@ -421,7 +422,7 @@ class DatasetSource:
 
 
 def build_sources(
-    meta_path: str | Path, config: SampleConfig, facts: RunFacts, tokenizer: Any
+    meta_path: PathLike, config: SampleConfig, facts: RunFacts, tokenizer: Any
 ) -> list[DatasetSource]:
     """One DatasetSource per meta dataset, in meta order (indexes are built or loaded here).
 
@@ -433,7 +434,7 @@ def build_sources(
     sources = [DatasetSource(spec, config, facts, tokenizer) for spec in specs]
     problems = [p for s in sources if (p := repeat_problem(s.spec, s.num_lines)) is not None]
     if problems:
-        raise problems_error(remote.as_location(meta_path), problems)
+        raise problems_error(Location.parse(meta_path), problems)
     return sources
 
 

@@ -297,7 +297,7 @@ def describe_media(source: DatasetSource, line_index: int) -> list[str]:
     """One line per image: path, size and the tile grid the builder chooses."""
     try:
         line = source.index.read(line_index, record_byte_limit(source.config))
-        record = parse_record(line, source.spec.root)
+        record = parse_record(line, source.root)
     except RecordError:
         return []
     cfg = source.config
@@ -307,7 +307,7 @@ def describe_media(source: DatasetSource, line_index: int) -> list[str]:
     lines = []
     for k, path in enumerate(record.images):
         try:
-            width, height = media.image_size(path, source.remote)
+            width, height = media.image_size(path)
         except (OSError, RecordError):
             lines.append(f"image {k + 1}: {path} (unreadable)")
             continue

@@ -10,10 +10,10 @@ reads at most max_record_bytes + 1 bytes of it).
 
 Blank lines are skipped but the real 1-based line numbers are kept for error messages. The
 cache lives in a cache directory (never next to the user's data) and is keyed by the absolute
-path and a fingerprint of the file: size, mtime_ns, inode, ctime_ns and a hash of its first and
-last FINGERPRINT_BLOCK bytes. Size + mtime alone miss a rewrite of the same size whose mtime
-was restored (`cp -p`, `rsync -t`); the ctime cannot be restored by user tools and a new file
-(rsync's rename) has a new inode.
+path and a fingerprint of the file (data.location's Fingerprint): size, mtime_ns, inode,
+ctime_ns and a hash of its first and last 64 KiB. Size + mtime alone miss a rewrite of the
+same size whose mtime was restored (`cp -p`, `rsync -t`); the ctime cannot be restored by
+user tools and a new file (rsync's rename) has a new inode.
 
 The cache file (its format, its verification before use, its durable write and the clean-up
 of killed builds' temp files) is data.index_cache's; a cache that fails verification is
@@ -24,11 +24,14 @@ is stale anyway (the file changed during the run, or on a file system without re
 ctimes) stops with AnnotationChangedError instead of returning pieces of other lines; and a
 caller can bound the bytes read per record (`max_bytes`) before anything is parsed.
 
-Remote annotation objects (a URL: s3://, gs://, https://, see data.remote) are indexed from
-ranged reads of CHUNK_BYTES and cached in the same local directory, keyed by the URL and the
-object's size and ETag (or the backend's version, or with neither a hash of the first and last
-blocks). A record is then one ranged read, from the byte before its line (the newline check)
-to the next indexed line; a read that keeps failing is a read_error skip naming the URL.
+Remote annotation objects (a URL: s3://, gs://, https://, see data.location) are indexed the
+same way and cached in the same local directory, keyed by the URL and the object's size and
+ETag (or the backend's version, or with neither a hash of the first and last blocks): the
+fingerprint is the Location's. Every file is read by ranges through its Location: indexing in
+ranges of CHUNK_BYTES, a record in one range, from the byte before its line (the newline
+check) to the next indexed line (a local file: one pread on a handle the process keeps open;
+an object: one ranged request). A remote read that keeps failing is a read_error skip naming
+the URL.
 
 Cache directory: the `cache_dir` argument if given (data.cache_dir), else
 `$VLPRETRAIN_CACHE/index`, else `~/.cache/vlpretrain/index`.
@@ -39,22 +42,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
 from vlpretrain.data import index_cache, remote
+from vlpretrain.data.location import (
+    Fingerprint,
+    Location,
+    LocationStream,
+    ObjectMissingError,
+    PathLike,
+    RemoteReadError,
+)
 from vlpretrain.data.records import RecordError
-from vlpretrain.data.remote import URL, Location, RemoteSettings
+from vlpretrain.data.remote import RemoteSettings
 from vlpretrain.errors import RefusedError
 
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 22
-FINGERPRINT_BLOCK = 1 << 16
-"""Bytes hashed at each end of an annotation file for its cache key."""
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 
@@ -123,52 +131,31 @@ def index_blocks(blocks: Iterable[bytes]) -> np.ndarray:
     return scanner.finish()
 
 
-def build_line_index(path: str | Path) -> np.ndarray:
-    """Scan the local file `path` once (see index_blocks)."""
-    with open(path, "rb") as handle:
-        return index_blocks(iter(lambda: handle.read(CHUNK_BYTES), b""))
+def _blocks(stream: LocationStream, size: int) -> Iterator[bytes]:
+    """The first `size` bytes of `stream`, in ranged reads of CHUNK_BYTES."""
+    chunk = CHUNK_BYTES  # read at call time: tests shrink it
+    for start in range(0, size, chunk):
+        yield stream.read_range(start, min(chunk, size - start))
+
+
+def build_line_index(path: PathLike, size: int | None = None) -> np.ndarray:
+    """Scan the file or object `path` once (see index_blocks); its first `size` bytes if
+    given (the size its fingerprint saw), else all of them."""
+    with Location.parse(path).open() as stream:
+        return index_blocks(_blocks(stream, stream.size if size is None else size))
 
 
 class AnnotationChangedError(RefusedError, RuntimeError):
     """The annotation file no longer matches its index (it changed after indexing)."""
 
 
-def file_fingerprint(path: Path) -> str:
-    """Hex digest of size, mtime_ns, inode, ctime_ns and the first and last blocks of `path`."""
-    stat = path.stat()
-    digest = hashlib.sha256(
-        f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}".encode()
-    )
-    with open(path, "rb") as handle:
-        digest.update(handle.read(FINGERPRINT_BLOCK))
-        if stat.st_size > FINGERPRINT_BLOCK:
-            handle.seek(max(FINGERPRINT_BLOCK, stat.st_size - FINGERPRINT_BLOCK))
-            digest.update(handle.read(FINGERPRINT_BLOCK))
-    return digest.hexdigest()
-
-
-def object_fingerprint(url: URL, settings: RemoteSettings) -> tuple[str, int]:
-    """Hex digest of a remote object's size and version (ETag), and its size. Without any
-    version from the backend, the first and last FINGERPRINT_BLOCK bytes are hashed too."""
-    info = remote.object_info(url, settings)
-    if info.is_dir:
-        raise IsADirectoryError(f"{url} is a prefix (folder), not an annotation object")
-    digest = hashlib.sha256(f"{info.size}:{info.version}".encode())
-    if not info.version:
-        digest.update(remote.read_range(url, 0, FINGERPRINT_BLOCK, settings))
-        tail = max(FINGERPRINT_BLOCK, info.size - FINGERPRINT_BLOCK)
-        digest.update(remote.read_range(url, tail, info.size, settings))
-    return digest.hexdigest(), info.size
-
-
-def cache_file(path: Location, cache_dir: Path, fingerprint: str | None = None) -> Path:
+def cache_file(path: PathLike, cache_dir: Path, fingerprint: Fingerprint | None = None) -> Path:
     """Cache file name for `path` in its current state: its absolute path or URL + its
-    fingerprint (file_fingerprint for a local file, computed here unless given)."""
-    path_key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    if fingerprint is None:
-        assert isinstance(path, Path), "remote objects pass their object_fingerprint"
-        fingerprint = file_fingerprint(path)
-    return cache_dir / f"{path.name}.{path_key}.{fingerprint[:16]}{index_cache.CACHE_SUFFIX}"
+    fingerprint (computed here unless given)."""
+    location = Location.parse(path)
+    path_key = hashlib.sha256(str(location).encode()).hexdigest()[:16]
+    digest = (fingerprint or location.fingerprint()).digest
+    return cache_dir / f"{location.name}.{path_key}.{digest[:16]}{index_cache.CACHE_SUFFIX}"
 
 
 def _cached(target: Path, size: int) -> np.ndarray | None:
@@ -183,29 +170,18 @@ def _cached(target: Path, size: int) -> np.ndarray | None:
 
 
 def load_or_build_index(
-    path: Location,
-    cache_dir: Path | None,
-    settings: RemoteSettings = remote.DEFAULT_SETTINGS,
+    path: Location, cache_dir: Path | None
 ) -> tuple[np.ndarray, Path | None, int]:
     """The (2, N) index of `path` (memory-mapped from a verified cache when possible), its
     cache file and the size of the file it indexes."""
-    if isinstance(path, URL):
-        fingerprint, size = object_fingerprint(path, settings)
-        target = cache_file(path, cache_dir or default_cache_dir(), fingerprint)
-    else:
-        target, size = cache_file(path, cache_dir or default_cache_dir()), path.stat().st_size
+    fingerprint = path.fingerprint()
+    size = fingerprint.size
+    target = cache_file(path, cache_dir or default_cache_dir(), fingerprint)
     index_cache.remove_leftover_temp_files(target.parent)
     cached = _cached(target, size)
     if cached is not None:
         return cached, target, size
-    if isinstance(path, URL):
-        blocks = (
-            remote.read_range(path, start, min(start + CHUNK_BYTES, size), settings)
-            for start in range(0, size, CHUNK_BYTES)
-        )
-        index = index_blocks(blocks)
-    else:
-        index = build_line_index(path)
+    index = build_line_index(path, size)
     try:
         index_cache.write_cache(target, index, size)
         index_cache.remove_stale(target)
@@ -217,23 +193,19 @@ def load_or_build_index(
 
 
 class AnnotationIndex:
-    """Random access to the records of one .jsonl file or object; picklable, opens files
-    lazily (a remote one through data.remote, one filesystem per process)."""
+    """Random access to the records of one .jsonl file or object; picklable, opens its file
+    lazily, once per process (a remote one's filesystem too: data.remote)."""
 
     def __init__(
         self,
-        path: str | Path,
+        path: PathLike,
         cache_dir: str | Path | None = None,
         remote_settings: RemoteSettings = remote.DEFAULT_SETTINGS,
     ) -> None:
-        location = remote.as_location(path)
-        self.path: Location = location if isinstance(location, URL) else location.resolve()
+        self.path = Location.parse(path, settings=remote_settings).resolve()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.remote_settings = remote_settings
-        self._index, self._cache, self._size = load_or_build_index(
-            self.path, self.cache_dir, remote_settings
-        )
-        self._handle: IO[bytes] | None = None
+        self._index, self._cache, self._size = load_or_build_index(self.path, self.cache_dir)
+        self._stream: LocationStream | None = None
         self._pid = -1
 
     def __len__(self) -> int:
@@ -241,7 +213,7 @@ class AnnotationIndex:
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
-        state["_handle"] = None
+        state["_stream"] = None
         if self._cache is not None:  # workers re-map the cache file instead of copying it
             state["_index"] = None
         return state
@@ -270,10 +242,7 @@ class AnnotationIndex:
                 max_bytes + 1 bytes are read); read_error when a remote read kept failing.
             AnnotationChangedError: the indexed offset is no longer a line start.
         """
-        if isinstance(self.path, URL):
-            record = self._read_remote(i, max_bytes)
-        else:
-            record = self._read_local(i, max_bytes)
+        record = self._read_line(i, max_bytes)
         if max_bytes is not None and len(record) > max_bytes:
             raise RecordError(
                 "too_long",
@@ -282,32 +251,25 @@ class AnnotationIndex:
             )
         return record
 
-    def _read_local(self, i: int, max_bytes: int | None) -> bytes:
-        if self._handle is None or self._pid != os.getpid():
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
+    def _open(self) -> LocationStream:
+        """This process's stream of the file (kept open: a record costs one ranged read)."""
+        if self._stream is None or self._pid != os.getpid():
+            self._stream = self.path.open()
             self._pid = os.getpid()
-        offset = int(self._index[0, i])
-        if offset > 0:
-            self._handle.seek(offset - 1)
-            if self._handle.read(1) != b"\n":
-                raise self._changed(i, offset)
-        else:
-            self._handle.seek(0)
-        line = self._handle.readline(-1 if max_bytes is None else max_bytes + 1)
-        return line.rstrip(b"\r\n")
+        return self._stream
 
-    def _read_remote(self, i: int, max_bytes: int | None) -> bytes:
+    def _read_line(self, i: int, max_bytes: int | None) -> bytes:
         """One ranged read: from the byte before the line (the newline check) to the next
-        indexed line start (or the object's end), at most max_bytes + 1 bytes of the line."""
-        assert isinstance(self.path, URL)
-        offset = int(self._index[0, i])
-        stop = int(self._index[0, i + 1]) if i + 1 < len(self) else self._size
+        indexed line start (or the file's end), at most max_bytes + 1 bytes of the line."""
+        starts = self._index[0, i : i + 2].tolist()  # one lookup: this line and the next
+        offset = starts[0]
+        stop = starts[1] if len(starts) == 2 else self._size
         if max_bytes is not None:
             stop = min(stop, offset + max_bytes + 1)
         first = max(offset - 1, 0)
         try:
-            data = remote.read_range(self.path, first, stop, self.remote_settings)
-        except OSError as err:  # RemoteReadError, or the object is gone
+            data = self._open().read_range(first, stop - first)
+        except (RemoteReadError, ObjectMissingError) as err:  # the object is gone or unreachable
             raise RecordError("read_error", f"{self.path}: {err}") from err
         if offset > 0:
             if data[:1] != b"\n":

@@ -14,12 +14,13 @@ stream whose header says 64x48 may carry 12000x12000 frames). It is the one limi
 own decompression-bomb check (179 MP) is off while we open a file, so it neither refuses
 as corrupt_image what ours allows nor refuses, unnamed, what ours refuses.
 
-Media named by URL (data.remote) are read with ranged requests: an image's header first (a
-prefix of HEADER_BYTES, doubled until Pillow can read the size), so the pixel limit still
-applies before the rest is fetched and decoded; a video object is fetched whole (PyAV then
-reads the header from memory before decoding); a URL prefix stands for a frame folder. A
-missing object is missing_image / video_error, a read that keeps failing is read_error;
-both name the URL. Local paths never go through fsspec.
+Every file is read through its Location (data.location), the same way for a local path and
+a URL: an image's header first (a prefix of HEADER_BYTES, doubled until Pillow can read the
+size), so the pixel limit applies before the rest is read and decoded; a video through a
+buffer of VIDEO_BUFFER_BYTES (for an object, one ranged request per buffer: a clip up to that
+size is one request); a folder or URL prefix stands for a frame folder. A missing file or
+object is missing_image / video_error, a remote read that keeps failing is read_error; both
+name the file.
 """
 
 from __future__ import annotations
@@ -27,26 +28,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import os
 import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vlpretrain import packages
-from vlpretrain.data import remote
+from vlpretrain.data.location import Location, LocationStream, PathLike, RemoteReadError
 from vlpretrain.data.records import RecordError
-from vlpretrain.data.remote import URL, Location, RemoteSettings
 
 if TYPE_CHECKING:
     import av
 
 HEADER_BYTES = 1 << 16
-"""First ranged read of a remote image: enough for the header of nearly every file."""
+"""First ranged read of an image: enough for the header of nearly every file."""
+VIDEO_BUFFER_BYTES = 1 << 23
+"""Read buffer of a video (PyAV reads through it): one ranged request per buffer remotely."""
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 """Largest width x height decoded (8000x6000 photos and 8K UHD frames fit; 12000x12000 not)."""
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -58,9 +59,8 @@ DECODER_SLACK_PIXELS = 1 << 18
 
 
 def load_image(
-    path: Location,
+    path: PathLike,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    settings: RemoteSettings = remote.DEFAULT_SETTINGS,
     exif_transpose: bool = False,
 ) -> Image.Image:
     """Open `path` (a local file or a URL) fully and convert it to RGB; `exif_transpose`:
@@ -71,12 +71,32 @@ def load_image(
             decoded completely or has more than `max_pixels` pixels, read_error if a remote
             read kept failing.
     """
-    if isinstance(path, URL):
-        return _decode_image(io.BytesIO(_remote_image_bytes(path, max_pixels, settings)),
-                             path, max_pixels, exif_transpose)  # fmt: skip
-    if not path.is_file():
-        raise RecordError("missing_image", f"no image file {path}")
-    return _decode_image(path, path, max_pixels, exif_transpose)
+    location = Location.parse(path)
+    with _opened_image(location) as stream:
+        data, found = _read_header(stream)
+        if found is not None:
+            check_pixels(location, *found, max_pixels)
+        # a file Pillow cannot read a header from even whole: _decode_image says corrupt_image
+        data += stream.read_range(len(data), stream.size - len(data))
+    return _decode_image(io.BytesIO(data), location, max_pixels, exif_transpose)
+
+
+@contextlib.contextmanager
+def _opened_image(location: Location) -> Iterator[LocationStream]:
+    """The stream of the image `location`; what fails while it is open or read becomes the
+    RecordError naming it (a local read error is corrupt_image, as when Pillow read it)."""
+    try:
+        with location.open() as stream:
+            yield stream
+    except FileNotFoundError as err:
+        raise RecordError("missing_image", f"no image {location.noun} {location}") from err
+    except IsADirectoryError as err:
+        detail = f"{location} is a {location.folder_noun}, not an image"
+        raise RecordError("missing_image", detail) from err
+    except RemoteReadError as err:
+        raise RecordError("read_error", str(err)) from err
+    except OSError as err:
+        raise RecordError("corrupt_image", f"{location}: {err}") from err
 
 
 @contextlib.contextmanager
@@ -94,7 +114,7 @@ def _our_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _open_image(source: Path | IO[bytes]) -> Image.Image:
+def _open_image(source: IO[bytes]) -> Image.Image:
     """Image.open under our pixel limit only (the size comes from the header; nothing is
     decoded yet)."""
     with _our_pixel_limit():
@@ -102,7 +122,7 @@ def _open_image(source: Path | IO[bytes]) -> Image.Image:
 
 
 def _decode_image(
-    source: Path | IO[bytes], name: Location, max_pixels: int, exif_transpose: bool = False
+    source: IO[bytes], name: Location, max_pixels: int, exif_transpose: bool = False
 ) -> Image.Image:
     """Header, pixel limit, then the full decode to RGB (`name` for messages).
 
@@ -124,21 +144,13 @@ def _decode_image(
 
 
 def check_under_root(path: Location, root: Location) -> None:
-    """Refuse a media path that leaves its dataset root (data.media_under_root).
-
-    Local paths are compared after symlinks are resolved (a link inside the root that points
-    out of it leaves it); URLs (whose ".." segments the join already resolved) must start with
-    the root's prefix.
+    """Refuse a media path that leaves its dataset root (data.media_under_root; see
+    Location.is_under).
 
     Raises:
         RecordError: media_outside_root, naming the path and the root.
     """
-    if isinstance(root, URL) or isinstance(path, URL):
-        prefix = str(root).rstrip("/") + "/"
-        inside = isinstance(root, URL) and isinstance(path, URL) and path.startswith(prefix)
-    else:
-        inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
-    if not inside:
+    if not path.is_under(root):
         raise RecordError("media_outside_root", f"{path} is outside the dataset root {root}")
 
 
@@ -151,62 +163,30 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _remote_header(
-    url: URL, size: int, settings: RemoteSettings
-) -> tuple[bytes, tuple[int, int] | None]:
-    """A prefix of the object read from its start (HEADER_BYTES, doubled until Pillow reads a
+def _read_header(stream: LocationStream) -> tuple[bytes, tuple[int, int] | None]:
+    """A prefix of the file read from its start (HEADER_BYTES, doubled until Pillow reads a
     header from it), and the (width, height) found there (None: not an image Pillow knows)."""
-    data = remote.read_range(url, 0, min(HEADER_BYTES, size), settings)
+    size = stream.size
+    data = stream.read_range(0, min(HEADER_BYTES, size))
     found = _header_size(data)
     while found is None and len(data) < size:
-        data += remote.read_range(url, len(data), min(2 * len(data), size), settings)
+        data += stream.read_range(len(data), min(2 * len(data), size) - len(data))
         found = _header_size(data)
     return data, found
 
 
-def image_size(
-    path: Location, settings: RemoteSettings = remote.DEFAULT_SETTINGS
-) -> tuple[int, int]:
-    """(width, height) from the header alone (a ranged read for a URL).
+def image_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) from the header alone (read by range).
 
     Raises:
         RecordError: as load_image, corrupt_image when no header can be read.
     """
-    if not isinstance(path, URL):
-        if not path.is_file():
-            raise RecordError("missing_image", f"no image file {path}")
-        try:
-            with _open_image(path) as image:
-                return image.size
-        except (OSError, ValueError, SyntaxError) as err:
-            raise RecordError("corrupt_image", f"{path}: {err}") from err
-    try:
-        info = remote.object_info(path, settings)
-        found = _remote_header(path, info.size, settings)[1]
-    except remote.ObjectMissingError as err:
-        raise RecordError("missing_image", f"no image object {path}") from err
-    except remote.RemoteReadError as err:
-        raise RecordError("read_error", str(err)) from err
+    location = Location.parse(path)
+    with _opened_image(location) as stream:
+        found = _read_header(stream)[1]
     if found is None:
-        raise RecordError("corrupt_image", f"{path}: no image header Pillow can read")
+        raise RecordError("corrupt_image", f"{location}: no image header Pillow can read")
     return found
-
-
-def _remote_image_bytes(url: URL, max_pixels: int, settings: RemoteSettings) -> bytes:
-    """The bytes of an image object, fetched only once its header passed the pixel limit."""
-    try:
-        info = remote.object_info(url, settings)
-        if info.is_dir:
-            raise RecordError("missing_image", f"{url} is a prefix (folder), not an image")
-        data, found = _remote_header(url, info.size, settings)
-        if found is not None:
-            check_pixels(url, *found, max_pixels)
-        # a file Pillow cannot read a header from even whole: _decode_image says corrupt_image
-        return data + remote.read_range(url, len(data), info.size, settings)
-    except remote.ObjectMissingError as err:
-        raise RecordError("missing_image", f"no image object {url}") from err
-    except remote.RemoteReadError as err:
-        raise RecordError("read_error", str(err)) from err
 
 
 def check_pixels(path: Location, width: int, height: int, max_pixels: int) -> None:
@@ -239,13 +219,13 @@ def draw_num_frames(min_num: int, max_num: int, rng: np.random.Generator) -> int
     return int(rng.integers(min_num, max_num + 1))
 
 
-def _frame_key(path: PurePath | URL) -> tuple[int, str]:
+def _frame_key(path: Location) -> tuple[int, str]:
     name = PurePath(path.name)
     match = re.search(r"(\d+)$", name.stem)
     return (int(match.group(1)) if match else -1, name.name)
 
 
-def _is_frame(path: PurePath | URL) -> bool:
+def _is_frame(path: Location) -> bool:
     return PurePath(path.name).suffix.lower() in FRAME_SUFFIXES
 
 
@@ -254,16 +234,14 @@ def _folder_frames(
     num_wanted: int,
     rng: np.random.Generator,
     max_pixels: int,
-    settings: RemoteSettings,
 ) -> list[Image.Image]:
-    listing = remote.list_files(folder, settings) if isinstance(folder, URL) else folder.iterdir()
-    files: list[Location] = sorted((p for p in listing if _is_frame(p)), key=_frame_key)
+    files = sorted((p for p in folder.list_files() if _is_frame(p)), key=_frame_key)
     if not files:
         raise RecordError("video_error", f"frame folder {folder} has no image files")
     if len(files) > num_wanted:
         files = [files[i] for i in sample_frame_indices(len(files), num_wanted, rng)]
     try:
-        return [load_image(p, max_pixels, settings) for p in files]
+        return [load_image(p, max_pixels) for p in files]
     except RecordError as err:
         kept = ("image_too_large", "read_error")
         reason = err.reason if err.reason in kept else "video_error"
@@ -283,14 +261,26 @@ def _clip_window(num_frames: int, fps: float, clip: tuple[float, float] | None) 
 
 def _decode_frames(
     path: Location,
-    data: bytes | None,
     num_wanted: int,
     rng: np.random.Generator,
     clip: tuple[float, float] | None,
     max_pixels: int,
 ) -> list[Image.Image]:
-    """Frames of the video file `path`, or of its bytes `data` (read from a URL) if given."""
-    with _open_video(path, data) as container:
+    """Frames of the video file or object `path`."""
+    with path.open() as raw, io.BufferedReader(raw, VIDEO_BUFFER_BYTES) as source:
+        return _decode_source(source, path, num_wanted, rng, clip, max_pixels)
+
+
+def _decode_source(
+    source: IO[bytes],
+    path: Location,
+    num_wanted: int,
+    rng: np.random.Generator,
+    clip: tuple[float, float] | None,
+    max_pixels: int,
+) -> list[Image.Image]:
+    """Frames of the video in `source`: a pass that counts them, then one that decodes."""
+    with _open_video(source, path) as container:
         stream = container.streams.video[0]
         check_pixels(path, stream.codec_context.width, stream.codec_context.height, max_pixels)
         fps = float(stream.average_rate or stream.guessed_rate or 1)
@@ -299,7 +289,8 @@ def _decode_frames(
     if len(window) == 0:
         raise RecordError("video_error", f"{path}: no frames in clip {clip} ({num_frames} frames)")
     wanted = [window[i] for i in sample_frame_indices(len(window), num_wanted, rng)]
-    with _open_video(path, data) as container:
+    source.seek(0)
+    with _open_video(source, path) as container:
         decoded = _decode_wanted(container, path, set(wanted), max_pixels)
     if not decoded:
         raise RecordError("video_error", f"{path}: could not decode any requested frame")
@@ -347,9 +338,9 @@ def _decoder_refused_size(err: Exception, context: Any, max_pixels: int) -> bool
     return code in (errno.EINVAL, errno.ENOMEM) and (area == 0 or area > max_pixels)
 
 
-def _open_video(path: Location, data: bytes | None) -> av.container.InputContainer:
+def _open_video(source: IO[bytes], path: Location) -> av.container.InputContainer:
     pyav = packages.require("av", f"decoding the video {path}", "av")
-    return pyav.open(io.BytesIO(data) if data is not None else str(path), mode="r")
+    return pyav.open(source, mode="r")
 
 
 def _decoding_errors() -> tuple[type[BaseException], ...]:
@@ -359,13 +350,12 @@ def _decoding_errors() -> tuple[type[BaseException], ...]:
 
 
 def load_video_frames(
-    path: Location,
+    path: PathLike,
     min_num_frame: int,
     max_num_frame: int,
     rng: np.random.Generator,
     clip: tuple[float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    settings: RemoteSettings = remote.DEFAULT_SETTINGS,
 ) -> list[Image.Image]:
     """K frames (K drawn in [min_num_frame, max_num_frame]) of a video file or frame folder
     (local, or a URL: an object, or a prefix holding frames).
@@ -374,24 +364,18 @@ def load_video_frames(
     RecordError('image_too_large', ...) for frames of more than `max_pixels` pixels,
     RecordError('read_error', ...) when a remote read kept failing.
     """
+    location = Location.parse(path)
     num_wanted = draw_num_frames(min_num_frame, max_num_frame, rng)
-    data = None
     try:
-        if isinstance(path, URL):
-            info = remote.object_info(path, settings)
-            if info.is_dir:
-                return _folder_frames(path, num_wanted, rng, max_pixels, settings)
-            data = remote.read_all(path, info.size, settings)
-        elif path.is_dir():
-            return _folder_frames(path, num_wanted, rng, max_pixels, settings)
-        elif not path.is_file():
-            raise RecordError("video_error", f"no video file or frame folder {path}")
-        return _decode_frames(path, data, num_wanted, rng, clip, max_pixels)
+        if location.info().is_dir:
+            return _folder_frames(location, num_wanted, rng, max_pixels)
+        return _decode_frames(location, num_wanted, rng, clip, max_pixels)
     except RecordError:
         raise
-    except remote.ObjectMissingError as err:
-        raise RecordError("video_error", f"no video object or frame prefix {path}") from err
-    except remote.RemoteReadError as err:
+    except FileNotFoundError as err:
+        where = f"{location.noun} or frame {location.folder_noun} {location}"
+        raise RecordError("video_error", f"no video {where}") from err
+    except RemoteReadError as err:
         raise RecordError("read_error", str(err)) from err
     except _decoding_errors() as err:
-        raise RecordError("video_error", f"{path}: {err}") from err
+        raise RecordError("video_error", f"{location}: {err}") from err

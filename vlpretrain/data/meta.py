@@ -13,9 +13,9 @@ Path rule: a relative `root` or `annotation` is taken relative to the current di
 exists there, otherwise relative to the directory of the meta file (a meta file given by URL:
 relative to its URL prefix, never the current directory). The meta file, `root` and
 `annotation` may be URLs of any installed fsspec protocol (s3://, gs://, https://; see
-data.remote): the protocol must be installed and an annotation object must exist and hold a
+data.location): the protocol must be installed and an annotation object must exist and hold a
 record; a URL root is not checked (object stores have no directories: a missing image is a
-counted skip).
+counted skip). Location.parse (current_directory_first) applies the rule.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeGuard
 
 from vlpretrain.data import remote
-from vlpretrain.data.remote import URL, Location, RemoteSettings
+from vlpretrain.data.location import Location, PathLike, RemoteReadError
+from vlpretrain.data.remote import RemoteSettings
 from vlpretrain.errors import RefusedError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class DatasetSpec:
     max_dynamic_patch: int | None = None
     """Per-dataset override of SampleConfig.max_dynamic_patch."""
 
+    def __post_init__(self) -> None:
+        # a spec written by hand (tests, benchmarks, chat) may name its files by str or Path
+        object.__setattr__(self, "root", Location.parse(self.root))
+        object.__setattr__(self, "annotation", Location.parse(self.annotation))
+
 
 class _JSONObject(dict[str, Any]):
     """A parsed JSON object that remembers the keys it held more than once."""
@@ -74,30 +79,24 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
     return obj
 
 
-def has_records(path: Location, settings: RemoteSettings = remote.DEFAULT_SETTINGS) -> bool:
+HAS_RECORDS_BLOCK = 1 << 16
+"""has_records reads this much at a time and stops at the first non-blank block."""
+
+
+def has_records(path: PathLike) -> bool:
     """True if `path` holds a non-whitespace byte (an annotation line that is not blank)."""
-    if isinstance(path, URL):
-        return _remote_has_records(path, remote.object_info(path, settings).size, settings)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 16):
+    with Location.parse(path).open() as stream:
+        while block := stream.read(HAS_RECORDS_BLOCK):
             if block.strip():
                 return True
     return False
-
-
-def _remote_has_records(url: URL, size: int, settings: RemoteSettings) -> bool:
-    step = 1 << 16
-    return any(
-        remote.read_range(url, start, min(start + step, size), settings).strip()
-        for start in range(0, size, step)
-    )
 
 
 class MetaFileError(RefusedError, ValueError):
     """Every problem of a meta file (or of the datasets it names), reported at once."""
 
 
-def problems_error(meta_path: Location, problems: list[str]) -> MetaFileError:
+def problems_error(meta_path: PathLike, problems: list[str]) -> MetaFileError:
     """The one MetaFileError listing every problem of a meta file."""
     listing = "\n  - ".join(problems)
     return MetaFileError(f"meta file {meta_path} has {len(problems)} problem(s):\n  - {listing}")
@@ -105,44 +104,23 @@ def problems_error(meta_path: Location, problems: list[str]) -> MetaFileError:
 
 def resolve_path(value: str, meta_dir: Location) -> Location:
     """Apply the path rule of the module docstring to one path from the meta file."""
-    if remote.is_url(value):
-        return URL(value)
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return path.resolve()
-    if isinstance(meta_dir, URL):
-        return meta_dir / value
-    if path.exists():
-        return path.resolve()
-    return (meta_dir / path).resolve()
+    return Location.parse(value, meta_dir, current_directory_first=True)
 
 
-def _check_remote_annotation(url: URL, settings: RemoteSettings) -> str | None:
-    """Why the annotation object `url` cannot be used, or None."""
-    problem = remote.check_protocol(url)
+def _check_annotation(location: Location) -> str | None:
+    """Why the annotation file or object cannot be used, or None."""
+    problem = location.protocol_problem()
     if problem:
         return problem
     try:
-        info = remote.object_info(url, settings)
-        if info.is_dir:
-            return f"{url} is a prefix (folder), not an object"
-        if not _remote_has_records(url, info.size, settings):
-            return f"{url} has no records (empty or blank lines only)"
-    except remote.ObjectMissingError:
-        return f"no object {url}"
-    except remote.RemoteReadError as err:
+        if location.info().is_dir:
+            return f"{location} is a {location.folder_noun}, not an annotation {location.noun}"
+        if not has_records(location):
+            return f"{location} has no records (empty or blank lines only)"
+    except FileNotFoundError:
+        return f"no {location.noun} {location}"
+    except RemoteReadError as err:
         return str(err)
-    return None
-
-
-def _check_annotation(location: Location, settings: RemoteSettings) -> str | None:
-    """Why the annotation file or object cannot be used, or None."""
-    if isinstance(location, URL):
-        return _check_remote_annotation(location, settings)
-    if not location.is_file():
-        return f"no file {location}"
-    if not has_records(location):
-        return f"{location} has no records (empty or blank lines only)"
     return None
 
 
@@ -150,9 +128,7 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_entry(
-    name: str, entry: Any, meta_dir: Location, problems: list[str], settings: RemoteSettings
-) -> dict[str, Any]:
+def _check_entry(name: str, entry: Any, meta_dir: Location, problems: list[str]) -> dict[str, Any]:
     """Validate one dataset entry, appending problems; returns the parsed fields."""
     if not isinstance(entry, dict):
         problems.append(f"dataset {name!r}: must be a JSON object, got {type(entry).__name__}")
@@ -171,11 +147,10 @@ def _check_entry(
             problems.append(f"dataset {name!r}: field 'root' must be a string, got {root!r}")
         else:
             parsed["root"] = resolve_path(root, meta_dir)
-            if isinstance(parsed["root"], URL):
-                problem = remote.check_protocol(parsed["root"])
-                if problem:
-                    problems.append(f"dataset {name!r}: field 'root' {root!r}: {problem}")
-            elif not parsed["root"].is_dir():
+            problem = parsed["root"].protocol_problem()
+            if problem:
+                problems.append(f"dataset {name!r}: field 'root' {root!r}: {problem}")
+            elif not parsed["root"].may_be_folder():
                 problems.append(f"dataset {name!r}: field 'root': no directory {parsed['root']}")
     ann = entry.get("annotation")
     if "annotation" in entry:
@@ -185,7 +160,7 @@ def _check_entry(
             problems.append(f"dataset {name!r}: field 'annotation' {ann!r} must be a .jsonl file")
         else:
             parsed["annotation"] = resolve_path(ann, meta_dir)
-            problem = _check_annotation(parsed["annotation"], settings)
+            problem = _check_annotation(parsed["annotation"])
             if problem:
                 problems.append(f"dataset {name!r}: field 'annotation': {problem}")
     rep = entry.get("repeat_time")
@@ -213,14 +188,11 @@ def _check_entry(
     return parsed
 
 
-def _read_meta_text(meta_path: Location, settings: RemoteSettings) -> str:
-    if isinstance(meta_path, URL):
-        problem = remote.check_protocol(meta_path)
-        if problem:
-            raise ValueError(f"meta file {meta_path}: {problem}")
-        size = remote.object_info(meta_path, settings).size
-        return remote.read_all(meta_path, size, settings).decode("utf-8")
-    return meta_path.read_text(encoding="utf-8")
+def _read_meta_text(meta_path: Location) -> str:
+    problem = meta_path.protocol_problem()
+    if problem:
+        raise ValueError(f"meta file {meta_path}: {problem}")
+    return meta_path.read_all().decode("utf-8")
 
 
 NESTING_REPORTED = 3
@@ -254,7 +226,7 @@ def nesting_position(text: str, depth: int) -> str:
 
 
 def load_meta(
-    path: str | Path, settings: RemoteSettings = remote.DEFAULT_SETTINGS
+    path: PathLike, settings: RemoteSettings = remote.DEFAULT_SETTINGS
 ) -> list[DatasetSpec]:
     """Read and validate a meta JSON file (a local path or a URL; remote reads use `settings`).
 
@@ -262,9 +234,9 @@ def load_meta(
         ValueError: listing every problem found (unreadable file, bad JSON, missing or
             mistyped fields, missing files or objects, non-.jsonl annotation, repeat_time <= 0).
     """
-    meta_path = remote.as_location(path)
+    meta_path = Location.parse(path, settings=settings)
     try:
-        text = _read_meta_text(meta_path, settings)
+        text = _read_meta_text(meta_path)
         data = json.loads(text, object_pairs_hook=_object_pairs)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"meta file {meta_path}: cannot read JSON: {err}") from err
@@ -281,10 +253,7 @@ def load_meta(
         f"dataset {name!r} is defined more than once (JSON would keep only the last one)"
         for name in getattr(data, "duplicates", ())
     ]
-    parsed = [
-        _check_entry(name, entry, meta_path.parent, problems, settings)
-        for name, entry in data.items()
-    ]
+    parsed = [_check_entry(name, entry, meta_path.parent, problems) for name, entry in data.items()]
     if problems:
         raise problems_error(meta_path, problems)
     return [

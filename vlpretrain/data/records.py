@@ -13,10 +13,10 @@ nested deeper than the parser's recursion allows is malformed_json, as is a stri
 lone UTF-16 surrogate (valid JSON, "\\ud800", but not text a tokenizer or a file system
 takes); a clip bound too large for a float is missing_field.
 
-Media paths are joined to the dataset root: `root / value` for a local root, `root + "/" +
-value` for a URL root (s3://...; the reference concatenates root + value for s3:// roots, so
-a root without its trailing slash glues names together); a value that is itself a URL stands
-for itself.
+Media paths are joined to the dataset root by `Location.join` (data.location): `root / value`
+for a local root, `root + "/" + value` for a URL root (s3://...; the reference concatenates
+root + value for s3:// roots, so a root without its trailing slash glues names together); a
+value that is itself a URL stands for itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vlpretrain.data.remote import URL, Location, is_url
+from vlpretrain.data.location import Location, PathLike
 
 RecordKind = Literal["text", "image", "multi_image", "video"]
 ROLES = ("system", "human", "gpt")
@@ -130,9 +130,7 @@ def _join(root: Location, value: Any, field: str) -> Location:
     if not isinstance(value, str) or not value:
         raise RecordError("missing_field", f"{field} must be a non-empty path string")
     _check_text(value, field)
-    if is_url(value):
-        return URL(value)
-    return root / value
+    return root.join(value)
 
 
 def _seconds(value: Any) -> float | None:
@@ -156,7 +154,7 @@ def _parse_clip(value: Any) -> tuple[float, float] | None:
     raise RecordError("missing_field", f"'clip' must be [start_sec, end_sec], got {value!r:.80}")
 
 
-def parse_record(line: str | bytes, root: Location) -> Record:
+def parse_record(line: str | bytes, root: PathLike) -> Record:
     """Validate one annotation line; media paths are joined to `root` (not opened).
 
     Raises:
@@ -174,6 +172,7 @@ def parse_record(line: str | bytes, root: Location) -> Record:
     if not isinstance(obj, dict):
         raise RecordError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
     turns = _parse_conversations(obj)
+    base = Location.parse(root)
     image = obj.get("image")
     for key in ("image", "video"):
         if obj.get(key) == "":
@@ -182,13 +181,13 @@ def parse_record(line: str | bytes, root: Location) -> Record:
                 f"'{key}' is an empty string: name the file, or drop the key for a text record",
             )
     if isinstance(image, list) and image:
-        paths = tuple(_join(root, v, f"image[{i}]") for i, v in enumerate(image))
+        paths = tuple(_join(base, v, f"image[{i}]") for i, v in enumerate(image))
         return Record("multi_image", turns, images=paths)
     if image:
-        return Record("image", turns, images=(_join(root, image, "image"),))
+        return Record("image", turns, images=(_join(base, image, "image"),))
     video = obj.get("video")
     if video:
         return Record(
-            "video", turns, video=_join(root, video, "video"), clip=_parse_clip(obj.get("clip"))
+            "video", turns, video=_join(base, video, "video"), clip=_parse_clip(obj.get("clip"))
         )
     return Record("text", turns)

@@ -1,12 +1,12 @@
-"""Read objects named by URL (s3://, gs://, http(s)://, any installed fsspec protocol).
+"""Read objects named by URL (s3://, gs://, http(s)://, any installed fsspec protocol): the
+backend of data.location's RemoteLocation.
 
-    "s3://bucket/a.jsonl" --as_location--> URL
-    URL --object_info--> ObjectInfo(size, version)     (version: ETag, else modification time)
-    URL --read_range(url, start, stop, settings)--> bytes, each attempt under a timeout
-    URL --list_files--> [URL]                          (a "folder" of video frames)
+    url --object_info--> ObjectInfo(size, version)     (version: ETag, else modification time)
+    url --read_range(url, start, stop, settings)--> bytes, each attempt under a timeout
+    url --list_names--> [name]                         (a "folder" of video frames)
 
-Only URLs come here: local paths keep their own fast code (data.index's file handle and
-offsets, Pillow and PyAV reading the file), and `as_location` keeps them `Path`s.
+Only URLs come here: data.location reads local paths with os and builtin files and never
+calls this module for them.
 
 Credentials and endpoints are each backend's own business; vlpretrain adds no setting of its
 own. s3fs (botocore) reads the AWS_* variables and ~/.aws (AWS_ENDPOINT_URL points it at an
@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
@@ -48,62 +47,20 @@ BACKOFF_SECONDS = 0.25
 """Wait before the first retry; doubled before every further one (capped at 8 s)."""
 
 
-class URL(str):
-    """A path that names an object through a protocol (`s3://bucket/key`); never a local path.
-
-    Kept a `str` so that records, sources and error messages print it as the user wrote it.
-    """
-
-    @property
-    def protocol(self) -> str:
-        return self.split("://", 1)[0]
-
-    @property
-    def name(self) -> str:
-        """Last component of the key (the file name)."""
-        return PurePosixPath(self.split("://", 1)[1]).name
-
-    @property
-    def parent(self) -> URL:
-        """The URL of the "folder" holding this object."""
-        return URL(self.rstrip("/").rsplit("/", 1)[0])
-
-    def __truediv__(self, relative: str) -> URL:
-        """`relative` below this URL (as Path's `/`), "." and ".." segments resolved."""
-        protocol, rest = self.split("://", 1)
-        return URL(f"{protocol}://{posixpath.normpath(rest.rstrip('/') + '/' + relative)}")
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return URL, (str(self),)
+def protocol_of(url: str) -> str:
+    """The scheme of `url` (s3 for s3://bucket/key)."""
+    return url.split("://", 1)[0]
 
 
-Location = Path | URL
-"""Where a meta file, annotation file or media file lives."""
-
-
-def is_url(value: str | Path) -> bool:
-    """True for `scheme://...` strings (file:// included: it still goes through fsspec)."""
-    return isinstance(value, str) and "://" in value and value.split("://", 1)[0].isidentifier()
-
-
-def as_location(value: str | Path) -> Location:
-    """A URL for `scheme://...`, otherwise a local Path (user directory expanded)."""
-    if isinstance(value, URL):
-        return value
-    if is_url(value):
-        return URL(str(value))
-    return Path(value).expanduser()
-
-
-def check_protocol(url: URL) -> str | None:
-    """None if fsspec can open `url`'s protocol, else the reason (unknown, package missing)."""
+def check_protocol(protocol: str) -> str | None:
+    """None if fsspec can open `protocol`, else the reason (unknown, package missing)."""
     try:
-        fsspec.get_filesystem_class(url.protocol)
+        fsspec.get_filesystem_class(protocol)
     except ValueError:
-        return f"unknown protocol {url.protocol!r} (fsspec knows {', '.join(known_protocols())})"
+        return f"unknown protocol {protocol!r} (fsspec knows {', '.join(known_protocols())})"
     except ImportError as err:
-        hint = " (pip install 'vlpretrain[s3]')" if url.protocol in ("s3", "s3a") else ""
-        return f"protocol {url.protocol!r} needs a package that is not installed: {err}{hint}"
+        hint = " (pip install 'vlpretrain[s3]')" if protocol in ("s3", "s3a") else ""
+        return f"protocol {protocol!r} needs a package that is not installed: {err}{hint}"
     return None
 
 
@@ -195,9 +152,9 @@ def _attempt(fs: fsspec.AbstractFileSystem, method: str, settings: RemoteSetting
     return getattr(fs, method)(*args, **kwargs)
 
 
-def _call(url: URL, settings: RemoteSettings, method: str, *args: Any, **kwargs: Any) -> Any:
+def _call(url: str, settings: RemoteSettings, method: str, *args: Any, **kwargs: Any) -> Any:
     """`fs.method(url, *args)` with the retry policy of the module docstring."""
-    fs = filesystem(url.protocol, settings)
+    fs = filesystem(protocol_of(url), settings)
     last: BaseException | None = None
     for attempt in range(settings.retries + 1):
         if attempt:
@@ -222,7 +179,7 @@ def _call(url: URL, settings: RemoteSettings, method: str, *args: Any, **kwargs:
     ) from last
 
 
-def object_info(url: URL, settings: RemoteSettings = DEFAULT_SETTINGS) -> ObjectInfo:
+def object_info(url: str, settings: RemoteSettings = DEFAULT_SETTINGS) -> ObjectInfo:
     """Size and version of the object at `url`.
 
     Raises:
@@ -240,7 +197,7 @@ def object_info(url: URL, settings: RemoteSettings = DEFAULT_SETTINGS) -> Object
 
 
 def read_range(
-    url: URL, start: int, stop: int, settings: RemoteSettings = DEFAULT_SETTINGS
+    url: str, start: int, stop: int, settings: RemoteSettings = DEFAULT_SETTINGS
 ) -> bytes:
     """Bytes [start, stop) of the object (fewer at its end); one ranged request per attempt."""
     if stop <= start:
@@ -249,21 +206,9 @@ def read_range(
     return bytes(data)
 
 
-def read_all(url: URL, size: int, settings: RemoteSettings = DEFAULT_SETTINGS,
-             chunk_bytes: int = 1 << 23) -> bytes:  # fmt: skip
-    """The whole object of `size` bytes, in ranged reads of `chunk_bytes` (each retried alone,
-    so a dropped connection costs one chunk, not the object)."""
-    return b"".join(
-        read_range(url, start, min(start + chunk_bytes, size), settings)
-        for start in range(0, size, chunk_bytes)
-    )
-
-
-def list_files(url: URL, settings: RemoteSettings = DEFAULT_SETTINGS) -> list[URL]:
-    """Objects directly below the prefix `url`, as URLs of the same protocol."""
+def list_names(url: str, settings: RemoteSettings = DEFAULT_SETTINGS) -> list[str]:
+    """Names of the objects directly below the prefix `url` (sub-prefixes left out)."""
     entries = _call(url, settings, "ls", detail=True)
     return [
-        url / PurePosixPath(entry["name"]).name
-        for entry in entries
-        if entry.get("type") != "directory"
+        PurePosixPath(entry["name"]).name for entry in entries if entry.get("type") != "directory"
     ]
