@@ -288,7 +288,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     A directory that cannot be converted is reported in one line (exit code 2), not a trace.
     """
-    from vlpretrain.hf_export import EXPORTERS
+    from vlpretrain.formats.export import EXPORTERS
 
     try:
         EXPORTERS[args.to](args.source, args.out)
@@ -299,7 +299,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_command(commands: Any) -> None:
-    from vlpretrain.hf_export import EXPORTERS
+    from vlpretrain.formats.export import EXPORTERS
 
     export = commands.add_parser(
         "export", help="convert between the InternVL chat layout and transformers' InternVL"

@@ -16,7 +16,8 @@ from vlpretrain.data import tiling
 from vlpretrain.data.build import DatasetSource, SampleConfig
 from vlpretrain.data.meta import DatasetSpec
 from vlpretrain.data.samples import IGNORE_INDEX
-from vlpretrain.model.build import ModelConfig, build_model, run_facts, save_internvl
+from vlpretrain.formats.internvl import save_internvl
+from vlpretrain.model.build import ModelConfig, build_model, run_facts
 
 TILE = 56
 """Tiny ViT tile: (56 / 14)^2 = 16 patches -> 16 * 0.5^2 = 4 <IMG_CONTEXT> tokens per tile."""

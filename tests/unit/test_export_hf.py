@@ -14,8 +14,9 @@ from transformers import AutoModelForImageTextToText
 from transformers.models.internvl.modeling_internvl import InternVLModel as HFInternVLModel
 
 from vlpretrain.cli import build_parser
-from vlpretrain.model.build import ModelConfig, build_model, save_internvl
-from vlpretrain.model.export import export_hf, export_internvl, state_from_hf
+from vlpretrain.formats.hf import export_hf, export_internvl, state_from_hf
+from vlpretrain.formats.internvl import save_internvl
+from vlpretrain.model.build import ModelConfig, build_model
 from vlpretrain.model.hub import load_weights
 from vlpretrain.model.projector import pixel_shuffle
 

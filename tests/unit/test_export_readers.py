@@ -23,9 +23,10 @@ from tokenizers import Tokenizer, models
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from vlpretrain.config import TrainConfig
-from vlpretrain.model.build import ModelConfig, build_model, save_internvl
-from vlpretrain.model.export_files import copy_remote_code, legacy_rope_keys, remote_code_files
-from vlpretrain.model.hub import load_weights
+from vlpretrain.formats.files import legacy_rope_keys
+from vlpretrain.formats.internvl import save_internvl
+from vlpretrain.model.build import ModelConfig, build_model
+from vlpretrain.model.hub import copy_remote_code, load_weights, remote_code_files
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.testing.components import tiny_llm_config
 from vlpretrain.testing.shapes import caption_corpus

@@ -10,13 +10,8 @@ import pytest
 from vlpretrain.cli import main
 from vlpretrain.data.build import SampleConfig
 from vlpretrain.facts import RunFacts
-from vlpretrain.model.build import (
-    ModelConfig,
-    build_model,
-    read_run_facts,
-    run_facts,
-    save_internvl,
-)
+from vlpretrain.formats.internvl import save_internvl
+from vlpretrain.model.build import ModelConfig, build_model, read_run_facts, run_facts
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START
 
 

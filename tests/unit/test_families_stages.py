@@ -16,9 +16,10 @@ from llm_families import family_configs, write_internlm2_dir
 from PIL import Image
 
 from vlpretrain.chat import ChatModel, DecodeConfig
+from vlpretrain.formats.hf import export_hf, export_internvl
+from vlpretrain.formats.internvl import save_internvl
 from vlpretrain.model import hub
-from vlpretrain.model.build import ModelConfig, build_model, new_vision, save_internvl, save_vision
-from vlpretrain.model.export import export_hf, export_internvl
+from vlpretrain.model.build import ModelConfig, build_model, new_vision, save_vision
 from vlpretrain.model.families import PACKED_FAMILIES
 from vlpretrain.testing.components import TINY_VISION
 from vlpretrain.testing.tokenizer import train_tiny_tokenizer

@@ -25,8 +25,8 @@ from transformers import (
 )
 
 from vlpretrain.chat import ChatModel, DecodeConfig, load
-from vlpretrain.hf_export import EXPORTERS, export_hf_with_processor
-from vlpretrain.model.build import save_internvl
+from vlpretrain.formats.export import EXPORTERS, export_hf_with_processor
+from vlpretrain.formats.internvl import save_internvl
 from vlpretrain.tokens import IMG_CONTEXT, IMG_END, IMG_START
 
 PHOTO = Image.fromarray(skimage.data.chelsea())

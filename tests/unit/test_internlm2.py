@@ -25,10 +25,11 @@ from llm_families import (
 )
 from safetensors.torch import load_file
 
+from vlpretrain.formats.hf import export_hf
+from vlpretrain.formats.internvl import save_internvl
 from vlpretrain.model import hub, internlm2
-from vlpretrain.model.build import ModelConfig, build_model, new_vision, save_internvl, save_vision
-from vlpretrain.model.export import export_hf
-from vlpretrain.model.export_files import remote_code_files
+from vlpretrain.model.build import ModelConfig, build_model, new_vision, save_vision
+from vlpretrain.model.hub import remote_code_files
 from vlpretrain.model.llm import load_llm, load_tokenizer
 from vlpretrain.model.sentencepiece_tokenizer import InternLM2SentencePieceTokenizer
 from vlpretrain.testing.components import TINY_VISION

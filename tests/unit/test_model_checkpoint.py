@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlpretrain.model.build import ModelConfig, build_model, load_vision, save_internvl
+from vlpretrain.formats.internvl import save_internvl
+from vlpretrain.model.build import ModelConfig, build_model, load_vision
 from vlpretrain.model.hub import load_weights
 from vlpretrain.model.vision import InternViT, VisionConfig
 

@@ -36,7 +36,8 @@ from vlpretrain.data.check import run_check
 from vlpretrain.demo.evaluate import EvalItem, StageEval, eval_items, evaluate_model, read_jsonl
 from vlpretrain.demo.report import StageResult, format_tables, plot_accuracy, write_samples_html
 from vlpretrain.distributed.env import DistEnv, barrier
-from vlpretrain.model.build import build_model, read_run_facts, save_internvl
+from vlpretrain.formats.internvl import save_internvl
+from vlpretrain.model.build import build_model, read_run_facts
 from vlpretrain.packages import require
 from vlpretrain.pipeline import Stage, build_stages, check_stages, run_pipeline
 from vlpretrain.plots import PLOTS_EXTRA, plot_metrics

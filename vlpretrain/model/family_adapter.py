@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from vlpretrain.model.export_files import copy_remote_code
+from vlpretrain.model import hub
 
 
 class FamilyAdapter:
@@ -89,4 +89,4 @@ class FamilyAdapter:
         `source` (the directory the tokenizer came from)."""
         tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
         auto_maps = [getattr(native_config, "auto_map", None), tokenizer_config.get("auto_map")]
-        copy_remote_code(source, directory, auto_maps)
+        hub.copy_remote_code(source, directory, auto_maps)

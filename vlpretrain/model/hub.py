@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,35 @@ def merge_lora_weights(
         clean = key.replace("base_model.model.", "").replace(".base_layer", "")
         merged[clean] = value
     return merged
+
+
+def remote_code_files(auto_map: dict[str, Any] | list[Any] | None) -> list[str]:
+    """The module files an `auto_map` names ("configuration_x.XConfig" -> configuration_x.py)."""
+    if not auto_map:
+        return []
+    refs = auto_map.values() if isinstance(auto_map, dict) else auto_map
+    flat = [r for ref in refs for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
+    # "repo--module.Class" points at another repository's code; only local modules are files.
+    names = {f"{ref.rsplit('.', 1)[0]}.py" for ref in flat if ref and "--" not in ref}
+    return sorted(names)
+
+
+def copy_remote_code(source: Path, destination: Path, auto_maps: list[Any]) -> list[str]:
+    """Copy the *.py files the auto_maps name from `source`; returns the names copied.
+
+    A file the source lacks is named in a warning (the weights are still worth writing):
+    readers that load the model through auto_map need it beside the export.
+    """
+    names = sorted({name for auto_map in auto_maps for name in remote_code_files(auto_map)})
+    missing = [name for name in names if not (source / name).is_file()]
+    if missing:
+        logger.warning(
+            "%s: auto_map names %s but the directory has no such file; copy the LLM's "
+            "remote-code files into %s for readers that load it through auto_map",
+            source, missing, destination,
+        )  # fmt: skip
+    names = [name for name in names if name not in missing]
+    for name in names:
+        if (source / name).resolve() != (destination / name).resolve():
+            shutil.copyfile(source / name, destination / name)
+    return names

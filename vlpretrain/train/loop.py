@@ -58,9 +58,10 @@ from vlpretrain.distributed.parallel import (
     uses_meta_init,
 )
 from vlpretrain.facts import RunFacts
+from vlpretrain.formats.internvl import save_internvl
 from vlpretrain.log import MetricsWriter
 from vlpretrain.model import attention
-from vlpretrain.model.build import build_model, run_facts, save_internvl
+from vlpretrain.model.build import build_model, run_facts
 from vlpretrain.model.families import check_packed_isolation
 from vlpretrain.model.hub import lora_scalings, merge_lora_weights
 from vlpretrain.model.vlm import InternVLModel

@@ -24,7 +24,7 @@ A checkpoint is written into `step-N.tmp`, hashed (manifest.py) and renamed once
 every rank has finished, so a crash never leaves a half-written directory under a final name;
 resume verifies the manifest (which may name only files inside the checkpoint) and falls back
 to the newest intact checkpoint. What a checkpoint does not hold is the exported model: that
-is written once at the end of a stage (model.build.save_internvl).
+is written once at the end of a stage (formats/internvl.py save_internvl).
 
 Resume on another world size: DCP reshards the model and optimizer tensors (FSDP2 or DDP);
 each `rank` part is `Reshardable` (states.py) and is handed every saved rank's state (also

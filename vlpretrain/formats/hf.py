@@ -22,7 +22,7 @@ transformers code and pinned by tests/unit/test_export_hf.py:
 - Chat-config fields transformers does not model (template, tiling, force_image_size, ViT
   drop_path_rate) travel in `internvl_chat_fields`, so the round trip is exact.
 What it does not do: instantiate either model (tensors are only renamed, split or fused),
-or write the processor files (vlpretrain.hf_export, which needs the data-side settings).
+or write the processor files (vlpretrain.formats.export, which needs the data-side settings).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING, InternVLConfig, PreTrainedConfig
 
+from vlpretrain.formats.files import write_legacy_bpe_files
+from vlpretrain.formats.internvl import chat_config_dict
 from vlpretrain.model import hub
-from vlpretrain.model.build import LLM_PREFIX, chat_config_dict
-from vlpretrain.model.export_files import copy_remote_code, write_legacy_bpe_files
+from vlpretrain.model.build import LLM_PREFIX
 from vlpretrain.model.families import family_adapter
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.model.vision import VisionConfig
@@ -413,7 +414,7 @@ def _copy_tokenizer_code(source: Path, destination: Path) -> list[str]:
     if not config_path.is_file():
         return []
     auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map")
-    return copy_remote_code(source, destination, [auto_map])
+    return hub.copy_remote_code(source, destination, [auto_map])
 
 
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:

@@ -26,8 +26,8 @@ from typing import Any
 
 from vlpretrain.data.templates import ChatTemplate, TemplateRenderer, get_template
 from vlpretrain.data.tiling import NORMALIZE_STATS
+from vlpretrain.formats.hf import export_hf, export_internvl
 from vlpretrain.model import hub
-from vlpretrain.model.export import export_hf, export_internvl
 from vlpretrain.model.llm import load_tokenizer
 from vlpretrain.model.vision import VisionConfig
 from vlpretrain.model.vlm import VLMConfig, num_image_tokens

@@ -19,7 +19,7 @@ The 4.x reader of an LLM config is the family's config constructor (`Qwen2Config
 `LlamaConfig`, InternVL's `InternLM2Config`): it reads `rope_theta` and `rope_scaling`
 ({"type": "linear" | "dynamic", "factor": float}, exactly these two keys), never
 `rope_parameters`, and InternVL's chat config picks the LLM class by `architectures[0]`.
-What it does not do: convert weights or decide which LLM layout is saved (model/export.py,
+What it does not do: convert weights or decide which LLM layout is saved (formats/hf.py,
 model/build.py).
 """
 
@@ -98,44 +98,6 @@ def with_legacy_keys(config: dict[str, Any], dtype: str) -> dict[str, Any]:
             )
         out["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
     return out
-
-
-def remote_code_files(auto_map: dict[str, Any] | list[Any] | None) -> list[str]:
-    """The module files an `auto_map` names ("configuration_x.XConfig" -> configuration_x.py)."""
-    if not auto_map:
-        return []
-    refs = auto_map.values() if isinstance(auto_map, dict) else auto_map
-    flat = [r for ref in refs for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
-    # "repo--module.Class" points at another repository's code; only local modules are files.
-    names = {f"{ref.rsplit('.', 1)[0]}.py" for ref in flat if ref and "--" not in ref}
-    return sorted(names)
-
-
-def copy_remote_code(source: Path, destination: Path, auto_maps: list[Any]) -> list[str]:
-    """Copy the *.py files the auto_maps name from `source`; returns the names copied.
-
-    A file the source lacks is named in a warning (the weights are still worth writing):
-    readers that load the model through auto_map need it beside the export.
-    """
-    names = sorted({name for auto_map in auto_maps for name in remote_code_files(auto_map)})
-    missing = [name for name in names if not (source / name).is_file()]
-    if missing:
-        logger.warning(
-            "%s: auto_map names %s but the directory has no such file; copy the LLM's "
-            "remote-code files into %s for readers that load it through auto_map",
-            source, missing, destination,
-        )  # fmt: skip
-    names = [name for name in names if name not in missing]
-    for name in names:
-        if (source / name).resolve() != (destination / name).resolve():
-            shutil.copyfile(source / name, destination / name)
-    return names
-
-
-def _token_state(token: Any) -> dict[str, Any]:
-    state = dict(token.__getstate__())
-    state.setdefault("special", False)
-    return state
 
 
 def complete_tokenizer(tokenizer: Any, source: Path | None, destination: Path) -> list[str]:
@@ -220,3 +182,9 @@ def write_legacy_bpe_files(directory: Path) -> list[str]:
         (directory / "merges.txt").write_text(text, encoding="utf-8")
         written += ["vocab.json", "merges.txt"]
     return written
+
+
+def _token_state(token: Any) -> dict[str, Any]:
+    state = dict(token.__getstate__())
+    state.setdefault("special", False)
+    return state
