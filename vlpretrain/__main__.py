@@ -1,7 +1,8 @@
 """`python -m vlpretrain` runs the command-line interface.
 
-A Ctrl-C while the command's libraries load (importing torch takes seconds) ends it with one
-line and exit code 130, as one anywhere else outside the training steps does (cli.main)."""
+The command line module itself is light (a command imports torch and the rest when it runs,
+inside cli.main, which turns a Ctrl-C there into one line and exit code 130). A Ctrl-C while
+the command line module loads ends the same way here."""
 
 import sys
 

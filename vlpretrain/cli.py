@@ -1,14 +1,14 @@
-"""Command-line shell: parse arguments, set up logging, call the library. Nothing else.
+"""The `vlpretrain` command line: argparse subcommands that call the library.
 
-vlpretrain train [STAGE.toml] [--set a.b=c ...] [--reference_flag value ...]
-vlpretrain show-config [STAGE.toml] [--set ...] [--reference_flag value ...]
-vlpretrain data check [STAGE.toml] [--set ...] [--reference_flag value ...] [--all]
-    (refuses what `train` refuses at start; judges one epoch with train's skip policy)
-vlpretrain data show [STAGE.toml] [--set ...] [--reference_flag value ...] --index N
-vlpretrain chat [QUESTION] --model DIR [--image PATH ...]
-vlpretrain export DIR --to {hf,internvl} OUT
-vlpretrain unlock OUTPUT_DIR
-vlpretrain plot OUTPUT_DIR    (loss_curves.png from the stage's metrics.jsonl)
+Each `cmd_*` function parses nothing, configures nothing at import and imports the library code
+it runs (torch, transformers, the model and the loop) inside its body, so that `--help`, a
+typo in an option and the parser itself answer at once (tests/unit/test_cli_help.py guards
+this: building the parser imports neither torch, transformers nor numpy). The user-facing
+help lives in the strings below (DESCRIPTION, TRAIN_EPILOG, ...), not in this docstring.
+
+`split_reference_flags` sets the reference trainer's `--name value` flags aside before argparse
+sees them; `main` sets up logging, runs the command and turns a refusal (RefusedError) or a
+Ctrl-C into one message and an exit code.
 """
 
 from __future__ import annotations
@@ -20,29 +20,21 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vlpretrain.config import (
-    ConfigError,
-    RunConfig,
-    apply_override,
-    build_run_config,
-    describe,
-    load_toml,
-    validate,
-)
-from vlpretrain.errors import RefusedError
-from vlpretrain.facts import RunFacts
-from vlpretrain.log import setup_logging
+from vlpretrain.errors import RefusedError  # light: the base class only, no library imports
 
-if TYPE_CHECKING:  # annotations only; each command imports its library code lazily
+if TYPE_CHECKING:  # annotations only; each command imports its library code when it runs
     from PIL import Image
 
     from vlpretrain.chat import ChatModel, DecodeConfig
+    from vlpretrain.config import RunConfig
+    from vlpretrain.facts import RunFacts
 
 logger = logging.getLogger("vlpretrain")
 
 
 def resolve_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     """TOML file, then reference flags, then --set overrides (last wins)."""
+    from vlpretrain.config import apply_override, build_run_config, load_toml
     from vlpretrain.flags import apply_reference_flags
 
     raw: dict[str, Any] = load_toml(args.config) if args.config else {}
@@ -54,9 +46,14 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="stage TOML file")
     parser.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value"
+        "config", nargs="?", metavar="STAGE.toml", help="the stage's settings (see configs/)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field (repeatable; show-config lists them)",
     )
 
 
@@ -65,6 +62,7 @@ def run_distributed(
 ) -> int:
     """Join the process group (torchrun's or a 1-rank one), run `job(env)`, leave it."""
     from vlpretrain.distributed.env import DEFAULT_TIMEOUT_MINUTES, init_distributed, shutdown
+    from vlpretrain.log import setup_logging
 
     env = init_distributed(timeout_minutes or DEFAULT_TIMEOUT_MINUTES)
     setup_logging(env.rank, log_all_ranks)
@@ -81,6 +79,7 @@ def job_world_size() -> int:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from vlpretrain.config import validate
     from vlpretrain.train.loop import train
 
     config = resolve_config(args, extra)
@@ -171,7 +170,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def add_chat_command(commands: Any) -> None:
     """Register `chat` on the subparsers object."""
-    parser = commands.add_parser("chat", help="ask a saved model about images")
+    parser = add_command(
+        commands,
+        "chat",
+        "ask a trained model about images",
+        "Answer a question about the given images with a trained model (a stage's output_dir\n"
+        "or any InternVL chat directory); without a question, answer lines from stdin.",
+        "examples:\n"
+        '  vlpretrain chat --model work_dirs/stage2 --image a.png "What is in the picture?"\n'
+        "  vlpretrain chat --model work_dirs/stage2 --image a.png      # interactive",
+    )
     parser.add_argument("question", nargs="?", help="omit for an interactive prompt on stdin")
     parser.add_argument("--model", required=True, help="InternVL chat directory")
     parser.add_argument(
@@ -189,6 +197,7 @@ def add_chat_command(commands: Any) -> None:
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     """`data check` / `data show` with the run's own settings and the model's facts."""
+    from vlpretrain.config import ConfigError, validate
     from vlpretrain.data.check import run_check, run_show
     from vlpretrain.model.build import read_run_facts
 
@@ -214,10 +223,26 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 def add_data_commands(commands: Any) -> None:
     """Register `data check` and `data show` (the run's TOML, --set and reference flags)."""
-    data = commands.add_parser("data", help="validate and inspect the training data of a run")
-    subcommands = data.add_subparsers(dest="data_command", required=True)
-    check = subcommands.add_parser("check", help="validate the meta file and every record")
-    show = subcommands.add_parser("show", help="render one sample")
+    data = add_command(commands, "data", "check or inspect a stage's training data")
+    subcommands = data.add_subparsers(
+        title="commands", dest="data_command", required=True, metavar="COMMAND"
+    )
+    check = add_command(
+        subcommands,
+        "check",
+        "validate the meta file and every record before training",
+        "Read every record of the stage's data mixture with the stage's own settings and report\n"
+        "the ones training would skip; refuses what `train` would refuse at start. Takes the\n"
+        "same stage TOML, --set and reference flags as `train`; exit code 0 when the run may\n"
+        "start.",
+    )
+    show = add_command(
+        subcommands,
+        "show",
+        "render one sample as the model would see it",
+        "Print one record of the stage's data as the model sees it: its file and line, its\n"
+        "images, token and tile counts, and the rendered conversation.",
+    )
     for parser in (check, show):
         _add_config_arguments(parser)
         parser.set_defaults(func=cmd_data, takes_extra=True)
@@ -230,6 +255,7 @@ def add_data_commands(commands: Any) -> None:
 def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     """Print the user settings and the facts derived from the model's config and tokenizer
     files (no weights are loaded)."""
+    from vlpretrain.config import describe
     from vlpretrain.data.skips import SkipPolicy
     from vlpretrain.model.build import read_run_facts
 
@@ -246,19 +272,140 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-all-ranks", action="store_true", help="log INFO on every rank")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser(
-        "train", help="run one stage (also accepts the reference trainer's flags)"
+DESCRIPTION = """\
+vlpretrain trains InternVL-style vision-language models (vision encoder, projector and
+language model) stage by stage, from projector warm-up to instruction tuning, on a CPU or on
+many GPUs."""
+
+EPILOG = """\
+usual flow:
+  vlpretrain data check stage1.toml     check the data mixture before spending compute
+  vlpretrain train stage1.toml          train one stage; rerun the same command to resume
+  vlpretrain train stage2.toml          the next stage (its TOML names where it starts from)
+  vlpretrain pipeline recipe.toml       ... or run every stage of a recipe in order
+  vlpretrain chat --model work_dirs/stage2 --image a.png "What is in the picture?"
+  vlpretrain export work_dirs/stage2 --to hf out_hf
+
+on several GPUs, start the same command under torchrun:
+  torchrun --nproc_per_node 8 -m vlpretrain train stage1.toml
+
+`vlpretrain demo` runs a small three-stage recipe on generated data on the CPU.
+`vlpretrain COMMAND --help` describes a command and its options."""
+
+TRAIN_DESCRIPTION = """\
+Train one stage (projector warm-up, full pretraining or instruction tuning: the stage TOML
+says which parts are frozen, which data is used and where the weights come from).
+Settings come from the TOML file, then the reference trainer's flags, then --set (last wins)."""
+
+TRAIN_EPILOG = """\
+resuming:
+  Rerunning the same command resumes from the newest checkpoint in train.output_dir
+  (train.resume = "auto", the default), data position and random state included. Use
+  --set train.resume=never to start over, or --set train.resume=DIR for one checkpoint.
+
+the reference trainer's flags:
+  The flags of InternVL's internvl_chat_pretrain.py are accepted with their value syntax
+  (--vision_path, --llm_path, --mlp_path, --conv_style, --freeze_llm True, --learning_rate,
+  --max_steps, --meta_path, --output_dir, --deepspeed, ...), so a stage shell script runs with
+  only the program name changed. Flags that only steered HF Trainer are accepted and ignored
+  with a log line; an unknown flag is refused with the list of known ones. As in the
+  reference, --overwrite_output_dir True starts from scratch: drop it (or pass False) for a
+  rerun to resume.
+
+overrides:
+  --set section.key=value overrides any field, e.g. --set optim.learning_rate=2e-5 or
+  --set train.max_steps=100; `vlpretrain show-config STAGE.toml` lists every field with its
+  value and meaning.
+
+examples:
+  vlpretrain train configs/internvl2_5_1b_stage1.toml
+  vlpretrain train configs/internvl2_5_1b_stage1.toml --set train.max_steps=20
+  torchrun --nproc_per_node 8 -m vlpretrain train configs/internvl2_5_1b_stage1.toml
+  vlpretrain train --vision_path ./InternViT-300M-448px-V2_5 --llm_path ./Qwen2.5-0.5B-Instruct \\
+      --conv_style internvl2_5 --freeze_llm True --freeze_backbone True \\
+      --learning_rate 2e-4 --meta_path ./data/mixture.json --output_dir work_dirs/stage1"""
+
+SHOW_CONFIG_DESCRIPTION = """\
+Print the resolved configuration of a stage (TOML, reference flags and --set applied): every
+field with its value and meaning, then the facts read from the model's config and tokenizer
+files (no weights are loaded). The output is itself a stage file that `train` accepts."""
+
+PIPELINE_DESCRIPTION = """\
+Run a recipe's stages in order; a stage that names no starting weights starts from the
+previous stage's output. Rerunning the recipe skips finished stages and resumes a
+half-finished one from its latest checkpoint."""
+
+PIPELINE_EPILOG = """\
+examples:
+  vlpretrain pipeline recipes/internvl2_5_1b.toml --check-only
+  vlpretrain pipeline recipes/internvl2_5_1b.toml --set train.logging_steps=5
+  vlpretrain pipeline recipes/internvl2_5_1b.toml --set stages.stage2.optim.learning_rate=1e-5"""
+
+EXPORT_FORMATS = {
+    "hf": "transformers' InternVLForConditionalGeneration layout",
+    "internvl": "InternVL's chat layout (the reference's remote code)",
+}
+"""The formats `export --to` names (formats/export.py EXPORTERS holds their converters; a test
+checks that the two agree, so the parser needs no import of the converters)."""
+
+
+def add_command(
+    commands: Any,
+    name: str,
+    summary: str,
+    description: str | None = None,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand with `summary` in the command list and `description` (else `summary`) atop
+    its own --help; the layout of both texts is kept as written."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=description or summary[0].upper() + summary[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_arguments(train)
-    train.set_defaults(func=cmd_train, takes_extra=True)
-    show = commands.add_parser("show-config", help="print the resolved configuration")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; imports no library code (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="vlpretrain",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-all-ranks", action="store_true", help="log INFO on every rank")
+    commands = parser.add_subparsers(
+        title="commands", dest="command", required=True, metavar="COMMAND"
+    )
+    add_data_commands(commands)
+    add_train_command(commands)
+    add_pipeline_command(commands)
+    show = add_command(commands, "show-config", "print a stage's resolved configuration",
+                       SHOW_CONFIG_DESCRIPTION)  # fmt: skip
     _add_config_arguments(show)
     show.set_defaults(func=cmd_show_config, takes_extra=True)
-    pipeline = commands.add_parser("pipeline", help="run a recipe's stages in order")
+    add_chat_command(commands)
+    _add_export_command(commands)
+    _add_plot_command(commands)
+    _add_unlock_command(commands)
+    add_demo_command(commands)
+    return parser
+
+
+def add_train_command(commands: Any) -> None:
+    """Register `train` (a stage TOML, --set and the reference trainer's flags)."""
+    train = add_command(commands, "train", "train one stage (accepts the reference's flags)",
+                        TRAIN_DESCRIPTION, TRAIN_EPILOG)  # fmt: skip
+    _add_config_arguments(train)
+    train.set_defaults(func=cmd_train, takes_extra=True)
+
+
+def add_pipeline_command(commands: Any) -> None:
+    """Register `pipeline` (a recipe of stages)."""
+    pipeline = add_command(commands, "pipeline", "run a recipe's stages in order",
+                           PIPELINE_DESCRIPTION, PIPELINE_EPILOG)  # fmt: skip
     pipeline.add_argument("recipe", help="recipe TOML ([pipeline] + [stages.NAME.*])")
     pipeline.add_argument(
         "--set",
@@ -266,21 +413,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[stages.NAME.]SECTION.KEY=VALUE",
         help="override a value in every stage, or with stages.NAME. in stage NAME only",
     )
-    pipeline.add_argument("--check-only", action="store_true", help="validate and exit")
+    pipeline.add_argument(
+        "--check-only",
+        action="store_true",
+        help="validate every stage, print each one's directory and origin, and exit",
+    )
     pipeline.set_defaults(func=cmd_pipeline)
-    demo = commands.add_parser("demo", help="the three-stage recipe on generated data (CPU)")
+
+
+def add_demo_command(commands: Any) -> None:
+    """Register `demo` (the three-stage recipe on generated data)."""
+    demo = add_command(
+        commands,
+        "demo",
+        "try the three-stage recipe on generated data (CPU, no downloads)",
+        "Train a tiny model through projector warm-up, pretraining and instruction tuning on\n"
+        "generated images, then evaluate it; everything is written under --output.",
+    )
     demo.add_argument("--output", default="demo_out", help="where everything is written")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-limit", type=int, default=300,
                       help="held-out images (one question and one caption each)")  # fmt: skip
     demo.add_argument("--max-steps", type=int, default=None, help="override every stage's steps")
     demo.set_defaults(func=cmd_demo)
-    add_data_commands(commands)
-    add_chat_command(commands)
-    _add_export_command(commands)
-    _add_unlock_command(commands)
-    _add_plot_command(commands)
-    return parser
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -299,17 +454,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_command(commands: Any) -> None:
-    from vlpretrain.formats.export import EXPORTERS
-
-    export = commands.add_parser(
-        "export", help="convert between the InternVL chat layout and transformers' InternVL"
+    export = add_command(
+        commands,
+        "export",
+        "convert a model between InternVL's chat layout and transformers' InternVL",
+        "Convert a model directory (a stage's output_dir or a converted one) into another\n"
+        "layout, tensor for tensor.",
+        "examples:\n  vlpretrain export work_dirs/stage2 --to hf out_hf\n"
+        "  vlpretrain export out_hf --to internvl back",
     )
     export.add_argument("source", metavar="DIR", help="model directory to convert")
     export.add_argument(
         "--to",
         required=True,
-        choices=sorted(EXPORTERS),
-        help="hf: transformers InternVLForConditionalGeneration; internvl: InternVL chat layout",
+        choices=sorted(EXPORT_FORMATS),
+        help="; ".join(f"{name}: {meaning}" for name, meaning in EXPORT_FORMATS.items()),
     )
     export.add_argument("out", metavar="OUT", help="output directory")
     export.set_defaults(func=cmd_export)
@@ -336,9 +495,12 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def _add_unlock_command(commands: Any) -> None:
-    unlock = commands.add_parser(
+    unlock = add_command(
+        commands,
         "unlock",
-        help="remove an output_dir's run lock now (its holder on another host is known dead)",
+        "remove a run lock left by a run that died on another host",
+        "Remove the run lock of OUTPUT_DIR now, for a run whose holder on another host is known\n"
+        "to be dead (a holder on this host is checked and refused while it lives).",
     )
     unlock.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's train.output_dir")
     unlock.set_defaults(func=cmd_unlock)
@@ -359,8 +521,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_plot_command(commands: Any) -> None:
-    plot = commands.add_parser(
-        "plot", help="draw a stage's loss curves (loss_curves.png) from its metrics.jsonl"
+    plot = add_command(
+        commands, "plot", "draw a stage's loss curves (loss_curves.png) from its metrics.jsonl"
     )
     plot.add_argument("output_dir", metavar="OUTPUT_DIR", help="the stage's train.output_dir")
     plot.set_defaults(func=cmd_plot)
@@ -405,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     own, reference = split_reference_flags(argv)
     args, extra = parser.parse_known_args(own)
     extra = [*extra, *reference]
+    from vlpretrain.log import setup_logging
+
     setup_logging(int(os.environ.get("RANK", 0)), args.log_all_ranks)
     takes_extra = getattr(args, "takes_extra", False)
     if extra and not takes_extra:

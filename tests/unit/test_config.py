@@ -509,9 +509,9 @@ def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys, monk
 CTRL_C_WHILE_IMPORTING = """
 import runpy, sys
 
-class CtrlC:  # Ctrl-C arrives while the CLI's modules are imported
+class CtrlC:  # Ctrl-C arrives while module {module} is imported
     def find_spec(self, name, path=None, target=None):
-        if name == "vlpretrain.config":
+        if name == {module!r}:
             raise KeyboardInterrupt
 
 sys.meta_path.insert(0, CtrlC())
@@ -520,19 +520,31 @@ runpy.run_module("vlpretrain", run_name="__main__")
 """
 
 
-def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130():
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        # The command line itself, before main() can catch anything (__main__.py does).
+        ("vlpretrain.cli", "vlpretrain: interrupted (Ctrl-C) while starting; nothing saved\n"),
+        # The command's libraries, which main() imports when the command runs.
+        (
+            "vlpretrain.config",
+            "vlpretrain: interrupted (Ctrl-C) outside the training steps; nothing saved\n",
+        ),
+    ],
+)
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130(module, message):
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING],
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING.format(module=module)],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=60,
     )
     assert done.returncode == 130, done.stderr[-2000:]
-    assert done.stderr == "vlpretrain: interrupted (Ctrl-C) while starting; nothing saved\n"
+    assert done.stderr == message
 
 
 @pytest.mark.parametrize("cls", [*SECTIONS.values(), RunFacts], ids=lambda cls: cls.__name__)

@@ -170,3 +170,11 @@ def test_cli_export_round_trip(chat_dir, tmp_path):
         ["export", str(chat_dir), "--to", "internvl", str(tmp_path / "x")]
     )
     assert wrong_way.func(wrong_way) == 2
+
+
+def test_export_choices_of_the_command_line_are_the_converters():
+    # The parser lists the formats without importing the converters (so --help stays fast).
+    from vlpretrain.cli import EXPORT_FORMATS
+    from vlpretrain.formats.export import EXPORTERS
+
+    assert sorted(EXPORT_FORMATS) == sorted(EXPORTERS)
