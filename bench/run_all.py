@@ -13,6 +13,7 @@ BENCHES = (
     "step.py",
     "checkpoint_memory.py",
     "fsdp_memory.py",
+    "stage_memory.py",
     "balance.py",
     "optimizer_step.py",
     "checkpoint_save.py",

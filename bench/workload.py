@@ -40,6 +40,21 @@ QWEN2_5_1_5B = {
     "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "use_sliding_window": False,
 }  # fmt: skip
 """Qwen2.5-1.5B's shape (+ the 9 InternVL tokens, untied head as our Path B makes it)."""
+QWEN2_5_0_5B = {
+    **QWEN2_5_1_5B, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+    "num_attention_heads": 14, "num_key_value_heads": 2,
+}  # fmt: skip
+"""Qwen2.5-0.5B's shape, the 1B recipe's LLM (+ the 9 InternVL tokens, untied head as our Path
+B makes it: the checkpoint ties it to the embedding)."""
+INTERNLM2_5_7B = {
+    "model_type": "llama", "vocab_size": 92544 + 9, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False,
+    "mlp_bias": False,
+}  # fmt: skip
+"""internlm2_5-7b-chat's shape (+ the 9 InternVL tokens), the 8B recipe's LLM, as the Llama it
+trains as (model/internlm2.py)."""
 
 STAGES = {
     "stage1": FreezeConfig(freeze_backbone=True, freeze_llm=True),
@@ -61,7 +76,8 @@ def random_vlm(shape: ModelShape, attn_implementation: str, seed: int = 0) -> In
     attention.register_kernels()
     vision = InternViT(replace(shape.vision, image_size=shape.tile))
     device = vision.embeddings.class_embedding.device  # the caller's torch.device context
-    init_vision_weights(vision, torch.Generator(device=device).manual_seed(seed))
+    if device.type != "meta":  # a meta build only counts: it has no values to initialise
+        init_vision_weights(vision, torch.Generator(device=device).manual_seed(seed))
     llm = llm_from_config(shape.llm, attn_implementation)
     image_context = int(shape.llm["vocab_size"]) - 1
     return InternVLModel(VLMConfig(force_image_size=shape.tile), vision, llm, image_context)

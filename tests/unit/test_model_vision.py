@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from vlpretrain.model.build import ModelConfig, build_model
 from vlpretrain.model.projector import pixel_shuffle
-from vlpretrain.model.vision import DropPath
+from vlpretrain.model.vision import DropPath, InternViT
 from vlpretrain.model.vlm import num_image_tokens
+from vlpretrain.testing.components import TINY_VISION
 
 
 def _arange_grid():
@@ -87,6 +90,16 @@ def test_drop_path_rates_are_linear_over_layers(tiny_components):
         torch.manual_seed(2)
         second = vision(pixels)
     assert torch.equal(first, second)
+
+
+def test_the_tower_builds_on_the_meta_device_with_its_drop_path_rates():
+    # Parameter counts of real shapes (bench/stage_memory.py) come from a meta build.
+    config = dataclasses.replace(TINY_VISION, drop_path_rate=0.2)
+    with torch.device("meta"):
+        tower = InternViT(config)
+
+    assert all(p.device.type == "meta" for p in tower.parameters())
+    assert [layer.drop_path1.rate for layer in tower.encoder.layers] == pytest.approx([0.0, 0.2])
 
 
 def test_drop_path_drops_whole_samples_and_rescales():

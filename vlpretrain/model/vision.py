@@ -220,7 +220,9 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         num_layers = config.num_hidden_layers
-        rates = torch.linspace(0, config.drop_path_rate, num_layers).tolist()
+        # On the host even under a meta-device context: the rates are read as numbers, and a
+        # meta build (parameter counts without allocating) has none to read.
+        rates = torch.linspace(0, config.drop_path_rate, num_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(VisionLayer(config, rate) for rate in rates)
 
 
