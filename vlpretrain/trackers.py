@@ -126,7 +126,10 @@ class MlflowTracker:
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         now_ms = int(time.time() * 1000)
         metric = self._entities.Metric
-        batch = [metric(key, float(value), now_ms, step) for key, value in metrics.items()]
+        batch = [
+            metric(mlflow_metric_name(key), float(value), now_ms, step)
+            for key, value in metrics.items()
+        ]
         self._client.log_batch(self._id, metrics=batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -144,6 +147,13 @@ class MlflowTracker:
 
     def close(self) -> None:
         self._client.set_terminated(self._id)
+
+
+def mlflow_metric_name(key: str) -> str:
+    """The MLflow name of a metric: '/' becomes '.' (lr/vision -> lr.vision). MLflow's file
+    store keeps each metric in a file at the key's path, so a family such as 'lr/vision' could
+    not sit next to 'lr' (NotADirectoryError at the first step)."""
+    return key.replace("/", ".")
 
 
 def _mlflow_experiment_id(client: Any) -> str:

@@ -61,6 +61,17 @@ def test_mlflow_gets_metrics_and_params_and_a_resume_continues_its_run(tmp_path,
     assert run.info.run_name == "stage1"  # the output directory's name
 
 
+def test_mlflow_gets_metric_families_next_to_their_head(tmp_path, mlflow_store):
+    # `lr` and `lr/vision` (or `loss` and `loss/<dataset>`): the file store keeps a metric in
+    # a file named by its key, so MLflow gets the family member as `lr.vision`.
+    out = tmp_path / "stage2"
+    writer = MetricsWriter(out, ["mlflow"])
+    writer.write(1, {"lr": 1e-3, "lr/vision": 2e-4, "loss": 2.0, "loss/captions": 1.5})
+    writer.close()
+    metrics = mlflow_store.get_run(read_run_ids(out)["mlflow"]).data.metrics
+    assert metrics == {"lr": 1e-3, "lr.vision": 2e-4, "loss": 2.0, "loss.captions": 1.5}
+
+
 def test_wandb_offline_writes_the_run_under_output_dir_and_a_resume_keeps_its_id(
     tmp_path, monkeypatch
 ):
