@@ -3,7 +3,7 @@
     random ViT 2 x 64 (28-px tiles) + Qwen2 24 x 64 (vocab 512), fp32, CPU, one gloo rank
       --parallelize (FSDP2: ViT one unit, each LLM block one unit, root)--> DTensor parameters
       --one forward + backward on a packed row--> gradients
-      --build_optimizer's two groups--> AdamW for-loop (foreach=False, the old setting) |
+      --build_optimizer's groups--> AdamW for-loop (foreach=False, the old setting) |
                                         foreach=True (build_optimizer's pick off CUDA) |
                                         fused=True (torch's CPU fused kernel, if present)
 

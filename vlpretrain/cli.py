@@ -269,6 +269,7 @@ def cmd_show_config(args: argparse.Namespace, extra: list[str]) -> int:
     # Comments, so that the whole output is a stage file `train` accepts back.
     print("# Rules that follow from the settings (not settable)\n#")
     print(f"# skip policy: {SkipPolicy(config.data.max_skip_fraction).describe()}")
+    print(f"# {config.optim.describe_learning_rates()}")
     return 0
 
 

@@ -228,8 +228,13 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
+MODULE_RATES = {"lr_vision": 2.5e-4, "lr_projector": 2e-3, "vision_layer_decay": 0.5}
+"""Per-module rates and ViT layer decay for the resume test (lr_llm stays learning_rate)."""
+
+
 def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
-    """N straight steps == k steps, crash, resume, N - k steps; bit for bit on CPU fp32.
+    """N straight steps == k steps, crash, resume, N - k steps; bit for bit on CPU fp32,
+    with every module at its own rate and the ViT's blocks at decayed rates.
     The resumed run goes on in the same MLflow run (a file store here, MLflow 3 keeps it on
     request), and both write their loss curves and the time left at each step."""
     n, k = 6, 3
@@ -237,13 +242,14 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     straight = write_stage(
         tmp_path / "straight.toml",
-        stage_raw(train_assets, tmp_path / "straight", stage="stage2", max_steps=n),
-    )
+        stage_raw(train_assets, tmp_path / "straight", stage="stage2", max_steps=n,
+                  optim=MODULE_RATES),
+    )  # fmt: skip
     resumed_dir = tmp_path / "resumed"
     resumed = write_stage(
         tmp_path / "resumed.toml",
         stage_raw(train_assets, resumed_dir, stage="stage2", max_steps=n, save_steps=k,
-                  train={"report_to": ["mlflow"]}),
+                  optim=MODULE_RATES, train={"report_to": ["mlflow"]}),
     )  # fmt: skip
     assert main(["train", str(straight)]) == 0
 
@@ -255,8 +261,15 @@ def test_resume_is_exact(train_assets, tmp_path, monkeypatch):  # noqa: F811
     expected = read_metrics(tmp_path / "straight")
     got = read_metrics(resumed_dir)
     assert [r["step"] for r in got] == list(range(1, n + 1))
-    for key in ("loss", "grad_norm", "lr", "samples", "padding_tokens"):
+    keys = ("loss", "grad_norm", "lr", "lr/vision", "lr/projector", "lr/llm", "samples",
+            "padding_tokens")  # fmt: skip
+    for key in keys:
         assert [r[key] for r in got] == [r[key] for r in expected], key
+    # learning_rate 1e-3, one warmup step: step 2 runs at the peaks, `lr` stays the base.
+    peak = got[1]
+    assert (peak["lr"], peak["lr/vision"], peak["lr/projector"], peak["lr/llm"]) == (
+        1e-3, 2.5e-4, 2e-3, 1e-3
+    )  # fmt: skip
     assert_same_weights(exported_weights(resumed_dir), exported_weights(tmp_path / "straight"))
     assert [r["eta_seconds"] > 0 for r in got] == [True] * (n - 1) + [False]  # 0 s at the end
     assert (resumed_dir / "loss_curves.png").is_file()

@@ -54,6 +54,27 @@ def test_minimal_config_builds_with_defaults():
     assert config.dist.strategy == "ddp"
 
 
+def test_module_rate_problems_are_listed_with_the_other_sections_problems():
+    problems = problems_of(
+        minimal(optim={"lr_projector": -1e-3, "vision_layer_decay": 0}, train={"max_steps": 0})
+    )
+    assert problems == [
+        "optim.lr_projector must be a finite number >= 0, got -0.001; "
+        "optim.vision_layer_decay must be in (0, 1], got 0.0",
+        "train.max_steps must be >= 1, got 0",
+    ]
+
+
+def test_module_rates_default_to_the_learning_rate():
+    config = build_run_config(minimal(optim={"learning_rate": 1e-4, "lr_llm": 2e-5}))
+    assert (config.optim.lr_vision, config.optim.lr_projector) == (None, None)
+    assert config.optim.module_learning_rates() == {
+        "vision": 1e-4,
+        "projector": 1e-4,
+        "llm": 2e-5,
+    }
+
+
 def test_unknown_key_names_nearest_valid_key():
     [problem] = problems_of(minimal(optim={"learning_rte": 1e-3}))
     assert "unknown key optim.learning_rte" in problem
@@ -434,6 +455,11 @@ def test_show_config_command_prints_resolved_tree_with_docs(tmp_path, capsys):
     assert "learning_rate = 1e-05" in out
     assert "freeze_llm = true  # Freeze the language model (incl. embeddings and head)." in out
     assert 'vision_path = "vit"  # Path B: a standalone InternViT directory.' in out
+    # the per-module learning rates, resolved (an unset one is optim.learning_rate)
+    assert (
+        "# learning rates (peak; an unset one is optim.learning_rate): vision 1e-05, "
+        "projector 1e-05, llm 1e-05; no ViT layer decay"
+    ) in out
     # the skip policy's small-sample rule, with the run's fraction (data.max_skip_fraction 0.01)
     assert (
         "# skip policy: a run stops when more than data.max_skip_fraction (1.00%) of the records "

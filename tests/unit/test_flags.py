@@ -102,6 +102,9 @@ def test_reference_stage_flags_resolve(name, tmp_path):
     f = config.freeze
     assert (f.freeze_backbone, f.freeze_llm, f.freeze_mlp) == freeze
     assert config.optim.learning_rate == lr
+    # --learning_rate is the base of every module: the reference trains all at one rate.
+    assert config.optim.module_learning_rates() == {"vision": lr, "projector": lr, "llm": lr}
+    assert config.optim.vision_layer_decay == 1.0
     assert config.optim.weight_decay == wd
     assert config.model.drop_path_rate == drop
     assert config.optim.warmup_steps == warm_steps

@@ -288,7 +288,7 @@ def image_row(record: int) -> PackRow:
 def metrics_of(batch, peak: float = 0.0, seconds: float = 1.0) -> dict:
     result = StepResult(loss=1.0, grad_norm=1.0, weight_sum=4.0, num_supervised=4)
     counter = toy_counter(vision_trains=True, llm_trains=True)
-    return step_metrics(result, [batch], 1e-3, seconds, counter, peak, world_size=1)
+    return step_metrics(result, [batch], {"lr": 1e-3}, seconds, counter, peak, world_size=1)
 
 
 def component_tflops(metrics: dict) -> dict[str, float]:

@@ -98,7 +98,12 @@ from vlpretrain.train.nonfinite import (
     guard_nonfinite,
     refuse_nonfinite_weights,
 )
-from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    log_parameter_groups,
+    scheduled_learning_rates,
+)
 from vlpretrain.train.preemption import (
     PREEMPTED_EXIT,
     Preempted,
@@ -327,7 +332,7 @@ def update_counters(state: TrainState, batches: list[PackedBatch]) -> None:
 def step_metrics(
     result: StepResult,
     batches: list[PackedBatch],
-    lr: float,
+    learning_rates: dict[str, float],
     seconds: float,
     flops: FlopsCounter,
     peak: float,
@@ -341,7 +346,7 @@ def step_metrics(
     total_flops = sum(per_component.values())
     metrics = {
         "loss": result.loss,
-        "lr": lr,
+        **learning_rates,  # lr, and lr/<module> for each module that trains
         "grad_norm": result.grad_norm,
         "seconds": seconds,
         "tokens_per_second": tokens * world_size / seconds,
@@ -498,6 +503,7 @@ def run_stage(
     facts = run_facts(plain_model, tokenizer)
     logger.info("run facts: %s", facts)
     optimizer = build_optimizer(model, config.optim)
+    log_parameter_groups(optimizer)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     sources = build_sources(config.train.meta_path, config.data, facts, tokenizer)
     for source in sources:
@@ -550,7 +556,7 @@ def run_stage(
             arm_stack_dump(stall_seconds)
             result = train_step(model, optimizer, batches, config, env)
             stopping = stop.agreed(env.world_size)  # the ranks are in step here: no wait
-            lr = cast(float, scheduler.get_last_lr()[0])  # our param groups use float lrs
+            rates = scheduled_learning_rates(optimizer, scheduler, config.optim)
             scheduler.step()
             state.step += 1
             update_counters(state, batches)
@@ -560,14 +566,14 @@ def run_stage(
                             config.train.max_nonfinite_steps)  # fmt: skip
             is_last = state.step == config.train.max_steps or stopping
             last = step_metrics(
-                result, batches, lr, time.perf_counter() - start, flops, peak, env.world_size
+                result, batches, rates, time.perf_counter() - start, flops, peak, env.world_size
             )
             last["data_wait_seconds"] = data_wait
             last["eta_seconds"] = eta.tick(state.step)
             last.update(dataset_losses(result.dataset_loss_sums, result.dataset_weight_sums,
                                        names, "loss"))  # fmt: skip
             bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{rates['lr']:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
                 skips.flush(state)  # skipped.jsonl + the skip policy
                 last.update(memory_metrics(env.device))
