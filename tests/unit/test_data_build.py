@@ -116,6 +116,8 @@ def test_each_bad_input_gives_its_reason_with_file_line(tmp_path, tokenizer):
     assert [r.source.line for r in results] == list(range(1, 13))
     assert "'text' is not accepted" in results[3].detail
     assert "truncated" in results[7].detail
+    # A skip's detail names the file, never a Python object (skipped.jsonl compares across runs)
+    assert results[6].detail == f"{tmp_path / 'bad.png'}: not an image Pillow can read"
     assert str(results[0]).startswith(f"{tmp_path / 'ann.jsonl'}:1 ")
 
 

@@ -35,7 +35,7 @@ from pathlib import PurePath
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlpretrain import packages
 from vlpretrain.data.location import Location, LocationStream, PathLike, RemoteReadError
@@ -139,6 +139,10 @@ def _decode_image(
             return upright.convert("RGB")
     except RecordError:
         raise
+    except UnidentifiedImageError as err:
+        # Pillow's message names the stream it was given (an object address for bytes read
+        # into memory): the same file must give the same detail in every run.
+        raise RecordError("corrupt_image", f"{name}: not an image Pillow can read") from err
     except (OSError, ValueError, SyntaxError) as err:
         raise RecordError("corrupt_image", f"{name}: {err}") from err
 
