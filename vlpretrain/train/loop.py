@@ -1,4 +1,6 @@
-"""The training loop for every stage: `train()` and `train_step()`.
+"""The training loop for every stage: `train()` -> `run_stage()` = `setup_stage()` (everything
+built once into a StageRun) -> `fit()` (the optimizer steps, `train_step()` each) ->
+`finish_stage()` (export and summary).
 
 RunConfig --build_model--> VLM, tokenizer --run_facts--> RunFacts (tile, tokens per tile, ids)
 VLM --freeze policy--> --parallelize (DDP/FSDP2)-->
@@ -488,6 +490,32 @@ def train(config: RunConfig, env: DistEnv) -> dict[str, Any]:
             disarm_stack_dump()
 
 
+@dataclass
+class StageRun:
+    """Everything a stage's loop works with, built once by `setup_stage`."""
+
+    model: torch.nn.Module
+    """The wrapped model (DDP / FSDP2) that trains."""
+    plain_model: InternVLModel
+    tokenizer: Any
+    num_trainable: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sources: list[Any]
+    held_out: HeldOut | None
+    dataset_names: dict[int, str]
+    state: TrainState
+    states: dict[str, Any]
+    """The checkpointed parts (train/checkpoint/states.py), `state` among them."""
+    checkpointer: Checkpointer
+    flops: FlopsCounter
+    peak: float
+    skips: SkipRecorder
+    metrics: MetricsWriter
+    start_step: int
+    """The step this process started from (0, or the resumed checkpoint's)."""
+
+
 def run_stage(
     config: RunConfig, env: DistEnv, stop: StopRequest | None = None, started: float | None = None
 ) -> dict[str, Any]:
@@ -495,9 +523,20 @@ def run_stage(
     `started`: time.monotonic() when the stage began (the summary's wall time)."""
     started = time.monotonic() if started is None else started
     stop = stop or StopRequest()
-    output_dir = Path(config.train.output_dir)
-    stall_seconds = 60 * config.train.collective_timeout_minutes
-    arm_stack_dump(stall_seconds)
+    run = setup_stage(config, env)
+    last, stopping = fit(run, config, env, stop)
+    if stopping and run.state.step < config.train.max_steps:
+        saved = latest_checkpoint(Path(config.train.output_dir))  # this step's, finished in fit
+        logger.info("stopped on %s at step %d of %d: saved %s; exiting with code %d (run "
+                    "again to resume)", stop.signal_name or "another rank's signal",
+                    run.state.step, config.train.max_steps, saved, PREEMPTED_EXIT)  # fmt: skip
+        raise Preempted(run.state.step, str(saved))
+    return finish_stage(run, config, env, last, started)
+
+
+def setup_stage(config: RunConfig, env: DistEnv) -> StageRun:
+    """Model, optimizer, schedule, data, metrics and the resumed state, in that order."""
+    arm_stack_dump(60 * config.train.collective_timeout_minutes)
     checkpoint = prepare_output_dir(config, env)
     model, plain_model, tokenizer, num_trainable = prepare_model(config, env)
     facts = run_facts(plain_model, tokenizer)
@@ -521,19 +560,45 @@ def run_stage(
         worker_init_fn=keep_worker_through_stop_signals,
     )
     held_out = held_out_data(config, facts, tokenizer, env)
-    names = {s.dataset_index: s.name for s in sources}
     state = TrainState()
     states = training_states(model, optimizer, scheduler, loader, state)
-    checkpointer = Checkpointer(config.train.async_checkpoint)
-    peak = peak_tflops(env.device, config.train.peak_tflops)
     if checkpoint is not None:
         load_checkpoint(checkpoint, states)  # restores `state` in place
-    start_step = state.step
+    output_dir = Path(config.train.output_dir)
     skips = SkipRecorder(output_dir, [s.name for s in sources], config.data.max_skip_fraction,
                          env, state.step, summary_every=config.train.save_steps)  # fmt: skip
     metrics = MetricsWriter(output_dir, config.train.report_to, env.is_main, state.step)
     metrics.log_params(run_params(config, facts))
-    iterator = cast(LoaderState, states["loader"]).iterator
+    return StageRun(
+        model=model,
+        plain_model=plain_model,
+        tokenizer=tokenizer,
+        num_trainable=num_trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sources=sources,
+        held_out=held_out,
+        dataset_names={s.dataset_index: s.name for s in sources},
+        state=state,
+        states=states,
+        checkpointer=Checkpointer(config.train.async_checkpoint),
+        flops=flops,
+        peak=peak_tflops(env.device, config.train.peak_tflops),
+        skips=skips,
+        metrics=metrics,
+        start_step=state.step,
+    )
+
+
+def fit(
+    run: StageRun, config: RunConfig, env: DistEnv, stop: StopRequest
+) -> tuple[dict[str, Any], bool]:
+    """Optimizer steps up to max_steps, or until the ranks agree to stop (then this step is
+    saved); returns the last step's metrics and whether the run was asked to stop."""
+    output_dir = Path(config.train.output_dir)
+    stall_seconds = 60 * config.train.collective_timeout_minutes
+    state = run.state
+    iterator = cast(LoaderState, run.states["loader"]).iterator
     last: dict[str, Any] = {}
     bar = tqdm(
         total=config.train.max_steps,
@@ -544,7 +609,7 @@ def run_stage(
     )
     stopping = False
     eta = EtaClock(config.train.max_steps)
-    with logging_redirect_tqdm(), metrics:
+    with logging_redirect_tqdm(), run.metrics:
         while state.step < config.train.max_steps and not stopping:
             # Nothing ends a loader's silent wait (no collective runs then): the watch does.
             arm_stack_dump(stall_seconds, waiting_for=LOADER_WAIT)
@@ -554,63 +619,66 @@ def run_stage(
             )
             data_wait = time.perf_counter() - start
             arm_stack_dump(stall_seconds)
-            result = train_step(model, optimizer, batches, config, env)
+            result = train_step(run.model, run.optimizer, batches, config, env)
             stopping = stop.agreed(env.world_size)  # the ranks are in step here: no wait
-            rates = scheduled_learning_rates(optimizer, scheduler, config.optim)
-            scheduler.step()
+            rates = scheduled_learning_rates(run.optimizer, run.scheduler, config.optim)
+            run.scheduler.step()
             state.step += 1
             update_counters(state, batches)
-            skips.add(batches, state.step)
-            describe_data = partial(batch_sources, batches, sources, config.stream.seed)
+            run.skips.add(batches, state.step)
+            describe_data = partial(batch_sources, batches, run.sources, config.stream.seed)
             guard_nonfinite(state, result.applied, result.loss, result.grad_norm, describe_data,
                             config.train.max_nonfinite_steps)  # fmt: skip
             is_last = state.step == config.train.max_steps or stopping
             last = step_metrics(
-                result, batches, rates, time.perf_counter() - start, flops, peak, env.world_size
-            )
+                result, batches, rates, time.perf_counter() - start, run.flops, run.peak,
+                env.world_size,
+            )  # fmt: skip
             last["data_wait_seconds"] = data_wait
             last["eta_seconds"] = eta.tick(state.step)
             last.update(dataset_losses(result.dataset_loss_sums, result.dataset_weight_sums,
-                                       names, "loss"))  # fmt: skip
+                                       run.dataset_names, "loss"))  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{rates['lr']:.2e}")
             if state.step % config.train.logging_steps == 0 or is_last:
-                skips.flush(state)  # skipped.jsonl + the skip policy
+                run.skips.flush(state)  # skipped.jsonl + the skip policy
                 last.update(memory_metrics(env.device))
-                metrics.write(state.step, last, LINE_KEYS)
-            if held_out is not None and config.eval.due(state.step, config.train.max_steps):
-                metrics.write(state.step, evaluate_held_out(model, held_out, config),
-                              EVAL_LINE_KEYS)  # fmt: skip
+                run.metrics.write(state.step, last, LINE_KEYS)
+            if run.held_out is not None and config.eval.due(state.step, config.train.max_steps):
+                run.metrics.write(state.step, evaluate_held_out(run.model, run.held_out, config),
+                                  EVAL_LINE_KEYS)  # fmt: skip
             if state.step % config.train.save_steps == 0 or is_last:
-                skips.flush(state)  # every skip the checkpoint covers is on disk
-                checkpointer.save(
+                run.skips.flush(state)  # every skip the checkpoint covers is on disk
+                run.checkpointer.save(
                     output_dir,
-                    states,
+                    run.states,
                     step=state.step,
                     config=to_dict(config),
                     keep=config.train.save_total_limit,
                 )
-    checkpointer.finish()
+    run.checkpointer.finish()
     bar.close()
-    if stopping and state.step < config.train.max_steps:
-        saved = latest_checkpoint(output_dir)  # this step's, finished above
-        logger.info("stopped on %s at step %d of %d: saved %s; exiting with code %d (run "
-                    "again to resume)", stop.signal_name or "another rank's signal", state.step,
-                    config.train.max_steps, saved, PREEMPTED_EXIT)  # fmt: skip
-        raise Preempted(state.step, str(saved))
+    return last, stopping
+
+
+def finish_stage(
+    run: StageRun, config: RunConfig, env: DistEnv, last: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """Export the model, then the summary, training_complete.json and loss_curves.png."""
+    output_dir = Path(config.train.output_dir)
     export_model(
-        model,
-        tokenizer,
+        run.model,
+        run.tokenizer,
         output_dir,
         env,
         config.data.image_settings(),
         SAVE_DTYPES[config.train.export_precision],
     )
-    skips.finish(state)
-    final = final_metrics(config, env, state, num_trainable, last)
+    run.skips.finish(run.state)
+    final = final_metrics(config, env, run.state, run.num_trainable, last)
     # rank 0's tally holds every rank's skips of the stage (skipped.jsonl, resumes included)
-    final["skipped_all_ranks"] = dict(skips.tally.by_reason()) if env.is_main else {}
-    final["steps_this_run"] = state.step - start_step
+    final["skipped_all_ranks"] = dict(run.skips.tally.by_reason()) if env.is_main else {}
+    final["steps_this_run"] = run.state.step - run.start_step
     final["wall_seconds"] = time.monotonic() - started
     if env.is_main:
         plot_stage_or_say_how(output_dir)
