@@ -67,12 +67,11 @@ def report(log: str, output: Path) -> None:
         if "group" in line and ("lr" in line or "weight decay" in line):
             print(line.split("] ", 1)[-1])
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    step = next(r for r in records if r.get("kind") != "eval" and "loss" in r)
+    step = [r for r in records if r.get("kind") != "eval" and "loss" in r][-1]  # past warm-up
     evaluation = next(r for r in records if r.get("kind") == "eval")
     print("\n## one step record of metrics.jsonl (loss, per-dataset loss, learning rates)")
-    print(
-        json.dumps({k: v for k, v in step.items() if k == "step" or k.startswith(("loss", "lr"))})
-    )
+    shown = {k: v for k, v in step.items() if k == "step" or k.startswith(("loss", "lr"))}
+    print(json.dumps(shown))
     print("\n## one eval record of metrics.jsonl")
     print(json.dumps(evaluation))
     print("\n## files the trackers and the stage wrote")
@@ -80,10 +79,9 @@ def report(log: str, output: Path) -> None:
     for path in sorted(output.rglob("*")):
         if path.is_file() and any(part in path.name for part in wanted):
             print(f"{path.relative_to(output)}  ({path.stat().st_size} bytes)")
-    runs = sorted(
-        p.parent.name for p in (output / "mlruns").rglob("meta.yaml") if "metrics" not in str(p)
-    )
-    print(f"mlruns/: {len(runs)} meta.yaml files (experiment and run)")
+    metas = list((output / "mlruns").rglob("meta.yaml"))
+    metrics = sorted(p.name for p in (output / "mlruns").rglob("*") if p.parent.name == "metrics")
+    print(f"mlruns/: {len(metas)} meta.yaml (experiment and run); metrics {metrics}")
     print("\n## the end-of-stage summary")
     for line in log.splitlines()[-12:]:
         if "stage" in line or "next" in line or "export" in line:
