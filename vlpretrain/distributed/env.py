@@ -73,15 +73,17 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEn
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            # One process needs no rendezvous: an in-process store opens no port, so two
+            # single-rank runs on one machine never race for one.
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        else:
+            if "MASTER_ADDR" not in os.environ:
+                os.environ["MASTER_ADDR"] = "127.0.0.1"
+                os.environ["MASTER_PORT"] = str(_free_port())
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(rank, local_rank, world_size, device, backend)
 
 
