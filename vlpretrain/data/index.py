@@ -261,9 +261,9 @@ class AnnotationIndex:
     def _read_line(self, i: int, max_bytes: int | None) -> bytes:
         """One ranged read: from the byte before the line (the newline check) to the next
         indexed line start (or the file's end), at most max_bytes + 1 bytes of the line."""
-        starts = self._index[0, i : i + 2].tolist()  # one lookup: this line and the next
-        offset = starts[0]
-        stop = starts[1] if len(starts) == 2 else self._size
+        # Two element reads: a slice of a memory-mapped index would build a memmap view (slow).
+        offset = int(self._index[0, i])
+        stop = int(self._index[0, i + 1]) if i + 1 < self._index.shape[1] else self._size
         if max_bytes is not None:
             stop = min(stop, offset + max_bytes + 1)
         first = max(offset - 1, 0)

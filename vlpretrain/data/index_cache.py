@@ -75,7 +75,10 @@ def _cache_header(target: Path) -> tuple[int, int, bytes]:
 def _map_records(target: Path, num_records: int) -> np.ndarray:
     if num_records == 0:
         return np.zeros((2, 0), dtype=np.int64)
-    return np.memmap(target, dtype="<i8", mode="r", offset=HEADER.size, shape=(2, num_records))
+    mapped = np.memmap(target, dtype="<i8", mode="r", offset=HEADER.size, shape=(2, num_records))
+    # A plain ndarray over the same mapped pages: np.memmap's Python-level __getitem__ costs
+    # about a microsecond per element read, and a record read does two.
+    return np.asarray(mapped)
 
 
 def map_cache(target: Path) -> np.ndarray:
