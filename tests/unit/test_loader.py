@@ -268,14 +268,21 @@ def _buffered_record(state):
     return refs[0][0], refs[0][1]
 
 
-@pytest.mark.parametrize("how", ["vanished", "shrunk"])
-def test_changed_media_in_the_packer_buffer_stops_resume_by_default(how):
+def _resume_with_changed_media(how: str) -> tuple[list, dict, int, int]:
+    """Sources whose record held in a saved packer buffer changed its media, that state, and
+    the (dataset, record) of the changed piece."""
     sources = _sources()
     before = _stream(sources)
     list(islice(before, 3))
     state = pickle.loads(pickle.dumps(before.state_dict()))
     dataset, record = _buffered_record(state)
     sources[dataset] = ChangedSource(sources[dataset], record, how)
+    return sources, state, dataset, record
+
+
+@pytest.mark.parametrize("how", ["vanished", "shrunk"])
+def test_changed_media_in_the_packer_buffer_stops_resume_by_default(how):
+    sources, state, dataset, record = _resume_with_changed_media(how)
     with pytest.raises(RuntimeError, match="data.on_changed_media = 'skip'") as caught:
         _stream(sources).load_state_dict(state)
     assert f"record {record} (epoch 0) of dataset 'ds{dataset}'" in str(caught.value)
@@ -283,12 +290,7 @@ def test_changed_media_in_the_packer_buffer_stops_resume_by_default(how):
 
 @pytest.mark.parametrize("how", ["vanished", "shrunk"])
 def test_changed_media_in_the_packer_buffer_is_skipped_with_on_changed_media_skip(how):
-    sources = _sources()
-    before = _stream(sources)
-    list(islice(before, 3))
-    state = pickle.loads(pickle.dumps(before.state_dict()))
-    dataset, record = _buffered_record(state)
-    sources[dataset] = ChangedSource(sources[dataset], record, how)
+    sources, state, dataset, record = _resume_with_changed_media(how)
     resumed = _stream(sources, on_changed_media="skip")
     resumed.load_state_dict(state)
     batch = next(iter(resumed))
